@@ -1,0 +1,83 @@
+"""
+Config overrides for the scripts, as an importable, tested function (not nanoGPT's exec of this file).
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+Positional arguments are config files: plain Python executed in a scratch namespace, whose top-level
+names override the script's defaults. `--key=value` arguments override the same way; the value is read
+as a Python literal when it parses as one (32, 3e-4, False, None, 'x') and as a plain string otherwise.
+Everything applies in the order given, so later arguments win. Unknown keys are errors that name the
+closest known key, and values must keep the default's type (an int is fine where a float is expected;
+a default of None or 'auto' takes anything, and the script checks it when it resolves it).
+"""
+import ast
+import difflib
+import os
+
+from runtime import UserError
+
+
+def _unknown_key(key, known, where):
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return UserError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _check_type(key, value, default, where):
+    if default is None or default == "auto":
+        return value
+    if isinstance(default, bool):  # bool before int: True is an int in Python
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, type(default)):
+        return value
+    raise UserError(f"config key '{key}' in {where} expects {type(default).__name__} "
+                    f"(default {default!r}), got {value!r}")
+
+
+def parse_value(text):
+    """'3e-4' -> 0.0003, 'False' -> False, 'None' -> None, 'gpt2' -> 'gpt2'."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def configure(defaults, argv):
+    """Returns a new dict: `defaults` with the config files and --key=value arguments in argv applied."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise UserError(f"argument '{arg}' needs a value: write --key=value")
+            key, text = arg[2:].split("=", 1)  # split on the first '=' only: --start="a=b" stays whole
+            where = f"argument '{arg}'"
+            if key not in defaults:
+                raise _unknown_key(key, defaults, where)
+            config[key] = _check_type(key, parse_value(text), defaults[key], where)
+        else:
+            if not os.path.isfile(arg):
+                raise UserError(f"config file '{arg}' not found (positional arguments are config files; "
+                                f"overrides are written --key=value)")
+            scope = {}
+            with open(arg) as f:
+                code = compile(f.read(), arg, "exec")
+            exec(code, scope)  # a config file is plain Python, run in its own namespace
+            for key, value in scope.items():
+                if key.startswith("_") or type(value).__name__ == "module":
+                    continue
+                if key not in defaults:
+                    raise _unknown_key(key, defaults, f"config file '{arg}'")
+                config[key] = _check_type(key, value, defaults[key], f"config file '{arg}'")
+    return config
+
+
+def overrides(defaults, config):
+    """The keys whose values differ from the defaults, for printing what a run changed."""
+    return {k: v for k, v in config.items() if defaults.get(k) != v}

@@ -1,0 +1,353 @@
+"""
+The whole GPT language model, in one file, in reading order:
+LayerNorm -> Rotary -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT.
+
+Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face
+GPT-2 weights load by key. This file is modelling only: no devices, no DDP, no checkpoint files.
+References:
+1) GPT-2: "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019)
+2) the Hugging Face transformers GPT-2 implementation (weights layout, tanh GELU)
+3) rotary embeddings: RoFormer (Su et al., 2021)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop the bias alone)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates pairs of q/k channels by a position-dependent angle,
+    so attention scores depend on relative position. Holds no parameters, only a cos/sin table."""
+
+    def __init__(self, head_size, max_len, base=10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))  # (hs/2,)
+        t = torch.arange(max_len).float()
+        freqs = torch.outer(t, inv_freq)  # (max_len, hs/2)
+        # not saved in checkpoints: it is a pure function of the config
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x, pos):
+        # x: (B, nh, T, hs), pos: first absolute position of x along T
+        T = x.size(2)
+        cos = self.cos[pos:pos + T].to(x.dtype)  # (T, hs/2)
+        sin = self.sin[pos:pos + T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2) each
+        y1 = x1 * cos - x2 * sin
+        y2 = x1 * sin + x2 * cos
+        return torch.stack((y1, y2), dim=-1).flatten(-2)  # (B, nh, T, hs), pairs interleaved back
+
+
+def attention_reference(q, k, v, dropout_p=0.0, training=False):
+    """Plain causal attention, the reference that the fused SDPA path is tested against.
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    att = F.dropout(att, p=dropout_p, training=training)
+    return att @ v  # (B, nh, Tq, hs)
+
+
+class CausalSelfAttention(nn.Module):
+
+    use_sdpa = True  # set to False (on the class or an instance) to run attention_reference
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        # key, query, value projections for all heads, in one matrix (GPT-2's c_attn)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout_p = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.pos_emb == "rope" else None
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        pos = kv_cache.length if kv_cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if self.use_sdpa:
+            # fused kernels (flash / memory-efficient on CUDA). With a cache the queries are the last T
+            # positions of k, so the causal mask is offset; is_causal assumes aligned square masks.
+            if k.size(2) == T:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            elif T == 1:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # one query sees all keys
+            else:
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            y = attention_reference(q, k, v, dropout_p, self.training)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights give its logits
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of one layer for all positions generated so far, preallocated to block_size."""
+
+    def __init__(self, B, nh, max_len, hs, device, dtype):
+        self.k = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # the longest context the model sees
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit faster and as good
+    pos_emb: str = "learned"  # 'learned' absolute positions (GPT-2) or 'rope' (rotary, relative)
+
+    def __post_init__(self):
+        if self.pos_emb not in ("learned", "rope"):
+            raise ValueError(f"pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        )
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf, 2017): the output layer reuses the token embedding, as GPT-2 does
+        self.transformer.wte.weight = self.lm_head.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        """All weight initialisation lives here. GPT-2: N(0, 0.02), zero biases, and the projections
+        that write into the residual stream (c_proj) scaled by 1/sqrt(2 * n_layer) so the residual
+        variance does not grow with depth (two residual additions per block)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count. The tied wte/lm_head counts once; position embeddings are left out by
+        default since they do no compute per token (the 6N FLOPs rule is about matmul weights)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_emb == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_caches=None):
+        """idx: (B, T) token ids. Returns (logits, loss). With targets: logits (B, T, V) and the mean
+        cross-entropy over targets != -1. Without targets, only the last position's logits (B, 1, V)
+        are computed, which is all that sampling needs."""
+        B, T = idx.size()
+        pos0 = kv_caches[0].length if kv_caches is not None else 0
+        assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} exceeds block_size {self.config.block_size}"
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "learned":
+            pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_caches[i] if kv_caches is not None else None)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # (B, 1, V): list index keeps the time dim
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small machine)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.config.pos_emb == "learned":
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            if block.attn.rotary is not None:
+                block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
+                block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
+
+    # ------------------------------------------------------------------------------------------------
+    # GPT-2 weights from Hugging Face
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """GPT-2-family weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) from the Hugging
+        Face hub, or from a local folder written by transformers' save_pretrained."""
+        from transformers import GPT2LMHeadModel  # only needed here
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hc = hf.config
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, dropout=dropout, bias=True)
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        # buffers HF keeps (causal masks in older versions) are not weights
+        keys_hf = [k for k in sd_hf if not k.endswith(".attn.masked_bias") and not k.endswith(".attn.bias")]
+        missing = set(sd) - set(keys_hf)
+        assert not missing, f"weights missing from {name_or_dir}: {sorted(missing)[:5]}"
+        # HF stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k in keys_hf:
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} from the hub vs {tuple(sd[k].shape)} here"
+                sd[k].copy_(w)
+        return model
+
+    # ------------------------------------------------------------------------------------------------
+    # FLOPs and MFU
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus the
+        attention scores and weighted sum, 6 * 2 * L * C * T (PaLM paper, appendix B)."""
+        cfg = self.config
+        T = T or cfg.block_size
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_second, peak_flops, T=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
+        return self.flops_per_token(T) * tokens_per_second / peak_flops
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    @staticmethod
+    def _sample_next(logits, temperature, top_k, top_p, generator):
+        """logits: (B, V) for the next token -> (B, 1) ids. temperature 0 or top_k 1 is greedy."""
+        if temperature == 0 or top_k == 1:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted descending
+            logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            # nucleus: keep the smallest set of tokens whose probability adds up to top_p
+            sorted_logits, sorted_idx = torch.sort(logits, descending=True)  # (B, V)
+            p = torch.softmax(sorted_logits, dim=-1)
+            drop = p.cumsum(dim=-1) - p >= top_p  # the tokens before this one already hold top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+        probs = F.softmax(logits, dim=-1)  # (B, V)
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_kv_cache=True, stop_token=None, generator=None):
+        """Yields (B, 1) next-token ids one at a time, continuing idx (B, T).
+
+        Without the cache each step runs the whole (cropped) context: the simple reference. With it,
+        the prompt is run once and each step runs one token against the cached keys and values. Once
+        the context passes block_size the model must see the last block_size tokens at shifted
+        positions, which a cache cannot give, so the cached path refills its cache from the cropped
+        context each step from then on, exactly as the reference does."""
+        cfg = self.config
+        caches, seen = None, idx
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            ctx = seen[:, -cfg.block_size:]
+            if not use_kv_cache:
+                logits, _ = self(ctx)
+            elif caches is not None and caches[0].length < cfg.block_size:
+                logits, _ = self(seen[:, -1:], kv_caches=caches)  # one new token
+            else:
+                B, C, nh = ctx.size(0), cfg.n_embd, cfg.n_head
+                dtype = self.lm_head.weight.dtype
+                caches = [KVCache(B, nh, cfg.block_size, C // nh, idx.device, dtype) for _ in range(cfg.n_layer)]
+                logits, _ = self(ctx, kv_caches=caches)  # prefill
+            nxt = self._sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if stop_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+                done = done | (nxt == stop_token)
+            seen = torch.cat((seen, nxt), dim=1)
+            yield nxt
+            if stop_token is not None and bool(done.all()):
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_kv_cache=True,
+                 stop_token=None, generator=None):
+        """idx (B, T) -> (B, T + new) with up to max_new_tokens sampled tokens appended; stops early
+        once every row has produced stop_token (rows that stopped are padded with it)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_kv_cache,
+                                        stop_token, generator))
+        return torch.cat([idx] + new, dim=1)

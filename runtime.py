@@ -1,0 +1,211 @@
+"""
+What every script needs around the model: one-line errors, files written atomically, the device, the
+precision and compile choice (resolved after overrides and printed with the reason), torchrun/DDP setup,
+the device's peak FLOP/s for MFU, and a record of the run's environment.
+"""
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input a user can fix. Scripts print it as one line, without a traceback."""
+
+
+def friendly_errors():
+    """Make an uncaught UserError print `error: <message>` and exit with status 2 instead of a traceback;
+    Ctrl-C exits quietly. Scripts call this first."""
+    default_hook = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, UserError):
+            print(f"error: {value}", file=sys.stderr)
+            sys.exit(2)  # sys.exit inside the hook still sets the exit status
+        elif issubclass(kind, KeyboardInterrupt):
+            print("", file=sys.stderr)
+            sys.exit(130)
+        else:
+            default_hook(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; on success it is renamed over `path` in one step, so a crash
+    or Ctrl-C mid-write never leaves a half-written file where a good one was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+# -----------------------------------------------------------------------------------------------------
+# device, precision, compile
+
+def resolve_device(device):
+    """'auto' -> cuda if present, else mps, else cpu. Returns (device string, reason)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda", "auto: CUDA is available"
+        if torch.backends.mps.is_available():
+            return "mps", "auto: Apple MPS is available"
+        return "cpu", "auto: no CUDA or MPS device"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for but torch sees no CUDA GPU; use --device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' asked for but it is not available here; use --device=cpu")
+    return device, "as configured"
+
+
+def resolve_dtype(dtype, device):
+    """'auto' -> bfloat16 on GPUs that have it, float16 (with a GradScaler) on older GPUs, float32
+    elsewhere. Returns (dtype name, reason)."""
+    names = ("float32", "bfloat16", "float16")
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            if torch.cuda.is_bf16_supported():
+                return "bfloat16", "auto: this GPU supports bf16"
+            return "float16", "auto: this GPU lacks bf16, so fp16 with loss scaling"
+        return "float32", f"auto: {device} trains in fp32 by default (bf16 autocast is opt-in: --dtype=bfloat16)"
+    if dtype not in names:
+        raise UserError(f"unknown dtype '{dtype}': use auto, {', '.join(names)}")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise UserError(f"dtype float16 needs a CUDA device (got {device}); use bfloat16 or float32")
+    return dtype, "as configured"
+
+
+def resolve_compile(compile, device):
+    """'auto' -> torch.compile on CUDA (it pays for itself), not on CPU (minutes of a short run)."""
+    if compile == "auto":
+        on = device.startswith("cuda")
+        return on, "auto: " + ("CUDA, compile pays off" if on else f"{device}, eager avoids the compile wait")
+    if not isinstance(compile, bool):
+        raise UserError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile, "as configured"
+
+
+def autocast(device, dtype):
+    """The mixed-precision context for forward passes; a no-op for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------------------------------
+# distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+def setup_distributed(backend, device):
+    """Returns (ddp, rank, local_rank, world_size, device). Under torchrun, joins the process group
+    (nccl on CUDA, gloo on CPU unless configured) and gives each rank its own GPU."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    # a rank that dies must not leave the others waiting forever on a collective
+    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    return True, rank, local_rank, world_size, device
+
+
+# -----------------------------------------------------------------------------------------------------
+# peak FLOP/s, for MFU
+
+# dense (non-sparse) tensor-core peaks from the vendors' data sheets, in FLOP/s, by dtype
+GPU_PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "A10G": {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30e12},
+    "RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 83e12},
+    "RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 36e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+    "T4": {"float16": 65e12, "float32": 8.1e12},
+}
+
+_measured = {}
+
+
+def measure_matmul_flops(device, dtype, n=1024, seconds=0.3):
+    """FLOP/s of an n x n matmul on this device, measured: the peak MFU is quoted against on CPUs and
+    unknown GPUs (a laptop has no data sheet number that means anything)."""
+    key = (device, dtype, n)
+    if key not in _measured:
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        for _ in range(3):
+            a @ b  # warm-up
+        runs, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            runs += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        _measured[key] = 2 * n ** 3 * runs / (time.perf_counter() - t0)
+    return _measured[key]
+
+
+def peak_flops(device, dtype):
+    """(FLOP/s, where the number came from) for MFU."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for gpu, table in GPU_PEAK_FLOPS.items():
+            if gpu in name and dtype in table:
+                return table[dtype], f"{gpu} data sheet, {dtype}"
+    return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"
+
+
+# -----------------------------------------------------------------------------------------------------
+# run record
+
+def run_info(device):
+    """Git revision and environment, written beside every run's checkpoints."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    info = {
+        "git_revision": git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info

@@ -1,0 +1,155 @@
+"""
+The token file format, its metadata, and the batch reader: the one place these rules live.
+
+A dataset is a folder data/<name>/ holding train.bin, val.bin and meta.json.
+Each .bin file is a 64-byte little-endian header, then the tokens:
+
+    offset 0   8 bytes  magic b"NFTOKENS"
+    offset 8   uint32   format version (1)
+    offset 12  uint32   bytes per token: 2 (uint16) or 4 (uint32, when ids pass 65,535)
+    offset 16  uint64   number of tokens
+    offset 24  zeros up to 64 (room to grow, as llm.c's header let its format grow)
+
+meta.json (JSON, never a pickle) records the tokenizer, vocab_size, per-split token and byte counts, and
+where the text came from.
+"""
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+
+from runtime import UserError, atomic_path, write_json
+
+MAGIC = b"NFTOKENS"
+VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIQ")
+
+
+def token_dtype(vocab_size):
+    """uint16 holds ids 0..65535; a larger vocabulary needs uint32."""
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def _prepare_hint(path):
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"run: python data/{name}/prepare.py"
+
+
+class TokenWriter:
+    """Writes a .bin file in chunks, so memory stays flat however large the corpus:
+
+        with TokenWriter("data/x/train.bin", vocab_size) as w:
+            for ids in chunks: w.write(ids)
+
+    The file appears under its name only once complete (temporary file, then rename)."""
+
+    def __init__(self, path, vocab_size):
+        self.path, self.dtype, self.count = path, token_dtype(vocab_size), 0
+        self.vocab_size = vocab_size
+
+    def __enter__(self):
+        self._atomic = atomic_path(self.path)
+        self._f = open(self._atomic.__enter__(), "wb")
+        self._f.write(b"\0" * HEADER_BYTES)  # the header is written last, when the count is known
+        return self
+
+    def write(self, ids):
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.vocab_size - 1}: {ids.min()}..{ids.max()}")
+        self._f.write(ids.astype(self.dtype).tobytes())
+        self.count += ids.size
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self._f.seek(0)
+            self._f.write(_HEADER.pack(MAGIC, VERSION, np.dtype(self.dtype).itemsize, self.count))
+        self._f.close()
+        return self._atomic.__exit__(kind, value, tb)
+
+
+def write_tokens(path, ids, vocab_size):
+    with TokenWriter(path, vocab_size) as w:
+        w.write(ids)
+
+
+def read_header(path):
+    """(numpy dtype, token count), after checking the file is whole. Errors say what to rerun."""
+    if not os.path.exists(path):
+        raise UserError(f"token file {path} not found; {_prepare_hint(path)}")
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or head[:8] != MAGIC:
+        raise UserError(f"{path} is not a nanoforge token file (no header; an old nanoGPT file?); {_prepare_hint(path)}")
+    _, version, itemsize, count = _HEADER.unpack(head[:_HEADER.size])
+    if version != VERSION or itemsize not in (2, 4):
+        raise UserError(f"{path} has token format version {version}, width {itemsize}; this code reads "
+                        f"version {VERSION}; {_prepare_hint(path)}")
+    expected = HEADER_BYTES + count * itemsize
+    if os.path.getsize(path) != expected:
+        raise UserError(f"{path} is truncated or corrupt ({os.path.getsize(path)} bytes, header says "
+                        f"{expected}); {_prepare_hint(path)}")
+    return (np.uint16 if itemsize == 2 else np.uint32), count
+
+
+def open_tokens(path):
+    """The tokens of a .bin file as a read-only memmap (nothing is read into memory)."""
+    dtype, count = read_header(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+# ------------------------------------------------------------------------------------------------------
+# meta.json
+
+def write_meta(data_dir, meta):
+    write_json(os.path.join(data_dir, "meta.json"), meta)
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found; run: python {os.path.join(data_dir, 'prepare.py')}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def split_path(data_dir, split):
+    return os.path.join(data_dir, f"{split}.bin")
+
+
+def split_length(data_dir, split, block_size):
+    """Token count of a split, checked to hold at least one block of block_size + 1 tokens."""
+    _, count = read_header(split_path(data_dir, split))
+    if count <= block_size:
+        raise UserError(f"{split_path(data_dir, split)} holds {count} tokens, fewer than block_size + 1 = "
+                        f"{block_size + 1}; use a smaller --block_size or more text")
+    return count
+
+
+# ------------------------------------------------------------------------------------------------------
+# batches
+
+def train_starts(seed, step, n_rows, count, block_size):
+    """Start offsets of the n_rows sequences of one whole (global) training step, drawn from a generator
+    keyed by (seed, step). Every rank computes the same array and takes its own slice, so 1 process and
+    N processes see the same examples, and a resumed run sees what it would have seen."""
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, count - block_size, size=n_rows)
+
+
+def eval_starts(count, block_size, n_rows):
+    """A fixed set of n_rows windows spread evenly over a split: every evaluation (and every run with
+    the same eval size) scores the same text, so numbers compare."""
+    return np.linspace(0, count - block_size - 1, n_rows).round().astype(np.int64)
+
+
+def read_batch(path, starts, block_size):
+    """Inputs x and next-token targets y, both (len(starts), block_size) int64. The memmap is reopened
+    on every call: a long-lived memmap keeps growing resident memory as pages are touched."""
+    data = open_tokens(path)
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in starts]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in starts]))
+    return x, y
