@@ -73,10 +73,13 @@ def check_compatible(model_args, wanted, what):
                         f"Use the same settings or a new --out_dir")
 
 
-def model_from_checkpoint(state):
-    """The GPT described and weighted by a checkpoint dict from load_checkpoint."""
-    meta = state["meta"]
-    model = GPT(GPTConfig(**meta["model_args"]))
+def model_from_checkpoint(state, dropout=None):
+    """The GPT described and weighted by a checkpoint dict from load_checkpoint (dropout: to train on
+    with another rate than the checkpoint's, e.g. when fine-tuning)."""
+    args = dict(state["meta"]["model_args"])
+    if dropout is not None:
+        args["dropout"] = dropout
+    model = GPT(GPTConfig(**args))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint weights do not fit its own model_args (missing {missing[:3]}, "
@@ -84,15 +87,15 @@ def model_from_checkpoint(state):
     return model
 
 
-def load_model(source, map_location="cpu"):
+def load_model(source, map_location="cpu", dropout=None):
     """(model, tokenizer spec, meta) from any of: an out_dir holding ckpt.pt, a checkpoint file, a local
     Hugging Face GPT-2 folder (save_pretrained), or a GPT-2 name on the hub (gpt2, gpt2-medium, ...)."""
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) \
             and not os.path.exists(ckpt_path(source)):
-        return GPT.from_pretrained(source), {"kind": "gpt2"}, {"source": source}
+        return GPT.from_pretrained(source, dropout=dropout or 0.0), {"kind": "gpt2"}, {"source": source}
     if source in GPT2_NAMES:
         try:
-            model = GPT.from_pretrained(source)
+            model = GPT.from_pretrained(source, dropout=dropout or 0.0)
         except OSError as e:
             raise UserError(f"could not fetch {source} weights from the Hugging Face hub ({type(e).__name__}); "
                             f"offline, pass a local folder written by transformers' save_pretrained") from None
@@ -101,4 +104,4 @@ def load_model(source, map_location="cpu"):
     if not os.path.exists(path) and not os.path.isdir(source):
         raise UserError(f"'{source}' is neither a folder, a checkpoint file, nor a GPT-2 name ({', '.join(GPT2_NAMES)})")
     state = load_checkpoint(path, map_location)
-    return model_from_checkpoint(state), state["meta"]["tokenizer"], state["meta"]
+    return model_from_checkpoint(state, dropout), state["meta"]["tokenizer"], state["meta"]

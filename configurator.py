@@ -13,6 +13,7 @@ a default of None or 'auto' takes anything, and the script checks it when it res
 import ast
 import difflib
 import os
+import types
 
 from runtime import UserError
 
@@ -70,7 +71,9 @@ def configure(defaults, argv):
                 code = compile(f.read(), arg, "exec")
             exec(code, scope)  # a config file is plain Python, run in its own namespace
             for key, value in scope.items():
-                if key.startswith("_") or type(value).__name__ == "module":
+                # imports and helpers (import math, from math import sqrt, def f) are not config keys
+                if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType,
+                                                             types.BuiltinFunctionType, type)):
                     continue
                 if key not in defaults:
                     raise _unknown_key(key, defaults, f"config file '{arg}'")

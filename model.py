@@ -230,7 +230,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])  # (B, 1, V): list index keeps the time dim
             loss = None
@@ -305,6 +305,7 @@ class GPT(nn.Module):
             sorted_logits, sorted_idx = torch.sort(logits, descending=True)  # (B, V)
             p = torch.softmax(sorted_logits, dim=-1)
             drop = p.cumsum(dim=-1) - p >= top_p  # the tokens before this one already hold top_p
+            drop[:, 0] = False  # always keep the most likely token (top_p <= 0 would drop them all)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
         probs = F.softmax(logits, dim=-1)  # (B, V)

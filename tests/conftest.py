@@ -1,0 +1,31 @@
+"""
+Shared test setup: the library modules are flat top-level files, so the repo root goes on sys.path.
+Tests never touch the network: tiktoken reads GPT-2's BPE from the shared cache beside the repo, and
+Hugging Face is told to stay offline (its GPT-2s are built randomly and saved to tmp_path instead).
+"""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, "..", "shared", "assets", "tiktoken_cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory):
+    """A tiny randomly initialised Hugging Face GPT-2, written by save_pretrained. Returns (folder, model)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    # bos/eos inside the tiny vocabulary, else transformers warns that 50256 is out of range
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=100,
+                        bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(folder)
+    return str(folder), hf

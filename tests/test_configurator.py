@@ -1,0 +1,142 @@
+"""
+configurator.configure: defaults < config files < --key=value, in argv order; typos and type mistakes
+are one-line UserErrors that say what was meant.
+"""
+import pytest
+
+from configurator import configure, overrides, parse_value
+from runtime import UserError
+
+DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=False, dataset="shakespeare_char",
+                device="auto", init_from=None, start="\n")
+
+
+def write(tmp_path, text, name="cfg.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_arguments_gives_a_copy_of_the_defaults():
+    config = configure(DEFAULTS, [])
+    assert config == DEFAULTS and config is not DEFAULTS
+    config["batch_size"] = 1
+    assert DEFAULTS["batch_size"] == 12
+
+
+def test_precedence_defaults_then_file_then_cli(tmp_path):
+    cfg = write(tmp_path, "batch_size = 32\nlearning_rate = 1e-3\n")
+    config = configure(DEFAULTS, [cfg, "--batch_size=64"])
+    assert config["batch_size"] == 64  # the command line beats the file
+    assert config["learning_rate"] == 1e-3  # the file beats the default
+    assert config["dataset"] == "shakespeare_char"  # untouched keys keep their default
+    assert overrides(DEFAULTS, config) == {"batch_size": 64, "learning_rate": 1e-3}
+
+
+def test_arguments_apply_in_argv_order_later_wins(tmp_path):
+    cfg = write(tmp_path, "batch_size = 32\n")
+    assert configure(DEFAULTS, ["--batch_size=64", cfg])["batch_size"] == 32
+    assert configure(DEFAULTS, ["--batch_size=1", "--batch_size=2"])["batch_size"] == 2
+    other = write(tmp_path, "batch_size = 8\n", "other.py")
+    assert configure(DEFAULTS, [cfg, other])["batch_size"] == 8
+
+
+def test_config_file_runs_in_its_own_namespace(tmp_path):
+    # imports and _private helpers are the file's business, not config keys
+    cfg = write(tmp_path, "import math\nimport os.path\n_base = 1e-3\nlearning_rate = _base * math.sqrt(4)\n")
+    config = configure(DEFAULTS, [cfg])
+    assert config["learning_rate"] == pytest.approx(2e-3)
+    assert set(config) == set(DEFAULTS)
+    # names from one file do not leak into the next one or into this module
+    second = write(tmp_path, "batch_size = 4 if '_base' not in dir() else 999\n", "second.py")
+    assert configure(DEFAULTS, [cfg, second])["batch_size"] == 4
+
+
+def test_config_file_may_import_names_and_define_helpers(tmp_path):
+    # from-imports and helpers are not config keys either (they used to be "unknown config key 'sqrt'")
+    cfg = write(tmp_path, "from math import sqrt\nfrom os.path import join\nfrom fractions import Fraction\n"
+                          "def scaled(x):\n    return x * sqrt(4)\n"
+                          "learning_rate = scaled(1e-3)\ndataset = join('a', 'b')\n")
+    config = configure(DEFAULTS, [cfg])
+    assert config["learning_rate"] == pytest.approx(2e-3) and config["dataset"] == "a/b"
+    assert set(config) == set(DEFAULTS)
+
+
+def test_unknown_key_in_file_names_the_closest_key(tmp_path):
+    cfg = write(tmp_path, "batch_sise = 32\n")
+    with pytest.raises(UserError, match=r"batch_sise.*did you mean 'batch_size'") as e:
+        configure(DEFAULTS, [cfg])
+    assert cfg in str(e.value)
+
+
+def test_unknown_key_on_command_line_names_the_closest_key():
+    with pytest.raises(UserError, match=r"batch_sise.*did you mean 'batch_size'"):
+        configure(DEFAULTS, ["--batch_sise=32"])
+    with pytest.raises(UserError, match="did you mean 'learning_rate'"):
+        configure(DEFAULTS, ["--learning-rate=1e-3"])
+
+
+def test_unknown_key_with_no_close_match_lists_known_keys():
+    with pytest.raises(UserError, match="known keys: .*batch_size"):
+        configure(DEFAULTS, ["--zzz=1"])
+
+
+@pytest.mark.parametrize("arg", ["--batch_size=abc", "--batch_size=3.5", "--batch_size=True",
+                                 "--compile=1", "--compile='1'", "--compile=yes", "--learning_rate=fast",
+                                 "--dataset=1"])
+def test_values_must_keep_the_defaults_type(arg):
+    with pytest.raises(UserError, match=f"config key '{arg[2:].split('=')[0]}'.*expects"):
+        configure(DEFAULTS, [arg])
+
+
+def test_type_errors_in_config_file(tmp_path):
+    with pytest.raises(UserError, match="compile.*expects bool"):
+        configure(DEFAULTS, [write(tmp_path, "compile = '1'\n")])
+    with pytest.raises(UserError, match="batch_size.*expects int"):
+        configure(DEFAULTS, [write(tmp_path, "batch_size = 12.0\n", "b.py")])
+
+
+def test_int_is_accepted_for_float_and_converted(tmp_path):
+    config = configure(DEFAULTS, ["--learning_rate=1"])
+    assert config["learning_rate"] == 1.0 and type(config["learning_rate"]) is float
+    config = configure(DEFAULTS, [write(tmp_path, "learning_rate = 2\n")])
+    assert type(config["learning_rate"]) is float
+
+
+def test_bool_values():
+    assert configure(DEFAULTS, ["--compile=True"])["compile"] is True
+    assert configure(dict(DEFAULTS, compile=True), ["--compile=False"])["compile"] is False
+
+
+@pytest.mark.parametrize("key", ["device", "init_from"])  # defaults 'auto' and None
+@pytest.mark.parametrize("text, value", [("cuda", "cuda"), ("3", 3), ("False", False), ("None", None)])
+def test_auto_and_none_defaults_accept_anything(key, text, value):
+    assert configure(DEFAULTS, [f"--{key}={text}"])[key] == value
+
+
+def test_split_on_first_equals_only():
+    assert configure(DEFAULTS, ['--start="a=b"'])["start"] == "a=b"  # the shell has removed no quotes here
+    assert configure(DEFAULTS, ["--start=a=b=c"])["start"] == "a=b=c"
+    assert configure(DEFAULTS, ["--start="])["start"] == ""
+
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("32", 32), ("False", False), ("None", None),
+                                         ("'x'", "x"), ("gpt2", "gpt2"), ("out-dir/run 1", "out-dir/run 1"),
+                                         ("[1, 2]", [1, 2])])
+def test_parse_value(text, value):
+    parsed = parse_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_missing_config_file(tmp_path):
+    missing = str(tmp_path / "nope.py")
+    with pytest.raises(UserError, match="not found"):
+        configure(DEFAULTS, [missing])
+    # a forgotten '--' reads as a config file name: the message says how overrides are written
+    with pytest.raises(UserError, match="--key=value"):
+        configure(DEFAULTS, ["batch_size=3"])
+
+
+def test_flag_without_value_is_an_error():
+    with pytest.raises(UserError, match="needs a value"):
+        configure(DEFAULTS, ["--compile"])

@@ -1,0 +1,87 @@
+"""
+runtime.py: device, precision and compile choices refuse what this machine cannot do, with a fix in
+the message; a UserError ends a script with one line and status 2; files are written atomically.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import runtime
+from runtime import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def no_gpu(monkeypatch):
+    """This machine, anywhere: CUDA and MPS unavailable."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_resolve_device(monkeypatch):
+    no_gpu(monkeypatch)
+    assert runtime.resolve_device("cpu") == ("cpu", "as configured")
+    device, reason = runtime.resolve_device("auto")
+    assert device == "cpu" and reason.startswith("auto")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        runtime.resolve_device("gpu")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_resolve_device_cuda_without_gpu(device, monkeypatch):
+    no_gpu(monkeypatch)
+    with pytest.raises(UserError, match="--device=cpu"):
+        runtime.resolve_device(device)
+    with pytest.raises(UserError, match="--device=cpu"):
+        runtime.resolve_device("mps")
+
+
+def test_resolve_dtype():
+    dtype, reason = runtime.resolve_dtype("auto", "cpu")
+    assert dtype == "float32" and reason.startswith("auto")
+    assert runtime.resolve_dtype("bfloat16", "cpu")[0] == "bfloat16"
+    with pytest.raises(UserError, match="float16 needs a CUDA device"):
+        runtime.resolve_dtype("float16", "cpu")
+    with pytest.raises(UserError, match="unknown dtype 'fp32'"):
+        runtime.resolve_dtype("fp32", "cpu")
+
+
+def test_resolve_compile():
+    assert runtime.resolve_compile("auto", "cpu")[0] is False  # eager on CPU: no compile wait
+    assert runtime.resolve_compile(True, "cpu") == (True, "as configured")
+    assert runtime.resolve_compile(False, "cuda") == (False, "as configured")
+    with pytest.raises(UserError, match="compile must be True, False or 'auto'"):
+        runtime.resolve_compile("yes", "cpu")
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_friendly_errors_user_error_is_one_line_and_status_2():
+    proc = run_python("import runtime\nruntime.friendly_errors()\nraise runtime.UserError('boom')\n")
+    assert proc.returncode == 2
+    assert proc.stderr == "error: boom\n"
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_friendly_errors_keeps_tracebacks_for_bugs():
+    proc = run_python("import runtime\nruntime.friendly_errors()\nraise KeyError('bug')\n")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = str(tmp_path / "config.json")
+    runtime.write_json(path, {"a": 1})
+    with open(path) as f:
+        assert json.load(f) == {"a": 1}
+    with pytest.raises(TypeError):
+        runtime.write_json(path, {"a": object()})  # fails halfway through json.dump
+    with open(path) as f:
+        assert json.load(f) == {"a": 1}  # the old file is whole
+    assert os.listdir(tmp_path) == ["config.json"]
