@@ -1,0 +1,205 @@
+"""
+OpenWebText, or any corpus of documents, in GPT-2's BPE, as in nanoGPT's data/openwebtext: each document
+is encoded as ordinary text followed by the end-of-text token (50256), so documents stay apart; a random
+--val_fraction of the documents (fixed --seed, at least one document) is val, the rest train.
+
+    python data/openwebtext/prepare.py                                 # OpenWebText from the Hugging Face hub
+    python data/openwebtext/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
+    python data/openwebtext/prepare.py --input=stories/ --txt_split=blank --out_dir=data/stories
+
+--input takes files, or folders searched recursively for them:
+    .txt                one document per file; with --txt_split=blank, documents separated by blank lines
+    .jsonl, .jsonl.gz   one JSON object a line, the document in its --text_field
+    .parquet            the document in column --text_field
+Hugging Face `datasets` turns the input into memory-mapped Arrow files on disk and tokenizes them in
+--num_proc processes; the token files are then written a batch of documents at a time. Memory stays
+flat however large the corpus. Local inputs are cached in a temporary folder inside --out_dir, removed
+at the end; the hub download goes to Hugging Face's cache (or --cache_dir), so a rerun reuses it.
+OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens from it.
+"""
+import argparse
+import hashlib
+import math
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
+import runtime  # noqa: E402
+import tokens  # noqa: E402
+from runtime import UserError  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+# file suffix -> the datasets builder that reads it
+BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+
+
+def builder_of(path):
+    return next((b for suffix, b in BUILDERS.items() if path.endswith(suffix)), None)
+
+
+def find_files(inputs):
+    """The input files, in order: each --input is a file, or a folder searched recursively. Empty files hold
+    no documents and are left out (datasets' JSON reader fails on them)."""
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if builder_of(f))
+            if not found:
+                raise UserError(f"no {', '.join(BUILDERS)} files in folder {path}")
+            files += found
+        elif os.path.isfile(path):
+            if not builder_of(path):
+                raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(BUILDERS)} files, or folders")
+            files.append(path)
+        else:
+            raise UserError(f"input path {path} not found")
+    return [os.path.abspath(f) for f in files if os.path.getsize(f) > 0]
+
+
+def text_column(dset, field, where):
+    """dset reduced to one string column named 'text', after checking that `field` is one."""
+    if field not in dset.column_names:
+        raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(dset.column_names)}; "
+                        f"pass --text_field=NAME")
+    if getattr(dset.features[field], "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"field {field!r} of {where} holds {dset.features[field]}, not text; pass --text_field=NAME")
+    dset = dset.select_columns([field])
+    return dset if field == "text" else dset.rename_column(field, "text")
+
+
+def tokenize(batch, spec):
+    """A batch of documents -> their tokens, each document's followed by end-of-text, and their UTF-8 size.
+    Takes the tokenizer's spec, not the tokenizer: datasets hashes the arguments, and a spec hashes fast."""
+    tok = load_tokenizer(spec)  # tiktoken caches the encoding, so this is cheap after the first batch
+    texts = [t or "" for t in batch["text"]]  # a missing value in a JSON line is an empty document
+    return {"ids": [tok.encode(t) + [tok.eot_id] for t in texts],
+            "bytes": [len(t.encode("utf-8")) for t in texts]}
+
+
+def reason(e):
+    """One line saying why datasets could not read the input. From a worker process the cause arrives as the
+    worker's whole traceback: keep its first error."""
+    text = str(e.__cause__ or e)
+    first = re.search(r"^(\w[\w.]*: .*?)(?:\n\n|\Z)", text, re.M | re.S) if "Traceback" in text else None
+    return " ".join((first.group(1) if first else text).split())
+
+
+def sha256_files(paths):
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# the guard matters: datasets' worker processes may import this file (spawn), and must not rerun the work
+if __name__ == "__main__":
+    runtime.friendly_errors()
+    parser = argparse.ArgumentParser(description="Prepare a corpus of documents (default: OpenWebText) in GPT-2 BPE.")
+    parser.add_argument("--input", nargs="+", action="extend",
+                        help="local .txt/.jsonl/.jsonl.gz/.parquet files or folders (default: hub dataset --dataset)")
+    parser.add_argument("--dataset", default="openwebtext", help="hub dataset read without --input (%(default)s)")
+    parser.add_argument("--text_field", default="text", help="field holding the document in JSON lines / parquet")
+    parser.add_argument("--txt_split", choices=["file", "blank"], default="file",
+                        help="a .txt file is one document (file) or documents separated by blank lines (blank)")
+    parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out (%(default)s)")
+    parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split (nanoGPT's: %(default)s)")
+    parser.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
+    parser.add_argument("--out_dir", default=here, help="where train.bin, val.bin, meta.json go (%(default)s)")
+    parser.add_argument("--cache_dir", help="Hugging Face datasets cache (default: a temporary folder in --out_dir "
+                        "for --input, Hugging Face's own cache for the hub)")
+    args = parser.parse_args()
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.num_proc < 1:
+        raise UserError(f"--num_proc must be at least 1, got {args.num_proc}")
+    tok = load_tokenizer({"kind": "gpt2"})
+    files = find_files(args.input) if args.input else None
+    if files == []:
+        raise UserError(f"no documents found in {', '.join(args.input)}: the files are empty")
+    if files:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # local files need no network; read by datasets at import
+    import datasets
+
+    # --------------------------------------------------------------------------------------------------
+    # the documents, as one Arrow-backed dataset with a 'text' column
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    temp_cache = None
+    if files and not args.cache_dir:  # a name .gitignore's data/*/*.tmp* covers
+        temp_cache = tempfile.TemporaryDirectory(prefix="hf_cache.tmp", dir=args.out_dir)
+    cache_dir = args.cache_dir or (temp_cache.name if temp_cache else None)
+    parts = []
+    try:
+        if files is None:
+            source, sha256 = f"huggingface:{args.dataset}", None
+            try:
+                dset = datasets.load_dataset(args.dataset, split="train", num_proc=args.num_proc, cache_dir=cache_dir)
+            except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+                raise UserError(f"could not load {args.dataset} from the Hugging Face hub ({e}); offline? "
+                                f"pass --input=PATH to local files") from None
+            if len(dset):
+                parts.append(text_column(dset, args.text_field, f"dataset {args.dataset}"))
+        else:
+            inputs = [os.path.abspath(p) for p in args.input]
+            source, sha256 = inputs[0] if len(inputs) == 1 else inputs, sha256_files(files)
+            for builder in dict.fromkeys(map(builder_of, files)):
+                paths = [f for f in files if builder_of(f) == builder]
+                options = {}
+                if builder == "text":
+                    options["sample_by"] = "paragraph" if args.txt_split == "blank" else "document"
+                dset = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
+                                             num_proc=min(args.num_proc, len(paths)), **options)
+                if builder == "text" and args.txt_split == "blank":
+                    # datasets splits on exactly "\n\n": drop the newlines left around a document, and empty ones
+                    dset = dset.map(lambda b: {"text": [t.strip("\n") for t in b["text"] if t.strip("\n")]},
+                                    batched=True, num_proc=min(args.num_proc, len(dset)) or None)
+                if len(dset):
+                    where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
+                    parts.append(text_column(dset, "text" if builder == "text" else args.text_field, where))
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, a file that is not UTF-8, ...
+        raise UserError(f"could not read the input: {reason(e)}") from None
+    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
+        raise UserError(f"could not read the input: no JSON lines in {paths[0]}") from None
+    if not parts:
+        raise UserError(f"no documents found in {', '.join(args.input) if args.input else args.dataset}")
+    dset = datasets.concatenate_datasets(parts)
+
+    # --------------------------------------------------------------------------------------------------
+    # split by document, tokenize in parallel, write the token files a batch at a time
+
+    n_val = max(1, math.ceil(args.val_fraction * len(dset)))
+    if n_val >= len(dset):
+        raise UserError(f"only {len(dset)} document(s): too few to hold out {n_val} for val and train on the rest")
+    splits = dset.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+    id_type = datasets.Value(np.dtype(tokens.token_dtype(tok.vocab_size)).name)  # uint16 for GPT-2: a small cache
+    # Sequence, not List: List is new in datasets 4, requirements.txt allows 2.19
+    features = datasets.Features({"ids": datasets.Sequence(id_type), "bytes": datasets.Value("int64")})
+    meta = {"tokenizer": tok.spec, "vocab_size": tok.vocab_size, "source": source, "sha256": sha256}
+    for split, part in (("train", splits["train"]), ("val", splits["test"])):
+        part = part.map(tokenize, fn_kwargs={"spec": tok.spec}, batched=True, remove_columns=["text"],
+                        features=features, num_proc=min(args.num_proc, len(part)), desc=f"tokenizing {split}")
+        n_bytes = 0
+        with tokens.TokenWriter(tokens.split_path(args.out_dir, split), tok.vocab_size) as writer, \
+                tqdm(total=len(part), unit="docs", desc=f"writing {split}.bin") as bar:
+            for batch in part.with_format("arrow").iter(batch_size=1024):  # a pyarrow Table of 1024 documents
+                writer.write(pc.list_flatten(batch["ids"]).to_numpy())
+                n_bytes += pc.sum(batch["bytes"]).as_py()
+                bar.update(batch.num_rows)
+        meta.update({f"{split}_tokens": writer.count, f"{split}_bytes": n_bytes, f"{split}_documents": len(part)})
+    tokens.write_meta(args.out_dir, meta)
+    if temp_cache:
+        temp_cache.cleanup()
+    print(f"GPT-2 BPE, vocab size {tok.vocab_size:,}")
+    for split in ("train", "val"):
+        print(f"{split}: {meta[f'{split}_documents']:,} documents, {meta[f'{split}_tokens']:,} tokens, "
+              f"{meta[f'{split}_bytes']:,} bytes")
+    print(f"-> {args.out_dir}")

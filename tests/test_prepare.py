@@ -1,0 +1,166 @@
+"""
+The dataset preparation scripts, run the way a user runs them (a subprocess each, output in tmp_path):
+nanoGPT's token counts for Tiny Shakespeare, token files that decode back to the text exactly, and a
+one-line error for bad input. Hermetic: the GPT-2 BPE comes from the shared tiktoken cache, Hugging Face
+is kept offline and its cache goes to tmp_path.
+"""
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tokens
+from tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+
+# documents that test the edges: unicode, newlines, an empty one, and the end-of-text marker as plain text
+DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog.\nSecond line {i}." for i in range(12)] + [
+    "Hello world, I'm learning transformers.",
+    "naïve café, 日本語, emoji 🦊 and a tab\there",
+    "a literal <|endoftext|> inside a document is ordinary text",
+    "",
+    "  leading and trailing spaces  \n\n\nand blank lines\n",
+]
+
+
+def run(script, *args, tmp_path):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.path.join(SHARED, "assets", "tiktoken_cache"),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data", script, "prepare.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def prepare(script, *args, tmp_path):
+    out = tmp_path / "out"
+    result = run(script, *args, f"--out_dir={out}", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temporary cache left behind
+    meta = tokens.read_meta(out)
+    for split in ("train", "val"):
+        assert tokens.read_header(tokens.split_path(out, split))[1] == meta[f"{split}_tokens"]
+    return out, meta
+
+
+def split_ids(out, split):
+    return np.asarray(tokens.open_tokens(tokens.split_path(out, split)), dtype=np.int64)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def documents(out, split, tok):
+    """The documents of a split: its tokens cut at each end-of-text token (which ordinary text never gives)."""
+    ids = split_ids(out, split)
+    assert ids[-1] == tok.eot_id
+    ends = np.flatnonzero(ids == tok.eot_id)
+    return [tok.decode(doc[:-1]) for doc in np.split(ids, ends + 1)[:-1]]
+
+
+def check_documents(out, meta, docs, tok):
+    """Every document is there once, whole; counts are encode_ordinary + 1 per document."""
+    train, val = documents(out, "train", tok), documents(out, "val", tok)
+    assert len(val) >= 1
+    assert sorted(train + val) == sorted(docs)
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(tok.encode(d)) + 1 for d in docs)
+    assert meta["train_bytes"] == sum(len(d.encode("utf-8")) for d in train)
+    assert meta["val_bytes"] == sum(len(d.encode("utf-8")) for d in val)
+    assert (meta["train_documents"], meta["val_documents"]) == (len(train), len(val))
+    assert meta["tokenizer"] == {"kind": "gpt2"} and meta["vocab_size"] == 50257
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny Shakespeare
+
+def read_shakespeare():
+    with open(SHAKESPEARE, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def test_shakespeare_char_matches_nanogpt_and_decodes_back(tmp_path):
+    out, meta = prepare("shakespeare_char", f"--input={SHAKESPEARE}", tmp_path=tmp_path)
+    assert meta["vocab_size"] == 65
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
+    assert meta["sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert meta["train_bytes"] + meta["val_bytes"] == 1_115_394
+    tok = load_tokenizer(meta["tokenizer"])
+    assert tok.decode(split_ids(out, "train")) + tok.decode(split_ids(out, "val")) == read_shakespeare()
+
+
+def test_shakespeare_bpe_matches_nanogpt_and_decodes_back(tmp_path):
+    out, meta = prepare("shakespeare", f"--input={SHAKESPEARE}", tmp_path=tmp_path)
+    assert meta["tokenizer"] == {"kind": "gpt2"} and meta["vocab_size"] == 50257
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    tok = load_tokenizer(meta["tokenizer"])
+    assert tok.decode(split_ids(out, "train")) + tok.decode(split_ids(out, "val")) == read_shakespeare()
+
+
+@pytest.mark.parametrize("script, name, content, says", [("shakespeare_char", "input.txt", "", "is empty"),
+                                                         ("shakespeare", "missing.txt", None, "not found")])
+def test_shakespeare_empty_or_missing_input_is_a_clear_error(tmp_path, script, name, content, says):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    result = run(script, f"--input={path}", f"--out_dir={tmp_path / 'out'}", tmp_path=tmp_path)
+    assert_one_line_error(result, says, str(path))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# documents: OpenWebText's script on local files
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_openwebtext_jsonl(tmp_path, suffix):
+    path = tmp_path / f"docs{suffix}"
+    with (gzip.open if suffix.endswith(".gz") else open)(path, "wt", encoding="utf-8") as f:
+        for i, doc in enumerate(DOCS):
+            f.write(json.dumps({"id": i, "body": doc}) + "\n")
+    out, meta = prepare("openwebtext", f"--input={path}", "--text_field=body", "--num_proc=2", tmp_path=tmp_path)
+    check_documents(out, meta, DOCS, load_tokenizer(meta["tokenizer"]))
+    assert meta["source"] == str(path)
+
+
+@pytest.mark.slow  # two or three runs of the script
+def test_openwebtext_txt_folder_and_blank_line_split(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    docs = [d for d in DOCS if d]  # an empty file holds no document
+    for i, doc in enumerate(docs):
+        (folder / ("sub" if i % 2 else "") / f"{i}.txt").write_text(doc, encoding="utf-8")
+    (folder / "notes.md").write_text("not a document")
+    blank = tmp_path / "stories.txt"
+    stories = ["Once upon a time.\nThe end.", "Another story.", "A third, 🦊."]
+    blank.write_text("\n\n".join(stories) + "\n\n\n" + "\n", encoding="utf-8")
+    out, meta = prepare("openwebtext", "--input", str(folder), str(blank), "--txt_split=blank", "--num_proc=1",
+                        tmp_path=tmp_path)
+    tok = load_tokenizer(meta["tokenizer"])
+    # --txt_split=blank splits .txt files on blank lines, the folder's files too
+    expected = [p.strip("\n") for d in docs for p in d.split("\n\n") if p.strip("\n")] + stories
+    check_documents(out, meta, expected, tok)
+
+    out, meta = prepare("openwebtext", f"--input={folder}", "--val_fraction=0.2", tmp_path=tmp_path / "whole")
+    check_documents(out, meta, docs, tok)
+    assert meta["val_documents"] == math.ceil(0.2 * len(docs))
+
+
+@pytest.mark.slow  # two or three runs of the script
+def test_openwebtext_bad_input_is_a_one_line_error(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(DOCS)))
+    out = f"--out_dir={tmp_path / 'out'}"
+    assert_one_line_error(run("openwebtext", f"--input={path}", out, tmp_path=tmp_path), "'text'", "id, body")
+    assert_one_line_error(run("openwebtext", f"--input={tmp_path / 'nope.jsonl'}", out, tmp_path=tmp_path),
+                          "not found")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("openwebtext", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no .txt")
