@@ -14,6 +14,9 @@ if ROOT not in sys.path:
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, "..", "shared", "assets", "tiktoken_cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tiny test models gain nothing from threads, and spinning OpenMP threads on a busy 2-core machine
+# (or two DDP ranks on it) slow each step by orders of magnitude; subprocesses inherit this
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,88 @@
+"""
+Samples text from a trained model, streaming it to stdout as it is generated.
+
+$ python sample.py --out_dir=out-shakespeare-char
+$ python sample.py --init_from=gpt2 --start="What is the answer to life?" --max_new_tokens=100
+$ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt --top_p=0.9
+
+The tokenizer comes from the checkpoint's metadata (a character vocabulary, GPT-2's BPE, ...).
+"""
+import sys
+
+import torch
+
+import runtime
+from checkpoint import load_model
+from configurator import configure
+from runtime import UserError
+from tokenizer import load_tokenizer
+
+runtime.friendly_errors()
+
+# -----------------------------------------------------------------------------------------------------
+init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name, a HF folder or a checkpoint file
+out_dir = "out"  # used when init_from='resume'
+start = "\n"  # the prompt; or "FILE:prompt.txt" to read it from a file
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8  # 1.0 samples the model's distribution; lower is more conservative; 0 is greedy
+top_k = 200  # keep only the top_k most likely tokens (0 or None: all; 1: greedy)
+top_p = 1.0  # nucleus sampling: keep the smallest set of tokens holding top_p of the probability
+use_kv_cache = True
+stop_at_eot = True  # end a sample at the end-of-text token, if the tokenizer has one
+seed = 1337
+device = "auto"
+dtype = "auto"
+compile = False
+# -----------------------------------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+globals().update(configure(defaults, sys.argv[1:]))
+
+device, _ = runtime.resolve_device(device)
+dtype, _ = runtime.resolve_dtype(dtype, device)
+if not 0.0 < top_p <= 1.0:
+    raise UserError(f"top_p must be in (0, 1], got {top_p}")
+if temperature < 0:
+    raise UserError(f"temperature must be >= 0, got {temperature}")
+
+model, tok_spec, meta = load_model(out_dir if init_from == "resume" else init_from, map_location=device)
+model.eval().to(device)
+if compile:
+    model = torch.compile(model)
+tok = load_tokenizer(tok_spec)
+
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+start_ids = tok.encode(start)
+if not start_ids:  # an empty prompt: begin a fresh document
+    if tok.eot_id is None:
+        raise UserError("the prompt is empty and this tokenizer has no end-of-text token to start from; pass --start")
+    start_ids = [tok.eot_id]
+if len(start_ids) > model.config.block_size:
+    print(f"note: the prompt is {len(start_ids)} tokens; the model sees its last {model.config.block_size}",
+          file=sys.stderr)
+
+generator = torch.Generator(device=device).manual_seed(seed)
+x = torch.tensor([start_ids], dtype=torch.long, device=device)  # (1, T)
+stop = tok.eot_id if stop_at_eot else None
+with runtime.autocast(device, dtype):
+    for k in range(num_samples):
+        sys.stdout.write(start)
+        pending = []  # BPE ids whose bytes do not yet form whole UTF-8 characters
+        for nxt in model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, use_kv_cache,
+                                         stop, generator):
+            i = nxt.item()
+            if i == stop:
+                break
+            pending.append(i)
+            text = tok.decode(pending)
+            if "\ufffd" not in text:  # a multi-byte character split across tokens waits for its rest
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+        sys.stdout.write(tok.decode(pending) + "\n---------------\n")
+        sys.stdout.flush()

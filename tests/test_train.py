@@ -1,0 +1,313 @@
+"""
+End-to-end behaviour of train.py and sample.py, run as a user runs them (subprocesses): the
+prepare -> train -> sample pipeline, exact resume, 2-process DDP against 1 process, stopping on a
+signal or a non-finite loss, and a one-line error for each kind of bad input.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+
+# a tiny model that trains in a second or two
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20",
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--plot=False", "--dataset=shakespeare_char"]
+
+
+def run(script, *args, check=True, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    """Character-level data from the first 200k characters of Tiny Shakespeare."""
+    d = tmp_path_factory.mktemp("data")
+    src = d / "input.txt"
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        src.write_text(f.read()[:200_000], encoding="utf-8")
+    run("data/shakespeare_char/prepare.py", f"--input={src}", f"--out_dir={d}")
+    return str(d)
+
+
+def test_prepare_train_sample_pipeline(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=15",
+        "--plot=True")
+    for name in ("ckpt.pt", "log.jsonl", "run.json", "loss.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    log = read_log(out)
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 15, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learns
+    assert all(r["val_bpb"] > 0 for r in evals)
+    steps = [r for r in log if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(30))
+    assert {"lr", "ms", "tokens_per_s", "mfu"} <= steps[0].keys()
+    with open(os.path.join(out, "run.json")) as f:
+        info = json.load(f)
+    assert info["config"]["max_iters"] == 30 and info["run"]["torch"] and info["derived"]["world_size"] == 1
+    sample = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=50",
+                 "--device=cpu")
+    texts = sample.stdout.split("---------------\n")
+    assert len(texts) == 3 and texts[0].startswith("ROMEO:") and len(texts[0]) >= len("ROMEO:") + 50
+    # same seed, same text; the cache does not change what is sampled
+    again = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=50",
+                "--device=cpu", "--use_kv_cache=False")
+    assert again.stdout == sample.stdout
+
+
+def test_resume_equals_uninterrupted_run(char_data, tmp_path):
+    # dropout on: the resumed run must also draw the same dropout masks
+    common = [*TINY, f"--data_dir={char_data}", "--dropout=0.1", "--eval_interval=5"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run("train.py", *common, f"--out_dir={full}", "--max_iters=16")
+    run("train.py", *common, f"--out_dir={part}", "--max_iters=10")
+    run("train.py", *common, f"--out_dir={part}", "--max_iters=16", "--init_from=resume")
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(16))
+    for it in range(16):
+        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+    val_a = [(r["iter"], r["val_loss"]) for r in read_log(full) if "val_loss" in r]
+    val_b = [(r["iter"], r["val_loss"]) for r in read_log(part) if "val_loss" in r]
+    assert [i for i, _ in val_a] == [i for i, _ in val_b] == [0, 5, 10, 15, 16]
+    assert all(abs(x[1] - y[1]) < 1e-5 for x, y in zip(val_a, val_b))
+
+
+def test_ddp_two_processes_equal_one(char_data, tmp_path):
+    common = [*TINY, f"--data_dir={char_data}", "--max_iters=6", "--eval_interval=3",
+              "--gradient_accumulation_steps=4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run("train.py", *common, f"--out_dir={one}")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), *common, f"--out_dir={two}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "rror" in line or "abort" in line.lower()]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + proc.stderr[-2000:]
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == list(range(6))
+    for it in a:
+        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+    va = [r["val_loss"] for r in read_log(one) if "val_loss" in r]
+    vb = [r["val_loss"] for r in read_log(two) if "val_loss" in r]
+    assert len(va) == len(vb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(va, vb))
+
+
+def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
+                             f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log_path = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log_path) and len(read_log(out)) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stop requested" in stdout
+    last = max(train_losses(out))
+    from checkpoint import load_checkpoint
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["iter_num"] == last + 1
+    run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", f"--max_iters={last + 3}",
+        "--eval_interval=100000", "--init_from=resume")
+    assert sorted(train_losses(out)) == list(range(last + 3))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    common = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=2"]
+    run("train.py", *common, "--max_iters=4")
+    ckpt = os.path.join(out, "ckpt.pt")
+    good = open(ckpt, "rb").read()
+    # continue at an absurd learning rate: the weights blow up and the loss stops being finite
+    proc = run("train.py", *common, "--max_iters=200", "--init_from=resume", "--learning_rate=1e30",
+               "--grad_clip=0.0", "--decay_lr=False", check=False)
+    assert_one_line_error(proc, "loss is", "at iteration 5", "last good checkpoint")
+    assert open(ckpt, "rb").read() == good  # the checkpoint from iteration 4 is untouched
+    from checkpoint import load_checkpoint
+    assert load_checkpoint(ckpt)["meta"]["iter_num"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one line that says what to do, exit status 2
+
+def test_error_missing_dataset(tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert_one_line_error(proc, "meta.json not found", "prepare.py")
+
+
+def test_error_dataset_shorter_than_block(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "input.txt").write_text("To be, or not to be: that is the question.\n" * 3)
+    run("data/shakespeare_char/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
+    proc = run("train.py", *TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert_one_line_error(proc, "fewer than block_size")
+
+
+def test_error_config_typo_key_and_value(char_data, tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", "--batch_sise=4", check=False)
+    assert_one_line_error(proc, "batch_sise", "did you mean 'batch_size'")
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", "--max_iters=ten", check=False)
+    assert_one_line_error(proc, "max_iters", "expects int")
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("learning_rat = 1e-3\n")
+    proc = run("train.py", str(cfg), check=False)
+    assert_one_line_error(proc, "learning_rat", "learning_rate")
+
+
+def test_error_unknown_device(char_data, tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--device=gpu", check=False)
+    assert_one_line_error(proc, "unknown device 'gpu'")
+
+
+@pytest.fixture(scope="module")
+def trained(char_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("trained") / "out")
+    run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    return out
+
+
+def test_error_out_dir_holds_another_run(char_data, trained):
+    before = os.path.getmtime(os.path.join(trained, "ckpt.pt"))
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={trained}", "--max_iters=4", check=False)
+    assert_one_line_error(proc, "already holds", "--init_from=resume")
+    assert os.path.getmtime(os.path.join(trained, "ckpt.pt")) == before  # nothing overwritten
+
+
+def test_error_resume_with_another_shape(char_data, trained):
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={trained}", "--max_iters=6",
+               "--init_from=resume", "--n_layer=3", check=False)
+    assert_one_line_error(proc, "n_layer=2 there, 3 here")
+
+
+def test_error_resume_with_another_vocabulary(trained, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "input.txt").write_text("abcdefghij" * 2000)  # a 10-character vocabulary
+    run("data/shakespeare_char/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
+    proc = run("train.py", *TINY, f"--data_dir={d}", f"--out_dir={trained}", "--max_iters=6",
+               "--init_from=resume", check=False)
+    assert_one_line_error(proc, "vocab_size")
+
+
+def test_error_truncated_checkpoint(char_data, trained, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    ckpt = broken / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={broken}", "--max_iters=6",
+               "--init_from=resume", check=False)
+    assert_one_line_error(proc, "truncated or corrupt")
+    proc = run("sample.py", f"--out_dir={broken}", "--device=cpu", check=False)
+    assert_one_line_error(proc, "truncated or corrupt")
+
+
+def test_error_corrupt_token_file(char_data, tmp_path):
+    import shutil
+    d = tmp_path / "d"
+    shutil.copytree(char_data, d)
+    train_bin = d / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-7])
+    proc = run("train.py", *TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert_one_line_error(proc, "truncated or corrupt", "prepare.py")
+
+
+def test_error_prompt_outside_vocabulary(trained):
+    proc = run("sample.py", f"--out_dir={trained}", "--start=Ωmega", "--device=cpu", check=False)
+    assert_one_line_error(proc, "not in this model's vocabulary", "Ω")
+
+
+def test_sample_prompt_from_file(trained, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("KING:")
+    proc = run("sample.py", f"--out_dir={trained}", f"--start=FILE:{prompt}", "--num_samples=1",
+               "--max_new_tokens=5", "--device=cpu")
+    assert proc.stdout.startswith("KING:")
+    proc = run("sample.py", f"--out_dir={trained}", f"--start=FILE:{tmp_path / 'missing.txt'}", check=False)
+    assert_one_line_error(proc, "cannot read the prompt file")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPT-2 weights from a local Hugging Face folder (what the hub download gives, made offline here)
+
+@pytest.fixture(scope="module")
+def hf_gpt2_full_vocab(tmp_path_factory):
+    """A tiny random GPT-2 with GPT-2's real vocabulary, so the GPT-2 BPE's ids fit it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)).eval()
+    folder = tmp_path_factory.mktemp("hf_gpt2_full")
+    hf.save_pretrained(folder)
+    return str(folder)
+
+
+def test_sample_from_hf_folder(hf_gpt2_full_vocab):
+    proc = run("sample.py", f"--init_from={hf_gpt2_full_vocab}", "--start=Hello world", "--num_samples=1",
+               "--max_new_tokens=20", "--device=cpu", "--stop_at_eot=False")
+    assert proc.stdout.startswith("Hello world") and proc.stdout.endswith("---------------\n")
+    cached = proc.stdout
+    proc = run("sample.py", f"--init_from={hf_gpt2_full_vocab}", "--start=Hello world", "--num_samples=1",
+               "--max_new_tokens=20", "--device=cpu", "--stop_at_eot=False", "--use_kv_cache=False")
+    assert proc.stdout == cached
+
+
+def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        (d / "input.txt").write_text(f.read()[:50_000], encoding="utf-8")
+    run("data/shakespeare/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
+    out = str(tmp_path / "ft")
+    run("train.py", "config/finetune_shakespeare.py", f"--init_from={hf_gpt2_full_vocab}", f"--data_dir={d}",
+        f"--out_dir={out}", "--block_size=64", "--gradient_accumulation_steps=2", "--batch_size=4",
+        "--max_iters=6", "--eval_interval=3", "--eval_iters=2", "--learning_rate=1e-3", "--device=cpu",
+        "--compile=False")
+    evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    from checkpoint import load_checkpoint
+    meta = load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]
+    assert meta["model_args"]["block_size"] == 64 and meta["tokenizer"] == {"kind": "gpt2"}
+    # the fine-tuned checkpoint samples through the same loader, decoding with GPT-2's BPE
+    proc = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8",
+               "--device=cpu", "--stop_at_eot=False")
+    assert proc.stdout.startswith("ROMEO:")
+
+
+def test_wandb_logging_honours_wandb_mode(char_data, tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2",
+               "--eval_interval=2", "--wandb_log=True", env=env)
+    assert "val loss" in proc.stdout

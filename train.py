@@ -1,0 +1,362 @@
+"""
+Trains a GPT. One process on a laptop CPU or a GPU, or many with torchrun (DDP).
+
+A laptop CPU (the quick start):
+$ python train.py config/train_shakespeare_char_cpu.py
+
+One GPU:
+$ python train.py config/train_shakespeare_char.py --batch_size=32
+
+8 GPUs on one node:
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+2 nodes of 8 GPUs (run on each node; NODE_RANK 0 on the node at MASTER_ADDR):
+$ torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
+      --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=gpt2 train.py config/train_gpt2.py
+
+Resume exactly where a run stopped (Ctrl-C and SIGTERM save a checkpoint first):
+$ python train.py config/train_shakespeare_char_cpu.py --init_from=resume
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import runtime
+import tokens
+from configurator import configure, overrides
+from evaluation import evaluate
+from model import GPT, GPTConfig
+from runtime import UserError
+from tokenizer import load_tokenizer
+
+runtime.friendly_errors()
+
+# -----------------------------------------------------------------------------------------------------
+# default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
+# I/O
+out_dir = "out"
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200  # the fixed eval set is eval_iters * batch_size windows of each split
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # if False, save only when val loss improves (keeps the best model)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 name, a HF folder or a nanoforge out_dir
+plot = True  # loss-curve PNG in out_dir at the end
+# wandb logging (honours WANDB_MODE=offline/disabled)
+wandb_log = False
+wandb_project = "nanoforge"
+wandb_run_name = "gpt2"
+# data
+dataset = "openwebtext"  # reads data/<dataset>/{train,val}.bin and meta.json
+data_dir = ""  # if set, overrides data/<dataset>
+gradient_accumulation_steps = 5 * 8  # global micro-steps per optimizer step, split across ranks
+batch_size = 12  # sequences per micro-step per rank
+block_size = 1024
+total_batch_size = -1  # tokens per optimizer step; if > 0, gradient_accumulation_steps is derived from it
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
+bias = False  # biases in Linears and LayerNorms; GPT-2 had them, training is a bit faster without
+pos_emb = "learned"  # 'learned' (GPT-2) or 'rope'
+# AdamW optimizer
+learning_rate = 6e-4
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this norm, 0 to disable
+# learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~= max_iters per Chinchilla
+min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
+# system
+backend = "auto"  # 'nccl' on CUDA, 'gloo' on CPU
+device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16' (CUDA; uses a GradScaler)
+compile = "auto"  # torch.compile: 'auto' is on for CUDA, off for CPU
+seed = 1337
+# -----------------------------------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+config = configure(defaults, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------------------------------
+# derived values, checked
+
+device, device_why = runtime.resolve_device(device)
+ddp, rank, local_rank, world_size, device = runtime.setup_distributed(backend, device)
+master = rank == 0  # logs, checkpoints, plots
+dtype, dtype_why = runtime.resolve_dtype(dtype, device)
+compile, compile_why = runtime.resolve_compile(compile, device)
+log = print if master else (lambda *a, **k: None)
+
+if total_batch_size > 0:
+    micro_tokens = batch_size * block_size
+    if total_batch_size % micro_tokens:
+        raise UserError(f"total_batch_size={total_batch_size} is not a multiple of batch_size * block_size = "
+                        f"{micro_tokens}; change one of them")
+    gradient_accumulation_steps = total_batch_size // micro_tokens
+if gradient_accumulation_steps % world_size:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} does not split over "
+                    f"{world_size} processes; make it a multiple of {world_size}")
+local_accum = gradient_accumulation_steps // world_size  # micro-steps each rank runs per optimizer step
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if init_from == "resume" and not os.path.exists(checkpoint.ckpt_path(out_dir)):
+    raise UserError(f"--init_from=resume but {checkpoint.ckpt_path(out_dir)} does not exist; start with --init_from=scratch")
+if init_from != "resume" and os.path.exists(checkpoint.ckpt_path(out_dir)):
+    raise UserError(f"{out_dir} already holds a run's checkpoint; resume it with --init_from=resume, "
+                    f"or pick another --out_dir")
+
+log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why}); compile: {compile} ({compile_why})")
+log(f"world size {world_size}, {gradient_accumulation_steps} micro-steps of {batch_size} x {block_size} "
+    f"({local_accum} per rank): {tokens_per_iter:,} tokens per iteration")
+changed = overrides(defaults, config)
+log("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "overrides: none")
+
+# -----------------------------------------------------------------------------------------------------
+# data
+
+data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+meta = tokens.read_meta(data_dir)
+train_path, val_path = tokens.split_path(data_dir, "train"), tokens.split_path(data_dir, "val")
+train_len = tokens.split_length(data_dir, "train", block_size)
+val_len = tokens.split_length(data_dir, "val", block_size)
+tokenizer = load_tokenizer(meta["tokenizer"])
+token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)
+eval_sets = {split: (path, tokens.eval_starts(n, block_size, eval_iters * batch_size))
+             for split, path, n in (("train", train_path, train_len), ("val", val_path, val_len))}
+log(f"data: {data_dir}: {train_len:,} train and {val_len:,} val tokens, vocab {meta['vocab_size']:,}")
+
+# -----------------------------------------------------------------------------------------------------
+# model, optimizer, state
+
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=meta["vocab_size"], dropout=dropout, pos_emb=pos_emb)
+iter_num, best_val_loss, state = 0, float("inf"), None
+torch.manual_seed(seed)  # the same initial weights on every rank and every run with this seed
+if init_from == "scratch":
+    model = GPT(GPTConfig(**model_args))
+elif init_from == "resume":
+    state = checkpoint.load_checkpoint(checkpoint.ckpt_path(out_dir))
+    checkpoint.check_compatible(state["meta"]["model_args"], model_args, f"the checkpoint in {out_dir}")
+    model = checkpoint.model_from_checkpoint(state)
+    iter_num, best_val_loss = state["meta"]["iter_num"], state["meta"]["best_val_loss"]
+    log(f"resuming from {out_dir} at iteration {iter_num}")
+else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
+    model, tok_spec, _ = checkpoint.load_model(init_from, dropout=dropout)
+    if tok_spec != meta["tokenizer"] or model.config.vocab_size != meta["vocab_size"]:
+        raise UserError(f"{init_from} uses tokenizer {tok_spec['kind']} with vocab {model.config.vocab_size}, but "
+                        f"{data_dir} was prepared with {meta['tokenizer']['kind']}, vocab {meta['vocab_size']}; "
+                        f"prepare the data with the model's tokenizer")
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than {init_from}'s context {model.config.block_size}")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    log(f"initialised from {init_from}: {model.config}")
+model.to(device)
+
+# weight decay on matrices only: biases and LayerNorm gains are not decayed
+params = [p for p in model.parameters() if p.requires_grad]
+groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device.startswith("cuda"))
+scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
+if state is not None:
+    optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    del state  # free the checkpoint's copy of the weights
+
+raw_model = model  # unwrapped: what is saved, and how FLOPs are counted
+if compile:
+    log("compiling the model (takes a minute)...")
+    model = torch.compile(model)
+eval_model = model  # evaluation skips DDP's hooks; compiled if training is
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+autocast_ctx = runtime.autocast(device, dtype)
+peak, peak_why = runtime.peak_flops(device, dtype)
+log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {peak / 1e12:.2f} TFLOP/s ({peak_why})")
+
+# -----------------------------------------------------------------------------------------------------
+# run record and logs
+
+def get_lr(it):
+    """Linear warmup from learning_rate / (warmup_iters + 1) (never 0), then cosine decay to min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+log_path = os.path.join(out_dir, "log.jsonl")
+start_iter = iter_num
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    derived = dict(device=device, dtype=dtype, compile=compile, world_size=world_size,
+                   gradient_accumulation_steps=gradient_accumulation_steps, tokens_per_iter=tokens_per_iter)
+    runtime.write_json(os.path.join(out_dir, "run.json"),
+                       {"config": config, "derived": derived, "run": runtime.run_info(device), "data": meta})
+    # a resumed run rewrites history from its checkpoint on: drop what the stopped run logged after it
+    kept = []
+    if init_from == "resume" and os.path.exists(log_path):
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in records if r["iter"] < iter_num or ("val_loss" in r and r["iter"] == iter_num)]
+    with runtime.atomic_path(log_path) as tmp:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+    log_file = open(log_path, "a")
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+
+
+def record(entry):
+    if master:
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+        if wandb_log:
+            wandb.log(entry, step=entry["iter"])
+
+
+def save(reason):
+    if master:
+        meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, dataset=dataset,
+                        tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
+        checkpoint.save_checkpoint(checkpoint.ckpt_path(out_dir), raw_model, meta_out, optimizer, scaler)
+        log(f"saved checkpoint to {out_dir} at iteration {iter_num} ({reason})")
+
+
+def plot_losses():
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (batch)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val (fixed set)")
+    ax.set(xlabel="iteration", ylabel="loss (nats/token)", title=out_dir)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with runtime.atomic_path(os.path.join(out_dir, "loss.png")) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+# Ctrl-C / SIGTERM: finish the current iteration, save, exit (all ranks agree through the all-reduce below)
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# -----------------------------------------------------------------------------------------------------
+# training loop
+
+train_time = 0.0  # seconds spent in training steps, evaluation excluded
+while True:
+    # evaluate on the fixed sets (not where a resumed run starts: the stopped run evaluated there)
+    just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not just_resumed:
+        scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
+                                  autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
+        val_loss = scores["val"]["loss"]
+        log(f"step {iter_num}: train loss {scores['train']['loss']:.4f}, val loss {val_loss:.4f}, "
+            f"val bpb {scores['val']['bpb']:.4f}, train time {train_time:.1f}s")
+        record(dict(iter=iter_num, val_loss=val_loss, val_bpb=scores["val"]["bpb"],
+                    train_eval_loss=scores["train"]["loss"], train_time=round(train_time, 3)))
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        if iter_num > start_iter and (always_save_checkpoint or improved):
+            save("val improved" if improved else "always_save_checkpoint")
+    if iter_num >= max_iters or eval_only:
+        break
+
+    t0 = time.perf_counter()
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # this step's examples: the same global draw on every rank, each taking its own rows
+    rows = tokens.train_starts(seed, iter_num, gradient_accumulation_steps * batch_size, train_len, block_size)
+    rows = rows[rank * local_accum * batch_size:(rank + 1) * local_accum * batch_size]
+    # dropout's randomness is a function of (seed, rank, iteration), so a resumed run draws the same masks
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(local_accum):
+        x, y = tokens.read_batch(train_path, rows[micro * batch_size:(micro + 1) * batch_size], block_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP: average gradients across ranks only once, after the last micro-step
+        sync = model.no_sync() if ddp and micro < local_accum - 1 else nullcontext()
+        with sync:
+            with autocast_ctx:
+                _, loss = model(x, y)
+                loss = loss / local_accum  # the mean over this rank's micro-steps
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    # the loss of the whole global batch, and whether any rank was asked to stop, in one all-reduce
+    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=device)])
+    if ddp:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    step_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
+    if not math.isfinite(step_loss):
+        raise UserError(f"loss is {step_loss} at iteration {iter_num}; stopped without saving, so {out_dir} keeps "
+                        f"the last good checkpoint. Lower learning_rate, raise warmup_iters, or check grad_clip")
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    train_time += dt
+
+    if iter_num % log_interval == 0:
+        tok_s = tokens_per_iter / dt
+        mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
+        log(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.2f}%")
+        record(dict(iter=iter_num, loss=step_loss, lr=lr, ms=round(dt * 1000, 2), tokens_per_s=round(tok_s),
+                    mfu=mfu, train_time=round(train_time, 3)))
+    iter_num += 1
+    if stop_requested:
+        if always_save_checkpoint:
+            save("stop requested")
+        else:
+            log(f"stop requested; {out_dir} keeps its best checkpoint (always_save_checkpoint=False)")
+        break
+
+if master:
+    log_file.close()
+    if plot:
+        plot_losses()
+        log(f"loss curve: {os.path.join(out_dir, 'loss.png')}")
+if ddp:
+    dist.destroy_process_group()
