@@ -1,0 +1,203 @@
+"""
+Speed of a model shape: training throughput (forward + backward) and generation with and without the
+KV cache. Random weights and random tokens: how fast a shape runs does not depend on what it learned.
+
+    python bench.py                              # GPT-2-124M shape: a train step, then the KV-cache target
+    python bench.py --mode=generate              # the target: cache >= 5x faster at 512 tokens, same tokens
+    python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --mode=train
+    python bench.py config/bench_shakespeare_char.py --dtype=bfloat16    # the same shape, from a file
+    python bench.py --init_from=out-shakespeare-char   # a checkpoint, a save_pretrained folder, or gpt2
+    python bench.py --mode=generate --json_out=bench.json                # results as JSON, for the README
+
+Overrides are --key=value, usually the shape keys. Config files are bench.py's own (config/bench_*.py):
+train.py's configs carry keys this script does not have, and unknown keys are errors.
+"""
+import os
+import sys
+import time
+
+import torch
+
+import configurator
+import runtime
+from checkpoint import load_model
+from model import GPT, GPTConfig
+
+runtime.friendly_errors()
+
+# -----------------------------------------------------------------------------------------------------
+# defaults: the GPT-2-124M shape generating 512 tokens on CPU, the KV-cache target of the issue
+# model shape (ignored with init_from, which brings its own)
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+vocab_size = 50257
+bias = True
+dropout = 0.0
+pos_emb = 'learned'
+init_from = None  # None: random weights of the shape above; else an out_dir, ckpt file, HF folder or gpt2 name
+# what to measure
+mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache) or 'all'
+batch_size = 1  # train: sequences of block_size tokens per step
+warmup_steps = 2  # untimed: the first steps pay for allocation, kernel choice and compilation
+timed_steps = 5
+gen_tokens = 512  # new tokens per generation
+gen_batch = 1
+prompt_len = 16
+kv_target = 5.0  # the speedup the cache must give (stated for the 124M shape, 512 tokens, on CPU)
+# system
+device = 'auto'  # auto, cpu, cuda, cuda:N, mps
+dtype = 'auto'  # auto, float32, bfloat16, float16
+compile = 'auto'  # torch.compile the train step; generation always runs eager (its shapes change per step)
+seed = 1337
+json_out = ''  # a path: also write the results there as JSON
+# -----------------------------------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
+defaults = {k: globals()[k] for k in config_keys}
+config = configurator.configure(defaults, sys.argv[1:])
+globals().update(config)
+print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
+
+if mode not in ('train', 'generate', 'all'):
+    raise runtime.UserError(f"mode must be 'train', 'generate' or 'all', got {mode!r}")
+if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size) < 1 or warmup_steps < 0:
+    raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size must be >= 1; warmup_steps >= 0")
+device, why = runtime.resolve_device(device)
+print(f"device: {device} ({why})")
+dtype, why = runtime.resolve_dtype(dtype, device)
+print(f"dtype: {dtype} ({why})")
+compile, why = runtime.resolve_compile(compile, device)
+print(f"compile: {compile} ({why})")
+env = runtime.run_info(device)
+# on a shared machine other processes steal cores; a load above the core count means low numbers
+env['loadavg_start'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
+print(f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} cpus, "
+      f"1-min load {env['loadavg_start']}, git {env['git_revision'][:10]}{' (dirty)' if env['git_dirty'] else ''}")
+torch.manual_seed(seed)
+
+if init_from is None:
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                          vocab_size=vocab_size, bias=bias, dropout=dropout, pos_emb=pos_emb))
+else:
+    model, _, _ = load_model(init_from)
+    print(f"model from {init_from}: its own shape, the shape keys are ignored")
+model.to(device)
+mc = model.config
+print(f"model: {model.get_num_params() / 1e6:.1f}M params, n_layer={mc.n_layer} n_head={mc.n_head} "
+      f"n_embd={mc.n_embd} block_size={mc.block_size} vocab_size={mc.vocab_size} pos_emb={mc.pos_emb}")
+
+
+def sync():
+    """Wait for queued GPU work, so the clock measures the work and not only its launch."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    elif device == 'mps':
+        torch.mps.synchronize()
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+results = {'config': config, 'resolved': {'device': device, 'dtype': dtype, 'compile': compile}, 'env': env}
+
+# -----------------------------------------------------------------------------------------------------
+# train: forward + backward on random batches; no optimizer and no data loading, only the model's work
+if mode in ('train', 'all'):
+    step_model = torch.compile(model) if compile else model
+    model.train()
+    B, T = batch_size, mc.block_size
+    x = torch.randint(mc.vocab_size, (B, T), device=device)  # (B, T) inputs
+    y = torch.randint(mc.vocab_size, (B, T), device=device)  # (B, T) targets
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup_steps + timed_steps):
+        sync()
+        t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
+        with runtime.autocast(device, dtype):
+            _, loss = step_model(x, y)
+        loss.backward()
+        sync()
+        if i >= warmup_steps:
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)  # free the grads before generation
+    dt = median(times)  # the median step: one slow step from a noisy neighbour does not move it
+    tokens_per_s = B * T / dt
+    peak, peak_src = runtime.peak_flops(device, dtype)
+    mfu = model.estimate_mfu(tokens_per_s, peak, T)
+    if device.startswith('cuda'):
+        mem, mem_src = torch.cuda.max_memory_allocated(device), 'torch.cuda.max_memory_allocated'
+    else:
+        import resource  # not on Windows; only needed here
+        # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's peak since it started
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+        mem_src = 'peak RSS of this process'
+    print(f"train: {dt * 1000:.1f} ms/step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "
+          f"batch {B} x {T} tokens, loss {loss.item():.3f}")
+    print(f"train: MFU {mfu * 100:.1f}% of {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
+          f"peak memory {mem / 2**20:,.0f} MiB ({mem_src})")
+    if mfu > 1:
+        print("train: MFU above 100% means the measured peak came out low (a busy machine?); rerun when idle")
+    results['train'] = dict(ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu, peak_flops=peak,
+                            peak_flops_source=peak_src, peak_memory_bytes=mem, peak_memory_source=mem_src,
+                            step_times_ms=[t * 1000 for t in times])
+
+# -----------------------------------------------------------------------------------------------------
+# generate: the same greedy continuation with the KV cache and with the plain reference path
+if mode in ('generate', 'all'):
+    model.eval()
+    g = torch.Generator().manual_seed(seed)  # the prompt depends on the seed only, not on what ran before
+    prompt = torch.randint(mc.vocab_size, (gen_batch, prompt_len), generator=g).to(device)  # (B, prompt_len)
+    show = sys.stdout.isatty()
+
+    def run(use_kv_cache, n, label=''):
+        """Greedy (top_k=1) generation of n tokens -> ((B, n) new ids, seconds)."""
+        new = []
+        sync()
+        t0 = time.perf_counter()
+        with runtime.autocast(device, dtype):
+            stream = model.generate_stream(prompt, n, top_k=1, use_kv_cache=use_kv_cache)
+            for i, nxt in enumerate(stream):  # nxt: (B, 1)
+                new.append(nxt)
+                if show and label and (i + 1) % 16 == 0:
+                    print(f"\r{label}: {i + 1}/{n} tokens", end='', flush=True)
+        sync()
+        if show and label:
+            print('\r' + ' ' * 60 + '\r', end='')
+        return torch.cat(new, dim=1), time.perf_counter() - t0
+
+    run(True, min(8, gen_tokens))  # warm-up: the first calls pay for allocation and kernel choice
+    run(False, min(8, gen_tokens))
+    print(f"generate: {gen_tokens} tokens x {gen_batch} rows after a {prompt_len}-token prompt, greedy")
+    out_kv, t_kv = run(True, gen_tokens, 'with KV cache')
+    out_ref, t_ref = run(False, gen_tokens, 'without KV cache')
+    rate_kv, rate_ref = gen_batch * gen_tokens / t_kv, gen_batch * gen_tokens / t_ref
+    speedup = rate_kv / rate_ref
+    same = torch.equal(out_kv, out_ref)
+    print(f"generate: with KV cache {rate_kv:,.1f} tokens/s, without {rate_ref:,.1f} tokens/s, "
+          f"speedup {speedup:.2f}x")
+    if same:
+        print(f"outputs: identical ({gen_tokens} tokens x {gen_batch} rows)")
+    else:
+        first = (out_kv != out_ref).any(dim=0).nonzero()[0].item()
+        print(f"outputs: DIFFER from new token {first} (the cached path must give the reference's tokens)")
+    # the target is stated for one shape and device; elsewhere the verdict is only indicative
+    on_target = (mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, gen_tokens, device) == (12, 12, 768, 50257, 512, 'cpu')
+    verdict = 'PASS' if same and speedup >= kv_target else 'FAIL'
+    print(f"target: KV cache >= {kv_target}x faster with the same tokens: {verdict}"
+          + ('' if on_target else ' (the target is for the GPT-2-124M shape, 512 tokens, on CPU; this run is not)'))
+    results['generate'] = dict(tokens_per_s_kv_cache=rate_kv, tokens_per_s_no_cache=rate_ref,
+                               seconds_kv_cache=t_kv, seconds_no_cache=t_ref, speedup=speedup,
+                               identical=same, target=kv_target, verdict=verdict, on_target_shape=on_target)
+
+env['loadavg_end'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
+if json_out:
+    runtime.write_json(json_out, results)
+    print(f"wrote {json_out}")
+if 'generate' in results and not results['generate']['identical']:
+    sys.exit(1)  # wrong tokens are a bug, not a slow run

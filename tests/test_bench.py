@@ -1,0 +1,47 @@
+"""
+bench.py end to end, as a user runs it: a subprocess on a tiny model (a few seconds), and a typo.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
+        "--batch_size=4", "--warmup_steps=1", "--timed_steps=3", "--gen_tokens=40", "--device=cpu"]
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bench_tiny_model_both_modes(tmp_path):
+    # gen_tokens 40 > block_size 32 with a 16-token prompt: the cached path also crosses block_size
+    out_json = tmp_path / "bench.json"
+    r = run_bench(*TINY, f"--json_out={out_json}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    train = [ln for ln in lines if ln.startswith("train:") and "tokens/s" in ln]
+    gen = [ln for ln in lines if ln.startswith("generate:") and "tokens/s" in ln]
+    assert train and "ms/step" in train[0], r.stdout
+    assert gen and gen[0].count("tokens/s") == 2 and "speedup" in gen[0], r.stdout
+    assert "outputs: identical (40 tokens x 1 rows)" in r.stdout, r.stdout
+    assert "MFU" in r.stdout and "peak memory" in r.stdout
+    results = json.loads(out_json.read_text())
+    assert results["generate"]["identical"] is True
+    assert results["train"]["tokens_per_s"] > 0 and results["generate"]["speedup"] > 0
+    assert results["config"]["n_layer"] == 2 and results["resolved"]["device"] == "cpu"
+
+
+def test_bench_bad_key_is_one_line_error():
+    r = run_bench("--n_layyer=2")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "n_layer" in r.stderr  # names the key that was meant
+
+
+def test_bench_bad_mode_is_one_line_error():
+    r = run_bench(*TINY, "--mode=both")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "error: mode must be" in r.stderr
