@@ -311,3 +311,15 @@ def test_wandb_logging_honours_wandb_mode(char_data, tmp_path):
     proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2",
                "--eval_interval=2", "--wandb_log=True", env=env)
     assert "val loss" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_plain_weights_and_resumes_eager(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    common = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=2"]
+    run("train.py", *common, "--max_iters=2", "--compile=True")
+    from checkpoint import load_checkpoint
+    keys = load_checkpoint(os.path.join(out, "ckpt.pt"))["model"].keys()
+    assert not [k for k in keys if k.startswith(("_orig_mod.", "module."))]
+    run("train.py", *common, "--max_iters=4", "--init_from=resume", "--compile=False")
+    assert sorted(train_losses(out)) == [0, 1, 2, 3]
