@@ -101,7 +101,8 @@ def load_model(source, map_location="cpu", dropout=None):
                             f"offline, pass a local folder written by transformers' save_pretrained") from None
         return model, {"kind": "gpt2"}, {"source": source}
     path = ckpt_path(source) if os.path.isdir(source) else source
-    if not os.path.exists(path) and not os.path.isdir(source):
-        raise UserError(f"'{source}' is neither a folder, a checkpoint file, nor a GPT-2 name ({', '.join(GPT2_NAMES)})")
+    if not os.path.exists(source):
+        raise UserError(f"nothing at '{source}': give an out_dir holding ckpt.pt, a checkpoint file, a Hugging Face "
+                        f"GPT-2 folder, or a GPT-2 name ({', '.join(GPT2_NAMES)})")
     state = load_checkpoint(path, map_location)
     return model_from_checkpoint(state, dropout), state["meta"]["tokenizer"], state["meta"]

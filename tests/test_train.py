@@ -249,6 +249,11 @@ def test_error_prompt_outside_vocabulary(trained):
     assert_one_line_error(proc, "not in this model's vocabulary", "Ω")
 
 
+def test_error_sample_from_missing_out_dir(tmp_path):
+    proc = run("sample.py", f"--out_dir={tmp_path / 'never-trained'}", "--device=cpu", check=False)
+    assert_one_line_error(proc, "nothing at", "never-trained", "out_dir holding ckpt.pt")
+
+
 def test_sample_prompt_from_file(trained, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("KING:")
