@@ -64,7 +64,7 @@ class TiktokenTokenizer:
         self.enc = encoding
         self.vocab_size = encoding.n_vocab
         self.eot_id = encoding._special_tokens.get("<|endoftext|>")
-        self.special_tokens = dict(encoding._special_tokens)
+        self.special_tokens = dict(sorted(encoding._special_tokens.items(), key=lambda kv: kv[1]))  # by id
         self.spec = spec
 
     def encode(self, text, allow_special=False):
