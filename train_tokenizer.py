@@ -109,8 +109,9 @@ heldout = []
 
 
 def training_texts(group=1 << 20):
-    """The training units, joined into pieces of ~1M characters (the trainer's overhead is per piece);
-    the held-out tail is kept for the report."""
+    """The training units in batches of ~1M characters (the trainer's overhead is per item): lines of .txt
+    files joined back into text, documents as a list of strings, which the trainer keeps apart (no merge
+    is learned across two documents). The held-out tail is kept for the report."""
     piece, size = [], 0
     for i, text in enumerate(corpus()):
         if i >= n_train:
@@ -127,18 +128,10 @@ def training_texts(group=1 << 20):
         yield "".join(piece) if input_is_lines else piece
 
 
-# lines of a .txt are joined back into text; documents stay apart (no merge spans two documents)
 input_is_lines = all(f.endswith(".txt") for f in files)
-
-
-def flat(pieces):
-    for p in pieces:
-        yield from ([p] if isinstance(p, str) else p)
-
-
 print(f"training a {vocab_size:,}-token byte-level BPE ({pattern} split) on {n_train:,} of {n_units:,} "
       f"{'lines' if input_is_lines else 'documents'} in {len(files)} file(s)")
-ranks, _ = train_bpe(flat(training_texts()), vocab_size, pattern, SPECIAL_TOKENS, progress=progress)
+ranks, _ = train_bpe(training_texts(), vocab_size, pattern, SPECIAL_TOKENS, progress=progress)
 seconds = time.time() - t0
 if stats["train_bytes"] == 0:
     raise UserError(f"the corpus in {input} is empty: no text to train on")
