@@ -170,6 +170,22 @@ def test_train_tokenizer_script_on_jsonl_gz(tmp_path):
     assert all(tok.decode(tok.encode(d)) == d for d in docs)
 
 
+def test_train_tokenizer_script_on_a_folder_with_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"text": HARD * 3}), folder / "sub" / "docs.parquet")
+    (folder / "lines.txt").write_text("".join(corpus_lines()[:200]), encoding="utf-8")
+    (folder / "notes.md").write_text("not a corpus file")
+    proc = run("train_tokenizer.py", f"--input={folder}", "--vocab_size=300", f"--out={tmp_path / 'tok'}",
+               "--progress=False")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "tok" / "tokenizer.json") as f:
+        stats = json.load(f)["trained_on"]
+    assert stats["train_units"] + stats["heldout_units"] == 200 + 3 * len(HARD)
+
+
 def test_train_tokenizer_bad_input(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
