@@ -44,7 +44,7 @@ class CharTokenizer:
     def from_text(cls, text):
         return cls("".join(sorted(set(text))))
 
-    def encode(self, text, allow_special=False):
+    def encode(self, text, allow_special=False):  # a character vocabulary has no special tokens
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
             raise UserError(f"characters not in this model's vocabulary: {''.join(unknown)!r}; "

@@ -102,6 +102,16 @@ def test_special_tokens_only_when_asked(trained):
     assert tok.decode(asked) == text
 
 
+def test_one_interface_for_all_kinds():
+    """The same attributes on the three kinds; GPT-2's end-of-text also only when asked."""
+    gpt2 = load_tokenizer({"kind": "gpt2"})
+    assert gpt2.special_tokens == {"<|endoftext|>": 50256}
+    assert gpt2.encode("a<|endoftext|>", allow_special=True)[-1] == 50256
+    assert 50256 not in gpt2.encode("a<|endoftext|>")
+    char = load_tokenizer({"kind": "char", "chars": "ab"})
+    assert char.special_tokens == {} and char.eot_id is None and char.encode("ab", allow_special=True) == [0, 1]
+
+
 def test_training_is_deterministic(tmp_path, trained):
     again, _, _ = train_and_save(tmp_path / "again")
     a, b = trained[0].spec, again.spec
