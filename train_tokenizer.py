@@ -76,6 +76,9 @@ def units(path):
         if text_field not in pf.schema_arrow.names:
             raise UserError(f"{path} has no column {text_field!r}; its columns: {', '.join(pf.schema_arrow.names)}; "
                             f"pass --text_field=NAME")
+        if str(pf.schema_arrow.field(text_field).type) not in ("string", "large_string"):
+            raise UserError(f"column {text_field!r} of {path} holds {pf.schema_arrow.field(text_field).type}, not text; "
+                            f"pass --text_field=NAME")
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             yield from (t or "" for t in batch.column(0).to_pylist())
     else:
@@ -89,7 +92,11 @@ def units(path):
                     raise UserError(f"{path} line {n} is not JSON ({e})") from None
                 if not isinstance(record, dict) or text_field not in record:
                     raise UserError(f"{path} line {n} has no field {text_field!r}; pass --text_field=NAME")
-                yield record[text_field] or ""
+                value = record[text_field]
+                if value is not None and not isinstance(value, str):
+                    raise UserError(f"{path} line {n}: field {text_field!r} holds {type(value).__name__}, not text; "
+                                    f"pass --text_field=NAME")
+                yield value or ""
 
 
 def corpus():

@@ -204,7 +204,11 @@ def test_train_tokenizer_bad_input(tmp_path):
                               f"--out={tmp_path / 'b'}"), "at least 261")
     assert_one_line_error(run("train_tokenizer.py", f"--input={tmp_path / 'nope'}", f"--out={tmp_path / 'c'}"),
                           "not found")
-    assert not any((tmp_path / d).exists() for d in "abc")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": "fine"}\n{"text": 42}\n')
+    assert_one_line_error(run("train_tokenizer.py", f"--input={numbers}", f"--out={tmp_path / 'd'}"),
+                          "line 2", "not text")
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_documents_corpus_with_trained_tokenizer(trained, tmp_path):
