@@ -4,13 +4,30 @@ and in every checkpoint) into something that encodes and decodes.
 
     {"kind": "char", "chars": "\\n !$&',-.3:;?ABC..."}   a character vocabulary, id = index in chars
     {"kind": "gpt2"}                                     GPT-2's BPE, through tiktoken
+    {"kind": "bpe", "path": "tokenizers/mytok",          a byte-level BPE trained by train_tokenizer.py,
+     "sha256": "..."}                                    through tiktoken (path repo-relative or absolute)
 
-Every tokenizer offers: encode(text) -> ids, decode(ids) -> text, vocab_size, eot_id (None if it has
-no end-of-text token), and token_bytes() (UTF-8 bytes of each id, for bits-per-byte).
+Every tokenizer offers: encode(text, allow_special=False) -> ids, decode(ids) -> text, vocab_size,
+eot_id (None if it has no end-of-text token), special_tokens ({text: id}), and token_bytes() (UTF-8
+bytes of each id, for bits-per-byte). Special tokens written in ordinary text stay ordinary text unless
+encode is given allow_special=True: a document that quotes "<|endoftext|>" must not end itself.
+
+A trained BPE folder holds two files, written by save_bpe:
+    ranks.tiktoken   tiktoken's format: one line per token, base64 of its bytes, a space, its rank (= id);
+                     ranks 0..255 are the single bytes, then merged tokens in the order they were learned
+    tokenizer.json   pattern (the pre-tokenization regex), special_tokens {text: id}, vocab_size, the
+                     training settings and corpus statistics, sha256 (of what encoding depends on)
+Training uses the Hugging Face `tokenizers` library (imported only by train_bpe); using a trained
+tokenizer needs tiktoken only.
 """
+import base64
+import hashlib
+import json
 import os
 
-from runtime import UserError
+from runtime import UserError, atomic_path, write_json
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 class CharTokenizer:
@@ -20,13 +37,14 @@ class CharTokenizer:
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.vocab_size = len(chars)
         self.eot_id = None
+        self.special_tokens = {}
         self.spec = {"kind": "char", "chars": chars}
 
     @classmethod
     def from_text(cls, text):
         return cls("".join(sorted(set(text))))
 
-    def encode(self, text):
+    def encode(self, text, allow_special=False):  # a character vocabulary has no special tokens
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
             raise UserError(f"characters not in this model's vocabulary: {''.join(unknown)!r}; "
@@ -45,11 +63,14 @@ class TiktokenTokenizer:
     def __init__(self, encoding, spec):
         self.enc = encoding
         self.vocab_size = encoding.n_vocab
-        self.eot_id = encoding.eot_token
+        self.eot_id = encoding._special_tokens.get("<|endoftext|>")
+        self.special_tokens = dict(sorted(encoding._special_tokens.items(), key=lambda kv: kv[1]))  # by id
         self.spec = spec
 
-    def encode(self, text):
-        # ordinary text only: a literal "<|endoftext|>" in a document is text, not the special token
+    def encode(self, text, allow_special=False):
+        # ordinary text by default: a literal "<|endoftext|>" in a document is text, not the special token
+        if allow_special:
+            return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
@@ -77,6 +98,126 @@ def gpt2_encoding():
         raise UserError(f"could not load the GPT-2 BPE ({type(e).__name__}); {hint}") from None
 
 
+# ------------------------------------------------------------------------------------------------------
+# trained byte-level BPE
+
+# The pre-tokenization split: BPE merges never cross these pieces. GPT-2's, and GPT-4's (cl100k), which
+# keeps runs of digits to 3 and newlines apart from words. Both are understood alike by Hugging Face
+# (Oniguruma) and tiktoken (fancy-regex); the tests hold the two encoders to the same ids.
+PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
+}
+# End of text, then the turn markers the chat fine-tuning will need: <|system|>/<|user|>/<|assistant|>
+# open a turn, <|end|> closes it. They take the ids after the merged tokens, in this order.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+RANKS_FILE, INFO_FILE = "ranks.tiktoken", "tokenizer.json"
+
+
+def _bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, which Hugging Face's byte-level BPE writes its
+    tokens in: printable latin-1 bytes map to themselves, the other 68 to U+0100, U+0101, ... in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def train_bpe(texts, vocab_size, pattern="gpt4", special_tokens=SPECIAL_TOKENS, length=None, progress=True):
+    """Trains a byte-level BPE on an iterator of strings with Hugging Face `tokenizers` and returns its
+    merge ranks {token bytes: rank} in tiktoken's form. vocab_size counts the special tokens too."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    if vocab_size < 256 + len(special_tokens):
+        raise UserError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 single bytes "
+                        f"plus {len(special_tokens)} special tokens, so at least {256 + len(special_tokens)}")
+    hf = Tokenizer(models.BPE())  # no unk token: every byte is in the vocabulary, so nothing is unknown
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERNS.get(pattern, pattern)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # bytes -> GPT-2's characters
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), min_frequency=0,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    hf.train_from_iterator(texts, trainer, length=length)
+    return hf_to_ranks(hf), hf
+
+
+def hf_to_ranks(hf):
+    """A Hugging Face byte-level BPE's merges as tiktoken ranks. tiktoken merges, in each piece, the adjacent
+    pair whose concatenation has the lowest rank; Hugging Face, the pair learned first. The two agree when
+    the single bytes come first and each merge's result takes the next rank in the order learned."""
+    decode = {c: b for b, c in _bytes_to_unicode().items()}
+    model = json.loads(hf.to_str())["model"]
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in model["merges"]:  # ["a", "b"] pairs (older versions: "a b" strings)
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        token = bytes(decode[c] for c in left + right)
+        if token in ranks:
+            raise AssertionError(f"merge {merge} gives a token learned before: {token!r}")
+        ranks[token] = len(ranks)
+    n_special = sum(1 for t in hf.get_added_tokens_decoder().values() if t.special)
+    assert len(ranks) + n_special == hf.get_vocab_size(), "Hugging Face vocabulary and merges disagree"
+    return ranks
+
+
+def _fingerprint(ranks_blob, pattern, special_tokens):
+    """sha256 of all that encoding depends on: a checkpoint records it, so a changed folder is noticed."""
+    h = hashlib.sha256(ranks_blob)
+    h.update(json.dumps({"pattern": pattern, "special_tokens": special_tokens}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def save_bpe(folder, ranks, pattern, special_tokens=SPECIAL_TOKENS, info=None):
+    """Writes a trained BPE folder (ranks.tiktoken + tokenizer.json), each file atomically. Returns the
+    description written to tokenizer.json."""
+    pattern = PATTERNS.get(pattern, pattern)
+    specials = {t: len(ranks) + i for i, t in enumerate(special_tokens)}  # after the merged tokens
+    blob = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])).encode()
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, RANKS_FILE)) as tmp, open(tmp, "wb") as f:
+        f.write(blob)
+    desc = dict(info or {}, pattern=pattern, special_tokens=specials, vocab_size=len(ranks) + len(specials),
+                sha256=_fingerprint(blob, pattern, specials), format="nanoforge-bpe-1")
+    write_json(os.path.join(folder, INFO_FILE), desc)
+    return desc
+
+
+def bpe_spec(folder, sha256):
+    """The spec that meta.json and checkpoints record: the folder (relative to the repo when inside it, so
+    the repo can move; absolute otherwise) and its fingerprint."""
+    folder = os.path.abspath(folder)
+    inside = os.path.commonpath([folder, REPO]) == REPO
+    return {"kind": "bpe", "path": os.path.relpath(folder, REPO) if inside else folder, "sha256": sha256}
+
+
+def load_bpe(folder, expected_sha256=None):
+    """A trained BPE folder as a tokenizer, through tiktoken. A relative folder is relative to the repo."""
+    import tiktoken
+    where = folder if os.path.isabs(folder) else os.path.join(REPO, folder)
+    info_path, ranks_path = os.path.join(where, INFO_FILE), os.path.join(where, RANKS_FILE)
+    if not os.path.isfile(info_path) or not os.path.isfile(ranks_path):
+        raise UserError(f"tokenizer folder {where} not found or incomplete (needs {INFO_FILE} and {RANKS_FILE}); "
+                        f"train it with: python train_tokenizer.py --out={folder} ..., or put it back where it was")
+    with open(info_path) as f:
+        info = json.load(f)
+    with open(ranks_path, "rb") as f:
+        blob = f.read()
+    sha256 = _fingerprint(blob, info["pattern"], info["special_tokens"])
+    if sha256 != (expected_sha256 or info.get("sha256")):
+        raise UserError(f"tokenizer folder {where} has changed since it was recorded (sha256 {sha256[:12]}, "
+                        f"expected {(expected_sha256 or info.get('sha256'))[:12]}): retrain the data and model with "
+                        f"it, or restore the original folder")
+    ranks = {}
+    for line in blob.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    enc = tiktoken.Encoding(f"nanoforge-bpe-{sha256[:12]}", pat_str=info["pattern"], mergeable_ranks=ranks,
+                            special_tokens=info["special_tokens"])
+    return TiktokenTokenizer(enc, bpe_spec(where, sha256))
+
+
 def load_tokenizer(spec):
     """The tokenizer described by `spec` (from meta.json or a checkpoint)."""
     kind = spec.get("kind")
@@ -84,4 +225,18 @@ def load_tokenizer(spec):
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         return TiktokenTokenizer(gpt2_encoding(), {"kind": "gpt2"})
-    raise UserError(f"unknown tokenizer kind {kind!r} (known: char, gpt2); was this data prepared by a newer nanoforge?")
+    if kind == "bpe":
+        tok = load_bpe(spec["path"], spec["sha256"])
+        tok.spec = dict(spec)  # as recorded, so a spec compares equal to the one it came from
+        return tok
+    raise UserError(f"unknown tokenizer kind {kind!r} (known: char, gpt2, bpe); was this data prepared by a newer nanoforge?")
+
+
+def tokenizer_from_arg(arg):
+    """What a prepare script's --tokenizer names: 'gpt2', or a trained BPE folder ('char' is the
+    character vocabulary, which the script builds from its text)."""
+    if arg == "gpt2":
+        return load_tokenizer({"kind": "gpt2"})
+    if os.path.isdir(arg):
+        return load_bpe(os.path.abspath(arg))
+    raise UserError(f"--tokenizer={arg}: use char, gpt2, or a folder written by train_tokenizer.py (not found)")

@@ -108,6 +108,25 @@ def write_meta(data_dir, meta):
     write_json(os.path.join(data_dir, "meta.json"), meta)
 
 
+def write_text_dataset(out_dir, text, tok, source, sha256, val_fraction=0.1):
+    """One text as a dataset, as nanoGPT's shakespeare scripts do it: the first 90% of the characters
+    are train, the rest val, each encoded as ordinary text (no end-of-text tokens); writes train.bin,
+    val.bin and meta.json. `tok` is any tokenizer of tokenizer.py. Returns meta."""
+    n = int(len(text) * (1 - val_fraction))
+    splits = {"train": text[:n], "val": text[n:]}
+    if not splits["train"] or not splits["val"]:
+        raise UserError(f"{source} holds only {len(text)} characters: too little for a train/val split")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"tokenizer": tok.spec, "vocab_size": tok.vocab_size, "source": source, "sha256": sha256}
+    for split, part in splits.items():
+        ids = tok.encode(part)
+        write_tokens(split_path(out_dir, split), ids, tok.vocab_size)
+        meta[f"{split}_tokens"] = len(ids)
+        meta[f"{split}_bytes"] = len(part.encode("utf-8"))
+    write_meta(out_dir, meta)
+    return meta
+
+
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):

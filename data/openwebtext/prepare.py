@@ -6,6 +6,10 @@ is encoded as ordinary text followed by the end-of-text token (50256), so docume
     python data/openwebtext/prepare.py                                 # OpenWebText from the Hugging Face hub
     python data/openwebtext/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
     python data/openwebtext/prepare.py --input=stories/ --txt_split=blank --out_dir=data/stories
+    python data/openwebtext/prepare.py --input=web.jsonl.gz --tokenizer=tokenizers/mytok --out_dir=data/web_mytok
+
+--tokenizer is gpt2 (default) or a folder written by train_tokenizer.py; char is refused here, as a
+character vocabulary has no end-of-text token to keep documents apart.
 
 --input takes files, or folders searched recursively for them:
     .txt                one document per file; with --txt_split=blank, documents separated by blank lines
@@ -19,6 +23,7 @@ OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens 
 """
 import argparse
 import hashlib
+import json
 import math
 import os
 import re
@@ -34,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere:
 import runtime  # noqa: E402
 import tokens  # noqa: E402
 from runtime import UserError  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
 
 # file suffix -> the datasets builder that reads it
 BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
@@ -74,10 +79,16 @@ def text_column(dset, field, where):
     return dset if field == "text" else dset.rename_column(field, "text")
 
 
+_loaded = {}
+
+
 def tokenize(batch, spec):
     """A batch of documents -> their tokens, each document's followed by end-of-text, and their UTF-8 size.
     Takes the tokenizer's spec, not the tokenizer: datasets hashes the arguments, and a spec hashes fast."""
-    tok = load_tokenizer(spec)  # tiktoken caches the encoding, so this is cheap after the first batch
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _loaded:  # once per process: a trained BPE is read from its folder
+        _loaded[key] = load_tokenizer(spec)
+    tok = _loaded[key]
     texts = [t or "" for t in batch["text"]]  # a missing value in a JSON line is an empty document
     return {"ids": [tok.encode(t) + [tok.eot_id] for t in texts],
             "bytes": [len(t.encode("utf-8")) for t in texts]}
@@ -112,6 +123,7 @@ if __name__ == "__main__":
                         help="a .txt file is one document (file) or documents separated by blank lines (blank)")
     parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out (%(default)s)")
     parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split (nanoGPT's: %(default)s)")
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or a folder written by train_tokenizer.py")
     parser.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
     parser.add_argument("--out_dir", default=here, help="where train.bin, val.bin, meta.json go (%(default)s)")
     parser.add_argument("--cache_dir", help="Hugging Face datasets cache (default: a temporary folder in --out_dir "
@@ -121,7 +133,10 @@ if __name__ == "__main__":
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.num_proc < 1:
         raise UserError(f"--num_proc must be at least 1, got {args.num_proc}")
-    tok = load_tokenizer({"kind": "gpt2"})
+    if args.tokenizer == "char":
+        raise UserError("--tokenizer=char: a character vocabulary has no end-of-text token to keep documents "
+                        "apart; use gpt2 or a folder written by train_tokenizer.py")
+    tok = tokenizer_from_arg(args.tokenizer)
     files = find_files(args.input) if args.input else None
     if files == []:
         raise UserError(f"no documents found in {', '.join(args.input)}: the files are empty")
@@ -198,7 +213,7 @@ if __name__ == "__main__":
     tokens.write_meta(args.out_dir, meta)
     if temp_cache:
         temp_cache.cleanup()
-    print(f"GPT-2 BPE, vocab size {tok.vocab_size:,}")
+    print(f"{'GPT-2 BPE' if tok.spec['kind'] == 'gpt2' else 'trained BPE ' + tok.spec['path']}, vocab size {tok.vocab_size:,}")
     for split in ("train", "val"):
         print(f"{split}: {meta[f'{split}_documents']:,} documents, {meta[f'{split}_tokens']:,} tokens, "
               f"{meta[f'{split}_bytes']:,} bytes")

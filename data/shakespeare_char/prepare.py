@@ -4,6 +4,10 @@ sorted set of characters in the text (65 of them), the first 90% of the text is 
 
     python data/shakespeare_char/prepare.py                    # finds input.txt, or downloads it
     python data/shakespeare_char/prepare.py --input=PATH --out_dir=DIR
+    python data/shakespeare_char/prepare.py --tokenizer=tokenizers/mytok --out_dir=DIR   # a trained BPE
+
+--tokenizer is char, gpt2 or a folder written by train_tokenizer.py (default here: char); the rest is
+the same for all three (tokens.write_text_dataset).
 
 The text comes from --input, else data/shakespeare_char/input.txt, else ../shared/data/tinyshakespeare/
 input.txt beside the repo, else the char-rnn URL (saved as data/shakespeare_char/input.txt). Writes
@@ -22,14 +26,18 @@ sys.path.insert(0, repo)  # run from anywhere: the library modules live at the r
 import runtime  # noqa: E402
 import tokens  # noqa: E402
 from runtime import UserError  # noqa: E402
-from tokenizer import CharTokenizer  # noqa: E402
+from tokenizer import CharTokenizer, tokenizer_from_arg  # noqa: E402
 
 runtime.friendly_errors()
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 parser = argparse.ArgumentParser(description="Prepare character-level Tiny Shakespeare.")
 parser.add_argument("--input", help="path of the text (default: input.txt here, the shared copy, or download)")
 parser.add_argument("--out_dir", default=here, help="where train.bin, val.bin, meta.json go (default: %(default)s)")
+parser.add_argument("--tokenizer", default="char",
+                    help="char, gpt2, or a folder written by train_tokenizer.py (default: %(default)s)")
 args = parser.parse_args()
+# first, so a missing BPE cache or tokenizer folder fails before any download
+tok = None if args.tokenizer == "char" else tokenizer_from_arg(args.tokenizer)
 
 # ------------------------------------------------------------------------------------------------------
 # the text: read as bytes and decoded, so no newline translation happens and decoding gives it back exactly
@@ -61,21 +69,13 @@ if not text:
     raise UserError(f"{source} is empty; pass --input=PATH to a text file")
 
 # ------------------------------------------------------------------------------------------------------
-# vocabulary, 90/10 split by position, token files
+# the tokenizer (a character vocabulary is built from the text), 90/10 split by position, token files
 
-tok = CharTokenizer.from_text(text)
-n = int(len(text) * 0.9)
-splits = {"train": text[:n], "val": text[n:]}
-if not splits["train"] or not splits["val"]:
-    raise UserError(f"{source} holds only {len(text)} characters: too little for a train/val split")
-os.makedirs(args.out_dir, exist_ok=True)
-meta = {"tokenizer": tok.spec, "vocab_size": tok.vocab_size, "source": source,
-        "sha256": hashlib.sha256(raw).hexdigest()}
-for split, part in splits.items():
-    ids = tok.encode(part)
-    tokens.write_tokens(tokens.split_path(args.out_dir, split), ids, tok.vocab_size)
-    meta[f"{split}_tokens"] = len(ids)
-    meta[f"{split}_bytes"] = len(part.encode("utf-8"))
-tokens.write_meta(args.out_dir, meta)
-print(f"vocab size {tok.vocab_size}: {''.join(tok.chars)!r}")
+if tok is None:
+    tok = CharTokenizer.from_text(text)
+meta = tokens.write_text_dataset(args.out_dir, text, tok, source, hashlib.sha256(raw).hexdigest())
+if tok.spec["kind"] == "char":
+    print(f"characters, vocab size {tok.vocab_size}: {''.join(tok.chars)!r}")
+else:
+    print(f"{'GPT-2 BPE' if tok.spec['kind'] == 'gpt2' else 'trained BPE ' + tok.spec['path']}, vocab size {tok.vocab_size:,}")
 print(f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {args.out_dir}")
