@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import math
 import os
-import re
 import sys
 import tempfile
 
@@ -33,46 +32,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
 import runtime  # noqa: E402
 import tokens  # noqa: E402
+from corpus import builder_of, find_files, reason, text_column  # noqa: E402
 from runtime import UserError  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
-
-# file suffix -> the datasets builder that reads it
-BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
-
-
-def builder_of(path):
-    return next((b for suffix, b in BUILDERS.items() if path.endswith(suffix)), None)
-
-
-def find_files(inputs):
-    """The input files, in order: each --input is a file, or a folder searched recursively. Empty files hold
-    no documents and are left out (datasets' JSON reader fails on them)."""
-    files = []
-    for path in inputs:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if builder_of(f))
-            if not found:
-                raise UserError(f"no {', '.join(BUILDERS)} files in folder {path}")
-            files += found
-        elif os.path.isfile(path):
-            if not builder_of(path):
-                raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(BUILDERS)} files, or folders")
-            files.append(path)
-        else:
-            raise UserError(f"input path {path} not found")
-    return [os.path.abspath(f) for f in files if os.path.getsize(f) > 0]
-
-
-def text_column(dset, field, where):
-    """dset reduced to one string column named 'text', after checking that `field` is one."""
-    if field not in dset.column_names:
-        raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(dset.column_names)}; "
-                        f"pass --text_field=NAME")
-    if getattr(dset.features[field], "dtype", None) not in ("string", "large_string"):
-        raise UserError(f"field {field!r} of {where} holds {dset.features[field]}, not text; pass --text_field=NAME")
-    dset = dset.select_columns([field])
-    return dset if field == "text" else dset.rename_column(field, "text")
-
 
 def tokenize(batch, spec):
     """A batch of documents -> their tokens, each document's followed by end-of-text, and their UTF-8 size.
@@ -81,14 +43,6 @@ def tokenize(batch, spec):
     texts = [t or "" for t in batch["text"]]  # a missing value in a JSON line is an empty document
     return {"ids": [tok.encode(t) + [tok.eot_id] for t in texts],
             "bytes": [len(t.encode("utf-8")) for t in texts]}
-
-
-def reason(e):
-    """One line saying why datasets could not read the input. From a worker process the cause arrives as the
-    worker's whole traceback: keep its first error."""
-    text = str(e.__cause__ or e)
-    first = re.search(r"^(\w[\w.]*: .*?)(?:\n\n|\Z)", text, re.M | re.S) if "Traceback" in text else None
-    return " ".join((first.group(1) if first else text).split())
 
 
 def sha256_files(paths):

@@ -1,0 +1,312 @@
+"""
+curate.py's machinery: read the corpus into Arrow (datasets), run the per-document stages of curation.py
+and pii.py in a parallel map, then the corpus-wide passes (deduplication, model scores, split) over compact
+keys, write the shards and the report. Every input document ends with one status: '' (kept) or the reason
+it was dropped; kept documents list what changed them.
+"""
+import gzip
+import json
+import math
+import os
+from collections import Counter, defaultdict
+
+import numpy as np
+
+import curation
+import pii
+from corpus import builder_of, reason
+from runtime import UserError, atomic_path, write_json
+
+SNIPPET = 160
+
+
+def load(files, cfg, cache_dir, num_proc):
+    """One dataset with columns id, text, url, in input order, from the files (read by datasets to disk)."""
+    import datasets
+    parts = []
+    try:
+        for builder in dict.fromkeys(map(builder_of, files)):
+            paths = [f for f in files if builder_of(f) == builder]
+            options = {"sample_by": "paragraph" if cfg["txt_split"] == "blank" else "document"} if builder == "text" else {}
+            d = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
+                                      num_proc=min(num_proc, len(paths)), **options)
+            where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
+            field = "text" if builder == "text" else cfg["text_field"]
+            if len(d) == 0:
+                continue
+            if field not in d.column_names:
+                raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(d.column_names)}; "
+                                f"pass --text_field=NAME")
+            if getattr(d.features[field], "dtype", None) not in ("string", "large_string"):
+                raise UserError(f"field {field!r} of {where} holds {d.features[field]}, not text; pass --text_field=NAME")
+            flat = d.flatten() if cfg["url_field"] and "." in cfg["url_field"] else d
+            keep = {field: "text"}
+            for key, name in ((cfg["id_field"], "id"), (cfg["url_field"], "url")):
+                if key and key in flat.column_names and key != field:
+                    keep[key] = name
+            flat = flat.select_columns(list(keep)).rename_columns(keep)
+            for name in ("id", "url"):
+                if name not in flat.column_names:
+                    flat = flat.add_column(name, [""] * len(flat))
+            flat = flat.cast(datasets.Features({"text": datasets.Value("string"), "id": datasets.Value("string"),
+                                                "url": datasets.Value("string")}))
+            parts.append(flat.select_columns(["id", "text", "url"]))
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
+        raise UserError(f"could not read the input: {reason(e)}") from None
+    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
+        raise UserError("could not read the input: a compressed file holds no JSON lines") from None
+    except (ValueError, TypeError) as e:  # a field that cannot be read as text, mixed schemas
+        raise UserError(f"could not read the input: {' '.join(str(e).split())[:300]}") from None
+    if not parts:
+        raise UserError("no documents found in the input: it is empty")
+    return datasets.concatenate_datasets(parts)
+
+
+def process(batch, indices, repeated, words, domains, cfg):
+    """The per-document stages 1-4 and 6 on a batch, plus the dedup keys of the text before PII (stage 5
+    runs later, corpus-wide; PII replacements are only counted for documents that survive it)."""
+    out = defaultdict(list)
+    languages = set(cfg["languages"].split(","))
+    kinds = set(cfg["pii_kinds"].split(","))
+    for i, raw, url, doc_id in zip(indices, batch["text"], batch["url"], batch["id"]):
+        raw = raw or ""  # a missing value in a JSON line is an empty document
+        status, changes, lang, conf, pii_counts = "", [], "", 0.0, {}
+        text = raw
+        if cfg["cleanup"]:
+            text, changes = curation.cleanup(text, repeated, cfg)
+        if not text.strip():
+            status = "empty" if not raw.strip() else "cleanup:nothing_left"
+        if not status and (cfg["language_filter"] or cfg["quality_filter"]):
+            lang, conf = curation.language(text)
+            if cfg["language_filter"] and lang not in languages:
+                status = f"language:not_{'_'.join(sorted(languages))}"
+            elif cfg["language_filter"] and conf < cfg["min_language_confidence"]:
+                status = "language:low_confidence"
+        if not status and cfg["quality_filter"]:
+            status = curation.quality_reason(text, lang, cfg) or ""
+        if not status and cfg["harmful_filter"]:
+            status = curation.harmful_reason(text, url, words, domains, cfg) or ""
+        exact, sig, final = 0, [], text
+        if not status:
+            exact = curation.dedup_key(text)
+            if cfg["near_dedup"]:
+                sig = curation.minhash(text, cfg["minhash_num_perm"], cfg["minhash_shingle_size"], cfg["minhash_seed"])
+            if cfg["pii"]:
+                final, pii_counts = pii.redact(text, kinds)
+        out["id"].append(doc_id or f"#{i}")
+        out["text"].append(final if not status else "")  # dropped documents' text is not carried on
+        out["snippet"].append(" ".join(raw[:SNIPPET].split()) if status else "")
+        out["status"].append(status)
+        out["changes"].append(",".join(changes))
+        out["pii"].append(json.dumps(pii_counts, sort_keys=True) if pii_counts else "")
+        out["lang"].append(lang)
+        out["exact"].append(exact)
+        out["minhash"].append(sig)
+        out["bytes_in"].append(len(raw.encode("utf-8", "surrogatepass")))
+        out["bytes_clean"].append(len(text.encode("utf-8", "surrogatepass")))
+    return dict(out)
+
+
+def features():
+    import datasets
+    v = datasets.Value
+    return datasets.Features({"id": v("string"), "text": v("string"), "snippet": v("string"), "status": v("string"),
+                              "changes": v("string"), "pii": v("string"), "lang": v("string"), "exact": v("int64"),
+                              "minhash": datasets.Sequence(v("uint32")), "bytes_in": v("int64"),
+                              "bytes_clean": v("int64")})
+
+
+def columns(dset, names, batch_size=2048):
+    """Yields (row index, row dict) over the chosen columns, a batch at a time (bounded memory)."""
+    i = 0
+    for batch in dset.select_columns(names).iter(batch_size=batch_size):
+        for j in range(len(batch[names[0]])):
+            yield i, {n: batch[n][j] for n in names}
+            i += 1
+
+
+def run(dset, cfg, out, num_proc):
+    """All stages on dset; writes the shards to `out` and returns the report."""
+    n = len(dset)
+    ex = defaultdict(list)  # reason -> a few examples
+
+    def example(key, item):
+        if len(ex[key]) < cfg["examples_per_reason"]:
+            ex[key].append(item)
+
+    # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
+    repeated = set()
+    if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
+        sample = dset.select(range(min(n, cfg["repeated_line_sample"])))["text"]
+        repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
+        del sample
+    words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
+    domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
+    done = dset.map(process, with_indices=True, batched=True, batch_size=64, remove_columns=dset.column_names,
+                    fn_kwargs={"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg},
+                    features=features(), num_proc=min(num_proc, max(1, n // 64)), desc="cleanup, language, quality, harmful, PII")
+
+    # stage 5: exact then near duplicates, first occurrence kept (deterministic: input order)
+    status = []
+    lengths_in, lengths_clean = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    seen, lsh, owner = {}, None, {}
+    if cfg["near_dedup"]:
+        from datasketch import MinHash, MinHashLSH
+        lsh = MinHashLSH(threshold=cfg["minhash_threshold"], num_perm=cfg["minhash_num_perm"])
+    for i, row in columns(done, ["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
+        s = row["status"]
+        lengths_in[i], lengths_clean[i] = row["bytes_in"], row["bytes_clean"]
+        if not s and cfg["exact_dedup"]:
+            if row["exact"] in seen:
+                s = "dedup:exact"
+                example(s, {"id": row["id"], "duplicate_of": seen[row["exact"]]})
+            else:
+                seen[row["exact"]] = row["id"]
+        if not s and lsh is not None:
+            m = MinHash(num_perm=cfg["minhash_num_perm"], seed=cfg["minhash_seed"], scheme=curation.MINHASH_SCHEME,
+                        hashvalues=np.array(row["minhash"], np.uint32))
+            hits = lsh.query(m)
+            if hits:
+                s = "dedup:near"
+                example(s, {"id": row["id"], "duplicate_of": owner[min(hits)]})
+            else:
+                lsh.insert(i, m)
+                owner[i] = row["id"]
+        if s and s not in ("dedup:exact", "dedup:near"):
+            example(s, {"id": row["id"], "text": row["snippet"]})
+        for c in filter(None, row["changes"].split(",")):
+            if not s:
+                example(f"changed:{c}", {"id": row["id"]})
+        status.append(s)
+    del seen, lsh, owner
+
+    # stage 7: perplexity under a model of trusted text; keep the lowest model_keep_fraction
+    if cfg["model_filter"]:
+        import checkpoint
+        from tokenizer import load_tokenizer
+        model, spec, _ = checkpoint.load_model(cfg["model_source"])
+        model.eval()
+        tok = load_tokenizer(spec)
+        scores = {i: curation.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
+                  for i, row in columns(done, ["text"]) if not status[i]}
+        keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
+        for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
+            if rank >= keep:
+                status[i] = "model:perplexity"
+                example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
+
+    # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
+    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(done, ["text"]) if not status[i]}
+    val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
+    if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
+        val = {min(hashes, key=lambda i: (hashes[i], i))}
+    del hashes
+
+    # the shards, and what PII was replaced in the documents that were written
+    pii_counts, pii_docs, lengths_out, shards = Counter(), Counter(), np.zeros(n, np.int64), Counter()
+    writers = {}
+    try:
+        for i, row in columns(done, ["id", "text", "pii"]):
+            if status[i]:
+                continue
+            split = "val" if i in val else "train"
+            if split not in writers or writers[split][2] >= cfg["shard_bytes"]:
+                if split in writers:
+                    writers[split][0].close()
+                    writers[split][1].close()
+                path = os.path.join(out, f"{split}-{shards[split]:05d}.jsonl.gz")
+                shards[split] += 1
+                # mtime=0 and no file name in the header: the same documents give byte-identical shards
+                f = open(path, "wb")
+                writers[split] = [gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=f, mtime=0), f, 0]
+            line = json.dumps({"id": row["id"], "text": row["text"]}, ensure_ascii=False, sort_keys=True) + "\n"
+            data = line.encode("utf-8", "surrogatepass")
+            writers[split][0].write(data)
+            writers[split][2] += len(row["text"].encode("utf-8", "surrogatepass"))
+            lengths_out[i] = len(row["text"].encode("utf-8", "surrogatepass"))
+            for kind, k in json.loads(row["pii"] or "{}").items():
+                pii_counts[kind] += k
+                pii_docs[kind] += 1
+                if len(ex[f"pii:{kind}"]) < cfg["examples_per_reason"]:
+                    at = row["text"].find(f"<{kind}>")
+                    example(f"pii:{kind}", {"id": row["id"], "text": row["text"][max(0, at - 60):at + 60]})
+    finally:
+        for w in writers.values():
+            w[0].close()
+            w[1].close()
+    return build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, ex, cfg)
+
+
+STAGES = ("empty", "cleanup", "language", "quality", "harmful", "dedup:exact", "dedup:near", "model")
+
+
+def build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, ex, cfg):
+    n = len(status)
+    reasons = Counter(status)
+    kept = [i for i in range(n) if not status[i]]
+    changes = Counter()
+    n_changed = 0
+    for i, row in columns(done, ["changes", "pii"]):
+        if not status[i]:
+            n_changed += bool(row["changes"] or row["pii"])
+            changes.update(filter(None, row["changes"].split(",")))
+    # documents and bytes into and out of each stage, in order (bytes after cleanup for the filters)
+    stages, alive = [], np.ones(n, bool)
+    for stage in STAGES:
+        drop = np.array([s == stage or s.startswith(stage + ":") for s in status]) if n else np.zeros(0, bool)
+        before = alive.copy()
+        alive &= ~drop
+        size = lengths_in if stage in ("empty", "cleanup") else lengths_clean
+        stages.append({"stage": stage, "docs_in": int(before.sum()), "docs_out": int(alive.sum()),
+                       "bytes_in": int(size[before].sum()), "bytes_out": int(lengths_clean[alive].sum()),
+                       "dropped": {r: c for r, c in sorted(reasons.items()) if r and (r == stage or r.startswith(stage + ":"))}})
+    stages.append({"stage": "pii", "docs_in": len(kept), "docs_out": len(kept), "bytes_in": int(lengths_clean[kept].sum()),
+                   "bytes_out": int(lengths_out[kept].sum()), "replaced": dict(sorted(pii_counts.items())),
+                   "documents_changed": dict(sorted(pii_docs.items()))})
+    summary = {"documents_in": n, "kept": len(kept), "changed": n_changed, "dropped": n - len(kept),
+               "train_documents": len(kept) - len(val), "val_documents": len(val),
+               "bytes_in": int(lengths_in.sum()), "bytes_out": int(lengths_out.sum())}
+    assert summary["kept"] + summary["dropped"] == n  # nothing lost silently
+    return {"summary": summary, "stages": stages, "drop_reasons": {r: c for r, c in sorted(reasons.items()) if r},
+            "changes": dict(sorted(changes.items())), "examples": {k: ex[k] for k in sorted(ex)},
+            "lengths": {"in": lengths_in.tolist(), "out": lengths_out[kept].tolist()}}
+
+
+def write_report(report, out):
+    """report.json, lengths.png and report.md in out."""
+    lengths = report.pop("lengths")
+    write_json(os.path.join(out, "report.json"), report)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max([1, *lengths["in"]])
+    bins = np.logspace(0, math.log10(top) + 0.1, 40)
+    ax.hist([max(1, x) for x in lengths["in"]], bins=bins, alpha=0.5, label=f"before ({len(lengths['in'])} docs)")
+    ax.hist([max(1, x) for x in lengths["out"]], bins=bins, alpha=0.5, label=f"after ({len(lengths['out'])} docs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("document length (UTF-8 bytes)")
+    ax.set_ylabel("documents")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(os.path.join(out, "lengths.png")) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: byte-identical reruns
+    plt.close(fig)
+    s = report["summary"]
+    md = [f"# Curation report\n", f"{s['documents_in']:,} documents in ({s['bytes_in']:,} bytes): {s['kept']:,} kept "
+          f"({s['changed']:,} of them changed), {s['dropped']:,} dropped; {s['bytes_out']:,} bytes out; "
+          f"{s['train_documents']:,} train and {s['val_documents']:,} val documents.\n",
+          "| stage | docs in | docs out | bytes in | bytes out | what it did |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for st in report["stages"]:
+        did = st.get("dropped") or st.get("replaced") or {}
+        md.append(f"| {st['stage']} | {st['docs_in']:,} | {st['docs_out']:,} | {st['bytes_in']:,} | {st['bytes_out']:,} | "
+                  + ", ".join(f"{k} {v}" for k, v in did.items()) + " |")
+    md += ["", "Changes to kept documents (cleanup): " + (", ".join(f"{k} {v}" for k, v in report["changes"].items()) or "none"),
+           "", "![document lengths before and after](lengths.png)", "", "## Examples", ""]
+    for key, items in report["examples"].items():
+        md.append(f"**{key}**\n")
+        md += [f"- `{it['id']}`: " + ", ".join(f"{k}: {str(v)[:SNIPPET]!r}" for k, v in it.items() if k != "id") for it in items]
+        md.append("")
+    with atomic_path(os.path.join(out, "report.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(md) + "\n")
