@@ -85,12 +85,14 @@ val_fraction = 0.01
 split_seed = 0
 shard_bytes = 100_000_000       # uncompressed text per output shard
 examples_per_reason = 3
+# the literals above, for configure() and for tests that run the stages in-process
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and k != "here"
+            and isinstance(v, (int, float, str, bool))}
 # ------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     runtime.friendly_errors()
-    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
-                and k not in ("here",)}
+    defaults = DEFAULTS
     config = configure(defaults, sys.argv[1:])
     globals().update(config)
     if not input or not output:
@@ -124,7 +126,7 @@ if __name__ == "__main__":
         os.makedirs(out)
         report = pipeline.run(dset, config, out, num_proc)
         report["config"] = config
-        report["input_files"] = [os.path.relpath(f) for f in files]
+        report["input_files"] = files  # absolute: the report is the same from any working folder
         pipeline.write_report(report, out)
         if os.path.exists(output):  # overwrite=True: the old folder leaves only once the new one is whole
             os.replace(output, os.path.join(work, "old"))

@@ -213,8 +213,9 @@ def harmful_reason(text, url, words, domains, cfg):
     if any(".".join(parts[i:]) in domains for i in range(len(parts) - 1)):
         return "harmful:domain"
     if words:
-        lower = " " + " ".join(WORD.findall(text.lower())) + " "
-        hits = sum(lower.count(f" {w} ") for w in words)
+        # whole words and phrases only ("sussex" is not "sex"), overlapping repeats counted; re caches the pattern
+        pattern = re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")(?!\S)")
+        hits = len(pattern.findall(" ".join(WORD.findall(text.lower()))))
         if hits >= cfg["harmful_min_hits"]:
             return "harmful:words"
     return None
@@ -264,6 +265,8 @@ def perplexity(model, tok, text, max_tokens):
     """Perplexity of the document's first max_tokens tokens (and at most the model's context) under a
     nanoforge model: lower means closer to the text the model was trained on."""
     import torch
+    if getattr(tok, "stoi", None) is not None:  # a character model: characters it never saw are skipped
+        text = "".join(c for c in text if c in tok.stoi)
     ids = tok.encode(text)[:min(max_tokens, model.config.block_size) + 1]
     if len(ids) < 2:
         return float("inf")

@@ -48,11 +48,14 @@ def load(files, cfg, cache_dir, num_proc):
             for name in ("id", "url"):
                 if name not in flat.column_names:
                     flat = flat.add_column(name, [""] * len(flat))
-            flat = flat.cast(datasets.Features({"text": datasets.Value("string"), "id": datasets.Value("string"),
-                                                "url": datasets.Value("string")}))
+            # as bytes: Arrow's JSON reader lets bytes that are not UTF-8 into a string column, and decoding
+            # them later would crash halfway; process() decodes each document and counts the bad ones
+            flat = flat.cast(datasets.Features({k: datasets.Value("binary") for k in ("text", "id", "url")}))
             parts.append(flat.select_columns(["id", "text", "url"]))
     except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
         raise UserError(f"could not read the input: {reason(e)}") from None
+    except UnicodeDecodeError as e:  # raised by the JSON reader as it is, not wrapped
+        raise UserError(f"could not read the input: bytes that are not UTF-8 ({e}); convert the files to UTF-8") from None
     except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
         raise UserError("could not read the input: a compressed file holds no JSON lines") from None
     except (ValueError, TypeError) as e:  # a field that cannot be read as text, mixed schemas
@@ -68,13 +71,17 @@ def process(batch, indices, repeated, words, domains, cfg):
     out = defaultdict(list)
     languages = set(cfg["languages"].split(","))
     kinds = set(cfg["pii_kinds"].split(","))
-    for i, raw, url, doc_id in zip(indices, batch["text"], batch["url"], batch["id"]):
-        raw = raw or ""  # a missing value in a JSON line is an empty document
+    for i, data, url, doc_id in zip(indices, batch["text"], batch["url"], batch["id"]):
         status, changes, lang, conf, pii_counts = "", [], "", 0.0, {}
+        url, doc_id = (url or b"").decode("utf-8", "replace"), (doc_id or b"").decode("utf-8", "replace")
+        try:
+            raw = (data or b"").decode("utf-8")  # a missing value in a JSON line is an empty document
+        except UnicodeDecodeError:
+            raw, status = data.decode("utf-8", "replace"), "input:not_utf8"
         text = raw
-        if cfg["cleanup"]:
+        if cfg["cleanup"] and not status:
             text, changes = curation.cleanup(text, repeated, cfg)
-        if not text.strip():
+        if not status and not text.strip():
             status = "empty" if not raw.strip() else "cleanup:nothing_left"
         if not status and (cfg["language_filter"] or cfg["quality_filter"]):
             lang, conf = curation.language(text)
@@ -137,7 +144,7 @@ def run(dset, cfg, out, num_proc):
     # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
     repeated = set()
     if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
-        sample = dset.select(range(min(n, cfg["repeated_line_sample"])))["text"]
+        sample = [t.decode("utf-8", "replace") for t in dset.select(range(min(n, cfg["repeated_line_sample"])))["text"] if t]
         repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
         del sample
     words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
@@ -237,7 +244,7 @@ def run(dset, cfg, out, num_proc):
     return build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, ex, cfg)
 
 
-STAGES = ("empty", "cleanup", "language", "quality", "harmful", "dedup:exact", "dedup:near", "model")
+STAGES = ("input", "empty", "cleanup", "language", "quality", "harmful", "dedup:exact", "dedup:near", "model")
 
 
 def build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, ex, cfg):
@@ -256,7 +263,7 @@ def build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_
         drop = np.array([s == stage or s.startswith(stage + ":") for s in status]) if n else np.zeros(0, bool)
         before = alive.copy()
         alive &= ~drop
-        size = lengths_in if stage in ("empty", "cleanup") else lengths_clean
+        size = lengths_in if stage in ("input", "empty", "cleanup") else lengths_clean
         stages.append({"stage": stage, "docs_in": int(before.sum()), "docs_out": int(alive.sum()),
                        "bytes_in": int(size[before].sum()), "bytes_out": int(lengths_clean[alive].sum()),
                        "dropped": {r: c for r, c in sorted(reasons.items()) if r and (r == stage or r.startswith(stage + ":"))}})
