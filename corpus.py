@@ -52,3 +52,23 @@ def reason(e):
     text = str(e.__cause__ or e)
     first = re.search(r"^(\w[\w.]*: .*?)(?:\n\n|\Z)", text, re.M | re.S) if "Traceback" in text else None
     return " ".join((first.group(1) if first else text).split())
+
+
+# curate.py's output shards: the held-out split is in the file name, so prepare scripts can keep it
+SHARD = re.compile(r"^(train|val)-\d{5}\.jsonl\.gz$")
+
+
+def shard_name(split, index):
+    return f"{split}-{index:05d}.jsonl.gz"
+
+
+def curated_splits(files):
+    """{'train': [...], 'val': [...]} when every file is a curate.py shard and both splits are there, else
+    None (any other corpus is split at random by the prepare script)."""
+    splits = {"train": [], "val": []}
+    for f in files:
+        m = SHARD.match(os.path.basename(f))
+        if not m:
+            return None
+        splits[m.group(1)].append(f)
+    return splits if splits["train"] and splits["val"] else None

@@ -14,7 +14,7 @@ import numpy as np
 
 import curation
 import pii
-from corpus import builder_of, reason
+from corpus import builder_of, reason, shard_name
 from runtime import UserError, atomic_path, write_json
 
 SNIPPET = 160
@@ -221,7 +221,7 @@ def run(dset, cfg, out, num_proc):
                 if split in writers:
                     writers[split][0].close()
                     writers[split][1].close()
-                path = os.path.join(out, f"{split}-{shards[split]:05d}.jsonl.gz")
+                path = os.path.join(out, shard_name(split, shards[split]))
                 shards[split] += 1
                 # mtime=0 and no file name in the header: the same documents give byte-identical shards
                 f = open(path, "wb")
