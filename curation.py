@@ -71,17 +71,20 @@ def looks_like_html(text):
 
 
 def line_key(line):
-    """Lines compare case- and space-insensitively when counting repeats across documents."""
-    return " ".join(line.lower().split())
+    """Lines compare case- and space-insensitively when counting repeats across documents, by a 64-bit
+    hash (a few bytes a line, so a large sample fits in little memory)."""
+    return int.from_bytes(hashlib.blake2b(" ".join(line.lower().split()).encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def repeated_lines(texts, min_docs):
-    """The keys of lines found in at least `min_docs` of `texts` (a sample of the corpus): menus, footers
-    and templates that no single document reveals as boilerplate."""
-    counts = Counter()
-    for text in texts:
-        counts.update({line_key(l) for l in (text or "").split("\n") if l.strip()})
-    return {k for k, n in counts.items() if n >= min_docs}
+    """The keys of lines found in at least `min_docs` of `texts` (an iterable over a sample of the corpus):
+    menus, footers and templates that no single document reveals as boilerplate."""
+    keys = [np.unique(np.array([line_key(l) for l in (t or "").split("\n") if l.strip()] or [0], np.int64))
+            for t in texts]  # each document counts a line once
+    if not keys:
+        return set()
+    values, counts = np.unique(np.concatenate(keys), return_counts=True)
+    return set(values[counts >= min_docs].tolist()) - {line_key("")}
 
 
 def cleanup(text, repeated, cfg):
@@ -106,10 +109,10 @@ def cleanup(text, repeated, cfg):
     text = mark("whitespace", re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip())
     kept = []
     for line in text.split("\n"):
-        key = line_key(line)
-        if cfg["boilerplate_lines"] and key and len(key) < 120 and BOILERPLATE.match(key):
+        low = " ".join(line.lower().split())
+        if cfg["boilerplate_lines"] and low and len(low) < 120 and BOILERPLATE.match(low):
             continue
-        if key and key in repeated:
+        if low and repeated and line_key(line) in repeated:
             continue
         kept.append(line)
     text = mark("boilerplate_lines", re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip())

@@ -123,9 +123,22 @@ def features():
                               "bytes_clean": v("int64")})
 
 
-def columns(dset, names, batch_size=2048):
-    """Yields (row index, row dict) over the chosen columns, a batch at a time (bounded memory)."""
+def columns(dset, names, from_files=False, batch_size=1000):
+    """Yields (row index, row dict) over the chosen columns, a batch at a time. With from_files (for the
+    whole output of a map()), reads its Arrow stream files with plain reads instead of datasets' memory
+    map: mapped pages of a corpus read once would otherwise stay counted in this process's memory."""
+    import pyarrow as pa
     i = 0
+    if from_files:
+        for f in [c["filename"] for c in dset.cache_files]:
+            with pa.OSFile(f) as source:
+                for batch in pa.ipc.open_stream(source):
+                    cols = {n: batch.column(n).to_pylist() for n in names}
+                    for j in range(batch.num_rows):
+                        yield i, {n: cols[n][j] for n in names}
+                        i += 1
+        assert i == len(dset), f"read {i} rows of {len(dset)} from the map's files"
+        return
     for batch in dset.select_columns(names).iter(batch_size=batch_size):
         for j in range(len(batch[names[0]])):
             yield i, {n: batch[n][j] for n in names}
@@ -144,48 +157,76 @@ def run(dset, cfg, out, num_proc):
     # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
     repeated = set()
     if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
-        sample = [t.decode("utf-8", "replace") for t in dset.select(range(min(n, cfg["repeated_line_sample"])))["text"] if t]
+        sample = (row["text"].decode("utf-8", "replace") if row["text"] else ""
+                  for i, row in columns(dset.select(range(min(n, cfg["repeated_line_sample"]))), ["text"]))
         repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
-        del sample
     words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
     domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
     done = dset.map(process, with_indices=True, batched=True, batch_size=64, remove_columns=dset.column_names,
                     fn_kwargs={"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg},
                     features=features(), num_proc=min(num_proc, max(1, n // 64)), desc="cleanup, language, quality, harmful, PII")
 
-    # stage 5: exact then near duplicates, first occurrence kept (deterministic: input order)
-    status = []
+    # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
+    # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold).
+    # The band index is a few numpy arrays (8 bytes a band a document) rather than datasketch's
+    # MinHashLSH, whose Python set per bucket costs ~5 KB a document and would not fit a big corpus.
+    status, seen = [], {}
     lengths_in, lengths_clean = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    seen, lsh, owner = {}, None, {}
+    b, r = 0, 0
     if cfg["near_dedup"]:
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHashLSH
         lsh = MinHashLSH(threshold=cfg["minhash_threshold"], num_perm=cfg["minhash_num_perm"])
-    for i, row in columns(done, ["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
+        b, r = lsh.b, lsh.r
+    mult = np.random.default_rng(0).integers(1, 2 ** 63, size=r, dtype=np.uint64) | np.uint64(1)  # odd: a fixed mix
+    bands = np.zeros((n, b), np.uint64)
+    dup_of = {}  # example documents -> the index of the one they duplicate, turned into ids below
+    for i, row in columns(done, from_files=True, names=["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
         s = row["status"]
         lengths_in[i], lengths_clean[i] = row["bytes_in"], row["bytes_clean"]
         if not s and cfg["exact_dedup"]:
             if row["exact"] in seen:
                 s = "dedup:exact"
-                example(s, {"id": row["id"], "duplicate_of": seen[row["exact"]]})
+                if len(ex[s]) < cfg["examples_per_reason"]:
+                    example(s, {"id": row["id"], "duplicate_of": seen[row["exact"]]})
+                    dup_of[(s, len(ex[s]) - 1)] = seen[row["exact"]]
             else:
-                seen[row["exact"]] = row["id"]
-        if not s and lsh is not None:
-            m = MinHash(num_perm=cfg["minhash_num_perm"], seed=cfg["minhash_seed"], scheme=curation.MINHASH_SCHEME,
-                        hashvalues=np.array(row["minhash"], np.uint32))
-            hits = lsh.query(m)
-            if hits:
-                s = "dedup:near"
-                example(s, {"id": row["id"], "duplicate_of": owner[min(hits)]})
-            else:
-                lsh.insert(i, m)
-                owner[i] = row["id"]
+                seen[row["exact"]] = i
+        if not s and b:
+            sig = np.array(row["minhash"][:b * r], np.uint64).reshape(b, r)  # (b, r)
+            with np.errstate(over="ignore"):
+                bands[i] = (sig * mult).sum(axis=1)  # (b,) one 64-bit key per band, wrapping
         if s and s not in ("dedup:exact", "dedup:near"):
             example(s, {"id": row["id"], "text": row["snippet"]})
         for c in filter(None, row["changes"].split(",")):
             if not s:
                 example(f"changed:{c}", {"id": row["id"]})
         status.append(s)
-    del seen, lsh, owner
+    del seen
+    if b:
+        todo = np.array([not s for s in status], bool)  # documents still in the running
+        idx = np.flatnonzero(todo)
+        # per band: which bucket each candidate falls in, and the first kept document seen in each bucket
+        buckets = [np.unique(bands[idx, k], return_inverse=True)[1].astype(np.int64) for k in range(b)]
+        first = [np.full(int(bk.max()) + 1 if len(bk) else 0, -1, np.int64) for bk in buckets]
+        del bands
+        for j, i in enumerate(idx.tolist()):
+            hits = [int(first[k][buckets[k][j]]) for k in range(b) if first[k][buckets[k][j]] >= 0]
+            if hits:
+                status[i] = "dedup:near"
+                if len(ex["dedup:near"]) < cfg["examples_per_reason"]:
+                    example("dedup:near", {"id": f"#{i}", "duplicate_of": min(hits)})
+                    dup_of[("dedup:near", len(ex["dedup:near"]) - 1)] = min(hits)
+                    dup_of[("dedup:near:self", len(ex["dedup:near"]) - 1)] = i
+            else:
+                for k in range(b):
+                    first[k][buckets[k][j]] = i
+        del buckets, first
+    if dup_of:  # the examples name documents by id
+        wanted = set(dup_of.values())
+        names = {i: row["id"] for i, row in columns(done, from_files=True, names=["id"]) if i in wanted}
+        for (key, k), i in dup_of.items():
+            field = "id" if key.endswith(":self") else "duplicate_of"
+            ex[key.replace(":self", "")][k][field] = names[i]
 
     # stage 7: perplexity under a model of trusted text; keep the lowest model_keep_fraction
     if cfg["model_filter"]:
@@ -195,7 +236,7 @@ def run(dset, cfg, out, num_proc):
         model.eval()
         tok = load_tokenizer(spec)
         scores = {i: curation.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
-                  for i, row in columns(done, ["text"]) if not status[i]}
+                  for i, row in columns(done, from_files=True, names=["text"]) if not status[i]}
         keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
             if rank >= keep:
@@ -203,7 +244,7 @@ def run(dset, cfg, out, num_proc):
                 example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
 
     # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
-    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(done, ["text"]) if not status[i]}
+    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(done, from_files=True, names=["text"]) if not status[i]}
     val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
     if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
         val = {min(hashes, key=lambda i: (hashes[i], i))}
@@ -213,7 +254,7 @@ def run(dset, cfg, out, num_proc):
     pii_counts, pii_docs, lengths_out, shards = Counter(), Counter(), np.zeros(n, np.int64), Counter()
     writers = {}
     try:
-        for i, row in columns(done, ["id", "text", "pii"]):
+        for i, row in columns(done, from_files=True, names=["id", "text", "pii"]):
             if status[i]:
                 continue
             split = "val" if i in val else "train"
@@ -253,7 +294,7 @@ def build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_
     kept = [i for i in range(n) if not status[i]]
     changes = Counter()
     n_changed = 0
-    for i, row in columns(done, ["changes", "pii"]):
+    for i, row in columns(done, from_files=True, names=["changes", "pii"]):
         if not status[i]:
             n_changed += bool(row["changes"] or row["pii"])
             changes.update(filter(None, row["changes"].split(",")))
