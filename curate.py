@@ -34,6 +34,7 @@ id_field = "id"                 # '' when the input has none: documents are then
 url_field = "metadata.url"      # dotted path into the JSON object; '' or missing: no URL
 txt_split = "file"              # .txt: one document per file ('file') or per blank-line paragraph ('blank')
 num_proc = "auto"               # processes for the per-document stages; 'auto' = the CPU count
+map_chunk_docs = 50000          # documents per round of worker processes (bounds their memory)
 # 1. cleanup
 cleanup = True
 fix_mojibake = True
@@ -101,6 +102,8 @@ if __name__ == "__main__":
         raise UserError(f"output {output} exists; pass --overwrite=True to replace it")
     if num_proc == "auto":
         num_proc = os.cpu_count() or 1
+    if map_chunk_docs < 1:
+        raise UserError(f"map_chunk_docs must be at least 1, got {map_chunk_docs}")
     if not isinstance(num_proc, int) or num_proc < 1:
         raise UserError(f"num_proc must be a positive int or 'auto', got {num_proc!r}")
     if not 0 <= val_fraction < 1 or not 0 < model_keep_fraction <= 1 or not 0 < minhash_threshold < 1:

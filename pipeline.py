@@ -65,13 +65,13 @@ def load(files, cfg, cache_dir, num_proc):
     return datasets.concatenate_datasets(parts)
 
 
-def process(batch, indices, repeated, words, domains, cfg):
+def process(batch, indices, repeated, words, domains, cfg, offset=0):
     """The per-document stages 1-4 and 6 on a batch, plus the dedup keys of the text before PII (stage 5
     runs later, corpus-wide; PII replacements are only counted for documents that survive it)."""
     out = defaultdict(list)
     languages = set(cfg["languages"].split(","))
     kinds = set(cfg["pii_kinds"].split(","))
-    for i, data, url, doc_id in zip(indices, batch["text"], batch["url"], batch["id"]):
+    for i, data, url, doc_id in zip((offset + j for j in indices), batch["text"], batch["url"], batch["id"]):
         status, changes, lang, conf, pii_counts = "", [], "", 0.0, {}
         url, doc_id = (url or b"").decode("utf-8", "replace"), (doc_id or b"").decode("utf-8", "replace")
         try:
@@ -147,6 +147,7 @@ def columns(dset, names, from_files=False, batch_size=1000):
 
 def run(dset, cfg, out, num_proc):
     """All stages on dset; writes the shards to `out` and returns the report."""
+    import datasets
     n = len(dset)
     ex = defaultdict(list)  # reason -> a few examples
 
@@ -162,9 +163,17 @@ def run(dset, cfg, out, num_proc):
         repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
     words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
     domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
-    done = dset.map(process, with_indices=True, batched=True, batch_size=64, remove_columns=dset.column_names,
-                    fn_kwargs={"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg},
-                    features=features(), num_proc=min(num_proc, max(1, n // 64)), desc="cleanup, language, quality, harmful, PII")
+    # in chunks of map_chunk_docs: each chunk gets fresh worker processes, so the pages of the corpus a
+    # worker has read (memory-mapped Arrow, counted in its memory) never add up past one chunk's share
+    kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg}
+    parts, chunk = [], cfg["map_chunk_docs"]
+    for start in range(0, n, chunk):
+        part = dset.select(range(start, min(n, start + chunk)))  # contiguous: a slice of the Arrow table
+        parts.append(part.map(process, with_indices=True, batched=True, batch_size=64, remove_columns=part.column_names,
+                              fn_kwargs=dict(kwargs, offset=start), features=features(),
+                              num_proc=min(num_proc, max(1, len(part) // 64)),
+                              desc=f"cleanup, language, quality, harmful, PII ({start:,}-{start + len(part):,} of {n:,})"))
+    done = datasets.concatenate_datasets(parts)
 
     # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
     # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold).
