@@ -69,6 +69,7 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0):
     """The per-document stages 1-4 and 6 on a batch, plus the dedup keys of the text before PII (stage 5
     runs later, corpus-wide; PII replacements are only counted for documents that survive it)."""
     out = defaultdict(list)
+    repeated = frozenset(repeated)  # a sorted list in fn_kwargs (datasets hashes it); a set to look up
     languages = set(cfg["languages"].split(","))
     kinds = set(cfg["pii_kinds"].split(","))
     for i, data, url, doc_id in zip((offset + j for j in indices), batch["text"], batch["url"], batch["id"]):
