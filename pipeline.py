@@ -11,6 +11,8 @@ import os
 from collections import Counter, defaultdict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import curation
 import pii
@@ -48,9 +50,8 @@ def load(files, cfg, cache_dir, num_proc):
             for name in ("id", "url"):
                 if name not in flat.column_names:
                     flat = flat.add_column(name, [""] * len(flat))
-            # as bytes: Arrow's JSON reader lets bytes that are not UTF-8 into a string column, and decoding
-            # them later would crash halfway; process() decodes each document and counts the bad ones
-            flat = flat.cast(datasets.Features({k: datasets.Value("binary") for k in ("text", "id", "url")}))
+            if getattr(flat.features["id"], "dtype", None) not in ("string", "large_string"):
+                flat = flat.cast_column("id", datasets.Value("string"))  # ids may be numbers in JSON
             parts.append(flat.select_columns(["id", "text", "url"]))
     except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
         raise UserError(f"could not read the input: {reason(e)}") from None
@@ -72,7 +73,11 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0):
     repeated = frozenset(repeated)  # a sorted list in fn_kwargs (datasets hashes it); a set to look up
     languages = set(cfg["languages"].split(","))
     kinds = set(cfg["pii_kinds"].split(","))
-    for i, data, url, doc_id in zip((offset + j for j in indices), batch["text"], batch["url"], batch["id"]):
+    # the batch is an Arrow table, its strings taken as bytes: Arrow's JSON reader lets bytes that are not
+    # UTF-8 into a string column, and decoding them to str would crash halfway; each document is decoded
+    # here and the bad ones counted. (Casting the whole corpus up front would read all of it once more.)
+    as_bytes = lambda name: pc.cast(batch.column(name), pa.large_binary()).to_pylist()  # noqa: E731
+    for i, data, url, doc_id in zip((offset + j for j in indices), as_bytes("text"), as_bytes("url"), as_bytes("id")):
         status, changes, lang, conf, pii_counts = "", [], "", 0.0, {}
         url, doc_id = (url or b"").decode("utf-8", "replace"), (doc_id or b"").decode("utf-8", "replace")
         try:
@@ -159,8 +164,9 @@ def run(dset, cfg, out, num_proc):
     # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
     repeated = set()
     if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
-        sample = (row["text"].decode("utf-8", "replace") if row["text"] else ""
-                  for i, row in columns(dset.select(range(min(n, cfg["repeated_line_sample"]))), ["text"]))
+        head = dset.select(range(min(n, cfg["repeated_line_sample"]))).select_columns(["text"]).with_format("arrow")
+        sample = (t.decode("utf-8", "replace") if t else "" for batch in head.iter(batch_size=1000)
+                  for t in pc.cast(batch.column("text"), pa.large_binary()).to_pylist())
         repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
     words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
     domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
@@ -170,7 +176,7 @@ def run(dset, cfg, out, num_proc):
     parts, chunk = [], cfg["map_chunk_docs"]
     for start in range(0, n, chunk):
         part = dset.select(range(start, min(n, start + chunk)))  # contiguous: a slice of the Arrow table
-        parts.append(part.map(process, with_indices=True, batched=True, batch_size=64, remove_columns=part.column_names,
+        parts.append(part.with_format("arrow").map(process, with_indices=True, batched=True, batch_size=64, remove_columns=part.column_names,
                               fn_kwargs=dict(kwargs, offset=start), features=features(),
                               num_proc=min(num_proc, max(1, len(part) // 64)),
                               desc=f"cleanup, language, quality, harmful, PII ({start:,}-{start + len(part):,} of {n:,})"))
