@@ -112,6 +112,7 @@ if __name__ == "__main__":
         raise UserError("model_filter=True needs model_source=OUT_DIR (a checkpoint of a model of trusted text)")
     print(f"curating {input} -> {output}; overrides: {overrides(defaults, config)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files need no network; read by datasets at import
+    import curation_report
     import pipeline  # the per-document map and the corpus-wide passes
     from corpus import find_files
 
@@ -130,7 +131,7 @@ if __name__ == "__main__":
         report = pipeline.run(dset, config, out, num_proc)
         report["config"] = config
         report["input_files"] = files  # absolute: the report is the same from any working folder
-        pipeline.write_report(report, out)
+        curation_report.write_report(report, out)
         if os.path.exists(output):  # overwrite=True: the old folder leaves only once the new one is whole
             os.replace(output, os.path.join(work, "old"))
         os.replace(out, output)

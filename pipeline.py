@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import curation
 import pii
 from corpus import builder_of, reason, shard_name
-from runtime import UserError, atomic_path, write_json
+from curation_report import SNIPPET, build_report
+from runtime import UserError
 
-SNIPPET = 160
 
 
 def load(files, cfg, cache_dir, num_proc):
@@ -264,15 +264,17 @@ def run(dset, cfg, out, num_proc):
     val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
     if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
         val = {min(hashes, key=lambda i: (hashes[i], i))}
-    del hashes
 
     # the shards, and what PII was replaced in the documents that were written
     pii_counts, pii_docs, lengths_out, shards = Counter(), Counter(), np.zeros(n, np.int64), Counter()
+    changes, n_changed = Counter(), 0
     writers = {}
     try:
-        for i, row in columns(done, from_files=True, names=["id", "text", "pii"]):
+        for i, row in columns(done, from_files=True, names=["id", "text", "pii", "changes"]):
             if status[i]:
                 continue
+            n_changed += bool(row["changes"] or row["pii"])
+            changes.update(filter(None, row["changes"].split(",")))
             split = "val" if i in val else "train"
             if split not in writers or writers[split][2] >= cfg["shard_bytes"]:
                 if split in writers:
@@ -298,79 +300,4 @@ def run(dset, cfg, out, num_proc):
         for w in writers.values():
             w[0].close()
             w[1].close()
-    return build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, ex, cfg)
-
-
-STAGES = ("input", "empty", "cleanup", "language", "quality", "harmful", "dedup:exact", "dedup:near", "model")
-
-
-def build_report(done, status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, ex, cfg):
-    n = len(status)
-    reasons = Counter(status)
-    kept = [i for i in range(n) if not status[i]]
-    changes = Counter()
-    n_changed = 0
-    for i, row in columns(done, from_files=True, names=["changes", "pii"]):
-        if not status[i]:
-            n_changed += bool(row["changes"] or row["pii"])
-            changes.update(filter(None, row["changes"].split(",")))
-    # documents and bytes into and out of each stage, in order (bytes after cleanup for the filters)
-    stages, alive = [], np.ones(n, bool)
-    for stage in STAGES:
-        drop = np.array([s == stage or s.startswith(stage + ":") for s in status]) if n else np.zeros(0, bool)
-        before = alive.copy()
-        alive &= ~drop
-        size = lengths_in if stage in ("input", "empty", "cleanup") else lengths_clean
-        stages.append({"stage": stage, "docs_in": int(before.sum()), "docs_out": int(alive.sum()),
-                       "bytes_in": int(size[before].sum()), "bytes_out": int(lengths_clean[alive].sum()),
-                       "dropped": {r: c for r, c in sorted(reasons.items()) if r and (r == stage or r.startswith(stage + ":"))}})
-    stages.append({"stage": "pii", "docs_in": len(kept), "docs_out": len(kept), "bytes_in": int(lengths_clean[kept].sum()),
-                   "bytes_out": int(lengths_out[kept].sum()), "replaced": dict(sorted(pii_counts.items())),
-                   "documents_changed": dict(sorted(pii_docs.items()))})
-    summary = {"documents_in": n, "kept": len(kept), "changed": n_changed, "dropped": n - len(kept),
-               "train_documents": len(kept) - len(val), "val_documents": len(val),
-               "bytes_in": int(lengths_in.sum()), "bytes_out": int(lengths_out.sum())}
-    assert summary["kept"] + summary["dropped"] == n  # nothing lost silently
-    return {"summary": summary, "stages": stages, "drop_reasons": {r: c for r, c in sorted(reasons.items()) if r},
-            "changes": dict(sorted(changes.items())), "examples": {k: ex[k] for k in sorted(ex)},
-            "lengths": {"in": lengths_in.tolist(), "out": lengths_out[kept].tolist()}}
-
-
-def write_report(report, out):
-    """report.json, lengths.png and report.md in out."""
-    lengths = report.pop("lengths")
-    write_json(os.path.join(out, "report.json"), report)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    top = max([1, *lengths["in"]])
-    bins = np.logspace(0, math.log10(top) + 0.1, 40)
-    ax.hist([max(1, x) for x in lengths["in"]], bins=bins, alpha=0.5, label=f"before ({len(lengths['in'])} docs)")
-    ax.hist([max(1, x) for x in lengths["out"]], bins=bins, alpha=0.5, label=f"after ({len(lengths['out'])} docs)")
-    ax.set_xscale("log")
-    ax.set_xlabel("document length (UTF-8 bytes)")
-    ax.set_ylabel("documents")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(os.path.join(out, "lengths.png")) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: byte-identical reruns
-    plt.close(fig)
-    s = report["summary"]
-    md = [f"# Curation report\n", f"{s['documents_in']:,} documents in ({s['bytes_in']:,} bytes): {s['kept']:,} kept "
-          f"({s['changed']:,} of them changed), {s['dropped']:,} dropped; {s['bytes_out']:,} bytes out; "
-          f"{s['train_documents']:,} train and {s['val_documents']:,} val documents.\n",
-          "| stage | docs in | docs out | bytes in | bytes out | what it did |", "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for st in report["stages"]:
-        did = st.get("dropped") or st.get("replaced") or {}
-        md.append(f"| {st['stage']} | {st['docs_in']:,} | {st['docs_out']:,} | {st['bytes_in']:,} | {st['bytes_out']:,} | "
-                  + ", ".join(f"{k} {v}" for k, v in did.items()) + " |")
-    md += ["", "Changes to kept documents (cleanup): " + (", ".join(f"{k} {v}" for k, v in report["changes"].items()) or "none"),
-           "", "![document lengths before and after](lengths.png)", "", "## Examples", ""]
-    for key, items in report["examples"].items():
-        md.append(f"**{key}**\n")
-        md += [f"- `{it['id']}`: " + ", ".join(f"{k}: {str(v)[:SNIPPET]!r}" for k, v in it.items() if k != "id") for it in items]
-        md.append("")
-    with atomic_path(os.path.join(out, "report.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(md) + "\n")
+    return build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
