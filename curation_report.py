@@ -76,7 +76,7 @@ def write_report(report, out):
            "", "![document lengths before and after](lengths.png)", "", "## Examples", ""]
     for key, items in report["examples"].items():
         md.append(f"**{key}**\n")
-        md += [f"- `{it['id']}`: " + ", ".join(f"{k}: {str(v)[:SNIPPET]!r}" for k, v in it.items() if k != "id") for it in items]
+        md += [f"- `{it['id']}`" + "".join(f", {k}: {str(v)[:SNIPPET]!r}" for k, v in it.items() if k != "id") for it in items]
         md.append("")
     with atomic_path(os.path.join(out, "report.md")) as tmp:
         with open(tmp, "w") as f:
