@@ -164,3 +164,18 @@ def test_openwebtext_bad_input_is_a_one_line_error(tmp_path):
                           "not found")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run("openwebtext", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no .txt")
+
+
+def test_curated_shards_keep_their_split(tmp_path):
+    """curate.py's output (train-NNNNN / val-NNNNN shards) keeps its held-out split instead of a random one."""
+    corpus = tmp_path / "curated"
+    corpus.mkdir()
+    for name, docs in (("train-00000", DOCS[:8]), ("train-00001", DOCS[8:12]), ("val-00000", DOCS[12:14])):
+        with gzip.open(corpus / f"{name}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(docs))
+    (corpus / "report.json").write_text("{}")  # beside the shards, not a corpus file
+    out, meta = prepare("openwebtext", f"--input={corpus}", tmp_path=tmp_path)
+    assert (meta["train_documents"], meta["val_documents"]) == (12, 2)
+    tok = load_tokenizer({"kind": "gpt2"})
+    val = split_ids(out, "val").tolist()
+    assert tok.decode(val) == "".join(t + "<|endoftext|>" for t in DOCS[12:14])

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 
@@ -38,46 +37,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
 import runtime  # noqa: E402
 import tokens  # noqa: E402
+from corpus import builder_of, curated_splits, find_files, reason, text_column  # noqa: E402
 from runtime import UserError  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
-
-# file suffix -> the datasets builder that reads it
-BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
-
-
-def builder_of(path):
-    return next((b for suffix, b in BUILDERS.items() if path.endswith(suffix)), None)
-
-
-def find_files(inputs):
-    """The input files, in order: each --input is a file, or a folder searched recursively. Empty files hold
-    no documents and are left out (datasets' JSON reader fails on them)."""
-    files = []
-    for path in inputs:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if builder_of(f))
-            if not found:
-                raise UserError(f"no {', '.join(BUILDERS)} files in folder {path}")
-            files += found
-        elif os.path.isfile(path):
-            if not builder_of(path):
-                raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(BUILDERS)} files, or folders")
-            files.append(path)
-        else:
-            raise UserError(f"input path {path} not found")
-    return [os.path.abspath(f) for f in files if os.path.getsize(f) > 0]
-
-
-def text_column(dset, field, where):
-    """dset reduced to one string column named 'text', after checking that `field` is one."""
-    if field not in dset.column_names:
-        raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(dset.column_names)}; "
-                        f"pass --text_field=NAME")
-    if getattr(dset.features[field], "dtype", None) not in ("string", "large_string"):
-        raise UserError(f"field {field!r} of {where} holds {dset.features[field]}, not text; pass --text_field=NAME")
-    dset = dset.select_columns([field])
-    return dset if field == "text" else dset.rename_column(field, "text")
-
 
 _loaded = {}
 
@@ -92,14 +54,6 @@ def tokenize(batch, spec):
     texts = [t or "" for t in batch["text"]]  # a missing value in a JSON line is an empty document
     return {"ids": [tok.encode(t) + [tok.eot_id] for t in texts],
             "bytes": [len(t.encode("utf-8")) for t in texts]}
-
-
-def reason(e):
-    """One line saying why datasets could not read the input. From a worker process the cause arrives as the
-    worker's whole traceback: keep its first error."""
-    text = str(e.__cause__ or e)
-    first = re.search(r"^(\w[\w.]*: .*?)(?:\n\n|\Z)", text, re.M | re.S) if "Traceback" in text else None
-    return " ".join((first.group(1) if first else text).split())
 
 
 def sha256_files(paths):
@@ -162,39 +116,46 @@ if __name__ == "__main__":
                 raise UserError(f"could not load {args.dataset} from the Hugging Face hub ({e}); offline? "
                                 f"pass --input=PATH to local files") from None
             if len(dset):
-                parts.append(text_column(dset, args.text_field, f"dataset {args.dataset}"))
+                parts.append(("all", text_column(dset, args.text_field, f"dataset {args.dataset}")))
         else:
             inputs = [os.path.abspath(p) for p in args.input]
             source, sha256 = inputs[0] if len(inputs) == 1 else inputs, sha256_files(files)
-            for builder in dict.fromkeys(map(builder_of, files)):
-                paths = [f for f in files if builder_of(f) == builder]
-                options = {}
-                if builder == "text":
-                    options["sample_by"] = "paragraph" if args.txt_split == "blank" else "document"
-                dset = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
-                                             num_proc=min(args.num_proc, len(paths)), **options)
-                if builder == "text" and args.txt_split == "blank":
-                    # datasets splits on exactly "\n\n": drop the newlines left around a document, and empty ones
-                    dset = dset.map(lambda b: {"text": [t.strip("\n") for t in b["text"] if t.strip("\n")]},
-                                    batched=True, num_proc=min(args.num_proc, len(dset)) or None)
-                if len(dset):
-                    where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
-                    parts.append(text_column(dset, "text" if builder == "text" else args.text_field, where))
+            groups = curated_splits(files) or {"all": files}  # curate.py's output keeps its held-out split
+            for group, group_files in groups.items():
+                for builder in dict.fromkeys(map(builder_of, group_files)):
+                    paths = [f for f in group_files if builder_of(f) == builder]
+                    options = {}
+                    if builder == "text":
+                        options["sample_by"] = "paragraph" if args.txt_split == "blank" else "document"
+                    dset = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
+                                                 num_proc=min(args.num_proc, len(paths)), **options)
+                    if builder == "text" and args.txt_split == "blank":
+                        # datasets splits on exactly "\n\n": drop the newlines left around a document, and empty ones
+                        dset = dset.map(lambda b: {"text": [t.strip("\n") for t in b["text"] if t.strip("\n")]},
+                                        batched=True, num_proc=min(args.num_proc, len(dset)) or None)
+                    if len(dset):
+                        where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
+                        parts.append((group, text_column(dset, "text" if builder == "text" else args.text_field, where)))
     except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, a file that is not UTF-8, ...
         raise UserError(f"could not read the input: {reason(e)}") from None
     except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
         raise UserError(f"could not read the input: no JSON lines in {paths[0]}") from None
     if not parts:
         raise UserError(f"no documents found in {', '.join(args.input) if args.input else args.dataset}")
-    dset = datasets.concatenate_datasets(parts)
+    dset = datasets.concatenate_datasets([d for _, d in parts])
 
     # --------------------------------------------------------------------------------------------------
     # split by document, tokenize in parallel, write the token files a batch at a time
 
-    n_val = max(1, math.ceil(args.val_fraction * len(dset)))
-    if n_val >= len(dset):
-        raise UserError(f"only {len(dset)} document(s): too few to hold out {n_val} for val and train on the rest")
-    splits = dset.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+    if {g for g, _ in parts} == {"train", "val"}:  # curated shards: their split, not a random one
+        splits = {k: datasets.concatenate_datasets([d for g, d in parts if g == group])
+                  for k, group in (("train", "train"), ("test", "val"))}
+        print(f"keeping the curated split: {len(splits['train']):,} train, {len(splits['test']):,} val documents")
+    else:
+        n_val = max(1, math.ceil(args.val_fraction * len(dset)))
+        if n_val >= len(dset):
+            raise UserError(f"only {len(dset)} document(s): too few to hold out {n_val} for val and train on the rest")
+        splits = dset.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
     id_type = datasets.Value(np.dtype(tokens.token_dtype(tok.vocab_size)).name)  # uint16 for GPT-2: a small cache
     # Sequence, not List: List is new in datasets 4, requirements.txt allows 2.19
     features = datasets.Features({"ids": datasets.Sequence(id_type), "bytes": datasets.Value("int64")})

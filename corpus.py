@@ -1,0 +1,74 @@
+"""
+Reading a local corpus of documents, shared by the scripts that take one (data/openwebtext/prepare.py,
+curate.py): which files count, how a folder is searched, how the text field is checked, and how a
+`datasets` read error becomes one line.
+"""
+import os
+import re
+
+from runtime import UserError
+
+# file suffix -> the datasets builder that reads it
+BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+
+
+def builder_of(path):
+    return next((b for suffix, b in BUILDERS.items() if path.endswith(suffix)), None)
+
+
+def find_files(inputs):
+    """The input files, in order: each --input is a file, or a folder searched recursively. Empty files hold
+    no documents and are left out (datasets' JSON reader fails on them)."""
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if builder_of(f))
+            if not found:
+                raise UserError(f"no {', '.join(BUILDERS)} files in folder {path}")
+            files += found
+        elif os.path.isfile(path):
+            if not builder_of(path):
+                raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(BUILDERS)} files, or folders")
+            files.append(path)
+        else:
+            raise UserError(f"input path {path} not found")
+    return [os.path.abspath(f) for f in files if os.path.getsize(f) > 0]
+
+
+def text_column(dset, field, where):
+    """dset reduced to one string column named 'text', after checking that `field` is one."""
+    if field not in dset.column_names:
+        raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(dset.column_names)}; "
+                        f"pass --text_field=NAME")
+    if getattr(dset.features[field], "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"field {field!r} of {where} holds {dset.features[field]}, not text; pass --text_field=NAME")
+    dset = dset.select_columns([field])
+    return dset if field == "text" else dset.rename_column(field, "text")
+
+
+def reason(e):
+    """One line saying why datasets could not read the input. From a worker process the cause arrives as the
+    worker's whole traceback: keep its first error."""
+    text = str(e.__cause__ or e)
+    first = re.search(r"^(\w[\w.]*: .*?)(?:\n\n|\Z)", text, re.M | re.S) if "Traceback" in text else None
+    return " ".join((first.group(1) if first else text).split())
+
+
+# curate.py's output shards: the held-out split is in the file name, so prepare scripts can keep it
+SHARD = re.compile(r"^(train|val)-\d{5}\.jsonl\.gz$")
+
+
+def shard_name(split, index):
+    return f"{split}-{index:05d}.jsonl.gz"
+
+
+def curated_splits(files):
+    """{'train': [...], 'val': [...]} when every file is a curate.py shard and both splits are there, else
+    None (any other corpus is split at random by the prepare script)."""
+    splits = {"train": [], "val": []}
+    for f in files:
+        m = SHARD.match(os.path.basename(f))
+        if not m:
+            return None
+        splits[m.group(1)].append(f)
+    return splits if splits["train"] and splits["val"] else None

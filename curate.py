@@ -1,0 +1,143 @@
+"""
+Curate raw web text into a clean, deduplicated, private training corpus, with a report of what each stage
+did. The stages (curation.py, pii.py) run in the issue's order, each switchable in the config:
+cleanup -> language -> quality -> harmful -> exact dedup -> near dedup (MinHash LSH) -> PII -> model
+perplexity (optional) -> held-out split.
+
+    python curate.py config/curate_web.py --input=raw/ --output=data/mycorpus/curated
+    python data/openwebtext/prepare.py --input=data/mycorpus/curated --out_dir=data/mycorpus
+
+The output folder holds train-00000.jsonl.gz, ..., val-00000.jsonl.gz (one JSON object a line: id, text,
+url), report.json, report.md and lengths.png. It is written beside its final place and renamed into it
+when complete; an existing output is refused unless --overwrite=True. Per-document stages run in a
+`datasets` map over num_proc processes (inputs are memory-mapped Arrow on disk, so memory stays flat);
+deduplication and the split need the whole corpus and run in this process over compact per-document keys.
+"""
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import runtime
+from configurator import configure, overrides
+from runtime import UserError
+
+here = os.path.dirname(os.path.abspath(__file__))
+# ------------------------------------------------------------------------------------------------------
+# defaults (config/curate_web.py documents each)
+input = ""                      # files or folders, comma-separated: .txt, .jsonl, .jsonl.gz, .parquet
+output = ""                     # the curated folder (must not exist unless overwrite=True)
+overwrite = False
+text_field = "text"
+id_field = "id"                 # '' when the input has none: documents are then named by their position
+url_field = "metadata.url"      # dotted path into the JSON object; '' or missing: no URL
+txt_split = "file"              # .txt: one document per file ('file') or per blank-line paragraph ('blank')
+num_proc = "auto"               # processes for the per-document stages; 'auto' = the CPU count
+map_chunk_docs = 50000          # documents per round of worker processes (bounds their memory)
+# 1. cleanup
+cleanup = True
+fix_mojibake = True
+html_to_text = True             # only where a document looks like HTML
+boilerplate_lines = True        # cookie, navigation, share and copyright lines
+repeated_line_min_docs = 5      # drop lines found in this many documents of the sample; 0 = off
+repeated_line_sample = 20000    # documents read to find repeated lines (bounded memory)
+# 2. language
+language_filter = True
+languages = "en"                # comma-separated ISO 639-1 codes
+min_language_confidence = 0.65
+# 3. quality (Gopher / C4 thresholds)
+quality_filter = True
+min_words = 50
+max_words = 100000
+min_mean_word_length = 3.0
+max_mean_word_length = 10.0
+max_symbol_word_ratio = 0.1
+min_alpha_word_fraction = 0.8
+max_bullet_line_fraction = 0.9
+max_ellipsis_line_fraction = 0.3
+max_duplicate_line_fraction = 0.3
+max_top_2gram_fraction = 0.2
+max_duplicate_5gram_fraction = 0.15
+min_stop_words = 2
+min_punct_line_fraction = 0.12
+# 4. harmful content
+harmful_filter = True
+blocklist_words = os.path.join(here, "data", "blocklists", "words.txt")  # comma-separated files; '' = none
+blocklist_domains = os.path.join(here, "data", "blocklists", "domains.txt")
+harmful_min_hits = 3
+# 5. deduplication
+exact_dedup = True
+near_dedup = True
+minhash_threshold = 0.5         # Jaccard similarity of word shingles above which documents are near-duplicates
+minhash_shingle_size = 2        # words per shingle
+minhash_num_perm = 128
+minhash_seed = 1
+# 6. privacy
+pii = True
+pii_kinds = "SECRET,EMAIL,IBAN,CREDIT_CARD,SSN,IP,PHONE"
+# 7. model-based quality (off by default: needs a checkpoint trained on text you trust)
+model_filter = False
+model_source = ""               # out_dir, ckpt.pt or Hugging Face GPT-2 folder (checkpoint.load_model)
+model_keep_fraction = 0.8       # keep this share of documents, lowest perplexity first
+model_max_tokens = 256
+# 8. split and output
+val_fraction = 0.01
+split_seed = 0
+shard_bytes = 100_000_000       # uncompressed text per output shard
+examples_per_reason = 3
+# the literals above, for configure() and for tests that run the stages in-process
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and k != "here"
+            and isinstance(v, (int, float, str, bool))}
+# ------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    runtime.friendly_errors()
+    defaults = DEFAULTS
+    config = configure(defaults, sys.argv[1:])
+    globals().update(config)
+    if not input or not output:
+        raise UserError("give --input=FILES_OR_FOLDERS and --output=FOLDER")
+    if os.path.exists(output) and not overwrite:
+        raise UserError(f"output {output} exists; pass --overwrite=True to replace it")
+    if num_proc == "auto":
+        num_proc = os.cpu_count() or 1
+    if map_chunk_docs < 1:
+        raise UserError(f"map_chunk_docs must be at least 1, got {map_chunk_docs}")
+    if not isinstance(num_proc, int) or num_proc < 1:
+        raise UserError(f"num_proc must be a positive int or 'auto', got {num_proc!r}")
+    if not 0 <= val_fraction < 1 or not 0 < model_keep_fraction <= 1 or not 0 < minhash_threshold < 1:
+        raise UserError("val_fraction must be in [0, 1), model_keep_fraction in (0, 1], minhash_threshold in (0, 1)")
+    if model_filter and not model_source:
+        raise UserError("model_filter=True needs model_source=OUT_DIR (a checkpoint of a model of trusted text)")
+    print(f"curating {input} -> {output}; overrides: {overrides(defaults, config)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files need no network; read by datasets at import
+    import curation_report
+    import pipeline  # the per-document map and the corpus-wide passes
+    from corpus import find_files
+
+    files = find_files([p for p in input.split(",") if p])
+    if not files:
+        raise UserError(f"no documents found in {input}: the files are empty")
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".tmp", dir=parent)
+    try:
+        t0 = time.time()
+        dset = pipeline.load(files, config, os.path.join(work, "cache"), num_proc)
+        print(f"{len(dset):,} documents from {len(files)} file(s) in {time.time() - t0:.1f} s")
+        out = os.path.join(work, "curated")
+        os.makedirs(out)
+        report = pipeline.run(dset, config, out, num_proc)
+        report["config"] = config
+        report["input_files"] = files  # absolute: the report is the same from any working folder
+        curation_report.write_report(report, out)
+        if os.path.exists(output):  # overwrite=True: the old folder leaves only once the new one is whole
+            os.replace(output, os.path.join(work, "old"))
+        os.replace(out, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    s = report["summary"]
+    print(f"{s['documents_in']:,} documents in: {s['kept']:,} kept ({s['changed']:,} of them changed), "
+          f"{s['dropped']:,} dropped; {s['bytes_in']:,} -> {s['bytes_out']:,} bytes; {time.time() - t0:.1f} s")
+    print(f"-> {output} (report.md)")

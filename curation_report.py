@@ -1,0 +1,83 @@
+"""
+curate.py's report: documents and bytes into and out of each stage, the drop reasons, what changed, a few
+examples of each (report.json), the same as a readable page (report.md) with the document lengths before
+and after (lengths.png). Examples of personal data show the placeholder, never the data.
+"""
+import math
+import os
+from collections import Counter
+
+import numpy as np
+
+from runtime import atomic_path, write_json
+
+SNIPPET = 160
+
+STAGES = ("input", "empty", "cleanup", "language", "quality", "harmful", "dedup:exact", "dedup:near", "model")
+
+
+def build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex):
+    """report.json's content from what the passes counted. status: per input document, '' or its drop reason."""
+    n = len(status)
+    reasons = Counter(status)
+    kept = [i for i in range(n) if not status[i]]
+    # documents and bytes into and out of each stage, in order (bytes after cleanup for the filters)
+    stages, alive = [], np.ones(n, bool)
+    for stage in STAGES:
+        drop = np.array([s == stage or s.startswith(stage + ":") for s in status]) if n else np.zeros(0, bool)
+        before = alive.copy()
+        alive &= ~drop
+        size = lengths_in if stage in ("input", "empty", "cleanup") else lengths_clean
+        stages.append({"stage": stage, "docs_in": int(before.sum()), "docs_out": int(alive.sum()),
+                       "bytes_in": int(size[before].sum()), "bytes_out": int(lengths_clean[alive].sum()),
+                       "dropped": {r: c for r, c in sorted(reasons.items()) if r and (r == stage or r.startswith(stage + ":"))}})
+    stages.append({"stage": "pii", "docs_in": len(kept), "docs_out": len(kept), "bytes_in": int(lengths_clean[kept].sum()),
+                   "bytes_out": int(lengths_out[kept].sum()), "replaced": dict(sorted(pii_counts.items())),
+                   "documents_changed": dict(sorted(pii_docs.items()))})
+    summary = {"documents_in": n, "kept": len(kept), "changed": n_changed, "dropped": n - len(kept),
+               "train_documents": len(kept) - len(val), "val_documents": len(val),
+               "bytes_in": int(lengths_in.sum()), "bytes_out": int(lengths_out.sum())}
+    assert summary["kept"] + summary["dropped"] == n  # nothing lost silently
+    return {"summary": summary, "stages": stages, "drop_reasons": {r: c for r, c in sorted(reasons.items()) if r},
+            "changes": dict(sorted(changes.items())), "examples": {k: ex[k] for k in sorted(ex)},
+            "lengths": {"in": lengths_in.tolist(), "out": lengths_out[kept].tolist()}}
+
+
+def write_report(report, out):
+    """report.json, lengths.png and report.md in out."""
+    lengths = report.pop("lengths")
+    write_json(os.path.join(out, "report.json"), report)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max([1, *lengths["in"]])
+    bins = np.logspace(0, math.log10(top) + 0.1, 40)
+    ax.hist([max(1, x) for x in lengths["in"]], bins=bins, alpha=0.5, label=f"before ({len(lengths['in'])} docs)")
+    ax.hist([max(1, x) for x in lengths["out"]], bins=bins, alpha=0.5, label=f"after ({len(lengths['out'])} docs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("document length (UTF-8 bytes)")
+    ax.set_ylabel("documents")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(os.path.join(out, "lengths.png")) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: byte-identical reruns
+    plt.close(fig)
+    s = report["summary"]
+    md = ["# Curation report\n", f"{s['documents_in']:,} documents in ({s['bytes_in']:,} bytes): {s['kept']:,} kept "
+          f"({s['changed']:,} of them changed), {s['dropped']:,} dropped; {s['bytes_out']:,} bytes out; "
+          f"{s['train_documents']:,} train and {s['val_documents']:,} val documents.\n",
+          "| stage | docs in | docs out | bytes in | bytes out | what it did |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for st in report["stages"]:
+        did = st.get("dropped") or st.get("replaced") or {}
+        md.append(f"| {st['stage']} | {st['docs_in']:,} | {st['docs_out']:,} | {st['bytes_in']:,} | {st['bytes_out']:,} | "
+                  + ", ".join(f"{k} {v}" for k, v in did.items()) + " |")
+    md += ["", "Changes to kept documents (cleanup): " + (", ".join(f"{k} {v}" for k, v in report["changes"].items()) or "none"),
+           "", "![document lengths before and after](lengths.png)", "", "## Examples", ""]
+    for key, items in report["examples"].items():
+        md.append(f"**{key}**\n")
+        md += [f"- `{it['id']}`" + "".join(f", {k}: {str(v)[:SNIPPET]!r}" for k, v in it.items() if k != "id") for it in items]
+        md.append("")
+    with atomic_path(os.path.join(out, "report.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(md) + "\n")

@@ -1,0 +1,303 @@
+"""
+curate.py's machinery: read the corpus into Arrow (datasets), run the per-document stages of curation.py
+and pii.py in a parallel map, then the corpus-wide passes (deduplication, model scores, split) over compact
+keys, write the shards and the report. Every input document ends with one status: '' (kept) or the reason
+it was dropped; kept documents list what changed them.
+"""
+import gzip
+import json
+import math
+import os
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import curation
+import pii
+from corpus import builder_of, reason, shard_name
+from curation_report import SNIPPET, build_report
+from runtime import UserError
+
+
+
+def load(files, cfg, cache_dir, num_proc):
+    """One dataset with columns id, text, url, in input order, from the files (read by datasets to disk)."""
+    import datasets
+    parts = []
+    try:
+        for builder in dict.fromkeys(map(builder_of, files)):
+            paths = [f for f in files if builder_of(f) == builder]
+            options = {"sample_by": "paragraph" if cfg["txt_split"] == "blank" else "document"} if builder == "text" else {}
+            d = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
+                                      num_proc=min(num_proc, len(paths)), **options)
+            where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
+            field = "text" if builder == "text" else cfg["text_field"]
+            if len(d) == 0:
+                continue
+            if field not in d.column_names:
+                raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(d.column_names)}; "
+                                f"pass --text_field=NAME")
+            if getattr(d.features[field], "dtype", None) not in ("string", "large_string"):
+                raise UserError(f"field {field!r} of {where} holds {d.features[field]}, not text; pass --text_field=NAME")
+            flat = d.flatten() if cfg["url_field"] and "." in cfg["url_field"] else d
+            keep = {field: "text"}
+            for key, name in ((cfg["id_field"], "id"), (cfg["url_field"], "url")):
+                if key and key in flat.column_names and key != field:
+                    keep[key] = name
+            flat = flat.select_columns(list(keep)).rename_columns(keep)
+            for name in ("id", "url"):
+                if name not in flat.column_names:
+                    flat = flat.add_column(name, [""] * len(flat))
+            if getattr(flat.features["id"], "dtype", None) not in ("string", "large_string"):
+                flat = flat.cast_column("id", datasets.Value("string"))  # ids may be numbers in JSON
+            parts.append(flat.select_columns(["id", "text", "url"]))
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
+        raise UserError(f"could not read the input: {reason(e)}") from None
+    except UnicodeDecodeError as e:  # raised by the JSON reader as it is, not wrapped
+        raise UserError(f"could not read the input: bytes that are not UTF-8 ({e}); convert the files to UTF-8") from None
+    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
+        raise UserError("could not read the input: a compressed file holds no JSON lines") from None
+    except (ValueError, TypeError) as e:  # a field that cannot be read as text, mixed schemas
+        raise UserError(f"could not read the input: {' '.join(str(e).split())[:300]}") from None
+    if not parts:
+        raise UserError("no documents found in the input: it is empty")
+    return datasets.concatenate_datasets(parts)
+
+
+def process(batch, indices, repeated, words, domains, cfg, offset=0):
+    """The per-document stages 1-4 and 6 on a batch, plus the dedup keys of the text before PII (stage 5
+    runs later, corpus-wide; PII replacements are only counted for documents that survive it)."""
+    out = defaultdict(list)
+    repeated = frozenset(repeated)  # a sorted list in fn_kwargs (datasets hashes it); a set to look up
+    languages = set(cfg["languages"].split(","))
+    kinds = set(cfg["pii_kinds"].split(","))
+    # the batch is an Arrow table, its strings taken as bytes: Arrow's JSON reader lets bytes that are not
+    # UTF-8 into a string column, and decoding them to str would crash halfway; each document is decoded
+    # here and the bad ones counted. (Casting the whole corpus up front would read all of it once more.)
+    as_bytes = lambda name: pc.cast(batch.column(name), pa.large_binary()).to_pylist()  # noqa: E731
+    for i, data, url, doc_id in zip((offset + j for j in indices), as_bytes("text"), as_bytes("url"), as_bytes("id")):
+        status, changes, lang, conf, pii_counts = "", [], "", 0.0, {}
+        url, doc_id = (url or b"").decode("utf-8", "replace"), (doc_id or b"").decode("utf-8", "replace")
+        try:
+            raw = (data or b"").decode("utf-8")  # a missing value in a JSON line is an empty document
+        except UnicodeDecodeError:
+            raw, status = data.decode("utf-8", "replace"), "input:not_utf8"
+        text = raw
+        if cfg["cleanup"] and not status:
+            text, changes = curation.cleanup(text, repeated, cfg)
+        if not status and not text.strip():
+            status = "empty" if not raw.strip() else "cleanup:nothing_left"
+        if not status and (cfg["language_filter"] or cfg["quality_filter"]):
+            lang, conf = curation.language(text)
+            if cfg["language_filter"] and lang not in languages:
+                status = f"language:not_{'_'.join(sorted(languages))}"
+            elif cfg["language_filter"] and conf < cfg["min_language_confidence"]:
+                status = "language:low_confidence"
+        if not status and cfg["quality_filter"]:
+            status = curation.quality_reason(text, lang, cfg) or ""
+        if not status and cfg["harmful_filter"]:
+            status = curation.harmful_reason(text, url, words, domains, cfg) or ""
+        exact, sig, final = 0, [], text
+        if not status:
+            exact = curation.dedup_key(text)
+            if cfg["near_dedup"]:
+                sig = curation.minhash(text, cfg["minhash_num_perm"], cfg["minhash_shingle_size"], cfg["minhash_seed"])
+            if cfg["pii"]:
+                final, pii_counts = pii.redact(text, kinds)
+        out["id"].append(doc_id or f"#{i}")
+        out["text"].append(final if not status else "")  # dropped documents' text is not carried on
+        out["snippet"].append(" ".join(raw[:SNIPPET].split()) if status else "")
+        out["status"].append(status)
+        out["changes"].append(",".join(changes))
+        out["pii"].append(json.dumps(pii_counts, sort_keys=True) if pii_counts else "")
+        out["lang"].append(lang)
+        out["exact"].append(exact)
+        out["minhash"].append(sig)
+        out["bytes_in"].append(len(raw.encode("utf-8", "surrogatepass")))
+        out["bytes_clean"].append(len(text.encode("utf-8", "surrogatepass")))
+    return dict(out)
+
+
+def features():
+    import datasets
+    v = datasets.Value
+    return datasets.Features({"id": v("string"), "text": v("string"), "snippet": v("string"), "status": v("string"),
+                              "changes": v("string"), "pii": v("string"), "lang": v("string"), "exact": v("int64"),
+                              "minhash": datasets.Sequence(v("uint32")), "bytes_in": v("int64"),
+                              "bytes_clean": v("int64")})
+
+
+def columns(dset, names, from_files=False, batch_size=1000):
+    """Yields (row index, row dict) over the chosen columns, a batch at a time. With from_files (for the
+    whole output of a map()), reads its Arrow stream files with plain reads instead of datasets' memory
+    map: mapped pages of a corpus read once would otherwise stay counted in this process's memory."""
+    import pyarrow as pa
+    i = 0
+    if from_files:
+        for f in [c["filename"] for c in dset.cache_files]:
+            with pa.OSFile(f) as source:
+                for batch in pa.ipc.open_stream(source):
+                    cols = {n: batch.column(n).to_pylist() for n in names}
+                    for j in range(batch.num_rows):
+                        yield i, {n: cols[n][j] for n in names}
+                        i += 1
+        assert i == len(dset), f"read {i} rows of {len(dset)} from the map's files"
+        return
+    for batch in dset.select_columns(names).iter(batch_size=batch_size):
+        for j in range(len(batch[names[0]])):
+            yield i, {n: batch[n][j] for n in names}
+            i += 1
+
+
+def run(dset, cfg, out, num_proc):
+    """All stages on dset; writes the shards to `out` and returns the report."""
+    import datasets
+    n = len(dset)
+    ex = defaultdict(list)  # reason -> a few examples
+
+    def example(key, item):
+        if len(ex[key]) < cfg["examples_per_reason"]:
+            ex[key].append(item)
+
+    # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
+    repeated = set()
+    if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
+        head = dset.select(range(min(n, cfg["repeated_line_sample"]))).select_columns(["text"]).with_format("arrow")
+        sample = (t.decode("utf-8", "replace") if t else "" for batch in head.iter(batch_size=1000)
+                  for t in pc.cast(batch.column("text"), pa.large_binary()).to_pylist())
+        repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
+    words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
+    domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
+    # in chunks of map_chunk_docs: each chunk gets fresh worker processes, so the pages of the corpus a
+    # worker has read (memory-mapped Arrow, counted in its memory) never add up past one chunk's share
+    kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg}
+    parts, chunk = [], cfg["map_chunk_docs"]
+    for start in range(0, n, chunk):
+        part = dset.select(range(start, min(n, start + chunk)))  # contiguous: a slice of the Arrow table
+        parts.append(part.with_format("arrow").map(process, with_indices=True, batched=True, batch_size=64, remove_columns=part.column_names,
+                              fn_kwargs=dict(kwargs, offset=start), features=features(),
+                              num_proc=min(num_proc, max(1, len(part) // 64)),
+                              desc=f"cleanup, language, quality, harmful, PII ({start:,}-{start + len(part):,} of {n:,})"))
+    done = datasets.concatenate_datasets(parts)
+
+    # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
+    # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold).
+    # The band index is a few numpy arrays (8 bytes a band a document) rather than datasketch's
+    # MinHashLSH, whose Python set per bucket costs ~5 KB a document and would not fit a big corpus.
+    status, seen = [], {}
+    lengths_in, lengths_clean = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    b, r = 0, 0
+    if cfg["near_dedup"]:
+        from datasketch import MinHashLSH
+        lsh = MinHashLSH(threshold=cfg["minhash_threshold"], num_perm=cfg["minhash_num_perm"])
+        b, r = lsh.b, lsh.r
+    mult = np.random.default_rng(0).integers(1, 2 ** 63, size=r, dtype=np.uint64) | np.uint64(1)  # odd: a fixed mix
+    bands = np.zeros((n, b), np.uint64)
+    dup_of = {}  # example documents -> the index of the one they duplicate, turned into ids below
+    for i, row in columns(done, from_files=True, names=["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
+        s = row["status"]
+        lengths_in[i], lengths_clean[i] = row["bytes_in"], row["bytes_clean"]
+        if not s and cfg["exact_dedup"]:
+            if row["exact"] in seen:
+                s = "dedup:exact"
+                if len(ex[s]) < cfg["examples_per_reason"]:
+                    example(s, {"id": row["id"], "duplicate_of": seen[row["exact"]]})
+                    dup_of[(s, len(ex[s]) - 1)] = seen[row["exact"]]
+            else:
+                seen[row["exact"]] = i
+        if not s and b:
+            sig = np.array(row["minhash"][:b * r], np.uint64).reshape(b, r)  # (b, r)
+            with np.errstate(over="ignore"):
+                bands[i] = (sig * mult).sum(axis=1)  # (b,) one 64-bit key per band, wrapping
+        if s and s not in ("dedup:exact", "dedup:near"):
+            example(s, {"id": row["id"], "text": row["snippet"]})
+        for c in filter(None, row["changes"].split(",")):
+            if not s:
+                example(f"changed:{c}", {"id": row["id"]})
+        status.append(s)
+    del seen
+    if b:
+        todo = np.array([not s for s in status], bool)  # documents still in the running
+        idx = np.flatnonzero(todo)
+        # per band: which bucket each candidate falls in, and the first kept document seen in each bucket
+        buckets = [np.unique(bands[idx, k], return_inverse=True)[1].astype(np.int64) for k in range(b)]
+        first = [np.full(int(bk.max()) + 1 if len(bk) else 0, -1, np.int64) for bk in buckets]
+        del bands
+        for j, i in enumerate(idx.tolist()):
+            hits = [int(first[k][buckets[k][j]]) for k in range(b) if first[k][buckets[k][j]] >= 0]
+            if hits:
+                status[i] = "dedup:near"
+                if len(ex["dedup:near"]) < cfg["examples_per_reason"]:
+                    example("dedup:near", {"id": f"#{i}", "duplicate_of": min(hits)})
+                    dup_of[("dedup:near", len(ex["dedup:near"]) - 1)] = min(hits)
+                    dup_of[("dedup:near:self", len(ex["dedup:near"]) - 1)] = i
+            else:
+                for k in range(b):
+                    first[k][buckets[k][j]] = i
+        del buckets, first
+    if dup_of:  # the examples name documents by id
+        wanted = set(dup_of.values())
+        names = {i: row["id"] for i, row in columns(done, from_files=True, names=["id"]) if i in wanted}
+        for (key, k), i in dup_of.items():
+            field = "id" if key.endswith(":self") else "duplicate_of"
+            ex[key.replace(":self", "")][k][field] = names[i]
+
+    # stage 7: perplexity under a model of trusted text; keep the lowest model_keep_fraction
+    if cfg["model_filter"]:
+        import checkpoint
+        from tokenizer import load_tokenizer
+        model, spec, _ = checkpoint.load_model(cfg["model_source"])
+        model.eval()
+        tok = load_tokenizer(spec)
+        scores = {i: curation.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
+                  for i, row in columns(done, from_files=True, names=["text"]) if not status[i]}
+        keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
+        for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
+            if rank >= keep:
+                status[i] = "model:perplexity"
+                example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
+
+    # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
+    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(done, from_files=True, names=["text"]) if not status[i]}
+    val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
+    if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
+        val = {min(hashes, key=lambda i: (hashes[i], i))}
+
+    # the shards, and what PII was replaced in the documents that were written
+    pii_counts, pii_docs, lengths_out, shards = Counter(), Counter(), np.zeros(n, np.int64), Counter()
+    changes, n_changed = Counter(), 0
+    writers = {}
+    try:
+        for i, row in columns(done, from_files=True, names=["id", "text", "pii", "changes"]):
+            if status[i]:
+                continue
+            n_changed += bool(row["changes"] or row["pii"])
+            changes.update(filter(None, row["changes"].split(",")))
+            split = "val" if i in val else "train"
+            if split not in writers or writers[split][2] >= cfg["shard_bytes"]:
+                if split in writers:
+                    writers[split][0].close()
+                    writers[split][1].close()
+                path = os.path.join(out, shard_name(split, shards[split]))
+                shards[split] += 1
+                # mtime=0 and no file name in the header: the same documents give byte-identical shards
+                f = open(path, "wb")
+                writers[split] = [gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=f, mtime=0), f, 0]
+            line = json.dumps({"id": row["id"], "text": row["text"]}, ensure_ascii=False, sort_keys=True) + "\n"
+            data = line.encode("utf-8", "surrogatepass")
+            writers[split][0].write(data)
+            writers[split][2] += len(row["text"].encode("utf-8", "surrogatepass"))
+            lengths_out[i] = len(row["text"].encode("utf-8", "surrogatepass"))
+            for kind, k in json.loads(row["pii"] or "{}").items():
+                pii_counts[kind] += k
+                pii_docs[kind] += 1
+                if len(ex[f"pii:{kind}"]) < cfg["examples_per_reason"]:
+                    at = row["text"].find(f"<{kind}>")
+                    example(f"pii:{kind}", {"id": row["id"], "text": row["text"][max(0, at - 60):at + 60]})
+    finally:
+        for w in writers.values():
+            w[0].close()
+            w[1].close()
+    return build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
