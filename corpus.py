@@ -1,12 +1,43 @@
 """
 Reading a local corpus of documents, shared by the scripts that take one (data/openwebtext/prepare.py,
 curate.py): which files count, how a folder is searched, how the text field is checked, and how a
-`datasets` read error becomes one line.
+`datasets` read error becomes one line. Also one whole text (read_text), for the Shakespeare scripts.
 """
 import os
 import re
+import urllib.request
 
+import runtime
 from runtime import UserError
+
+
+def read_text(path, candidates, url, save_to):
+    """(text, raw bytes, source) of one UTF-8 text: from `path` if given, else the first of `candidates`
+    that exists, else downloaded from `url` and kept at `save_to` so the next run needs no network.
+    Read as bytes and decoded, so no newline translation happens and decoding gives it back exactly."""
+    source = path or next((p for p in candidates if os.path.exists(p)), url)
+    if source == url:
+        print(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                raw = response.read()
+        except OSError as e:  # urllib's URLError and timeouts are OSErrors
+            raise UserError(f"could not download {url} ({e}); offline? pass --input=PATH to a local copy") from None
+        with runtime.atomic_path(save_to) as tmp, open(tmp, "wb") as f:
+            f.write(raw)
+    else:
+        if not os.path.isfile(source):
+            raise UserError(f"input file {source} not found")
+        source = os.path.abspath(source)
+        with open(source, "rb") as f:
+            raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not UTF-8 text ({e})") from None
+    if not text:
+        raise UserError(f"{source} is empty; pass --input=PATH to a text file")
+    return text, raw, source
 
 # file suffix -> the datasets builder that reads it
 BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}

@@ -179,3 +179,28 @@ def test_curated_shards_keep_their_split(tmp_path):
     tok = load_tokenizer({"kind": "gpt2"})
     val = split_ids(out, "val").tolist()
     assert tok.decode(val) == "".join(t + "<|endoftext|>" for t in DOCS[12:14])
+
+
+def test_read_text_order_download_and_errors(tmp_path):
+    import pytest
+    from corpus import read_text
+    from runtime import UserError
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    second.write_text("second ü")
+    remote = tmp_path / "remote.txt"
+    remote.write_text("from the url")
+    saved = tmp_path / "saved.txt"
+    # the first candidate that exists wins; --input wins over all
+    assert read_text(None, [str(first), str(second)], remote.as_uri(), str(saved))[0] == "second ü"
+    assert read_text(str(remote), [str(second)], "unused", str(saved))[0] == "from the url"
+    # none present: downloaded (a file:// URL here) and kept for the next run
+    text, raw, source = read_text(None, [str(first)], remote.as_uri(), str(saved))
+    assert text == "from the url" and source == remote.as_uri() and saved.read_text() == "from the url"
+    with pytest.raises(UserError, match="could not download .*pass --input"):
+        read_text(None, [str(first)], (tmp_path / "gone.txt").as_uri(), str(tmp_path / "x.txt"))
+    with pytest.raises(UserError, match="not found"):
+        read_text(str(first), [], "unused", str(saved))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_text(str(bad), [], "unused", str(saved))

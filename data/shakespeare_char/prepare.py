@@ -18,14 +18,13 @@ import argparse
 import hashlib
 import os
 import sys
-import urllib.request
 
 here = os.path.dirname(os.path.abspath(__file__))
 repo = os.path.dirname(os.path.dirname(here))
 sys.path.insert(0, repo)  # run from anywhere: the library modules live at the repo root
 import runtime  # noqa: E402
 import tokens  # noqa: E402
-from runtime import UserError  # noqa: E402
+from corpus import read_text  # noqa: E402
 from tokenizer import CharTokenizer, tokenizer_from_arg  # noqa: E402
 
 runtime.friendly_errors()
@@ -39,34 +38,9 @@ args = parser.parse_args()
 # first, so a missing BPE cache or tokenizer folder fails before any download
 tok = None if args.tokenizer == "char" else tokenizer_from_arg(args.tokenizer)
 
-# ------------------------------------------------------------------------------------------------------
-# the text: read as bytes and decoded, so no newline translation happens and decoding gives it back exactly
-
-local = os.path.join(here, "input.txt")
 shared = os.path.normpath(os.path.join(repo, "..", "shared", "data", "tinyshakespeare", "input.txt"))
-source = args.input or next((p for p in (local, shared) if os.path.exists(p)), URL)
-if source == URL:
-    print(f"downloading {URL}")
-    try:
-        with urllib.request.urlopen(URL, timeout=30) as response:
-            raw = response.read()
-    except OSError as e:  # urllib's URLError and timeouts are OSErrors
-        raise UserError(f"could not download {URL} ({e}); offline? pass --input=PATH to a copy of "
-                        f"Tiny Shakespeare") from None
-    with runtime.atomic_path(local) as tmp, open(tmp, "wb") as f:
-        f.write(raw)  # kept, so the next run needs no network
-else:
-    if not os.path.isfile(source):
-        raise UserError(f"input file {source} not found")
-    source = os.path.abspath(source)
-    with open(source, "rb") as f:
-        raw = f.read()
-try:
-    text = raw.decode("utf-8")
-except UnicodeDecodeError as e:
-    raise UserError(f"{source} is not UTF-8 text ({e})") from None
-if not text:
-    raise UserError(f"{source} is empty; pass --input=PATH to a text file")
+local = os.path.join(here, "input.txt")
+text, raw, source = read_text(args.input, [local, shared], URL, save_to=local)
 
 # ------------------------------------------------------------------------------------------------------
 # the tokenizer (a character vocabulary is built from the text), 90/10 split by position, token files
