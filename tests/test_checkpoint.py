@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoint
 from checkpoint import (check_compatible, ckpt_path, load_checkpoint, load_model, model_from_checkpoint,
                         save_checkpoint)
 from model import GPT, GPTConfig
