@@ -112,6 +112,24 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def gradient_checkpointing(model):
+    """Recompute each transformer block's activations in the backward pass instead of keeping them:
+    activation memory drops from one copy per layer to one per block boundary, for roughly one extra
+    forward pass of compute. Applied from outside: the model code stays unaware, and parameter names
+    (so checkpoints) do not change. Dropout masks are replayed exactly (the RNG state is saved)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.transformer.h:
+        plain = block.forward
+
+        def checkpointed(x, kv_cache=None, plain=plain):
+            if kv_cache is not None or not torch.is_grad_enabled():
+                return plain(x, kv_cache)  # generation and evaluation keep nothing for backward anyway
+            return checkpoint(plain, x, use_reentrant=False)
+
+        block.forward = checkpointed
+    return model
+
+
 # -----------------------------------------------------------------------------------------------------
 # distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 

@@ -73,6 +73,7 @@ pos_emb = "learned"  # 'learned' (GPT-2) or 'rope'
 # AdamW optimizer
 learning_rate = 6e-4
 max_iters = 600000
+time_budget = 0.0  # if > 0, stop (evaluate, save) once this many seconds were spent training; 0 = no limit
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
@@ -87,6 +88,7 @@ backend = "auto"  # 'nccl' on CUDA, 'gloo' on CPU
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16' (CUDA; uses a GradScaler)
 compile = "auto"  # torch.compile: 'auto' is on for CUDA, off for CPU
+gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -166,6 +168,8 @@ else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
         model.crop_block_size(block_size)
     log(f"initialised from {init_from}: {model.config}")
 model.to(device)
+if gradient_checkpointing:
+    runtime.gradient_checkpointing(model)
 
 # weight decay on matrices only: biases and LayerNorm gains are not decayed
 params = [p for p in model.parameters() if p.requires_grad]
@@ -281,10 +285,12 @@ signal.signal(signal.SIGTERM, request_stop)
 # training loop
 
 train_time = 0.0  # seconds spent in training steps, evaluation excluded
+out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
 while True:
     # evaluate on the fixed sets (not where a resumed run starts: the stopped run evaluated there)
     just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not just_resumed:
+    last = iter_num >= max_iters or out_of_time
+    if (iter_num % eval_interval == 0 or last or eval_only) and not just_resumed:
         scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
                                   autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
         val_loss = scores["val"]["loss"]
@@ -296,7 +302,9 @@ while True:
         best_val_loss = min(best_val_loss, val_loss)
         if iter_num > start_iter and (always_save_checkpoint or improved):
             save("val improved" if improved else "always_save_checkpoint")
-    if iter_num >= max_iters or eval_only:
+    if last or eval_only:
+        if out_of_time:
+            log(f"time_budget of {time_budget:g}s spent at iteration {iter_num}")
         break
 
     t0 = time.perf_counter()
@@ -320,11 +328,15 @@ while True:
                 loss = loss / local_accum  # the mean over this rank's micro-steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    # the loss of the whole global batch, and whether any rank was asked to stop, in one all-reduce
-    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=device)])
+    # the loss of the whole global batch, and whether any rank was asked to stop or ran out of time
+    # (counting this step's time so far), in one all-reduce
+    spent = time_budget > 0 and train_time + time.perf_counter() - t0 >= time_budget
+    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=device),
+                         torch.tensor(float(spent), device=device)])
     if ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     step_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
+    out_of_time = stats[2].item() > 0
     if not math.isfinite(step_loss):
         raise UserError(f"loss is {step_loss} at iteration {iter_num}; stopped without saving, so {out_dir} keeps "
                         f"the last good checkpoint. Lower learning_rate, raise warmup_iters, or check grad_clip")

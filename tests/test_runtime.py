@@ -85,3 +85,40 @@ def test_write_json_is_atomic(tmp_path):
     with open(path) as f:
         assert json.load(f) == {"a": 1}  # the old file is whole
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
+    from model import GPT, GPTConfig
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16, dropout=dropout)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    ckpt = GPT(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    runtime.gradient_checkpointing(ckpt)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())  # checkpoints keep their names
+    x = torch.randint(0, 50, (3, 16))
+    results = []
+    saved = []
+    for m in (plain, ckpt):
+        torch.manual_seed(1)  # the same dropout masks, replayed in the recomputation
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = m(x, x)
+        saved.append(count[0])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (la, ga), (lb, gb) = results
+    assert saved[1] < saved[0] / 2  # the blocks' activations are not kept for backward
+    assert la == pytest.approx(lb, abs=1e-6)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-6, rtol=1e-5, msg=n)
+    # generation with a KV cache still works on the wrapped model
+    ckpt.eval()
+    out = ckpt.generate(x[:1, :4], 5, temperature=0.0)
+    ref = plain.eval().generate(x[:1, :4], 5, temperature=0.0)
+    assert torch.equal(out, ref)

@@ -122,6 +122,29 @@ def test_ddp_two_processes_equal_one(char_data, tmp_path):
     assert len(va) == len(vb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(va, vb))
 
 
+def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=1000000",
+        "--eval_interval=1000000", "--time_budget=1.5")
+    log = read_log(out)
+    steps = [r for r in log if "loss" in r]
+    last = log[-1]
+    assert "val_loss" in last and last["iter"] == len(steps)  # a final evaluation where it stopped
+    assert 1.5 <= last["train_time"] < 1.5 + 5 * max(r["ms"] for r in steps) / 1000
+    assert len(steps) < 1000000
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_gradient_checkpointing_trains_the_same(char_data, tmp_path):
+    common = [*TINY, f"--data_dir={char_data}", "--max_iters=5", "--eval_interval=5", "--dropout=0.1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run("train.py", *common, f"--out_dir={a}")
+    run("train.py", *common, f"--out_dir={b}", "--gradient_checkpointing=True")
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(5))
+    assert all(abs(la[i] - lb[i]) < 1e-5 for i in la)
+
+
 def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
