@@ -129,31 +129,54 @@ def features():
                               "bytes_clean": v("int64")})
 
 
-def columns(dset, names, from_files=False, batch_size=1000):
-    """Yields (row index, row dict) over the chosen columns, a batch at a time. With from_files (for the
-    whole output of a map()), reads its Arrow stream files with plain reads instead of datasets' memory
-    map: mapped pages of a corpus read once would otherwise stay counted in this process's memory."""
-    import pyarrow as pa
+def columns(files, names, n):
+    """Yields (row index, row dict) over the chosen columns of a map's output, read from its Arrow stream
+    files with plain reads rather than through datasets, whose memory map of them would leave the pages of
+    a corpus read once counted in this process's memory (RSS) until the end."""
     i = 0
-    if from_files:
-        for f in [c["filename"] for c in dset.cache_files]:
-            with pa.OSFile(f) as source:
-                for batch in pa.ipc.open_stream(source):
-                    cols = {n: batch.column(n).to_pylist() for n in names}
-                    for j in range(batch.num_rows):
-                        yield i, {n: cols[n][j] for n in names}
-                        i += 1
-        assert i == len(dset), f"read {i} rows of {len(dset)} from the map's files"
-        return
-    for batch in dset.select_columns(names).iter(batch_size=batch_size):
-        for j in range(len(batch[names[0]])):
-            yield i, {n: batch[n][j] for n in names}
-            i += 1
+    for f in files:
+        with pa.OSFile(f) as source:
+            for batch in pa.ipc.open_stream(source):
+                cols = {name: batch.column(name).to_pylist() for name in names}
+                for j in range(batch.num_rows):
+                    yield i, {name: cols[name][j] for name in names}
+                    i += 1
+    assert i == n, f"read {i} rows of {n} from the map's files"
+
+
+def in_child(fn, *args):
+    """fn(*args) in a forked child process, its result sent back: the pages of the corpus it reads are
+    mapped in the child, which exits, and never count in this process's memory."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")  # the child inherits the arguments (a dataset) instead of unpickling them
+    recv, send = ctx.Pipe(duplex=False)
+
+    def child():
+        send.send(fn(*args))
+        send.close()
+    proc = ctx.Process(target=child)
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:
+        result = None
+    proc.join()
+    if proc.exitcode != 0 or result is None:
+        raise RuntimeError(f"the child process for {fn.__name__} failed (exit code {proc.exitcode})")
+    return result
+
+
+def sample_repeated_lines(dset, cfg):
+    """Stage 1's repeated lines, counted on the first repeated_line_sample documents."""
+    head = dset.select(range(min(len(dset), cfg["repeated_line_sample"]))).select_columns(["text"]).with_format("arrow")
+    sample = (t.decode("utf-8", "replace") if t else "" for batch in head.iter(batch_size=1000)
+              for t in pc.cast(batch.column("text"), pa.large_binary()).to_pylist())
+    return curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
 
 
 def run(dset, cfg, out, num_proc):
     """All stages on dset; writes the shards to `out` and returns the report."""
-    import datasets
     n = len(dset)
     ex = defaultdict(list)  # reason -> a few examples
 
@@ -164,23 +187,24 @@ def run(dset, cfg, out, num_proc):
     # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
     repeated = set()
     if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
-        head = dset.select(range(min(n, cfg["repeated_line_sample"]))).select_columns(["text"]).with_format("arrow")
-        sample = (t.decode("utf-8", "replace") if t else "" for batch in head.iter(batch_size=1000)
-                  for t in pc.cast(batch.column("text"), pa.large_binary()).to_pylist())
-        repeated = curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
+        repeated = in_child(sample_repeated_lines, dset, cfg)
     words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
     domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
     # in chunks of map_chunk_docs: each chunk gets fresh worker processes, so the pages of the corpus a
     # worker has read (memory-mapped Arrow, counted in its memory) never add up past one chunk's share
     kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg}
-    parts, chunk = [], cfg["map_chunk_docs"]
+    # Only the names of each chunk's output files are kept: the dataset datasets hands back has its files
+    # memory-mapped and their pages touched (read_all), so it is dropped at once and its map closed.
+    files, chunk = [], cfg["map_chunk_docs"]
     for start in range(0, n, chunk):
         part = dset.select(range(start, min(n, start + chunk)))  # contiguous: a slice of the Arrow table
-        parts.append(part.with_format("arrow").map(process, with_indices=True, batched=True, batch_size=64, remove_columns=part.column_names,
+        done = part.with_format("arrow").map(process, with_indices=True, batched=True, batch_size=64, remove_columns=part.column_names,
                               fn_kwargs=dict(kwargs, offset=start), features=features(),
                               num_proc=min(num_proc, max(1, len(part) // 64)),
-                              desc=f"cleanup, language, quality, harmful, PII ({start:,}-{start + len(part):,} of {n:,})"))
-    done = datasets.concatenate_datasets(parts)
+                              desc=f"cleanup, language, quality, harmful, PII ({start:,}-{start + len(part):,} of {n:,})")
+        assert len(done) == len(part), f"the map returned {len(done)} rows for {len(part)}"
+        files += [c["filename"] for c in done.cache_files]
+        del done, part
 
     # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
     # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold).
@@ -196,7 +220,7 @@ def run(dset, cfg, out, num_proc):
     mult = np.random.default_rng(0).integers(1, 2 ** 63, size=r, dtype=np.uint64) | np.uint64(1)  # odd: a fixed mix
     bands = np.zeros((n, b), np.uint64)
     dup_of = {}  # example documents -> the index of the one they duplicate, turned into ids below
-    for i, row in columns(done, from_files=True, names=["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
+    for i, row in columns(files, n=n, names=["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
         s = row["status"]
         lengths_in[i], lengths_clean[i] = row["bytes_in"], row["bytes_clean"]
         if not s and cfg["exact_dedup"]:
@@ -239,7 +263,7 @@ def run(dset, cfg, out, num_proc):
         del buckets, first
     if dup_of:  # the examples name documents by id
         wanted = set(dup_of.values())
-        names = {i: row["id"] for i, row in columns(done, from_files=True, names=["id"]) if i in wanted}
+        names = {i: row["id"] for i, row in columns(files, n=n, names=["id"]) if i in wanted}
         for (key, k), i in dup_of.items():
             field = "id" if key.endswith(":self") else "duplicate_of"
             ex[key.replace(":self", "")][k][field] = names[i]
@@ -252,7 +276,7 @@ def run(dset, cfg, out, num_proc):
         model.eval()
         tok = load_tokenizer(spec)
         scores = {i: curation.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
-                  for i, row in columns(done, from_files=True, names=["text"]) if not status[i]}
+                  for i, row in columns(files, n=n, names=["text"]) if not status[i]}
         keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
             if rank >= keep:
@@ -260,7 +284,7 @@ def run(dset, cfg, out, num_proc):
                 example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
 
     # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
-    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(done, from_files=True, names=["text"]) if not status[i]}
+    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(files, n=n, names=["text"]) if not status[i]}
     val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
     if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
         val = {min(hashes, key=lambda i: (hashes[i], i))}
@@ -270,7 +294,7 @@ def run(dset, cfg, out, num_proc):
     changes, n_changed = Counter(), 0
     writers = {}
     try:
-        for i, row in columns(done, from_files=True, names=["id", "text", "pii", "changes"]):
+        for i, row in columns(files, n=n, names=["id", "text", "pii", "changes"]):
             if status[i]:
                 continue
             n_changed += bool(row["changes"] or row["pii"])
