@@ -1,7 +1,8 @@
 """
-Reading a local corpus of documents, shared by the scripts that take one (data/openwebtext/prepare.py,
-curate.py): which files count, how a folder is searched, how the text field is checked, and how a
-`datasets` read error becomes one line. Also one whole text (read_text), for the Shakespeare scripts.
+Reading a corpus of documents, shared by the scripts that take one (data/openwebtext/prepare.py,
+curate.py): which files count, how a folder is searched, how the text field is checked, how a Hugging
+Face dataset is loaded (load_hub), and how a `datasets` read error becomes one line; curate.py's reader
+(load_documents, with ids and URLs). Also one whole text (read_text), for the Shakespeare scripts.
 """
 import os
 import re
@@ -66,15 +67,40 @@ def find_files(inputs):
     return [os.path.abspath(f) for f in files if os.path.getsize(f) > 0]
 
 
-def text_column(dset, field, where):
-    """dset reduced to one string column named 'text', after checking that `field` is one."""
+def check_text_field(dset, field, where):
     if field not in dset.column_names:
         raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(dset.column_names)}; "
                         f"pass --text_field=NAME")
     if getattr(dset.features[field], "dtype", None) not in ("string", "large_string"):
         raise UserError(f"field {field!r} of {where} holds {dset.features[field]}, not text; pass --text_field=NAME")
+
+
+def text_column(dset, field, where):
+    """dset reduced to one string column named 'text', after checking that `field` is one."""
+    check_text_field(dset, field, where)
     dset = dset.select_columns([field])
     return dset if field == "text" else dset.rename_column(field, "text")
+
+
+def load_hub(path, config, split, cache_dir, num_proc, max_documents=0):
+    """A Hugging Face dataset (a hub name, or any folder load_dataset reads) as Arrow on disk. Whole, it is
+    downloaded once and converted in the cache, so it may be bigger than memory; with max_documents > 0,
+    only that many are streamed (nothing else is downloaded). Offline or misspelt: one UserError line."""
+    import datasets
+    try:
+        if max_documents > 0:
+            stream = datasets.load_dataset(path, config or None, split=split, streaming=True)
+            return datasets.Dataset.from_generator(_first, gen_kwargs={"stream": stream, "n": max_documents},
+                                                   cache_dir=cache_dir)
+        return datasets.load_dataset(path, config or None, split=split, cache_dir=cache_dir, num_proc=num_proc)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
+        local = "" if os.path.exists(path) or "/" not in path else f"{path} is no local path, and "
+        raise UserError(f"{local}could not load the Hugging Face dataset {path} ({' '.join(str(e).split())[:200]}); "
+                        f"offline, or a misspelt name? pass --input=PATH to local files") from None
+
+
+def _first(stream, n):
+    yield from stream.take(n)
 
 
 def reason(e):
@@ -103,3 +129,64 @@ def curated_splits(files):
             return None
         splits[m.group(1)].append(f)
     return splits if splits["train"] and splits["val"] else None
+
+
+# ------------------------------------------------------------------------------------------------------
+# curate.py's input: documents with an id, a text and a URL
+
+def is_hub(entry):
+    """Is this --input entry a Hugging Face dataset: hf:NAME_OR_FOLDER, or owner/name where no such local
+    path exists?"""
+    return entry.startswith("hf:") or (not os.path.exists(entry) and re.fullmatch(r"[\w.-]+/[\w.-]+", entry) is not None)
+
+
+def load_documents(files, cfg, cache_dir, num_proc, hub=()):
+    """One dataset with columns id, text, url: the local files (read by datasets' builders to disk), then
+    the Hugging Face datasets named in `hub` (load_hub: a hub name or hf:FOLDER), in order. For curate.py."""
+    import datasets
+    parts = []
+    try:
+        for builder in dict.fromkeys(map(builder_of, files)):
+            paths = [f for f in files if builder_of(f) == builder]
+            options = {"sample_by": "paragraph" if cfg["txt_split"] == "blank" else "document"} if builder == "text" else {}
+            d = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
+                                      num_proc=min(num_proc, len(paths)), **options)
+            where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
+            parts.append(_documents(d, "text" if builder == "text" else cfg["text_field"], where, cfg))
+        for entry in hub:
+            path = entry[3:] if entry.startswith("hf:") else entry
+            d = load_hub(path, cfg["hf_config"], cfg["hf_split"], cache_dir if os.path.exists(path) else None,
+                         num_proc, cfg["hf_max_documents"])
+            parts.append(_documents(d, cfg["text_field"], entry, cfg))
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
+        raise UserError(f"could not read the input: {reason(e)}") from None
+    except UnicodeDecodeError as e:  # raised by the JSON reader as it is, not wrapped
+        raise UserError(f"could not read the input: bytes that are not UTF-8 ({e}); convert the files to UTF-8") from None
+    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
+        raise UserError("could not read the input: a compressed file holds no JSON lines") from None
+    except (ValueError, TypeError) as e:  # a field that cannot be read as text, mixed schemas, an unknown split
+        raise UserError(f"could not read the input: {' '.join(str(e).split())[:300]}") from None
+    parts = [d for d in parts if d is not None]
+    if not parts:
+        raise UserError("no documents found in the input: it is empty")
+    return datasets.concatenate_datasets(parts)
+
+
+def _documents(d, field, where, cfg):
+    """d reduced to the columns id, text, url (None when empty), after checking its text field."""
+    import datasets
+    if len(d) == 0:
+        return None
+    check_text_field(d, field, where)
+    flat = d.flatten() if cfg["url_field"] and "." in cfg["url_field"] else d
+    keep = {field: "text"}
+    for key, name in ((cfg["id_field"], "id"), (cfg["url_field"], "url")):
+        if key and key in flat.column_names and key != field:
+            keep[key] = name
+    flat = flat.select_columns(list(keep)).rename_columns(keep)
+    for name in ("id", "url"):
+        if name not in flat.column_names:
+            flat = flat.add_column(name, [""] * len(flat))
+    if getattr(flat.features["id"], "dtype", None) not in ("string", "large_string"):
+        flat = flat.cast_column("id", datasets.Value("string"))  # ids may be numbers in JSON
+    return flat.select_columns(["id", "text", "url"])

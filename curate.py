@@ -2,7 +2,7 @@
 Curate raw web text into a clean, deduplicated, private training corpus, with a report of what each stage
 did. The stages (curation.py, pii.py) run in the issue's order, each switchable in the config:
 cleanup -> language -> quality -> harmful -> exact dedup -> near dedup (MinHash LSH) -> PII -> model
-perplexity (optional) -> held-out split.
+perplexity and/or a reference-vs-web classifier (optional) -> held-out split.
 
     python curate.py config/curate_web.py --input=raw/ --output=data/mycorpus/curated
     python data/openwebtext/prepare.py --input=data/mycorpus/curated --out_dir=data/mycorpus
@@ -26,12 +26,16 @@ from runtime import UserError
 here = os.path.dirname(os.path.abspath(__file__))
 # ------------------------------------------------------------------------------------------------------
 # defaults (config/curate_web.py documents each)
-input = ""                      # files or folders, comma-separated: .txt, .jsonl, .jsonl.gz, .parquet
+input = ""                      # comma-separated: files or folders (.txt, .jsonl, .jsonl.gz, .parquet) and
+                                # Hugging Face datasets (owner/name, or hf:FOLDER for any folder datasets reads)
 output = ""                     # the curated folder (must not exist unless overwrite=True)
 overwrite = False
 text_field = "text"
 id_field = "id"                 # '' when the input has none: documents are then named by their position
 url_field = "metadata.url"      # dotted path into the JSON object; '' or missing: no URL
+hf_config = ""                  # Hugging Face datasets: the config (subset) name, e.g. sample-10BT
+hf_split = "train"
+hf_max_documents = 0            # > 0: stream only the first N documents of each (0: download the whole split)
 txt_split = "file"              # .txt: one document per file ('file') or per blank-line paragraph ('blank')
 num_proc = "auto"               # processes for the per-document stages; 'auto' = the CPU count
 map_chunk_docs = 50000          # documents per round of worker processes (bounds their memory)
@@ -81,6 +85,11 @@ model_filter = False
 model_source = ""               # out_dir, ckpt.pt or Hugging Face GPT-2 folder (checkpoint.load_model)
 model_keep_fraction = 0.8       # keep this share of documents, lowest perplexity first
 model_max_tokens = 256
+classifier_reference = ""       # DCLM-style classifier: files/folders of text you trust ('' = off)
+classifier_reference_split = "blank"  # .txt references: one document per blank-line paragraph or per 'file'
+classifier_train_docs = 5000    # documents of the reference and of the corpus (its first) it is trained on
+classifier_keep_fraction = 0.8  # keep this share of documents, highest score (most reference-like) first
+classifier_min_score = 0.0      # and drop any scoring below this (0-1: the probability of "reference")
 # 8. split and output
 val_fraction = 0.01
 split_seed = 0
@@ -108,29 +117,43 @@ if __name__ == "__main__":
         raise UserError(f"num_proc must be a positive int or 'auto', got {num_proc!r}")
     if not 0 <= val_fraction < 1 or not 0 < model_keep_fraction <= 1 or not 0 < minhash_threshold < 1:
         raise UserError("val_fraction must be in [0, 1), model_keep_fraction in (0, 1], minhash_threshold in (0, 1)")
+    if not 0 < classifier_keep_fraction <= 1 or classifier_train_docs < 1:
+        raise UserError("classifier_keep_fraction must be in (0, 1] and classifier_train_docs at least 1")
     if model_filter and not model_source:
         raise UserError("model_filter=True needs model_source=OUT_DIR (a checkpoint of a model of trusted text)")
     print(f"curating {input} -> {output}; overrides: {overrides(defaults, config)}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files need no network; read by datasets at import
+    entries = [p for p in input.split(",") if p]
+    from corpus import find_files, is_hub, load_documents
+    hub = [p for p in entries if is_hub(p)]
+    if not hub:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files need no network; read by datasets at import
     import curation_report
     import pipeline  # the per-document map and the corpus-wide passes
-    from corpus import find_files
 
-    files = find_files([p for p in input.split(",") if p])
-    if not files:
+    files = find_files([p for p in entries if p not in hub])
+    if not files and not hub:
         raise UserError(f"no documents found in {input}: the files are empty")
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".tmp", dir=parent)
     try:
         t0 = time.time()
-        dset = pipeline.load(files, config, os.path.join(work, "cache"), num_proc)
-        print(f"{len(dset):,} documents from {len(files)} file(s) in {time.time() - t0:.1f} s")
+        dset = load_documents(files, config, os.path.join(work, "cache"), num_proc, hub)
+        print(f"{len(dset):,} documents from {len(files)} file(s) and {len(hub)} Hugging Face dataset(s) "
+              f"in {time.time() - t0:.1f} s")
+        classifier = None
+        if classifier_reference:  # stage 7's classifier is trained once, up front, then scores each document
+            ref_files = find_files([p for p in classifier_reference.split(",") if p])
+            reference = load_documents(ref_files, dict(config, txt_split=classifier_reference_split, id_field="", url_field=""),
+                                      os.path.join(work, "reference"), num_proc)
+            classifier = pipeline.train_classifier(reference, dset, config)
+            print(f"quality classifier trained on {min(len(reference), classifier_train_docs):,} reference and "
+                  f"{min(len(dset), classifier_train_docs):,} corpus documents")
         out = os.path.join(work, "curated")
         os.makedirs(out)
-        report = pipeline.run(dset, config, out, num_proc)
+        report = pipeline.run(dset, config, out, num_proc, classifier)
         report["config"] = config
-        report["input_files"] = files  # absolute: the report is the same from any working folder
+        report["input_files"] = files + hub  # absolute: the report is the same from any working folder
         curation_report.write_report(report, out)
         if os.path.exists(output):  # overwrite=True: the old folder leaves only once the new one is whole
             os.replace(output, os.path.join(work, "old"))

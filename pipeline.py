@@ -1,5 +1,5 @@
 """
-curate.py's machinery: read the corpus into Arrow (datasets), run the per-document stages of curation.py
+curate.py's machinery (corpus.load_documents reads the input): run the per-document stages of curation.py
 and pii.py in a parallel map, then the corpus-wide passes (deduplication, model scores, split) over compact
 keys, write the shards and the report. Every input document ends with one status: '' (kept) or the reason
 it was dropped; kept documents list what changed them.
@@ -16,59 +16,15 @@ import pyarrow.compute as pc
 
 import curation
 import pii
-from corpus import builder_of, reason, shard_name
+import quality_classifier
+from corpus import shard_name
 from curation_report import SNIPPET, build_report
-from runtime import UserError
 
 
-
-def load(files, cfg, cache_dir, num_proc):
-    """One dataset with columns id, text, url, in input order, from the files (read by datasets to disk)."""
-    import datasets
-    parts = []
-    try:
-        for builder in dict.fromkeys(map(builder_of, files)):
-            paths = [f for f in files if builder_of(f) == builder]
-            options = {"sample_by": "paragraph" if cfg["txt_split"] == "blank" else "document"} if builder == "text" else {}
-            d = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
-                                      num_proc=min(num_proc, len(paths)), **options)
-            where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
-            field = "text" if builder == "text" else cfg["text_field"]
-            if len(d) == 0:
-                continue
-            if field not in d.column_names:
-                raise UserError(f"{where} has no field {field!r}; its fields are: {', '.join(d.column_names)}; "
-                                f"pass --text_field=NAME")
-            if getattr(d.features[field], "dtype", None) not in ("string", "large_string"):
-                raise UserError(f"field {field!r} of {where} holds {d.features[field]}, not text; pass --text_field=NAME")
-            flat = d.flatten() if cfg["url_field"] and "." in cfg["url_field"] else d
-            keep = {field: "text"}
-            for key, name in ((cfg["id_field"], "id"), (cfg["url_field"], "url")):
-                if key and key in flat.column_names and key != field:
-                    keep[key] = name
-            flat = flat.select_columns(list(keep)).rename_columns(keep)
-            for name in ("id", "url"):
-                if name not in flat.column_names:
-                    flat = flat.add_column(name, [""] * len(flat))
-            if getattr(flat.features["id"], "dtype", None) not in ("string", "large_string"):
-                flat = flat.cast_column("id", datasets.Value("string"))  # ids may be numbers in JSON
-            parts.append(flat.select_columns(["id", "text", "url"]))
-    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
-        raise UserError(f"could not read the input: {reason(e)}") from None
-    except UnicodeDecodeError as e:  # raised by the JSON reader as it is, not wrapped
-        raise UserError(f"could not read the input: bytes that are not UTF-8 ({e}); convert the files to UTF-8") from None
-    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
-        raise UserError("could not read the input: a compressed file holds no JSON lines") from None
-    except (ValueError, TypeError) as e:  # a field that cannot be read as text, mixed schemas
-        raise UserError(f"could not read the input: {' '.join(str(e).split())[:300]}") from None
-    if not parts:
-        raise UserError("no documents found in the input: it is empty")
-    return datasets.concatenate_datasets(parts)
-
-
-def process(batch, indices, repeated, words, domains, cfg, offset=0):
+def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=None):
     """The per-document stages 1-4 and 6 on a batch, plus the dedup keys of the text before PII (stage 5
-    runs later, corpus-wide; PII replacements are only counted for documents that survive it)."""
+    runs later, corpus-wide; PII replacements are only counted for documents that survive it), and the
+    quality classifier's score (stage 7 keeps the best scores corpus-wide)."""
     out = defaultdict(list)
     repeated = frozenset(repeated)  # a sorted list in fn_kwargs (datasets hashes it); a set to look up
     languages = set(cfg["languages"].split(","))
@@ -99,8 +55,10 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0):
             status = curation.quality_reason(text, lang, cfg) or ""
         if not status and cfg["harmful_filter"]:
             status = curation.harmful_reason(text, url, words, domains, cfg) or ""
-        exact, sig, final = 0, [], text
+        exact, sig, final, score = 0, [], text, -1.0
         if not status:
+            if classifier is not None:
+                score = quality_classifier.score(classifier, text)
             exact = curation.dedup_key(text)
             if cfg["near_dedup"]:
                 sig = curation.minhash(text, cfg["minhash_num_perm"], cfg["minhash_shingle_size"], cfg["minhash_seed"])
@@ -117,6 +75,7 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0):
         out["minhash"].append(sig)
         out["bytes_in"].append(len(raw.encode("utf-8", "surrogatepass")))
         out["bytes_clean"].append(len(text.encode("utf-8", "surrogatepass")))
+        out["score"].append(score)
     return dict(out)
 
 
@@ -126,7 +85,7 @@ def features():
     return datasets.Features({"id": v("string"), "text": v("string"), "snippet": v("string"), "status": v("string"),
                               "changes": v("string"), "pii": v("string"), "lang": v("string"), "exact": v("int64"),
                               "minhash": datasets.Sequence(v("uint32")), "bytes_in": v("int64"),
-                              "bytes_clean": v("int64")})
+                              "bytes_clean": v("int64"), "score": v("float64")})
 
 
 def columns(files, names, n):
@@ -175,8 +134,18 @@ def sample_repeated_lines(dset, cfg):
     return curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
 
 
-def run(dset, cfg, out, num_proc):
-    """All stages on dset; writes the shards to `out` and returns the report."""
+def train_classifier(reference, dset, cfg):
+    """Stage 7's classifier, trained on the first classifier_train_docs documents of the reference set and
+    of the corpus (in a child process: the corpus pages it reads stay out of this one's memory)."""
+    def texts(d):
+        head = d.select(range(min(len(d), cfg["classifier_train_docs"]))).select_columns(["text"])
+        return [t or "" for batch in head.iter(batch_size=1000) for t in batch["text"]]
+    return in_child(lambda: quality_classifier.train(texts(reference), texts(dset)))
+
+
+def run(dset, cfg, out, num_proc, classifier=None):
+    """All stages on dset (with the stage 7 classifier when given); writes the shards to `out` and returns
+    the report."""
     n = len(dset)
     ex = defaultdict(list)  # reason -> a few examples
 
@@ -192,7 +161,8 @@ def run(dset, cfg, out, num_proc):
     domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
     # in chunks of map_chunk_docs: each chunk gets fresh worker processes, so the pages of the corpus a
     # worker has read (memory-mapped Arrow, counted in its memory) never add up past one chunk's share
-    kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg}
+    kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg,
+              "classifier": classifier}
     # Only the names of each chunk's output files are kept: the dataset datasets hands back has its files
     # memory-mapped and their pages touched (read_all), so it is dropped at once and its map closed.
     files, chunk = [], cfg["map_chunk_docs"]
@@ -283,6 +253,19 @@ def run(dset, cfg, out, num_proc):
                 status[i] = "model:perplexity"
                 example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
 
+    # stage 7, DCLM style: the classifier's scores (from the map); below classifier_min_score is dropped,
+    # then the classifier_keep_fraction with the highest scores is kept (ties: input order)
+    cut = None
+    if classifier is not None:
+        scores = {i: (row["score"], row["id"]) for i, row in columns(files, n=n, names=["score", "id"]) if not status[i]}
+        keep = math.ceil(cfg["classifier_keep_fraction"] * len(scores))
+        for rank, i in enumerate(sorted(scores, key=lambda i: (-scores[i][0], i))):
+            if rank >= keep or scores[i][0] < cfg["classifier_min_score"]:
+                status[i] = "model:classifier"
+                example("model:classifier", {"id": scores[i][1], "score": round(scores[i][0], 4)})
+            else:
+                cut = scores[i][0]  # the lowest score kept
+
     # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
     hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(files, n=n, names=["text"]) if not status[i]}
     val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
@@ -324,4 +307,8 @@ def run(dset, cfg, out, num_proc):
         for w in writers.values():
             w[0].close()
             w[1].close()
-    return build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
+    report = build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
+    if classifier is not None:
+        report["classifier"] = {"lowest_score_kept": cut, "keep_fraction": cfg["classifier_keep_fraction"],
+                                "min_score": cfg["classifier_min_score"]}
+    return report

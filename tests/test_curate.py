@@ -17,6 +17,8 @@ import curate
 import curation
 import pii
 import pipeline
+import quality_classifier
+from corpus import is_hub, load_documents
 from runtime import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +244,7 @@ def planted(tmp_path_factory):
 def test_pipeline_on_planted_corpus(planted, tmp_path):
     folder, rows, expected = planted
     cfg = dict(curate.DEFAULTS, val_fraction=0.05, map_chunk_docs=300)  # chunks: ids and order must survive them
-    dset = pipeline.load([str(folder / "part0.jsonl.gz"), str(folder / "part1.jsonl.gz")], cfg, str(tmp_path / "cache"), 1)
+    dset = load_documents([str(folder / "part0.jsonl.gz"), str(folder / "part1.jsonl.gz")], cfg, str(tmp_path / "cache"), 1)
     report = pipeline.run(dset, cfg, str(tmp_path), 1)
     out = read_output(tmp_path)
     source = {r["id"]: r["text"] for r in rows}
@@ -292,7 +294,7 @@ def test_model_perplexity_filter(tmp_path):
     write_jsonl(tmp_path / "in.jsonl.gz", rows)
     cfg = dict(curate.DEFAULTS, language_filter=False, quality_filter=False, model_filter=True,
                model_source=str(tmp_path), model_keep_fraction=0.5, val_fraction=0.0, url_field="")
-    dset = pipeline.load([str(tmp_path / "in.jsonl.gz")], cfg, str(tmp_path / "cache"), 1)
+    dset = load_documents([str(tmp_path / "in.jsonl.gz")], cfg, str(tmp_path / "cache"), 1)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     report = pipeline.run(dset, cfg, str(out_dir), 1)
@@ -304,20 +306,81 @@ def test_load_errors(tmp_path):
     cfg = dict(curate.DEFAULTS)
     write_jsonl(tmp_path / "a.jsonl.gz", [{"body": "hello"}])
     with pytest.raises(UserError, match="no field 'text'.*body"):
-        pipeline.load([str(tmp_path / "a.jsonl.gz")], cfg, str(tmp_path / "c1"), 1)
+        load_documents([str(tmp_path / "a.jsonl.gz")], cfg, str(tmp_path / "c1"), 1)
     # bytes that are not UTF-8: in JSON lines a counted reason (the rest goes on), in a .txt file an error
     (tmp_path / "b.jsonl").write_bytes(b'{"text": "caf\xe9 latin-1"}\n{"text": "fine"}\n')
-    dset = pipeline.load([str(tmp_path / "b.jsonl")], dict(cfg, quality_filter=False, language_filter=False), str(tmp_path / "c2"), 1)
+    dset = load_documents([str(tmp_path / "b.jsonl")], dict(cfg, quality_filter=False, language_filter=False), str(tmp_path / "c2"), 1)
     (tmp_path / "out").mkdir()
     report = pipeline.run(dset, dict(cfg, quality_filter=False, language_filter=False), str(tmp_path / "out"), 1)
     assert report["drop_reasons"] == {"input:not_utf8": 1} and report["summary"]["kept"] == 1
     (tmp_path / "d.txt").write_bytes(b"caf\xe9 latin-1\n")
     with pytest.raises(UserError, match="(?i)utf-8"):
-        pipeline.load([str(tmp_path / "d.txt")], cfg, str(tmp_path / "c4"), 1)
+        load_documents([str(tmp_path / "d.txt")], cfg, str(tmp_path / "c4"), 1)
     write_jsonl(tmp_path / "c.jsonl.gz", [{"text": 12}])
     with pytest.raises(UserError, match="not text"):
-        pipeline.load([str(tmp_path / "c.jsonl.gz")], cfg, str(tmp_path / "c3"), 1)
+        load_documents([str(tmp_path / "c.jsonl.gz")], cfg, str(tmp_path / "c3"), 1)
 
+
+
+def test_hub_dataset_input(tmp_path):
+    """A Hugging Face dataset goes through load_dataset: tested offline on a local folder of parquet files
+    (hf:FOLDER, the same path a hub name takes), whole and streamed; a hub name offline is one error line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = random.Random(8)
+    texts = [document(rng) for _ in range(30)]
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    table = pa.table({"uid": [f"d{i}" for i in range(30)], "content": texts, "url": [f"https://s{i}.example" for i in range(30)]})
+    pq.write_table(table.slice(0, 12), folder / "part-0.parquet")
+    pq.write_table(table.slice(12), folder / "part-1.parquet")
+    assert is_hub("HuggingFaceFW/fineweb-edu") and is_hub(f"hf:{folder}") and not is_hub(str(folder))
+    cfg = dict(curate.DEFAULTS, text_field="content", id_field="uid", url_field="url")
+    whole = load_documents([], cfg, str(tmp_path / "c1"), 1, hub=[f"hf:{folder}"])
+    assert whole["id"] == [f"d{i}" for i in range(30)] and whole["text"] == texts
+    assert whole["url"] == [f"https://s{i}.example" for i in range(30)]
+    streamed = load_documents([], dict(cfg, hf_max_documents=5), str(tmp_path / "c2"), 1, hub=[f"hf:{folder}"])
+    assert streamed["text"] == texts[:5]
+    with pytest.raises(UserError, match="no field 'text'.*content"):
+        load_documents([], curate.DEFAULTS, str(tmp_path / "c3"), 1, hub=[f"hf:{folder}"])
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    result = run_curate("--input=HuggingFaceFW/fineweb-edu", "--hf_config=sample-10BT", f"--output={tmp_path / 'x'}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "could not load the Hugging Face dataset HuggingFaceFW/fineweb-edu" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_classifier_filter(tmp_path):
+    """The DCLM-style classifier, trained on a reference set of prose against the raw corpus, keeps the
+    prose-like documents and drops the keyword spam; training twice gives the same scores."""
+    rng = random.Random(9)
+    reference = tmp_path / "reference.txt"  # documents separated by blank lines, as in TinyStories
+    reference.write_text("\n\n".join(document(rng) for _ in range(60)) + "\n")
+    spam_words = ("buy cheap best price deal discount casino bonus free shipping click here now online "
+                  "offer sale download coupon login signup win prize crypto loans").split()
+    good = [document(rng) for _ in range(20)]
+    junk = [". ".join(" ".join(rng.choice(spam_words) for _ in range(10)) for _ in range(12)) + "." for _ in range(20)]
+    rows = [{"id": f"g{i}", "text": t} for i, t in enumerate(good)] + [{"id": f"j{i}", "text": t} for i, t in enumerate(junk)]
+    rng.shuffle(rows)
+    write_jsonl(tmp_path / "in.jsonl.gz", rows)
+    cfg = dict(curate.DEFAULTS, language_filter=False, quality_filter=False, harmful_filter=False, near_dedup=False,
+               classifier_keep_fraction=0.5, val_fraction=0.0, url_field="")
+    dset = load_documents([str(tmp_path / "in.jsonl.gz")], cfg, str(tmp_path / "cache"), 1)
+    ref = load_documents([str(reference)], dict(cfg, txt_split="blank"), str(tmp_path / "ref"), 1)
+    model = pipeline.train_classifier(ref, dset, cfg)
+    again = pipeline.train_classifier(ref, dset, cfg)
+    scores = [quality_classifier.score(model, r["text"]) for r in rows]
+    assert scores == [quality_classifier.score(again, r["text"]) for r in rows]  # deterministic
+    assert min(s for s, r in zip(scores, rows) if r["id"][0] == "g") > max(s for s, r in zip(scores, rows) if r["id"][0] == "j")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    report = pipeline.run(dset, cfg, str(out_dir), 1, classifier=model)
+    assert sorted(read_output(out_dir)) == sorted(f"g{i}" for i in range(20))
+    assert report["drop_reasons"] == {"model:classifier": 20}  # every document counted
+    assert report["summary"]["kept"] + report["summary"]["dropped"] == len(rows)
+    assert all(e["id"].startswith("j") and 0 <= e["score"] < report["classifier"]["lowest_score_kept"]
+               for e in report["examples"]["model:classifier"])
 
 def run_curate(*args, cwd=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), *args], capture_output=True, text=True,

@@ -37,7 +37,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
 import runtime  # noqa: E402
 import tokens  # noqa: E402
-from corpus import builder_of, curated_splits, find_files, reason, text_column  # noqa: E402
+from corpus import builder_of, curated_splits, find_files, load_hub, reason, text_column  # noqa: E402
 from runtime import UserError  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
 
@@ -110,11 +110,7 @@ if __name__ == "__main__":
     try:
         if files is None:
             source, sha256 = f"huggingface:{args.dataset}", None
-            try:
-                dset = datasets.load_dataset(args.dataset, split="train", num_proc=args.num_proc, cache_dir=cache_dir)
-            except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-                raise UserError(f"could not load {args.dataset} from the Hugging Face hub ({e}); offline? "
-                                f"pass --input=PATH to local files") from None
+            dset = load_hub(args.dataset, None, "train", cache_dir, args.num_proc)
             if len(dset):
                 parts.append(("all", text_column(dset, args.text_field, f"dataset {args.dataset}")))
         else:
