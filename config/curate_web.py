@@ -1,6 +1,8 @@
 # Curate raw Common Crawl text (the JSONL that ../shared/data/cc_web holds) into an English corpus:
 #   python curate.py config/curate_web.py --input=../shared/data/cc_web --output=data/ccweb/curated
 #   python data/openwebtext/prepare.py --input=data/ccweb/curated --out_dir=data/ccweb
+# A Hugging Face dataset instead (online): --input=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT
+# --hf_max_documents=100000 (its first 100,000 documents, streamed; 0 downloads the whole split)
 # Every key is one of curate.py's defaults; this file names the ones a web corpus tunes.
 text_field = "text"
 id_field = "id"
@@ -22,5 +24,11 @@ harmful_min_hits = 3
 minhash_threshold = 0.5
 minhash_shingle_size = 2
 minhash_num_perm = 128
+# 7. the DCLM-style classifier is off until a reference set you trust is named, e.g.
+#   --classifier_reference=../shared/data/tinystories/tinystories_valid_head.txt (a .txt split at blank lines);
+# trained on 5,000 documents of it against the corpus's first 5,000, it keeps the 80% most reference-like
+classifier_reference = ""
+classifier_train_docs = 5000
+classifier_keep_fraction = 0.8
 # 8. 1% of documents held out, by a stable hash of each
 val_fraction = 0.01
