@@ -144,6 +144,8 @@ if __name__ == "__main__":
         classifier = None
         if classifier_reference:  # stage 7's classifier is trained once, up front, then scores each document
             ref_files = find_files([p for p in classifier_reference.split(",") if p])
+            if not ref_files:
+                raise UserError(f"classifier_reference {classifier_reference} holds no documents: its files are empty")
             reference = load_documents(ref_files, dict(config, txt_split=classifier_reference_split, id_field="", url_field=""),
                                       os.path.join(work, "reference"), num_proc)
             classifier = pipeline.train_classifier(reference, dset, config)

@@ -104,25 +104,28 @@ def columns(files, names, n):
 
 
 def in_child(fn, *args):
-    """fn(*args) in a forked child process, its result sent back: the pages of the corpus it reads are
-    mapped in the child, which exits, and never count in this process's memory."""
+    """fn(*args) in a forked child process, its result (or its exception) sent back: the pages of the
+    corpus it reads are mapped in the child, which exits, and never count in this process's memory."""
     import multiprocessing as mp
     ctx = mp.get_context("fork")  # the child inherits the arguments (a dataset) instead of unpickling them
     recv, send = ctx.Pipe(duplex=False)
 
     def child():
-        send.send(fn(*args))
+        try:
+            send.send((True, fn(*args)))
+        except Exception as e:  # a UserError stays one line in the parent
+            send.send((False, e))
         send.close()
     proc = ctx.Process(target=child)
     proc.start()
     send.close()
     try:
-        result = recv.recv()
-    except EOFError:
-        result = None
+        ok, result = recv.recv()
+    except EOFError:  # killed, out of memory, ...
+        ok, result = False, RuntimeError(f"the child process for {fn.__name__} died")
     proc.join()
-    if proc.exitcode != 0 or result is None:
-        raise RuntimeError(f"the child process for {fn.__name__} failed (exit code {proc.exitcode})")
+    if not ok:
+        raise result
     return result
 
 

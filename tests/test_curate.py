@@ -373,6 +373,8 @@ def test_classifier_filter(tmp_path):
     scores = [quality_classifier.score(model, r["text"]) for r in rows]
     assert scores == [quality_classifier.score(again, r["text"]) for r in rows]  # deterministic
     assert min(s for s, r in zip(scores, rows) if r["id"][0] == "g") > max(s for s, r in zip(scores, rows) if r["id"][0] == "j")
+    with pytest.raises(UserError, match="0 reference and 40 web"):  # raised in the child, re-raised here
+        pipeline.train_classifier(dset.select([]), dset, cfg)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     report = pipeline.run(dset, cfg, str(out_dir), 1, classifier=model)
