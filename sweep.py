@@ -245,7 +245,8 @@ def objective(trial):
                 if math.isfinite(r["val_loss"]) and int(r["train_time"] // report_every) > step:
                     step = int(r["train_time"] // report_every)
                     trial.report(r["val_loss"], step)
-                    if trial.should_prune():
+                    spent = time_budget and r["train_time"] >= time_budget  # the final evaluation: score it instead
+                    if not spent and trial.should_prune():
                         stop(proc)
                         print(f"trial {trial.number}: pruned at {r['train_time']:.0f}s of training "
                               f"(val loss {r['val_loss']:.4f} on the fixed set)", flush=True)
@@ -293,7 +294,10 @@ trials = study.get_trials(deepcopy=False)
 print(f"\n{'trial':>5}  {'state':8}  {'held-out':>8}  settings")
 for t in trials:
     note = t.user_attrs.get("failure", "") or ("baseline" if t.user_attrs.get("baseline") else "")
-    value = f"{t.value:.4f}" if t.value is not None else "-"
+    if t.state == TrialState.PRUNED and t.intermediate_values:
+        step = max(t.intermediate_values)
+        note = f"pruned at {step * report_every:g}s: fixed-set val {t.intermediate_values[step]:.4f}"
+    value = f"{t.value:.4f}" if t.state == TrialState.COMPLETE else "-"
     print(f"{t.number:>5}  {t.state.name:8}  {value:>8}  {t.params}  {note}")
 complete = [t for t in trials if t.state == TrialState.COMPLETE]
 if not complete:
@@ -307,8 +311,8 @@ if base_trial is not None:
              f"difference {best.value - base_trial.value:+.4f}")
 print(line)
 
-settings = configure(train_defaults, [train_config, *as_args({**fixed, **best.params})])
-settings = overrides(train_defaults, settings)
+merged = configure(train_defaults, [train_config, *as_args({**fixed, **best.params})])
+settings = dict(overrides(train_defaults, merged), **{k: merged[k] for k in space})  # searched keys always shown
 settings["out_dir"] = f"out-{study_name}-best"
 n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
 n_failed = sum(t.state == TrialState.FAIL for t in trials)

@@ -10,9 +10,9 @@ Two formats, one JSON object per line of a .jsonl file:
 `answer` is the index of the right choice or its text. HellaSwag itself comes from the Hugging Face
 hub (`hellaswag` means Rowan/hellaswag; any hub dataset in HellaSwag's format works by its name).
 """
-import json
 import os
 
+from corpus import jsonl_records
 from runtime import UserError
 
 HELLASWAG = "Rowan/hellaswag"
@@ -45,17 +45,10 @@ def parse_example(record, where):
 
 def read_jsonl(path, max_examples=0):
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(parse_example(record, f"{path}:{lineno}"))
-            if max_examples and len(examples) >= max_examples:
-                break
+    for lineno, record in jsonl_records(path):
+        examples.append(parse_example(record, f"{path} line {lineno}"))
+        if max_examples and len(examples) >= max_examples:
+            break
     if not examples:
         raise UserError(f"{path} holds no examples")
     return examples

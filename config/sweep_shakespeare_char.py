@@ -14,7 +14,7 @@ n_trials = 20
 time_budget = 60.0  # seconds of training per trial (evaluations not counted)
 # max_iters out of the way: the time budget ends every trial, and lr_decay_iters (searched) sets the schedule;
 # frequent, small evaluations of the fixed set feed the pruner (the score is the whole val split anyway)
-fixed = {"max_iters": 100000, "eval_interval": 100, "eval_iters": 10, "log_interval": 100}
+fixed = {"max_iters": 100000, "eval_interval": 50, "eval_iters": 10, "log_interval": 100}
 space = {
     "learning_rate": ("log", 3e-4, 1e-2),
     "lr_decay_iters": ("int", 1000, 6000),  # cosine length: ideally about the iterations that fit in the budget

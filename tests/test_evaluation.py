@@ -147,11 +147,11 @@ def test_task_formats_and_errors(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(simple) + "\n\n" + json.dumps(hella) + "\n")
     assert len(load_task(str(path))) == 2
-    bad = [("{not json\n", "t.jsonl:2: not valid JSON"),
-           (json.dumps(dict(simple, answer=2)) + "\n", "t.jsonl:2: 'answer' is 2"),
-           (json.dumps(dict(hella, label=7)) + "\n", "t.jsonl:2: 'label' is 7"),
-           (json.dumps({"question": "?"}) + "\n", "t.jsonl:2: a task line needs"),
-           (json.dumps(dict(simple, choices=["only"])) + "\n", "t.jsonl:2: 'choices' must be a list")]
+    bad = [("{not json\n", "t.jsonl line 2 is not JSON"),
+           (json.dumps(dict(simple, answer=2)) + "\n", "t.jsonl line 2: 'answer' is 2"),
+           (json.dumps(dict(hella, label=7)) + "\n", "t.jsonl line 2: 'label' is 7"),
+           (json.dumps({"question": "?"}) + "\n", "t.jsonl line 2: a task line needs"),
+           (json.dumps(dict(simple, choices=["only"])) + "\n", "t.jsonl line 2: 'choices' must be a list")]
     for line, message in bad:
         path.write_text(json.dumps(simple) + "\n" + line)
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace("+", r"\+")):
