@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ import runtime
 from checkpoint import load_model
 from configurator import check_key, configure, overrides, script_defaults
 from evaluation import run_data_dir, score_split
+from search import as_args, check_space, counted, in_space, recover_dead_trials, save_plots, suggest, worker_id
 from runtime import UserError
 from tokenizer import load_tokenizer
 
@@ -80,50 +80,24 @@ sweep_files = [a for a in sys.argv[1:] if not a.startswith("--")] or ["the comma
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
-KINDS = ("log", "float", "int", "choice")
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 train_defaults = script_defaults(TRAIN)
 where = f"the sweep config {sweep_files[-1]}"
-
-
-def as_args(values):
-    return [f"--{k}={v!r}" for k, v in values.items()]
 
 
 # the search space and the shared overrides, checked against train.py's keys and types before any trial runs
 if not train_config:
     raise UserError(f"train_config is not set in {where}; name the train.py config file trials start from")
-if not space:
-    raise UserError(f"{where} has an empty search space; set space = {{'learning_rate': ('log', 1e-4, 1e-2), ...}}")
 for key in fixed:
     check_key(key, train_defaults, f"'fixed' of {where}")
 fixed = dict(fixed, time_budget=time_budget)
 base = configure(train_defaults, [train_config, *as_args(fixed)])  # what every trial starts from
-for key, spec in space.items():
-    check_key(key, train_defaults, f"the search space of {where}")
-    if key in ("out_dir", "init_from", "plot", "time_budget"):
-        raise UserError(f"space['{key}']: the sweep sets {key} itself; search training settings only")
-    ok = isinstance(spec, (tuple, list)) and spec and spec[0] in KINDS
-    ok = ok and (len(spec) == 2 and isinstance(spec[1], (list, tuple)) and len(spec[1]) > 0 if spec[0] == "choice"
-                 else len(spec) == 3 and spec[1] < spec[2] and (spec[0] != "log" or spec[1] > 0))
-    if not ok:
-        raise UserError(f"space['{key}'] = {spec!r}: write ('log', low, high) with 0 < low < high, ('float', low, "
-                        f"high), ('int', low, high) or ('choice', [a, b, ...])")
-    for value in (spec[1] if spec[0] == "choice" else spec[1:]):
-        configure(train_defaults, as_args({key: value}))  # the type train.py expects
+check_space(space, train_defaults, where)
 for params in enqueue:
     for key in params:
         check_key(key, space, f"'enqueue' of {where} (keys of the search space)")
-
-
-def in_space(key, value):
-    kind, *rest = space[key]
-    return value in rest[0] if kind == "choice" else rest[0] <= value <= rest[1]
-
-
 baseline_params = {k: base[k] for k in space}
 if baseline:
-    outside = [f"{k}={v!r}" for k, v in baseline_params.items() if not in_space(k, v)]
+    outside = [f"{k}={v!r}" for k, v in baseline_params.items() if not in_space(space[k], v)]
     if outside:
         raise UserError(f"the baseline ({train_config}) has {', '.join(outside)}, outside the search space; widen "
                         f"the space or set baseline=False")
@@ -153,31 +127,8 @@ if not study.trials:
         study.enqueue_trial(params)
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# trials left running by a sweep on this machine that was killed: failed as interrupted, and retried
-for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-    host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
-        optuna.trial.Trial(study, t._trial_id).set_user_attr("failure", "interrupted: its sweep process died")
-        study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **({"baseline": True}
-                                                                           if t.user_attrs.get("baseline") else {})})
-        print(f"trial {t.number} was interrupted (its sweep process died): marked failed, its settings retried")
-
-
-def counted():
-    """Trials that say something about their settings: completed, pruned, or failed by themselves."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED)
-               if not t.user_attrs.get("failure", "").startswith("interrupted"))
+for number in recover_dead_trials(study):
+    print(f"trial {number} was interrupted (its sweep process died): marked failed, its settings retried")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -185,15 +136,6 @@ def counted():
 
 class TrialFailed(Exception):
     """train.py exited with an error: recorded as a failed trial, and the study goes on."""
-
-
-def suggest(trial, key, spec):
-    kind, *rest = spec
-    if kind == "choice":
-        return trial.suggest_categorical(key, list(rest[0]))
-    if kind == "int":
-        return trial.suggest_int(key, rest[0], rest[1])
-    return trial.suggest_float(key, rest[0], rest[1], log=kind == "log")
 
 
 def read_records(path):
@@ -221,7 +163,7 @@ def stop(proc):
 
 
 def objective(trial):
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("worker", worker_id())
     params = {key: suggest(trial, key, spec) for key, spec in space.items()}
     run_dir = os.path.join(sweep_dir, f"trial-{trial.number:04d}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover of a deleted study of the same name
@@ -280,8 +222,8 @@ def sigterm(signum, frame):
 
 signal.signal(signal.SIGTERM, sigterm)
 started = time.time()
-print(f"study '{study_name}' in {url}: {counted()} of {n_trials} trials done")
-while counted() < n_trials:
+print(f"study '{study_name}' in {url}: {counted(study)} of {n_trials} trials done")
+while counted(study) < n_trials:
     if timeout and time.time() - started > timeout:
         print(f"timeout of {timeout:g}s reached")
         break
@@ -328,22 +270,5 @@ with runtime.atomic_path(best_config) as tmp:
         f.write("".join(f"{k} = {v!r}\n" for k, v in sorted(settings.items())))
 print(f"best config: {best_config}")
 
-import matplotlib  # noqa: E402  (only needed at the end)
-matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from optuna.visualization import matplotlib as vis  # noqa: E402
-
-for name, plot in (("optimisation_history", vis.plot_optimization_history),
-                   ("param_importances", vis.plot_param_importances),
-                   ("intermediate_values", vis.plot_intermediate_values)):
-    try:
-        ax = plot(study)
-    except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances need 2+ completed trials
-        print(f"no {name}.png: {e}")
-        continue
-    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-    path = os.path.join(sweep_dir, f"{name}.png")
-    with runtime.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
-    plt.close(fig)
+for path in save_plots(study, sweep_dir):
     print(f"plot: {path}")
