@@ -114,6 +114,7 @@ def save_plots(study, folder):
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as vis
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="The number of trials is too small")  # importances say it anyway
     written = []
     for name, plot in (("optimisation_history", vis.plot_optimization_history),
                        ("param_importances", vis.plot_param_importances),

@@ -29,9 +29,11 @@ At the end: the best trial as a ready config file (best_config), the trials agai
 stdout, and optimisation_history.png, param_importances.png and intermediate_values.png in sweep_dir.
 """
 import datetime
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,23 +114,25 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)  # this script prints one lin
 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
                                      n_warmup_steps=math.ceil(pruner_warmup / report_every))
-try:
-    study = optuna.create_study(study_name=study_name, storage=url, direction="minimize", load_if_exists=True,
-                                pruner=pruner)
-except (ImportError, ValueError) as e:  # a bad URL or a missing database driver (psycopg2 for PostgreSQL)
-    raise UserError(f"cannot open the study storage {url}: {e}") from None
-# a worker seeds its sampler by its place in the study, so workers sharing it draw different settings
-study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=sampler_startup_trials,
-                                           multivariate=True)  # multivariate: lr and batch size go together
-if not study.trials:
-    if baseline:
-        study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
-    for params in enqueue:
-        study.enqueue_trial(params)
-
-
-for number in recover_dead_trials(study):
-    print(f"trial {number} was interrupted (its sweep process died): marked failed, its settings retried")
+# workers starting together on this machine set the study up one at a time: creating the database
+# tables, enqueueing the baseline and recovering interrupted trials must each happen once
+with open(os.path.join(sweep_dir, "setup.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=url, direction="minimize", load_if_exists=True,
+                                    pruner=pruner)
+    except (ImportError, ValueError) as e:  # a bad URL or a missing database driver (psycopg2 for PostgreSQL)
+        raise UserError(f"cannot open the study storage {url}: {e}") from None
+    # a worker seeds its sampler by its place in the study, so workers sharing it draw different settings
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=sampler_startup_trials,
+                                               multivariate=True)  # multivariate: lr and batch size go together
+    if not study.trials:
+        if baseline:
+            study.enqueue_trial(baseline_params, user_attrs={"baseline": True})
+        for params in enqueue:
+            study.enqueue_trial(params)
+    for number in recover_dead_trials(study):
+        print(f"trial {number} was interrupted (its sweep process died): marked failed, its settings retried")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -222,7 +226,8 @@ def sigterm(signum, frame):
 
 signal.signal(signal.SIGTERM, sigterm)
 started = time.time()
-print(f"study '{study_name}' in {url}: {counted(study)} of {n_trials} trials done")
+shown = re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)  # never print a database password
+print(f"study '{study_name}' in {shown}: {counted(study)} of {n_trials} trials done")
 while counted(study) < n_trials:
     if timeout and time.time() - started > timeout:
         print(f"timeout of {timeout:g}s reached")
@@ -238,7 +243,7 @@ for t in trials:
     note = t.user_attrs.get("failure", "") or ("baseline" if t.user_attrs.get("baseline") else "")
     if t.state == TrialState.PRUNED and t.intermediate_values:
         step = max(t.intermediate_values)
-        note = f"pruned at {step * report_every:g}s: fixed-set val {t.intermediate_values[step]:.4f}"
+        note = f"pruned (fixed-set val {t.intermediate_values[step]:.4f} at its last check)"
     value = f"{t.value:.4f}" if t.state == TrialState.COMPLETE else "-"
     print(f"{t.number:>5}  {t.state.name:8}  {value:>8}  {t.params}  {note}")
 complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -107,16 +107,22 @@ def test_sweep_prunes_resumes_after_kill_and_writes_best_config(tmp_path, data_d
 
 
 @pytest.mark.slow
-def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path, data_dir):
-    # n_head=3 does not divide n_embd=32: train.py fails; the study records it and runs the next trial
+def test_failed_trial_is_recorded_and_two_workers_share_the_study(tmp_path, data_dir):
+    # n_head=3 does not divide n_embd=32: train.py fails; the study records it and goes on. Two workers start
+    # at once on the new study (they once raced to create its tables), and share its two queued trials
     config, settings = write_configs(tmp_path, data_dir, n_trials=2, baseline=False, pruner_startup_trials=5,
                                      space={"n_head": ("choice", [2, 3])}, enqueue=[{"n_head": 3}, {"n_head": 2}],
                                      time_budget=1.0)
-    proc = subprocess.run(sweep_cmd(config), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    workers = [subprocess.Popen(sweep_cmd(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
     done = trials(settings)
-    assert [t.state for t in done] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
-    assert "n_embd must be divisible by n_head" in done[0].user_attrs["failure"]
+    assert sorted(t.params["n_head"] for t in done[:2]) == [2, 3]  # each queued setting ran once
+    states = {t.params["n_head"]: t.state for t in done[:2]}
+    assert states == {3: optuna.trial.TrialState.FAIL, 2: optuna.trial.TrialState.COMPLETE}
+    failed = next(t for t in done if t.params["n_head"] == 3)
+    assert "n_embd must be divisible by n_head" in failed.user_attrs["failure"]
     assert os.path.exists(settings["best_config"])
 
 
