@@ -137,6 +137,9 @@ source = out_dir if init_from == "resume" else init_from
 model, tok_spec, meta = load_model(source, map_location=device)
 model.eval().to(device)
 tok = load_tokenizer(tok_spec)
+if tok.vocab_size > model.config.vocab_size:  # a token id past the embedding table would crash mid-run
+    raise UserError(f"{source} has {model.config.vocab_size} token embeddings but its tokenizer ({tok_spec['kind']}) "
+                    f"{tok.vocab_size} ids; it cannot be scored with this tokenizer")
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     raise UserError(f"block_size={block_size} is longer than the model's context {model.config.block_size}")

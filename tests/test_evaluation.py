@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import tokens
 from evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, split_windows,
@@ -23,7 +22,6 @@ from tasks import load_task, parse_example
 from tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 
 
 def tiny_gpt(vocab_size=20, block_size=16, seed=0):
@@ -174,18 +172,14 @@ def run(script, *args, check=True, launcher=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, small_char_data):
     """A tiny character model trained for 40 iterations on the first 100k characters of Shakespeare."""
     d = tmp_path_factory.mktemp("evalrun")
-    src = d / "input.txt"
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        src.write_text(f.read()[:100_000], encoding="utf-8")
-    run("data/shakespeare_char/prepare.py", f"--input={src}", f"--out_dir={d / 'data'}")
     out = str(d / "out")
     run("train.py", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=8", "--eval_iters=3", "--eval_interval=20", "--max_iters=40", "--lr_decay_iters=40",
-        "--warmup_iters=5", "--learning_rate=3e-3", "--plot=False", f"--data_dir={d / 'data'}", f"--out_dir={out}")
-    return str(d / "data"), out
+        "--warmup_iters=5", "--learning_rate=3e-3", "--plot=False", f"--data_dir={small_char_data}", f"--out_dir={out}")
+    return small_char_data, out
 
 
 @pytest.mark.slow
@@ -230,9 +224,11 @@ def test_evaluate_script_agrees_with_training_and_is_deterministic(trained, tmp_
     assert cmp.stdout.count(out) >= 2 and os.path.getsize(plot) > 1000
 
 
-def test_evaluate_script_errors(tmp_path):
+def test_evaluate_script_errors(tmp_path, hf_gpt2_dir):
     proc = run("evaluate.py", f"--out_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: no checkpoint at") or "nothing at" in proc.stderr
+    assert proc.stderr.strip().startswith("error: no checkpoint at")
     proc = run("evaluate.py", "--compare", str(tmp_path), check=False)
     assert proc.returncode == 2 and "has no eval.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("evaluate.py", f"--init_from={hf_gpt2_dir[0]}", "--task=x.jsonl", check=False)  # 100 ids, GPT-2 BPE
+    assert proc.returncode == 2 and "100 token embeddings" in proc.stderr and "Traceback" not in proc.stderr

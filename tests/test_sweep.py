@@ -13,18 +13,11 @@ import optuna
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweepdata")
-    src = d / "input.txt"
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        src.write_text(f.read()[:100_000], encoding="utf-8")
-    subprocess.run([sys.executable, os.path.join(ROOT, "data/shakespeare_char/prepare.py"), f"--input={src}",
-                    f"--out_dir={d}"], check=True, capture_output=True)
-    return str(d)
+@pytest.fixture
+def data_dir(small_char_data):
+    return small_char_data
 
 
 def write_configs(tmp_path, data_dir, **sweep):
