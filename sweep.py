@@ -180,6 +180,7 @@ def objective(trial):
     # an evaluation at t seconds of training is reported as step floor(t / report_every), once per step: trials
     # are compared at the same training time whatever their speed (the median pruner compares equal steps)
     step, seen, last = 0, 0, None
+    trial_max_iters = params.get("max_iters", base["max_iters"])
     try:
         while True:
             finished = proc.poll() is not None
@@ -191,7 +192,8 @@ def objective(trial):
                 if math.isfinite(r["val_loss"]) and int(r["train_time"] // report_every) > step:
                     step = int(r["train_time"] // report_every)
                     trial.report(r["val_loss"], step)
-                    spent = time_budget and r["train_time"] >= time_budget  # the final evaluation: score it instead
+                    # the final evaluation (budget spent or max_iters reached) is scored, never pruned
+                    spent = (time_budget and r["train_time"] >= time_budget) or r["iter"] >= trial_max_iters
                     if not spent and trial.should_prune():
                         stop(proc)
                         print(f"trial {trial.number}: pruned at {r['train_time']:.0f}s of training "
@@ -212,6 +214,8 @@ def objective(trial):
         trial.set_user_attr("failure", reason)
         print(f"trial {trial.number}: failed: {reason}", flush=True)
         raise TrialFailed(reason)
+    if last is None:  # cannot happen with train.py as it is (it evaluates at the start and the end)
+        raise TrialFailed(f"{run_dir}/log.jsonl holds no evaluation")
     value = held_out_loss(run_dir)
     trial.set_user_attr("train_time", last["train_time"] if last else None)
     trial.set_user_attr("iter", last["iter"] if last else None)
