@@ -103,7 +103,7 @@ def recover_dead_trials(study):
     return recovered
 
 
-def save_plots(study, folder):
+def save_plots(study, folder, step_seconds):
     """optimisation_history.png, param_importances.png, intermediate_values.png in folder; returns the
     paths written (a plot the study cannot make yet, such as importances before 2 completed trials, is
     skipped with a note)."""
@@ -124,7 +124,9 @@ def save_plots(study, folder):
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             print(f"no {name}.png: {e}")
             continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        if name == "intermediate_values":
+            ax.set_xlabel(f"step (one per {step_seconds:g} s of training)")
+        fig = ax.figure
         path = os.path.join(folder, f"{name}.png")
         with runtime.atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")

@@ -279,5 +279,5 @@ with runtime.atomic_path(best_config) as tmp:
         f.write("".join(f"{k} = {v!r}\n" for k, v in sorted(settings.items())))
 print(f"best config: {best_config}")
 
-for path in save_plots(study, sweep_dir):
+for path in save_plots(study, sweep_dir, report_every):
     print(f"plot: {path}")
