@@ -42,6 +42,7 @@ import time
 import warnings
 
 import optuna
+import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
@@ -110,6 +111,7 @@ best_config = best_config or os.path.join(REPO, "config", f"sweep_best_{study_na
 
 os.makedirs(sweep_dir, exist_ok=True)
 url = storage or f"sqlite:///{os.path.abspath(os.path.join(sweep_dir, 'study.db'))}"
+shown = re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)  # never print a database password
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # this script prints one line per trial itself
 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
@@ -118,11 +120,17 @@ pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
 # tables, enqueueing the baseline and recovering interrupted trials must each happen once
 with open(os.path.join(sweep_dir, "setup.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        study = optuna.create_study(study_name=study_name, storage=url, direction="minimize", load_if_exists=True,
-                                    pruner=pruner)
-    except (ImportError, ValueError) as e:  # a bad URL or a missing database driver (psycopg2 for PostgreSQL)
-        raise UserError(f"cannot open the study storage {url}: {e}") from None
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(study_name=study_name, storage=url, direction="minimize",
+                                        load_if_exists=True, pruner=pruner)
+            break
+        except (ImportError, ValueError) as e:  # a bad URL or a missing database driver (psycopg2 for PostgreSQL)
+            raise UserError(f"cannot open the study storage {shown}: {e}") from None
+        except sqlalchemy.exc.SQLAlchemyError:  # another process (another machine) creating the tables just now
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
     # a worker seeds its sampler by its place in the study, so workers sharing it draw different settings
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=sampler_startup_trials,
                                                multivariate=True)  # multivariate: lr and batch size go together
@@ -177,8 +185,8 @@ def objective(trial):
     args = [sys.executable, TRAIN, train_config, *as_args({**fixed, **params, "out_dir": run_dir, "plot": False})]
     with open(os.path.join(run_dir, "train.out"), "w") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    # an evaluation at t seconds of training is reported as step floor(t / report_every), once per step: trials
-    # are compared at the same training time whatever their speed (the median pruner compares equal steps)
+    # an evaluation at t seconds of training is reported as step floor(t / report_every): trials are compared
+    # at the same training time whatever their speed (the median pruner compares equal steps)
     step, seen, last = 0, 0, None
     trial_max_iters = params.get("max_iters", base["max_iters"])
     try:
@@ -190,8 +198,10 @@ def objective(trial):
                     continue
                 last = r
                 if math.isfinite(r["val_loss"]) and int(r["train_time"] // report_every) > step:
-                    step = int(r["train_time"] // report_every)
-                    trial.report(r["val_loss"], step)
+                    # steps this trial passed without an evaluation take this one's value (a slightly later,
+                    # so kinder, number): every trial has a value at every step, so the pruner can compare
+                    for step in range(step + 1, int(r["train_time"] // report_every) + 1):
+                        trial.report(r["val_loss"], step)
                     # the final evaluation (budget spent or max_iters reached) is scored, never pruned
                     spent = (time_budget and r["train_time"] >= time_budget) or r["iter"] >= trial_max_iters
                     if not spent and trial.should_prune():
@@ -230,7 +240,6 @@ def sigterm(signum, frame):
 
 signal.signal(signal.SIGTERM, sigterm)
 started = time.time()
-shown = re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)  # never print a database password
 print(f"study '{study_name}' in {shown}: {counted(study)} of {n_trials} trials done")
 while counted(study) < n_trials:
     if timeout and time.time() - started > timeout:

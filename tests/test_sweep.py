@@ -58,7 +58,7 @@ def test_sweep_prunes_resumes_after_kill_and_writes_best_config(tmp_path, data_d
     deadline = time.time() + 240
     while time.time() < deadline:
         states = []
-        if os.path.exists(os.path.join(settings["sweep_dir"], "study.db")):
+        if os.path.exists(os.path.join(settings["sweep_dir"], "trial-0000")):  # the study is set up
             try:
                 states = [t.state for t in trials(settings)]
             except KeyError:  # the database is there, the study not yet
