@@ -84,3 +84,31 @@ def configure(defaults, argv):
 def overrides(defaults, config):
     """The keys whose values differ from the defaults, for printing what a run changed."""
     return {k: v for k, v in config.items() if defaults.get(k) != v}
+
+
+def check_key(key, known, where):
+    """Raises the unknown-key error (with its "did you mean") if `key` is not in `known`."""
+    if key not in known:
+        raise _unknown_key(key, known, where)
+
+
+def script_defaults(path):
+    """A script's config defaults, read without running it (a script must not import another): the
+    top-level `name = <constant>` assignments (int, float, bool, str) before its `defaults = ...` line."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        if name == "defaults":
+            break
+        # literals and arithmetic on them (gradient_accumulation_steps = 5 * 8); nothing that calls or reads
+        if not all(isinstance(n, (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop))
+                   for n in ast.walk(node.value)):
+            continue
+        value = eval(compile(ast.Expression(node.value), path, "eval"), {"__builtins__": {}})
+        if isinstance(value, (int, float, bool, str)) and not name.startswith("_"):
+            found[name] = value
+    return found

@@ -1,15 +1,32 @@
 """
 Reading a corpus of documents, shared by the scripts that take one (data/openwebtext/prepare.py,
-curate.py): which files count, how a folder is searched, how the text field is checked, how a Hugging
-Face dataset is loaded (load_hub), and how a `datasets` read error becomes one line; curate.py's reader
-(load_documents, with ids and URLs). Also one whole text (read_text), for the Shakespeare scripts.
+curate.py, train_tokenizer.py, evaluate.py's task files): JSONL lines with their numbers, which files
+count, how a folder is searched, how the text field is checked, how a Hugging Face dataset is loaded
+(load_hub), and how a `datasets` read error becomes one line; curate.py's reader (load_documents, with
+ids and URLs). Also one whole text (read_text), for the Shakespeare scripts.
 """
+import gzip
+import json
 import os
 import re
 import urllib.request
 
 import runtime
 from runtime import UserError
+
+
+def jsonl_records(path):
+    """(line number, parsed JSON) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is not
+    JSON is a one-line error naming the file and line."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not JSON ({e})") from None
+            yield n, record
 
 
 def read_text(path, candidates, url, save_to):

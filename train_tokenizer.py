@@ -13,14 +13,13 @@ then train), so the corpus is never held in memory whole; the held-out part is. 
 256 single bytes, the merges and the special tokens (tokenizer.SPECIAL_TOKENS). Training is the Hugging
 Face `tokenizers` library (deterministic: the same corpus and settings give the same files).
 """
-import gzip
-import json
 import os
 import sys
 import time
 
 import runtime
 from configurator import configure
+from corpus import jsonl_records
 from runtime import UserError
 from tokenizer import PATTERNS, SPECIAL_TOKENS, gpt2_encoding, load_bpe, save_bpe, train_bpe
 
@@ -82,21 +81,14 @@ def units(path):
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             yield from (t or "" for t in batch.column(0).to_pylist())
     else:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n} is not JSON ({e})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise UserError(f"{path} line {n} has no field {text_field!r}; pass --text_field=NAME")
-                value = record[text_field]
-                if value is not None and not isinstance(value, str):
-                    raise UserError(f"{path} line {n}: field {text_field!r} holds {type(value).__name__}, not text; "
-                                    f"pass --text_field=NAME")
-                yield value or ""
+        for n, record in jsonl_records(path):
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{path} line {n} has no field {text_field!r}; pass --text_field=NAME")
+            value = record[text_field]
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{path} line {n}: field {text_field!r} holds {type(value).__name__}, not text; "
+                                f"pass --text_field=NAME")
+            yield value or ""
 
 
 def corpus():

@@ -32,3 +32,16 @@ def hf_gpt2_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf_gpt2")
     hf.save_pretrained(folder)
     return str(folder), hf
+
+
+@pytest.fixture(scope="session")
+def small_char_data(tmp_path_factory):
+    """A character-level dataset folder (train.bin, val.bin, meta.json) prepared by the real prepare script
+    from the first 100k characters of Tiny Shakespeare (90k train, 10k val)."""
+    import subprocess
+    d = tmp_path_factory.mktemp("small_char_data")
+    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        (d / "input.txt").write_text(f.read()[:100_000], encoding="utf-8")
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"),
+                    f"--input={d / 'input.txt'}", f"--out_dir={d}"], check=True, capture_output=True)
+    return str(d)

@@ -1,0 +1,79 @@
+"""
+Multiple-choice tasks for evaluate.py: loading them, checked, as a list of {context, choices, label}.
+
+Two formats, one JSON object per line of a .jsonl file:
+
+    HellaSwag    {"ctx": "A man is sitting on a roof. he", "endings": ["is using wrap ...", ...], "label": 3}
+    simple       {"prompt": "The capital of France is", "choices": ["Paris", "Berlin"], "answer": 0}
+
+`label` is the index of the right ending (a digit string is fine, as the hub's HellaSwag has it);
+`answer` is the index of the right choice or its text. HellaSwag itself comes from the Hugging Face
+hub (`hellaswag` means Rowan/hellaswag; any hub dataset in HellaSwag's format works by its name).
+"""
+import os
+
+from corpus import jsonl_records
+from runtime import UserError
+
+HELLASWAG = "Rowan/hellaswag"
+
+
+def parse_example(record, where):
+    """One task record (either format) as {context, choices, label}; UserError naming `where` if malformed."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "endings" in record:
+        context, choices, label, names = record.get("ctx"), record["endings"], record.get("label"), ("ctx", "endings", "label")
+    elif "choices" in record:
+        context, choices, label, names = record.get("prompt"), record["choices"], record.get("answer"), ("prompt", "choices", "answer")
+    else:
+        raise UserError(f"{where}: a task line needs 'ctx', 'endings', 'label' (HellaSwag) or 'prompt', "
+                        f"'choices', 'answer'; found keys {sorted(record)}")
+    if not isinstance(context, str):
+        raise UserError(f"{where}: '{names[0]}' must be a string, got {context!r}")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise UserError(f"{where}: '{names[1]}' must be a list of at least 2 non-empty strings")
+    if isinstance(label, str) and names[2] == "answer" and label in choices:  # the right choice's text
+        label = choices.index(label)
+    elif isinstance(label, str) and names[2] == "label" and label.strip().isdigit():  # the hub has "3"
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        raise UserError(f"{where}: '{names[2]}' is {label!r}, not a choice: give an index from 0 to "
+                        f"{len(choices) - 1}" + (" or the right choice's text" if names[2] == "answer" else ""))
+    return {"context": context, "choices": choices, "label": label}
+
+
+def read_jsonl(path, max_examples=0):
+    examples = []
+    for lineno, record in jsonl_records(path):
+        examples.append(parse_example(record, f"{path} line {lineno}"))
+        if max_examples and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise UserError(f"{path} holds no examples")
+    return examples
+
+
+def load_hub(name, split, max_examples=0):
+    """A HellaSwag-format dataset from the Hugging Face hub, through `datasets`."""
+    from datasets import load_dataset
+    try:
+        try:
+            data = load_dataset(name, split=split)
+        except Exception:  # datasets >= 4 refuses repos that still hold a loading script: take the hub's parquet copy
+            data = load_dataset(name, split=split, revision="refs/convert/parquet")
+    except Exception as e:  # offline, unknown name, unknown split: all end here
+        raise UserError(f"could not load {name} ({split}) from the Hugging Face hub ({type(e).__name__}); "
+                        f"offline, pass a local JSONL file: --task=path/to/hellaswag_val.jsonl") from None
+    if max_examples:
+        data = data.select(range(min(max_examples, len(data))))
+    return [parse_example(dict(r), f"{name} ({split}) row {i}") for i, r in enumerate(data)]
+
+
+def load_task(spec, split="validation", max_examples=0):
+    """Examples from a local .jsonl file, or 'hellaswag' / a hub dataset name."""
+    if os.path.isfile(spec):
+        return read_jsonl(spec, max_examples)
+    if spec == "hellaswag" or ("/" in spec and not spec.endswith(".jsonl")):
+        return load_hub(HELLASWAG if spec == "hellaswag" else spec, split, max_examples)
+    raise UserError(f"task '{spec}' is neither a file nor a hub dataset; give a .jsonl file or 'hellaswag'")

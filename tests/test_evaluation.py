@@ -1,0 +1,234 @@
+"""
+The held-out metrics and multiple-choice scoring of evaluation.py against direct computations, the task
+file formats of tasks.py, and evaluate.py run as a user runs it.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tokens
+from evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, split_windows,
+                        wilson_interval)
+from model import GPT, GPTConfig
+from runtime import UserError
+from tasks import load_task, parse_example
+from tokenizer import CharTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_gpt(vocab_size=20, block_size=16, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size, dropout=0.0,
+                         bias=True)).eval()
+
+
+def test_split_windows_score_every_target_once():
+    count, T = 103, 10
+    starts = split_windows(count, T)
+    targets = np.concatenate([np.arange(s + 1, s + 1 + T) for s in starts])
+    assert len(set(targets)) == len(targets)  # no target twice
+    assert targets.min() == 1 and targets.max() <= count - 1
+    assert len(targets) == count - 1 - (count - 1) % T  # all but the tail that fills no window
+    assert len(split_windows(count, T, max_tokens=35)) == 3
+
+
+def test_metrics_equal_a_direct_computation(tmp_path):
+    vocab, T = 20, 16
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, size=300)
+    path = str(tmp_path / "val.bin")
+    tokens.write_tokens(path, ids, vocab)
+    byte_len = torch.tensor(rng.integers(1, 4, size=vocab), dtype=torch.float64)  # bytes per token id
+    model = tiny_gpt(vocab, T)
+    starts = split_windows(len(ids), T)
+    got = evaluate(model, path, starts, T, 5, byte_len, "cpu", torch.no_grad())
+    # directly: one window at a time, -log p(next token) summed by hand
+    nll, n, nbytes = 0.0, 0, 0.0
+    with torch.no_grad():
+        for s in starts:
+            x = torch.tensor(ids[s:s + T]).unsqueeze(0)
+            y = ids[s + 1:s + 1 + T]
+            logits, _ = model(x, torch.tensor(y).unsqueeze(0))
+            logp = torch.log_softmax(logits[0].double(), dim=-1)
+            nll -= sum(logp[t, y[t]].item() for t in range(T))
+            n += T
+            nbytes += sum(byte_len[v].item() for v in y)
+    assert got["tokens"] == n == 288
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+    assert got["bpb"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-6)
+    assert got["bytes"] == nbytes
+    # the batch size changes nothing, and a second run gives the same numbers
+    assert evaluate(model, path, starts, T, 1, byte_len, "cpu", torch.no_grad())["loss"] == pytest.approx(got["loss"], rel=1e-9)
+    assert evaluate(model, path, starts, T, 5, byte_len, "cpu", torch.no_grad()) == got
+
+
+def test_generalisation_gap_warns_only_past_tolerance():
+    assert generalisation(1.60, 1.62, 0.1) == (pytest.approx(0.02), False)
+    gap, memorising = generalisation(1.0, 1.5, 0.1)
+    assert gap == pytest.approx(0.5) and memorising
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1.96 ** 2 / (10 + 1.96 ** 2))  # the closed form at p = 0
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(1 - high) and 0.40 < low < 0.41  # symmetric about 0.5
+    low, high = wilson_interval(900, 1000)
+    assert low < 0.9 < high and high - low < 0.04
+
+
+def test_choice_logprobs_equal_one_sequence_at_a_time():
+    """Batched, padded, truncated scoring against scoring each sequence alone."""
+    T = 16
+    model = tiny_gpt(20, T)
+    context = list(range(1, 15))
+    choices = [[3], [4, 5, 6], [7, 8, 9, 10, 11, 12]]  # the last one overflows the context: truncated
+    total, n = choice_logprobs(model, context, choices, "cpu", torch.no_grad())
+    assert n.tolist() == [1, 3, 6]
+    for k, ids in enumerate(choices):
+        seq = (context + ids)[-(T + 1):]
+        logits, _ = model(torch.tensor([seq[:-1]]), torch.tensor([seq[1:]]))
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        direct = sum(logp[len(seq) - 1 - len(ids) + j, ids[j]].item() for j in range(len(ids)))
+        assert total[k].item() == pytest.approx(direct, abs=1e-5)
+
+
+class Bigram(nn.Module):
+    """A model whose next-token log-probabilities are a fixed table: logits[b, t] = log P[x[b, t]]."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.table = torch.log(torch.tensor(probs, dtype=torch.float32))
+        self.config = GPTConfig(block_size=32, vocab_size=len(probs))
+
+    def forward(self, idx, targets=None):
+        return self.table[idx], None  # (B, T, V)
+
+
+def test_multiple_choice_picks_the_planted_answer_and_normalises_length():
+    tok = CharTokenizer("abcd ")
+    a, b, c, d, sp = range(5)
+    P = np.full((5, 5), 0.05)
+    P[sp, b] = 0.8  # after the space, 'b' is likely: the planted answers start with it
+    P[b, b] = 0.6  # and another 'b' after a 'b'
+    P /= P.sum(axis=1, keepdims=True)
+    assert join_choice("aa", "b") == " b" and join_choice("aa ", "b") == "b"
+    examples = [{"context": "ca", "choices": ["cccc", "dd", "bbb"], "label": 2},  # joined by a space
+                {"context": "dd ", "choices": ["d", "bbb"], "label": 1}]
+    scores = multiple_choice(Bigram(P), examples, tok, "cpu", torch.no_grad())
+    assert scores["n"] == 2 and scores["acc"] == 1.0 and scores["acc_norm"] == 1.0
+    examples[0]["label"] = 0  # the same questions with a wrong label are scored wrong
+    assert multiple_choice(Bigram(P), examples, tok, "cpu", torch.no_grad())["acc"] == 0.5
+    # a long choice of likely tokens loses on the sum but wins per token
+    Q = np.full((5, 5), 0.1)
+    Q[sp, d], Q[sp, b], Q[b, b] = 0.3, 0.25, 0.6
+    Q /= Q.sum(axis=1, keepdims=True)
+    long = [{"context": "a ", "choices": ["d", "bbbb"], "label": 1}]
+    scores = multiple_choice(Bigram(Q), long, tok, "cpu", torch.no_grad())
+    assert scores["acc"] == 0.0 and scores["acc_norm"] == 1.0
+
+
+def test_task_formats_and_errors(tmp_path):
+    hella = {"ctx": "A man sits. he", "endings": ["a", "b", "c", "d"], "label": "2"}
+    assert parse_example(hella, "x")["label"] == 2
+    simple = {"prompt": "2+2=", "choices": ["3", "4"], "answer": "4"}
+    assert parse_example(simple, "x") == {"context": "2+2=", "choices": ["3", "4"], "label": 1}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(simple) + "\n\n" + json.dumps(hella) + "\n")
+    assert len(load_task(str(path))) == 2
+    bad = [("{not json\n", "t.jsonl line 2 is not JSON"),
+           (json.dumps(dict(simple, answer=2)) + "\n", "t.jsonl line 2: 'answer' is 2"),
+           (json.dumps(dict(hella, label=7)) + "\n", "t.jsonl line 2: 'label' is 7"),
+           (json.dumps({"question": "?"}) + "\n", "t.jsonl line 2: a task line needs"),
+           (json.dumps(dict(simple, choices=["only"])) + "\n", "t.jsonl line 2: 'choices' must be a list")]
+    for line, message in bad:
+        path.write_text(json.dumps(simple) + "\n" + line)
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace("+", r"\+")):
+            load_task(str(path))
+    with pytest.raises(UserError, match="neither a file nor a hub dataset"):
+        load_task(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="offline, pass a local JSONL file"):  # HF_HUB_OFFLINE=1 in conftest
+        load_task("hellaswag", max_examples=2)
+
+
+# -----------------------------------------------------------------------------------------------------
+# evaluate.py as a user runs it
+
+def run(script, *args, check=True, launcher=None):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_char_data):
+    """A tiny character model trained for 40 iterations on the first 100k characters of Shakespeare."""
+    d = tmp_path_factory.mktemp("evalrun")
+    out = str(d / "out")
+    run("train.py", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=8", "--eval_iters=3", "--eval_interval=20", "--max_iters=40", "--lr_decay_iters=40",
+        "--warmup_iters=5", "--learning_rate=3e-3", "--plot=False", f"--data_dir={small_char_data}", f"--out_dir={out}")
+    return small_char_data, out
+
+
+@pytest.mark.slow
+def test_evaluate_script_agrees_with_training_and_is_deterministic(trained, tmp_path):
+    data_dir, out = trained
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": "ROMEO:", "choices": ["\nI will", "\nzzqq"], "answer": 0})
+                              for _ in range(3)) + "\n")
+    for _ in range(2):
+        proc = run("evaluate.py", f"--out_dir={out}", "--device=cpu", f"--task={task}")
+    assert "val (held out)" in proc.stdout and "gap (held out - train)" in proc.stdout
+    with open(os.path.join(out, "eval.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 2
+    first, second = records
+    assert first["loss"] == second["loss"] and first["train_loss"] == second["train_loss"]  # deterministic
+    assert first["perplexity"] == pytest.approx(math.exp(first["loss"]))
+    assert first["tokens"] == len(split_windows(tokens.split_length(data_dir, "val", 32), 32)) * 32
+    assert first["task"]["n"] == 3 and 0 <= first["task"]["acc"] <= 1
+    # train.py's last evaluation is the same function on its fixed windows: recompute it from the checkpoint
+    from checkpoint import load_model
+    from tokenizer import load_tokenizer
+    model, spec, meta = load_model(out)
+    token_bytes = torch.tensor(load_tokenizer(spec).token_bytes(), dtype=torch.float64)
+    starts = tokens.eval_starts(tokens.split_length(data_dir, "val", 32), 32, 3 * 8)
+    again = evaluate(model, tokens.split_path(data_dir, "val"), starts, 32, 8, token_bytes, "cpu", torch.no_grad())
+    with open(os.path.join(out, "log.jsonl")) as f:
+        logged = [json.loads(line) for line in f if "val_loss" in line][-1]
+    assert logged["val_loss"] == pytest.approx(again["loss"], rel=1e-6)
+    # two DDP processes score the same windows between them: the same numbers
+    ddp = run("evaluate.py", f"--out_dir={out}", "--device=cpu", "--max_tokens=3000",
+              launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    one = run("evaluate.py", f"--out_dir={out}", "--device=cpu", "--max_tokens=3000")
+    assert ddp.returncode == 0 and one.returncode == 0
+    with open(os.path.join(out, "eval.jsonl")) as f:
+        r_ddp, r_one = [json.loads(line) for line in f][-2:]
+    assert r_ddp["world_size"] == 2 and r_one["world_size"] == 1 and r_ddp["tokens"] == r_one["tokens"]
+    assert r_ddp["loss"] == pytest.approx(r_one["loss"], rel=1e-6)
+    # side by side
+    plot = str(tmp_path / "cmp.png")
+    cmp = run("evaluate.py", "--compare", out, out, f"--compare_plot={plot}")
+    assert cmp.stdout.count(out) >= 2 and os.path.getsize(plot) > 1000
+
+
+def test_evaluate_script_errors(tmp_path, hf_gpt2_dir):
+    proc = run("evaluate.py", f"--out_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: no checkpoint at")
+    proc = run("evaluate.py", "--compare", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "has no eval.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("evaluate.py", f"--init_from={hf_gpt2_dir[0]}", "--task=x.jsonl", check=False)  # 100 ids, GPT-2 BPE
+    assert proc.returncode == 2 and "100 token embeddings" in proc.stderr and "Traceback" not in proc.stderr
