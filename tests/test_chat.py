@@ -36,7 +36,7 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path):
     X, Y, text, counts = chat.load_split(path, tok, block_size=64)
     assert counts["examples"] == 2 and counts["skipped"] == 6
     for line, what in [(2, "malformed JSON"), (3, "turn 1: unknown role 'robot'"), (4, "turn 2: empty assistant turn"),
-                       (6, "needs 'messages'"), (7, "too long: 505 tokens > block_size 64"),
+                       (6, "needs 'messages'"), (7, "too long: 504 tokens > block_size 64"),
                        (8, "characters not in this model's vocabulary: '?Z'")]:
         assert f"d.jsonl:{line}: {what}" in text
 
