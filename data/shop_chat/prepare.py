@@ -4,7 +4,7 @@ orders, returns, opening hours and broken goods, filling the customer's name, it
 replies. It writes data/shop_chat/train.jsonl and val.jsonl ({"messages": [...]} per line). Every
 character is one the Tiny Shakespeare vocabulary has, so a character-level Shakespeare model can learn it.
 
-$ python data/shop_chat/prepare.py                       # 2,000 train and 200 val conversations
+$ python data/shop_chat/prepare.py                       # 2,000 train and 100 val conversations
 $ python data/shop_chat/prepare.py --n_train=5000 --seed=7
 
 The held-out conversations use the same templates with their own random draws; the reply to a question
@@ -71,7 +71,7 @@ def conversation(r):
 
 if __name__ == "__main__":
     runtime.friendly_errors()
-    cfg = configure({"n_train": 2000, "n_val": 200, "seed": 1337, "out_dir": HERE}, sys.argv[1:])
+    cfg = configure({"n_train": 2000, "n_val": 100, "seed": 1337, "out_dir": HERE}, sys.argv[1:])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     for split, n, seed in (("train", cfg["n_train"], cfg["seed"]), ("val", cfg["n_val"], cfg["seed"] + 1)):
         r = random.Random(seed)
