@@ -172,7 +172,8 @@ model.to(device)
 if gradient_checkpointing:
     runtime.gradient_checkpointing(model)
 
-optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2), fused=device.startswith("cuda"))
+optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2),
+                              fused=device.startswith("cuda"))
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
 if state is not None:
     optimizer.load_state_dict(state["optimizer"])

@@ -94,6 +94,18 @@ def test_lora_composes_with_gradient_checkpointing():
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
 
 
+def test_lr_schedule_and_decay_groups():
+    import optim
+    lrs = [optim.lr_at(it, 1.0, 10, 100, 0.1) for it in range(120)]
+    assert 0 < lrs[0] < lrs[9] < 1.0 and lrs[10] == 1.0 and lrs[100] == lrs[119] == 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    assert optim.lr_at(5, 1.0, 10, 100, 0.1, decay_lr=False) == 1.0
+    model = lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0)
+    decayed, plain = optim.param_groups(model, 0.1)
+    assert decayed["params"] and all("lora" in n for n, p in model.named_parameters()
+                                     if any(p is q for q in decayed["params"] + plain["params"]))
+
+
 def test_lora_unknown_target_is_a_clear_error():
     with pytest.raises(runtime.UserError, match="c_fcc"):
         lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0, targets="c_attn,c_fcc")
