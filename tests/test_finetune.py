@@ -155,3 +155,20 @@ def test_finetune_from_hf_gpt2_adds_chat_tokens(hf_gpt2_full_vocab_dir, tmp_path
 def test_finetune_without_data_is_a_one_line_error(char_base, tmp_path):
     proc = run("finetune.py", f"--init_from={char_base}", f"--out_dir={tmp_path / 'o'}", check=False)
     assert_one_line_error(proc, "no data")
+
+
+@pytest.mark.slow
+def test_continued_pretraining_from_a_nanoforge_run(char_base, tmp_path):
+    """train.py init_from=<out_dir>: another run's weights and tokenizer, the context cropped, then trained."""
+    from test_train import SHAKESPEARE
+    d = tmp_path / "d"
+    run("data/shakespeare_char/prepare.py", f"--input={SHAKESPEARE}", f"--out_dir={d}")
+    out = str(tmp_path / "cont")
+    run("train.py", "config/train_shakespeare_char_cpu.py", f"--init_from={char_base}", f"--data_dir={d}",
+        f"--out_dir={out}", "--block_size=32", "--batch_size=4", "--max_iters=20", "--eval_interval=10",
+        "--eval_iters=2", "--n_layer=1", "--n_head=2", "--n_embd=32", "--bias=False", "--learning_rate=3e-3",
+        "--decay_lr=False", "--plot=False")
+    evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    state = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert state["meta"]["model_args"]["block_size"] == 32 and state["meta"]["tokenizer"]["chars"] == CHARS
