@@ -46,6 +46,7 @@ def test_export_gpt2_chat_model_round_trips_logits_and_tokenizer(tmp_path):
     assert hf_tok(text)["input_ids"] == tok.encode(text, allow_special=True)
 
 
+@pytest.mark.slow
 def test_export_char_model_writes_weights_and_says_what_of_the_tokenizer(tmp_path):
     tok = CharTokenizer("abc \n")
     model = make_run(tmp_path, tok, bias=True)

@@ -52,6 +52,7 @@ def tiny_gpt(vocab=20):
     return GPT(GPTConfig(block_size=16, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16))
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     model = lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0)
     x = torch.randint(0, 20, (2, 8))
@@ -141,6 +142,7 @@ def run_chat(out, text):
                           cwd=ROOT, timeout=120, check=True)
 
 
+@pytest.mark.slow
 def test_finetune_from_hf_gpt2_adds_chat_tokens(hf_gpt2_full_vocab_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Hello", "completion": "Hi there."}) + "\n" + "{oops\n")
