@@ -35,11 +35,13 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def save_checkpoint(path, model, meta, optimizer=None, scaler=None):
-    """Writes atomically: a crash mid-save leaves the previous checkpoint intact."""
+def save_checkpoint(path, model, meta, optimizer=None, scaler=None, weights=None):
+    """Writes atomically: a crash mid-save leaves the previous checkpoint intact. weights: a state_dict
+    to save instead of the model's own (LoRA saves the base with its adapters merged in)."""
     model = unwrap(model)
     meta = dict(meta, model_args=dataclasses.asdict(model.config))
-    state = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta), "model": model.state_dict()}
+    weights = model.state_dict() if weights is None else weights
+    state = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta), "model": weights}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scaler is not None and scaler.is_enabled():

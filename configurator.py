@@ -55,6 +55,8 @@ def configure(defaults, argv):
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
+            if "=" not in arg and isinstance(defaults.get(arg[2:]), bool):
+                arg += "=True"  # a bare --flag turns a boolean on (sample.py --chat)
             if "=" not in arg:
                 raise UserError(f"argument '{arg}' needs a value: write --key=value")
             key, text = arg[2:].split("=", 1)  # split on the first '=' only: --start="a=b" stays whole

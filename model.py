@@ -247,6 +247,17 @@ class GPT(nn.Module):
                 block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
                 block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
 
+    def resize_vocab(self, vocab_size):
+        """Grow the (tied) token embedding to vocab_size rows, for special tokens a fine-tuning adds. New
+        rows start at the mean of the old ones: their logits start near the average, neither dominating
+        the softmax nor far below it, and fine-tuning moves them from there."""
+        old = self.transformer.wte.weight  # (V_old, C)
+        assert vocab_size >= old.size(0)
+        new = torch.cat([old.data, old.data.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)])
+        self.transformer.wte.weight = self.lm_head.weight = nn.Parameter(new)  # (V, C), still tied
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = vocab_size
+        self.config.vocab_size = vocab_size
+
     # ------------------------------------------------------------------------------------------------
     # GPT-2 weights from Hugging Face
 

@@ -5,6 +5,11 @@ $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --max_new_tokens=100
 $ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt --top_p=0.9
 
+A chat with a model fine-tuned by finetune.py: type a message per line, the reply streams back; the whole
+conversation is rendered with the template it was trained on (chat.render). Ctrl-D ends it.
+$ python sample.py --out_dir=out-sft-shop --chat
+$ printf 'Where is my lamp?\nThanks!\n' | python sample.py --out_dir=out-sft-shop --chat   # scripted
+
 The tokenizer comes from the checkpoint's metadata (a character vocabulary, GPT-2's BPE, ...).
 """
 import sys
@@ -12,6 +17,7 @@ import sys
 import torch
 
 import runtime
+from chat import CHAT_TOKENS, render
 from checkpoint import load_model
 from configurator import configure
 from runtime import UserError
@@ -34,6 +40,8 @@ seed = 1337
 device = "auto"
 dtype = "auto"
 compile = False
+chat = False  # interactive multi-turn chat on stdin/stdout (a model from finetune.py)
+system = ""  # chat: an optional system message opening the conversation
 # -----------------------------------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 globals().update(configure(defaults, sys.argv[1:]))
@@ -51,6 +59,60 @@ if compile:
     model = torch.compile(model)
 tok = load_tokenizer(tok_spec)
 
+generator = torch.Generator(device=device).manual_seed(seed)
+
+
+def stream(ids, stops):
+    """Generates after ids, writing the text to stdout as it comes, until a token in `stops`; returns the
+    new ids (without the stop)."""
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    out, pending = [], []  # pending: BPE ids whose bytes do not yet form whole UTF-8 characters
+    with runtime.autocast(device, dtype):
+        for nxt in model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, use_kv_cache,
+                                         None, generator):
+            i = nxt.item()
+            if i in stops:
+                break
+            out.append(i)
+            pending.append(i)
+            text = tok.decode(pending)
+            if "\ufffd" not in text:  # a multi-byte character split across tokens waits for its rest
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+    sys.stdout.write(tok.decode(pending))
+    return out
+
+
+if chat:
+    if any(t not in tok.special_tokens for t in CHAT_TOKENS):
+        raise UserError("this model has no chat tokens (<|user|>, <|assistant|>, ...): fine-tune it for chat "
+                        "with finetune.py first, or sample it without --chat")
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        sys.stdout.write("user> ")
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            sys.stdout.write("\n")
+            break
+        if not line.strip():
+            continue
+        try:
+            ids, _ = render(tok, messages + [{"role": "user", "content": line.rstrip("\n")}], add_generation_prompt=True)
+        except UserError as e:  # e.g. a character a character-level model does not know: say so, go on
+            print(f"error: {e}")
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        if len(ids) > model.config.block_size:
+            print(f"(note: the conversation is {len(ids)} tokens; the model sees its last {model.config.block_size})")
+        sys.stdout.write("assistant> ")
+        # a reply ends at <|end|>, or at any other special token (a weak model may open a new turn instead)
+        reply = stream(ids, set(tok.special_tokens.values()))
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+        sys.stdout.write("\n")
+    sys.exit(0)
+
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -66,23 +128,8 @@ if len(start_ids) > model.config.block_size:
     print(f"note: the prompt is {len(start_ids)} tokens; the model sees its last {model.config.block_size}",
           file=sys.stderr)
 
-generator = torch.Generator(device=device).manual_seed(seed)
-x = torch.tensor([start_ids], dtype=torch.long, device=device)  # (1, T)
-stop = tok.eot_id if stop_at_eot else None
-with runtime.autocast(device, dtype):
-    for k in range(num_samples):
-        sys.stdout.write(start)
-        pending = []  # BPE ids whose bytes do not yet form whole UTF-8 characters
-        for nxt in model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, use_kv_cache,
-                                         stop, generator):
-            i = nxt.item()
-            if i == stop:
-                break
-            pending.append(i)
-            text = tok.decode(pending)
-            if "\ufffd" not in text:  # a multi-byte character split across tokens waits for its rest
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                pending = []
-        sys.stdout.write(tok.decode(pending) + "\n---------------\n")
-        sys.stdout.flush()
+for k in range(num_samples):
+    sys.stdout.write(start)
+    stream(start_ids, {tok.eot_id} if stop_at_eot else set())
+    sys.stdout.write("\n---------------\n")
+    sys.stdout.flush()

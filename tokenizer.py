@@ -6,6 +6,8 @@ and in every checkpoint) into something that encodes and decodes.
     {"kind": "gpt2"}                                     GPT-2's BPE, through tiktoken
     {"kind": "bpe", "path": "tokenizers/mytok",          a byte-level BPE trained by train_tokenizer.py,
      "sha256": "..."}                                    through tiktoken (path repo-relative or absolute)
+    any of these + "added": ["<|system|>", ...]          special tokens appended after the base vocabulary,
+                                                         in order (chat fine-tuning adds its turn markers)
 
 Every tokenizer offers: encode(text, allow_special=False) -> ids, decode(ids) -> text, vocab_size,
 eot_id (None if it has no end-of-text token), special_tokens ({text: id}), and token_bytes() (UTF-8
@@ -24,6 +26,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 
 from runtime import UserError, atomic_path, write_json
 
@@ -31,20 +34,25 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 class CharTokenizer:
+    """id = index in chars; special tokens (none, unless added for chat) take the ids after them."""
 
-    def __init__(self, chars):
+    def __init__(self, chars, added=()):
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.vocab_size = len(chars)
-        self.eot_id = None
-        self.special_tokens = {}
+        self.special_tokens = {t: len(chars) + i for i, t in enumerate(added)}
+        self.itos = list(chars) + list(added)
+        self.vocab_size = len(self.itos)
+        self.eot_id = self.special_tokens.get("<|endoftext|>")
         self.spec = {"kind": "char", "chars": chars}
 
     @classmethod
     def from_text(cls, text):
         return cls("".join(sorted(set(text))))
 
-    def encode(self, text, allow_special=False):  # a character vocabulary has no special tokens
+    def encode(self, text, allow_special=False):
+        if allow_special and self.special_tokens:  # split out the special tokens, encode the text between
+            pieces = re.split("(" + "|".join(map(re.escape, self.special_tokens)) + ")", text)
+            return [i for p in pieces for i in ([self.special_tokens[p]] if p in self.special_tokens else self.encode(p))]
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
             raise UserError(f"characters not in this model's vocabulary: {''.join(unknown)!r}; "
@@ -52,10 +60,10 @@ class CharTokenizer:
         return [self.stoi[c] for c in text]
 
     def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.itos[i] for i in ids)
 
     def token_bytes(self):
-        return [len(c.encode("utf-8")) for c in self.chars]
+        return [len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.special_tokens)
 
 
 class TiktokenTokenizer:
@@ -221,6 +229,8 @@ def load_bpe(folder, expected_sha256=None):
 def load_tokenizer(spec):
     """The tokenizer described by `spec` (from meta.json or a checkpoint)."""
     kind = spec.get("kind")
+    if spec.get("added"):
+        return with_special_tokens(load_tokenizer({k: v for k, v in spec.items() if k != "added"}), spec["added"])
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
@@ -230,6 +240,27 @@ def load_tokenizer(spec):
         tok.spec = dict(spec)  # as recorded, so a spec compares equal to the one it came from
         return tok
     raise UserError(f"unknown tokenizer kind {kind!r} (known: char, gpt2, bpe); was this data prepared by a newer nanoforge?")
+
+
+def with_special_tokens(tok, tokens):
+    """`tok` with those of `tokens` it lacks appended as special tokens, ids after its vocabulary, in order
+    (a model using it needs as many new embedding rows: GPT.resize_vocab). Its spec records the additions,
+    so a checkpoint reloads the same tokenizer. Returns tok itself when nothing is missing."""
+    missing = [t for t in tokens if t not in tok.special_tokens]
+    if not missing:
+        return tok
+    added = [*tok.spec.get("added", []), *missing]
+    base = {k: v for k, v in tok.spec.items() if k != "added"}
+    if isinstance(tok, CharTokenizer):
+        out = CharTokenizer(tok.chars, [*tok.special_tokens, *missing])
+    else:
+        import tiktoken
+        e = tok.enc
+        specials = dict(e._special_tokens, **{t: tok.vocab_size + i for i, t in enumerate(missing)})
+        out = TiktokenTokenizer(tiktoken.Encoding(f"{e.name}+{len(specials)}", pat_str=e._pat_str,
+                                                  mergeable_ranks=e._mergeable_ranks, special_tokens=specials), base)
+    out.spec = dict(base, added=added)
+    return out
 
 
 def tokenizer_from_arg(arg):

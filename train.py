@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import optim
 import runtime
 import tokens
 from configurator import configure, overrides
@@ -171,11 +172,8 @@ model.to(device)
 if gradient_checkpointing:
     runtime.gradient_checkpointing(model)
 
-# weight decay on matrices only: biases and LayerNorm gains are not decayed
-params = [p for p in model.parameters() if p.requires_grad]
-groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device.startswith("cuda"))
+optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2),
+                              fused=device.startswith("cuda"))
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
 if state is not None:
     optimizer.load_state_dict(state["optimizer"])
@@ -198,15 +196,7 @@ log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {pe
 # run record and logs
 
 def get_lr(it):
-    """Linear warmup from learning_rate / (warmup_iters + 1) (never 0), then cosine decay to min_lr."""
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    return optim.lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
 
 
 log_path = os.path.join(out_dir, "log.jsonl")

@@ -137,6 +137,7 @@ def test_missing_config_file(tmp_path):
         configure(DEFAULTS, ["batch_size=3"])
 
 
-def test_flag_without_value_is_an_error():
+def test_bare_flag_turns_a_boolean_on_and_is_an_error_otherwise():
+    assert configure(DEFAULTS, ["--compile"])["compile"] is True
     with pytest.raises(UserError, match="needs a value"):
-        configure(DEFAULTS, ["--compile"])
+        configure(DEFAULTS, ["--batch_size"])

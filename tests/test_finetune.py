@@ -1,0 +1,176 @@
+"""
+finetune.py and lora.py: chat fine-tuning from a nanoforge run, a Hugging Face GPT-2 folder, fully or with
+LoRA; adapters that train alone, save in peft's format and merge exactly.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import chat
+import lora
+import runtime
+from checkpoint import load_checkpoint, load_model
+from model import GPT, GPTConfig
+from test_train import ROOT, assert_one_line_error, read_log, run  # noqa: F401
+
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="module")
+def shop_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shop")
+    run("data/shop_chat/prepare.py", "--n_train=200", "--n_val=20", f"--out_dir={d}")
+    return d
+
+
+@pytest.fixture(scope="module")
+def char_base(tmp_path_factory):
+    """A tiny untrained character-level nanoforge run with Tiny Shakespeare's vocabulary."""
+    from checkpoint import save_checkpoint
+    from tokenizer import CharTokenizer
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("base")
+    model = GPT(GPTConfig(block_size=256, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=32, bias=False))
+    save_checkpoint(os.path.join(out, "ckpt.pt"), model, {"tokenizer": CharTokenizer(CHARS).spec, "iter_num": 0})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2_full_vocab_dir(tmp_path_factory):
+    """A tiny random Hugging Face GPT-2 with GPT-2's real vocabulary, so the BPE's ids fit it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf_full")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_gpt(vocab=20):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16))
+
+
+@pytest.mark.slow
+def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
+    model = lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0)
+    x = torch.randint(0, 20, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    for n, p in model.named_parameters():  # B starts at 0; give the adapters something to say
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    model.eval()
+    logits = model(x, x)[0]
+    merged = tiny_gpt()
+    merged.load_state_dict(lora.merged_state_dict(model))
+    assert torch.allclose(merged.eval()(x, x)[0], logits, atol=1e-5)
+    assert not torch.allclose(tiny_gpt().eval()(x, x)[0], logits, atol=1e-3)  # the adapters did change it
+    # saved in peft's format and loaded back onto a fresh base: the same logits
+    lora.save_adapter(model, str(tmp_path / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
+    again = lora.load_adapter(tiny_gpt(), str(tmp_path / "adapter")).eval()
+    assert torch.allclose(again(x, x)[0], logits, atol=1e-6)
+
+
+def test_lora_composes_with_gradient_checkpointing():
+    x = torch.randint(0, 20, (2, 8))
+    grads = []
+    for ckpt in (False, True):
+        base = tiny_gpt()
+        if ckpt:
+            runtime.gradient_checkpointing(base)
+        model = lora.apply_lora(base, rank=4, alpha=8, dropout=0.0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.manual_seed(1)
+                p.data.normal_(0, 0.5)
+        model(x, x)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_lr_schedule_and_decay_groups():
+    import optim
+    lrs = [optim.lr_at(it, 1.0, 10, 100, 0.1) for it in range(120)]
+    assert 0 < lrs[0] < lrs[9] < 1.0 and lrs[10] == 1.0 and lrs[100] == lrs[119] == 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    assert optim.lr_at(5, 1.0, 10, 100, 0.1, decay_lr=False) == 1.0
+    model = lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0)
+    decayed, plain = optim.param_groups(model, 0.1)
+    assert decayed["params"] and all("lora" in n for n, p in model.named_parameters()
+                                     if any(p is q for q in decayed["params"] + plain["params"]))
+
+
+def test_lora_unknown_target_is_a_clear_error():
+    with pytest.raises(runtime.UserError, match="c_fcc"):
+        lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0, targets="c_attn,c_fcc")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_finetune_char_model_lowers_held_out_loss_and_chats(shop_data, char_base, tmp_path, mode):
+    out = str(tmp_path / mode)
+    extra = ["--lora_rank=8", "--learning_rate=2e-2", "--gradient_checkpointing=True"] if mode == "lora" else []
+    run("finetune.py", f"--init_from={char_base}", f"--train_file={shop_data / 'train.jsonl'}",
+        f"--val_file={shop_data / 'val.jsonl'}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=15",
+        "--batch_size=4", "--learning_rate=3e-3", "--device=cpu", *extra)
+    evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    # a random 1-layer base: full fine-tuning learns fast; rank-8 adapters on frozen embeddings, slower
+    assert len(evals) == 3 and evals[-1] < evals[0] - (0.5 if mode == "full" else 0.1)
+    state = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert state["meta"]["tokenizer"]["added"] == chat.CHAT_TOKENS
+    assert state["meta"]["model_args"]["vocab_size"] == len(CHARS) + 4
+    if mode == "lora":
+        assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
+        assert not [k for k in state["model"] if "lora" in k or "base_layer" in k]  # plain merged weights
+    # the same template at chat time, through stdin, two turns
+    proc = run_chat(out, "Where is my lamp?\nThank you!\n")
+    assert proc.stdout.count("assistant> ") == 2
+
+
+def run_chat(out, text):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={out}", "--chat",
+                           "--device=cpu", "--max_new_tokens=40"], input=text, capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=True)
+
+
+@pytest.mark.slow
+def test_finetune_from_hf_gpt2_adds_chat_tokens(hf_gpt2_full_vocab_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Hello", "completion": "Hi there."}) + "\n" + "{oops\n")
+    out = str(tmp_path / "o")
+    proc = run("finetune.py", f"--init_from={hf_gpt2_full_vocab_dir}", f"--train_file={data}", f"--val_file={data}",
+               f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--block_size=32", "--device=cpu")
+    assert "d.jsonl:2: malformed JSON" in proc.stdout
+    model, spec, _ = load_model(out)
+    assert spec == {"kind": "gpt2", "added": chat.CHAT_TOKENS} and model.config.vocab_size == 50257 + 4
+
+
+def test_finetune_without_data_is_a_one_line_error(char_base, tmp_path):
+    proc = run("finetune.py", f"--init_from={char_base}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert_one_line_error(proc, "no data")
+
+
+@pytest.mark.slow
+def test_continued_pretraining_from_a_nanoforge_run(char_base, tmp_path):
+    """train.py init_from=<out_dir>: another run's weights and tokenizer, the context cropped, then trained."""
+    from test_train import SHAKESPEARE
+    d = tmp_path / "d"
+    run("data/shakespeare_char/prepare.py", f"--input={SHAKESPEARE}", f"--out_dir={d}")
+    out = str(tmp_path / "cont")
+    run("train.py", "config/train_shakespeare_char_cpu.py", f"--init_from={char_base}", f"--data_dir={d}",
+        f"--out_dir={out}", "--block_size=32", "--batch_size=4", "--max_iters=20", "--eval_interval=10",
+        "--eval_iters=2", "--n_layer=1", "--n_head=2", "--n_embd=32", "--bias=False", "--learning_rate=3e-3",
+        "--decay_lr=False", "--plot=False")
+    evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    state = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert state["meta"]["model_args"]["block_size"] == 32 and state["meta"]["tokenizer"]["chars"] == CHARS
