@@ -8,6 +8,11 @@ KV cache. Random weights and random tokens: how fast a shape runs does not depen
     python bench.py config/bench_shakespeare_char.py --dtype=bfloat16    # the same shape, from a file
     python bench.py --init_from=out-shakespeare-char   # a checkpoint, a save_pretrained folder, or gpt2
     python bench.py --mode=generate --json_out=bench.json                # results as JSON, for the README
+    python bench.py --mode=memory --batch_size=8 --repeats=3   # gradient checkpointing: peak memory, step time
+
+--mode=memory runs --mode=train in fresh subprocesses, without and with gradient checkpointing,
+alternating (A B A B ...) so both see the same machine load, and reports the median peak memory and
+step time of each and their ratios: a process's peak RSS only ever grows, so each variant needs its own.
 
 Overrides are --key=value, usually the shape keys. Config files are bench.py's own (config/bench_*.py):
 train.py's configs carry keys this script does not have, and unknown keys are errors.
@@ -38,7 +43,9 @@ dropout = 0.0
 pos_emb = 'learned'
 init_from = None  # None: random weights of the shape above; else an out_dir, ckpt file, HF folder or gpt2 name
 # what to measure
-mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache) or 'all'
+mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', or 'memory'
+gradient_checkpointing = False  # train: recompute block activations in backward (runtime.gradient_checkpointing)
+repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
 warmup_steps = 2  # untimed: the first steps pay for allocation, kernel choice and compilation
 timed_steps = 5
@@ -60,10 +67,56 @@ config = configurator.configure(defaults, sys.argv[1:])
 globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
-if mode not in ('train', 'generate', 'all'):
-    raise runtime.UserError(f"mode must be 'train', 'generate' or 'all', got {mode!r}")
-if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size) < 1 or warmup_steps < 0:
-    raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size must be >= 1; warmup_steps >= 0")
+if mode not in ('train', 'generate', 'all', 'memory'):
+    raise runtime.UserError(f"mode must be 'train', 'generate', 'all' or 'memory', got {mode!r}")
+if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
+    raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
+                            "warmup_steps >= 0")
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+# -----------------------------------------------------------------------------------------------------
+# memory: this script in train mode, in a fresh process per run, without (A) and with (B) checkpointing
+if mode == 'memory':
+    import json
+    import subprocess
+    import tempfile
+    passed = [a for a in sys.argv[1:] if not a.startswith(('--mode=', '--json_out=', '--gradient_checkpointing='))]
+    runs = {False: [], True: []}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for ckpt in (False, True):
+                out = os.path.join(tmp, f"{i}_{ckpt}.json")
+                loads.append(round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None)
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passed, '--mode=train',
+                                       f'--gradient_checkpointing={ckpt}', f'--json_out={out}'],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"error: the train run failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+                with open(out) as f:
+                    train = json.load(f)['train']
+                runs[ckpt].append(train)
+                print(f"run {i + 1}/{repeats}, gradient_checkpointing={ckpt}: {train['ms_per_step']:,.0f} ms/step, "
+                      f"peak memory {train['peak_memory_bytes'] / 2**20:,.0f} MiB, load {loads[-1]}")
+    mem = {k: median([r['peak_memory_bytes'] for r in v]) for k, v in runs.items()}
+    ms = {k: median([r['ms_per_step'] for r in v]) for k, v in runs.items()}
+    # each repeat's B/A time ratio, then the median: neighbours' load changes slower than one pair
+    ratio = median([b['ms_per_step'] / a['ms_per_step'] for a, b in zip(runs[False], runs[True])])
+    cut = 1 - mem[True] / mem[False]
+    print(f"memory: without checkpointing {mem[False] / 2**20:,.0f} MiB, with {mem[True] / 2**20:,.0f} MiB "
+          f"({cut * 100:.1f}% less; {runs[False][0]['peak_memory_source']}, median of {repeats})")
+    print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x "
+          f"(median of the {repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)})")
+    if json_out:
+        runtime.write_json(json_out, {'config': config, 'without': runs[False], 'with': runs[True],
+                                      'memory_cut': cut, 'time_ratio': ratio, 'loads': loads})
+        print(f"wrote {json_out}")
+    sys.exit(0)
 device, why = runtime.resolve_device(device)
 print(f"device: {device} ({why})")
 dtype, why = runtime.resolve_dtype(dtype, device)
@@ -84,6 +137,8 @@ else:
     model, _, _ = load_model(init_from)
     print(f"model from {init_from}: its own shape, the shape keys are ignored")
 model.to(device)
+if gradient_checkpointing:
+    runtime.gradient_checkpointing(model)
 mc = model.config
 print(f"model: {model.get_num_params() / 1e6:.1f}M params, n_layer={mc.n_layer} n_head={mc.n_head} "
       f"n_embd={mc.n_embd} block_size={mc.block_size} vocab_size={mc.vocab_size} pos_emb={mc.pos_emb}")
@@ -95,11 +150,6 @@ def sync():
         torch.cuda.synchronize()
     elif device == 'mps':
         torch.mps.synchronize()
-
-
-def median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 results = {'config': config, 'resolved': {'device': device, 'dtype': dtype, 'compile': compile}, 'env': env}
