@@ -148,7 +148,7 @@ log("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if chang
 
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 meta = tokens.read_meta(data_dir)
-train_path, val_path = tokens.split_path(data_dir, "train"), tokens.split_path(data_dir, "val")
+train_path, val_path = tokens.split_files(data_dir, "train"), tokens.split_files(data_dir, "val")  # lists of shards
 train_len = tokens.split_length(data_dir, "train", block_size)
 val_len = tokens.split_length(data_dir, "val", block_size)
 tokenizer = load_tokenizer(meta["tokenizer"])
