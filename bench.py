@@ -9,10 +9,13 @@ KV cache. Random weights and random tokens: how fast a shape runs does not depen
     python bench.py --init_from=out-shakespeare-char   # a checkpoint, a save_pretrained folder, or gpt2
     python bench.py --mode=generate --json_out=bench.json                # results as JSON, for the README
     python bench.py --mode=memory --batch_size=8 --repeats=3   # gradient checkpointing: peak memory, step time
+    torchrun --standalone --nproc_per_node=2 bench.py --mode=fsdp --block_size=128   # memory per rank; also ddp
 
 --mode=memory runs --mode=train in fresh subprocesses, without and with gradient checkpointing,
 alternating (A B A B ...) so both see the same machine load, and reports the median peak memory and
 step time of each and their ratios: a process's peak RSS only ever grows, so each variant needs its own.
+--mode=fsdp / --mode=ddp (under torchrun) take one AdamW step of batch_size x block_size tokens and report,
+per rank, the bytes of parameters, gradients and optimizer state that rank holds, and its peak memory.
 
 Overrides are --key=value, usually the shape keys. Config files are bench.py's own (config/bench_*.py):
 train.py's configs carry keys this script does not have, and unknown keys are errors.
@@ -43,7 +46,7 @@ dropout = 0.0
 pos_emb = 'learned'
 init_from = None  # None: random weights of the shape above; else an out_dir, ckpt file, HF folder or gpt2 name
 # what to measure
-mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', or 'memory'
+mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp'
 gradient_checkpointing = False  # train: recompute block activations in backward (runtime.gradient_checkpointing)
 repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
@@ -67,8 +70,8 @@ config = configurator.configure(defaults, sys.argv[1:])
 globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
-if mode not in ('train', 'generate', 'all', 'memory'):
-    raise runtime.UserError(f"mode must be 'train', 'generate', 'all' or 'memory', got {mode!r}")
+if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp'):
+    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp' or 'ddp', got {mode!r}")
 if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
     raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
                             "warmup_steps >= 0")
@@ -118,6 +121,10 @@ if mode == 'memory':
         print(f"wrote {json_out}")
     sys.exit(0)
 device, why = runtime.resolve_device(device)
+if mode in ('fsdp', 'ddp'):
+    ddp, rank, _, world_size, device = runtime.setup_distributed('auto', device)
+    if not ddp:
+        raise runtime.UserError(f"--mode={mode} measures ranks: run it under torchrun --nproc_per_node=2")
 print(f"device: {device} ({why})")
 dtype, why = runtime.resolve_dtype(dtype, device)
 print(f"dtype: {dtype} ({why})")
@@ -154,6 +161,49 @@ def sync():
 
 results = {'config': config, 'resolved': {'device': device, 'dtype': dtype, 'compile': compile}, 'env': env}
 
+def peak_memory():
+    """(bytes, what was measured): the device's peak allocation on CUDA, else the process's peak RSS."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device), 'torch.cuda.max_memory_allocated'
+    import resource  # not on Windows; only needed here
+    # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's peak since it started
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024), \
+        'peak RSS of this process'
+
+
+# -----------------------------------------------------------------------------------------------------
+# fsdp / ddp: what one rank holds after an optimizer step, sharded (FSDP) or replicated (DDP)
+if mode in ('fsdp', 'ddp'):
+    import torch.distributed as dist
+
+    def local_bytes(tensors):  # a DTensor's own shard only
+        return sum(t.to_local().nbytes if hasattr(t, 'to_local') else t.nbytes for t in tensors if t is not None)
+
+    if mode == 'fsdp':
+        step_model = runtime.fully_shard_model(model, device, dtype, compile)
+    else:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+    x = torch.randint(mc.vocab_size, (batch_size, mc.block_size), device=device)  # (B, T)
+    with runtime.autocast(device, dtype):
+        _, loss = step_model(x, x)
+    loss.backward()
+    optimizer.step()
+    held = {'params': local_bytes(model.parameters()), 'grads': local_bytes(p.grad for p in model.parameters()),
+            'optimizer': local_bytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))}
+    held['peak'], src = peak_memory()
+    rows = [None] * world_size
+    dist.all_gather_object(rows, held)
+    if rank == 0:
+        for r, h in enumerate(rows):
+            print(f"{mode} rank {r}/{world_size}: parameters {h['params'] / 2**20:,.0f} MiB, gradients "
+                  f"{h['grads'] / 2**20:,.0f} MiB, optimizer state {h['optimizer'] / 2**20:,.0f} MiB; "
+                  f"peak memory {h['peak'] / 2**20:,.0f} MiB ({src})")
+        if json_out:
+            runtime.write_json(json_out, {'config': config, 'ranks': rows, 'peak_memory_source': src})
+    dist.destroy_process_group()
+    sys.exit(0)
+
 # -----------------------------------------------------------------------------------------------------
 # train: forward + backward on random batches; no optimizer and no data loading, only the model's work
 if mode in ('train', 'all'):
@@ -180,13 +230,7 @@ if mode in ('train', 'all'):
     tokens_per_s = B * T / dt
     peak, peak_src = runtime.peak_flops(device, dtype)
     mfu = model.estimate_mfu(tokens_per_s, peak, T)
-    if device.startswith('cuda'):
-        mem, mem_src = torch.cuda.max_memory_allocated(device), 'torch.cuda.max_memory_allocated'
-    else:
-        import resource  # not on Windows; only needed here
-        # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's peak since it started
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-        mem_src = 'peak RSS of this process'
+    mem, mem_src = peak_memory()
     print(f"train: {dt * 1000:.1f} ms/step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "
           f"batch {B} x {T} tokens, loss {loss.item():.3f}")
     print(f"train: MFU {mfu * 100:.1f}% of {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
