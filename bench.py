@@ -220,7 +220,7 @@ if mode in ('train', 'all'):
         t0 = time.perf_counter()
         model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
         with runtime.autocast(device, dtype):
-            _, loss = step_model(x, y)
+            loss = step_model(x, y)[1]  # as train.py: the (B, T, V) logits are not kept through backward
         loss.backward()
         sync()
         if i >= warmup_steps:

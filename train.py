@@ -365,7 +365,7 @@ while True:
         sync = model.no_sync() if ddp and not fsdp and micro < local_accum - 1 else nullcontext()
         with sync:
             with autocast_ctx:
-                _, loss = model(x, y)
+                loss = model(x, y)[1]  # not the logits: kept, they would hold (B, T, V) floats through backward
                 loss = loss / local_accum  # the mean over this rank's micro-steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
