@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,9 @@ def save_checkpoint(path, model, meta, optimizer=None, scaler=None):
 
 def load_checkpoint(path, map_location="cpu"):
     """The checkpoint dict with meta parsed from JSON. Errors name the problem and the fix."""
+    if not os.path.exists(path) and find_sharded(os.path.dirname(path) or "."):
+        raise UserError(f"no checkpoint at {path}, but a sharded one beside it; make it with: python consolidate.py "
+                        f"{os.path.dirname(path) or '.'}")
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first (python train.py ... --out_dir={os.path.dirname(path) or '.'})")
     try:
@@ -183,7 +187,9 @@ def load_sharded(path, model, optimizer=None):
     meta = read_sharded_meta(path)
     if optimizer is None:  # weights only: one process may load alone (consolidation on rank 0)
         state = {"model": sd.get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=True)
         sd.set_model_state_dict(model, state["model"])
         return meta
     model_state, optim_state = sd.get_state_dict(model, optimizer)

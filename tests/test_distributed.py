@@ -101,6 +101,9 @@ def test_fsdp_equals_one_process_and_resumes_sharded_on_another_world_size(char_
     sample = run("sample.py", f"--out_dir={two}", "--start=ROMEO:", "--max_new_tokens=20", "--num_samples=1",
                  "--device=cpu")
     assert sample.stdout.startswith("ROMEO:")
+    os.remove(checkpoint.ckpt_path(other))  # a run left with only its sharded checkpoint says what to do
+    proc = run("sample.py", f"--out_dir={other}", "--device=cpu", check=False)
+    assert proc.returncode == 2 and f"python consolidate.py {other}" in proc.stderr, proc.stderr
 
 
 def worker_pid(launcher_pid, rank):
