@@ -110,14 +110,16 @@ if mode == 'memory':
     ms = {k: median([r['ms_per_step'] for r in v]) for k, v in runs.items()}
     # each repeat's B/A time ratio, then the median: neighbours' load changes slower than one pair
     ratio = median([b['ms_per_step'] / a['ms_per_step'] for a, b in zip(runs[False], runs[True])])
+    cpu_ratio = median([b['cpu_ms_per_step'] / a['cpu_ms_per_step'] for a, b in zip(runs[False], runs[True])])
     cut = 1 - mem[True] / mem[False]
     print(f"memory: without checkpointing {mem[False] / 2**20:,.0f} MiB, with {mem[True] / 2**20:,.0f} MiB "
           f"({cut * 100:.1f}% less; {runs[False][0]['peak_memory_source']}, median of {repeats})")
     print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x "
-          f"(median of the {repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)})")
+          f"(median of the {repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)}); CPU time {cpu_ratio:.2f}x")
     if json_out:
         runtime.write_json(json_out, {'config': config, 'without': runs[False], 'with': runs[True],
-                                      'memory_cut': cut, 'time_ratio': ratio, 'loads': loads})
+                                      'memory_cut': cut, 'time_ratio': ratio, 'cpu_time_ratio': cpu_ratio,
+                                      'loads': loads})
         print(f"wrote {json_out}")
     sys.exit(0)
 device, why = runtime.resolve_device(device)
@@ -214,10 +216,10 @@ if mode in ('train', 'all'):
     y = torch.randint(mc.vocab_size, (B, T), device=device)  # (B, T) targets
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, cpu_times = [], []  # wall clock; CPU time of this process (less moved by busy neighbours)
     for i in range(warmup_steps + timed_steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
         with runtime.autocast(device, dtype):
             loss = step_model(x, y)[1]  # as train.py: the (B, T, V) logits are not kept through backward
@@ -225,6 +227,7 @@ if mode in ('train', 'all'):
         sync()
         if i >= warmup_steps:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     model.zero_grad(set_to_none=True)  # free the grads before generation
     dt = median(times)  # the median step: one slow step from a noisy neighbour does not move it
     tokens_per_s = B * T / dt
@@ -239,7 +242,7 @@ if mode in ('train', 'all'):
         print("train: MFU above 100% means the measured peak came out low (a busy machine?); rerun when idle")
     results['train'] = dict(ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu, peak_flops=peak,
                             peak_flops_source=peak_src, peak_memory_bytes=mem, peak_memory_source=mem_src,
-                            step_times_ms=[t * 1000 for t in times])
+                            step_times_ms=[t * 1000 for t in times], cpu_ms_per_step=median(cpu_times) * 1000)
 
 # -----------------------------------------------------------------------------------------------------
 # generate: the same greedy continuation with the KV cache and with the plain reference path
