@@ -203,6 +203,7 @@ if mode in ('fsdp', 'ddp'):
                   f"peak memory {h['peak'] / 2**20:,.0f} MiB ({src})")
         if json_out:
             runtime.write_json(json_out, {'config': config, 'ranks': rows, 'peak_memory_source': src})
+    dist.barrier()  # leave together, as train.py does
     dist.destroy_process_group()
     sys.exit(0)
 

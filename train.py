@@ -414,5 +414,6 @@ if master:
     if plot:
         plot_losses()
         log(f"loss curve: {os.path.join(out_dir, 'loss.png')}")
-if ddp:
+if ddp:  # leave together: a rank that exits while another still works (consolidating) can fail its teardown
+    dist.barrier()
     dist.destroy_process_group()
