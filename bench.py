@@ -8,6 +8,14 @@ KV cache. Random weights and random tokens: how fast a shape runs does not depen
     python bench.py config/bench_shakespeare_char.py --dtype=bfloat16    # the same shape, from a file
     python bench.py --init_from=out-shakespeare-char   # a checkpoint, a save_pretrained folder, or gpt2
     python bench.py --mode=generate --json_out=bench.json                # results as JSON, for the README
+    python bench.py --mode=memory --batch_size=8 --repeats=3   # gradient checkpointing: peak memory, step time
+    torchrun --standalone --nproc_per_node=2 bench.py --mode=fsdp --block_size=128   # memory per rank; also ddp
+
+--mode=memory runs --mode=train in fresh subprocesses, without and with gradient checkpointing,
+alternating (A B A B ...) so both see the same machine load, and reports the median peak memory and
+step time of each and their ratios: a process's peak RSS only ever grows, so each variant needs its own.
+--mode=fsdp / --mode=ddp (under torchrun) take one AdamW step of batch_size x block_size tokens and report,
+per rank, the bytes of parameters, gradients and optimizer state that rank holds, and its peak memory.
 
 Overrides are --key=value, usually the shape keys. Config files are bench.py's own (config/bench_*.py):
 train.py's configs carry keys this script does not have, and unknown keys are errors.
@@ -38,7 +46,9 @@ dropout = 0.0
 pos_emb = 'learned'
 init_from = None  # None: random weights of the shape above; else an out_dir, ckpt file, HF folder or gpt2 name
 # what to measure
-mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache) or 'all'
+mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp'
+gradient_checkpointing = False  # train: recompute block activations in backward (runtime.gradient_checkpointing)
+repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
 warmup_steps = 2  # untimed: the first steps pay for allocation, kernel choice and compilation
 timed_steps = 5
@@ -60,11 +70,63 @@ config = configurator.configure(defaults, sys.argv[1:])
 globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
-if mode not in ('train', 'generate', 'all'):
-    raise runtime.UserError(f"mode must be 'train', 'generate' or 'all', got {mode!r}")
-if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size) < 1 or warmup_steps < 0:
-    raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size must be >= 1; warmup_steps >= 0")
+if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp'):
+    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp' or 'ddp', got {mode!r}")
+if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
+    raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
+                            "warmup_steps >= 0")
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+# -----------------------------------------------------------------------------------------------------
+# memory: this script in train mode, in a fresh process per run, without (A) and with (B) checkpointing
+if mode == 'memory':
+    import json
+    import subprocess
+    import tempfile
+    passed = [a for a in sys.argv[1:] if not a.startswith(('--mode=', '--json_out=', '--gradient_checkpointing='))]
+    runs = {False: [], True: []}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for ckpt in (False, True):
+                out = os.path.join(tmp, f"{i}_{ckpt}.json")
+                loads.append(round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None)
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passed, '--mode=train',
+                                       f'--gradient_checkpointing={ckpt}', f'--json_out={out}'],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"error: the train run failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+                with open(out) as f:
+                    train = json.load(f)['train']
+                runs[ckpt].append(train)
+                print(f"run {i + 1}/{repeats}, gradient_checkpointing={ckpt}: {train['ms_per_step']:,.0f} ms/step, "
+                      f"peak memory {train['peak_memory_bytes'] / 2**20:,.0f} MiB, load {loads[-1]}")
+    mem = {k: median([r['peak_memory_bytes'] for r in v]) for k, v in runs.items()}
+    ms = {k: median([r['ms_per_step'] for r in v]) for k, v in runs.items()}
+    # each repeat's B/A time ratio, then the median: neighbours' load changes slower than one pair
+    ratio = median([b['ms_per_step'] / a['ms_per_step'] for a, b in zip(runs[False], runs[True])])
+    cpu_ratio = median([b['cpu_ms_per_step'] / a['cpu_ms_per_step'] for a, b in zip(runs[False], runs[True])])
+    cut = 1 - mem[True] / mem[False]
+    print(f"memory: without checkpointing {mem[False] / 2**20:,.0f} MiB, with {mem[True] / 2**20:,.0f} MiB "
+          f"({cut * 100:.1f}% less; {runs[False][0]['peak_memory_source']}, median of {repeats})")
+    print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x "
+          f"(median of the {repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)}); CPU time {cpu_ratio:.2f}x")
+    if json_out:
+        runtime.write_json(json_out, {'config': config, 'without': runs[False], 'with': runs[True],
+                                      'memory_cut': cut, 'time_ratio': ratio, 'cpu_time_ratio': cpu_ratio,
+                                      'loads': loads})
+        print(f"wrote {json_out}")
+    sys.exit(0)
 device, why = runtime.resolve_device(device)
+if mode in ('fsdp', 'ddp'):
+    ddp, rank, _, world_size, device = runtime.setup_distributed('auto', device)
+    if not ddp:
+        raise runtime.UserError(f"--mode={mode} measures ranks: run it under torchrun --nproc_per_node=2")
 print(f"device: {device} ({why})")
 dtype, why = runtime.resolve_dtype(dtype, device)
 print(f"dtype: {dtype} ({why})")
@@ -84,6 +146,8 @@ else:
     model, _, _ = load_model(init_from)
     print(f"model from {init_from}: its own shape, the shape keys are ignored")
 model.to(device)
+if gradient_checkpointing:
+    runtime.gradient_checkpointing(model)
 mc = model.config
 print(f"model: {model.get_num_params() / 1e6:.1f}M params, n_layer={mc.n_layer} n_head={mc.n_head} "
       f"n_embd={mc.n_embd} block_size={mc.block_size} vocab_size={mc.vocab_size} pos_emb={mc.pos_emb}")
@@ -97,12 +161,51 @@ def sync():
         torch.mps.synchronize()
 
 
-def median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
 results = {'config': config, 'resolved': {'device': device, 'dtype': dtype, 'compile': compile}, 'env': env}
+
+def peak_memory():
+    """(bytes, what was measured): the device's peak allocation on CUDA, else the process's peak RSS."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device), 'torch.cuda.max_memory_allocated'
+    import resource  # not on Windows; only needed here
+    # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's peak since it started
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024), \
+        'peak RSS of this process'
+
+
+# -----------------------------------------------------------------------------------------------------
+# fsdp / ddp: what one rank holds after an optimizer step, sharded (FSDP) or replicated (DDP)
+if mode in ('fsdp', 'ddp'):
+    import torch.distributed as dist
+
+    def local_bytes(tensors):  # a DTensor's own shard only
+        return sum(t.to_local().nbytes if hasattr(t, 'to_local') else t.nbytes for t in tensors if t is not None)
+
+    if mode == 'fsdp':
+        step_model = runtime.fully_shard_model(model, device, dtype, compile)
+    else:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+    x = torch.randint(mc.vocab_size, (batch_size, mc.block_size), device=device)  # (B, T)
+    with runtime.autocast(device, dtype):
+        _, loss = step_model(x, x)
+    loss.backward()
+    optimizer.step()
+    held = {'params': local_bytes(model.parameters()), 'grads': local_bytes(p.grad for p in model.parameters()),
+            'optimizer': local_bytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))}
+    held['peak'], src = peak_memory()
+    rows = [None] * world_size
+    dist.all_gather_object(rows, held)
+    if rank == 0:
+        for r, h in enumerate(rows):
+            print(f"{mode} rank {r}/{world_size}: parameters {h['params'] / 2**20:,.0f} MiB, gradients "
+                  f"{h['grads'] / 2**20:,.0f} MiB, optimizer state {h['optimizer'] / 2**20:,.0f} MiB; "
+                  f"peak memory {h['peak'] / 2**20:,.0f} MiB ({src})")
+        if json_out:
+            runtime.write_json(json_out, {'config': config, 'ranks': rows, 'peak_memory_source': src})
+    dist.barrier()  # leave together, as train.py does
+    dist.destroy_process_group()
+    sys.exit(0)
 
 # -----------------------------------------------------------------------------------------------------
 # train: forward + backward on random batches; no optimizer and no data loading, only the model's work
@@ -114,29 +217,24 @@ if mode in ('train', 'all'):
     y = torch.randint(mc.vocab_size, (B, T), device=device)  # (B, T) targets
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, cpu_times = [], []  # wall clock; CPU time of this process (less moved by busy neighbours)
     for i in range(warmup_steps + timed_steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
         with runtime.autocast(device, dtype):
-            _, loss = step_model(x, y)
+            loss = step_model(x, y)[1]  # as train.py: the (B, T, V) logits are not kept through backward
         loss.backward()
         sync()
         if i >= warmup_steps:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     model.zero_grad(set_to_none=True)  # free the grads before generation
     dt = median(times)  # the median step: one slow step from a noisy neighbour does not move it
     tokens_per_s = B * T / dt
     peak, peak_src = runtime.peak_flops(device, dtype)
     mfu = model.estimate_mfu(tokens_per_s, peak, T)
-    if device.startswith('cuda'):
-        mem, mem_src = torch.cuda.max_memory_allocated(device), 'torch.cuda.max_memory_allocated'
-    else:
-        import resource  # not on Windows; only needed here
-        # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's peak since it started
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-        mem_src = 'peak RSS of this process'
+    mem, mem_src = peak_memory()
     print(f"train: {dt * 1000:.1f} ms/step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "
           f"batch {B} x {T} tokens, loss {loss.item():.3f}")
     print(f"train: MFU {mfu * 100:.1f}% of {peak / 1e12:.3f} TFLOP/s ({peak_src}); "
@@ -145,7 +243,7 @@ if mode in ('train', 'all'):
         print("train: MFU above 100% means the measured peak came out low (a busy machine?); rerun when idle")
     results['train'] = dict(ms_per_step=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu, peak_flops=peak,
                             peak_flops_source=peak_src, peak_memory_bytes=mem, peak_memory_source=mem_src,
-                            step_times_ms=[t * 1000 for t in times])
+                            step_times_ms=[t * 1000 for t in times], cpu_ms_per_step=median(cpu_times) * 1000)
 
 # -----------------------------------------------------------------------------------------------------
 # generate: the same greedy continuation with the KV cache and with the plain reference path

@@ -11,22 +11,36 @@ torch.load(weights_only=True) and nothing is unpickled:
     model       the state_dict of the bare model (never DDP's "module." or compile's "_orig_mod.")
     optimizer   the optimizer state_dict (training checkpoints only)
     scaler      the fp16 GradScaler state_dict, when one is used
+
+A sharded checkpoint (out_dir/ckpt_sharded/, written by fsdp=True runs) is a torch.distributed.checkpoint
+(DCP) folder: each rank writes its own shards of "model" and "optimizer" (state dicts keyed by parameter
+name, so they reload on any number of ranks), plus meta.json holding format "nanoforge-sharded", version
+and the same meta as above. consolidate() turns one into an ordinary checkpoint for sample.py and the
+rest. DCP's own index (.metadata) is a pickle PyTorch writes: load only sharded checkpoints you made.
 """
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig
-from runtime import UserError, atomic_path
+from runtime import UserError, atomic_path, write_json
 
 FORMAT, VERSION = "nanoforge-checkpoint", 1
+SHARDED_FORMAT = "nanoforge-sharded"
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
 def ckpt_path(out_dir):
     return os.path.join(out_dir, "ckpt.pt")
+
+
+def sharded_path(out_dir):
+    return os.path.join(out_dir, "ckpt_sharded")
 
 
 def unwrap(model):
@@ -52,6 +66,9 @@ def save_checkpoint(path, model, meta, optimizer=None, scaler=None, weights=None
 
 def load_checkpoint(path, map_location="cpu"):
     """The checkpoint dict with meta parsed from JSON. Errors name the problem and the fix."""
+    if not os.path.exists(path) and find_sharded(os.path.dirname(path) or "."):
+        raise UserError(f"no checkpoint at {path}, but a sharded one beside it; make it with: python consolidate.py "
+                        f"{os.path.dirname(path) or '.'}")
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first (python train.py ... --out_dir={os.path.dirname(path) or '.'})")
     try:
@@ -108,3 +125,87 @@ def load_model(source, map_location="cpu", dropout=None):
                         f"GPT-2 folder, or a GPT-2 name ({', '.join(GPT2_NAMES)})")
     state = load_checkpoint(path, map_location)
     return model_from_checkpoint(state, dropout), state["meta"]["tokenizer"], state["meta"]
+
+
+# -----------------------------------------------------------------------------------------------------
+# sharded checkpoints (FSDP): torch.distributed.checkpoint
+
+def _is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(out_dir, model, optimizer, meta):
+    """Every rank calls this (it is a collective): each writes its own shards, in parallel, into
+    ckpt_sharded.tmp/, which rank 0 renames into place when all are done. A crash mid-save leaves the
+    previous checkpoint: it is moved aside to .old only for the instant between two renames, and
+    find_sharded() looks there too. Needs an out_dir every rank sees (a shared filesystem)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = sharded_path(out_dir)
+    tmp, old = final + ".tmp", final + ".old"
+    if _is_rank0() and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by a crash mid-save
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if _is_rank0():
+        meta = dict(meta, model_args=dataclasses.asdict(model.config))
+        write_json(os.path.join(tmp, "meta.json"), {"format": SHARDED_FORMAT, "version": VERSION, "meta": meta})
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def find_sharded(out_dir):
+    """The sharded checkpoint folder of out_dir, or None. Falls back to .old, which holds the last
+    complete checkpoint only if a save crashed between its two renames."""
+    for path in (sharded_path(out_dir), sharded_path(out_dir) + ".old"):
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return path
+    return None
+
+
+def read_sharded_meta(path):
+    with open(os.path.join(path, "meta.json")) as f:
+        head = json.load(f)
+    if head.get("format") != SHARDED_FORMAT or head.get("version") != VERSION:
+        raise UserError(f"{path} is not a version-{VERSION} nanoforge sharded checkpoint")
+    return head["meta"]
+
+
+def load_sharded(path, model, optimizer=None):
+    """Loads a sharded checkpoint into `model` (and `optimizer`) as they are now laid out: FSDP-sharded
+    over any number of ranks, or whole in one process. DCP reads each rank's part from whichever files
+    hold it, so a run saved on 2 ranks resumes on 1, 2 or 8. Returns its meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+    meta = read_sharded_meta(path)
+    if optimizer is None:  # weights only: one process may load alone (consolidation on rank 0)
+        state = {"model": sd.get_model_state_dict(model)}
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+        sd.set_model_state_dict(model, state["model"])
+        return meta
+    model_state, optim_state = sd.get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    sd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return meta
+
+
+def consolidate(path, out_path):
+    """A sharded checkpoint folder -> an ordinary checkpoint (model weights and meta, no optimizer) at
+    out_path, for sample.py, evaluation and export. One process, no process group needed."""
+    meta = read_sharded_meta(path)
+    model = GPT(GPTConfig(**meta["model_args"]))
+    load_sharded(path, model)
+    save_checkpoint(out_path, model, meta)
+    return out_path

@@ -44,11 +44,17 @@ def evaluate(model, path, starts, block_size, batch_size, token_bytes, device, a
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=len(starts) * block_size, unit="tok", unit_scale=True, desc=str(progress))
-    for i in range(0, len(mine), batch_size):
-        x, y = read_batch(path, mine[i:i + batch_size], block_size)
+    # every rank runs the same number of forward passes: under FSDP each one is a collective (the
+    # weights are gathered), so a rank with fewer windows scores a stand-in batch and discards it
+    n_batches = math.ceil(math.ceil(len(starts) / world_size) / batch_size)
+    for i in range(0, n_batches * batch_size, batch_size):
+        rows = mine[i:i + batch_size]
+        x, y = read_batch(path, rows if len(rows) else starts[:1], block_size)
         x, y = x.to(device), y.to(device)
         with autocast_ctx:
             logits, _ = model(x, y)  # (B, T, V)
+        if not len(rows):
+            continue
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
         sums += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device),
                              token_bytes[y].sum().double()])

@@ -25,9 +25,17 @@ def friendly_errors():
     default_hook = sys.excepthook
 
     def hook(kind, value, tb):
+        # sys.__stderr__: under torchrun, torch's own hook wraps this one with sys.stderr redirected to a
+        # buffer it prints afterwards, which sys.exit would skip, losing the message
         if issubclass(kind, UserError):
-            print(f"error: {value}", file=sys.stderr)
+            print(f"error: {value}", file=sys.__stderr__, flush=True)
             sys.exit(2)  # sys.exit inside the hook still sets the exit status
+        elif lost_peer(value):
+            first = str(value).strip().splitlines()[0][-200:]
+            print(f"error: rank {os.environ.get('RANK')} lost contact with the other ranks ({first}): one died "
+                  f"or hung; torchrun's summary names the first to fail. Resume with --init_from=resume",
+                  file=sys.__stderr__, flush=True)
+            sys.exit(1)
         elif issubclass(kind, KeyboardInterrupt):
             print("", file=sys.stderr)
             sys.exit(130)
@@ -35,6 +43,16 @@ def friendly_errors():
             default_hook(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def lost_peer(error):
+    """Whether an exception in a torchrun worker means another rank died (connection reset) or hung
+    (a collective timed out), as gloo and nccl report it."""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(s in text for s in (
+        "Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out", "NCCL"))
 
 
 @contextlib.contextmanager
@@ -133,9 +151,10 @@ def gradient_checkpointing(model):
 # -----------------------------------------------------------------------------------------------------
 # distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
-def setup_distributed(backend, device):
+def setup_distributed(backend, device, timeout=600.0):
     """Returns (ddp, rank, local_rank, world_size, device). Under torchrun, joins the process group
-    (nccl on CUDA, gloo on CPU unless configured) and gives each rank its own GPU."""
+    (nccl on CUDA, gloo on CPU unless configured) and gives each rank its own GPU. `timeout` seconds:
+    how long a collective waits for a rank that stopped answering before it fails."""
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -145,9 +164,33 @@ def setup_distributed(backend, device):
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    # a rank that dies must not leave the others waiting forever on a collective
-    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    # a rank that dies or hangs must not leave the others waiting forever on a collective: gloo fails a
+    # collective after `timeout`; nccl's watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING,
+    # on by default) after it, instead of blocking the GPU stream for good
+    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return True, rank, local_rank, world_size, device
+
+
+def fully_shard_model(model, device, dtype, compile):
+    """FSDP2, applied from outside the model: each transformer block is one unit of sharding (its
+    parameters are gathered just before its forward and freed after it, and again for backward), then
+    the root takes what is left: wte (tied to lm_head, so one parameter in one unit), wpe and ln_f.
+    Gradients are reduce-scattered, so each rank keeps 1/world_size of the parameters, gradients and
+    optimizer state. In bf16/fp16 the gathered copies are in that dtype (half the traffic and memory)
+    and gradients are reduced in fp32; the sharded master weights stay fp32. Compile goes per block
+    (before sharding), the way FSDP2 composes with torch.compile. Returns the model, sharded in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
+    mp = MixedPrecisionPolicy()  # fp32: nothing cast
+    if dtype != "float32":
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        if compile:
+            block.compile()  # in place: parameter names (so checkpoints) do not change
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------

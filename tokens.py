@@ -1,8 +1,9 @@
 """
 The token file format, its metadata, and the batch reader: the one place these rules live.
 
-A dataset is a folder data/<name>/ holding train.bin, val.bin and meta.json.
-Each .bin file is a 64-byte little-endian header, then the tokens:
+A dataset is a folder data/<name>/ holding train.bin, val.bin and meta.json; or, for corpora too big
+for one file, shards train_000000.bin, train_000001.bin, ... (and val_000000.bin, ...) that read as
+one split: their tokens in order, as if concatenated. Each .bin file is a 64-byte little-endian header, then the tokens:
 
     offset 0   8 bytes  magic b"NFTOKENS"
     offset 8   uint32   format version (1)
@@ -13,6 +14,7 @@ Each .bin file is a 64-byte little-endian header, then the tokens:
 meta.json (JSON, never a pickle) records the tokenizer, vocab_size, per-split token and byte counts, and
 where the text came from.
 """
+import glob
 import json
 import os
 import struct
@@ -139,13 +141,55 @@ def split_path(data_dir, split):
     return os.path.join(data_dir, f"{split}.bin")
 
 
+def shard_path(data_dir, split, index):
+    return os.path.join(data_dir, f"{split}_{index:06d}.bin")
+
+
+def split_files(data_dir, split):
+    """The files of a split: [<split>.bin], or its shards in order."""
+    if os.path.exists(split_path(data_dir, split)):
+        return [split_path(data_dir, split)]
+    shards = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"{split}_" + "[0-9]" * 6 + ".bin")))
+    return shards or [split_path(data_dir, split)]  # missing: read_header says which script to run
+
+
 def split_length(data_dir, split, block_size):
-    """Token count of a split, checked to hold at least one block of block_size + 1 tokens."""
-    _, count = read_header(split_path(data_dir, split))
+    """Token count of a split (all its shards), checked to hold at least one block of block_size + 1."""
+    count = sum(read_header(path)[1] for path in split_files(data_dir, split))
     if count <= block_size:
-        raise UserError(f"{split_path(data_dir, split)} holds {count} tokens, fewer than block_size + 1 = "
+        raise UserError(f"the {split} split in {data_dir} holds {count} tokens, fewer than block_size + 1 = "
                         f"{block_size + 1}; use a smaller --block_size or more text")
     return count
+
+
+class ShardWriter:
+    """Writes a split as shards of shard_tokens tokens each (the last one shorter), FineWeb-style, a
+    chunk at a time: with ShardWriter(dir, "train", vocab_size, 100_000_000) as w: w.write(ids).
+    Each shard appears complete or not at all (TokenWriter)."""
+
+    def __init__(self, data_dir, split, vocab_size, shard_tokens):
+        self.data_dir, self.split, self.vocab_size, self.shard_tokens = data_dir, split, vocab_size, shard_tokens
+        self.count, self.paths, self._writer = 0, [], None
+
+    def __enter__(self):
+        return self
+
+    def write(self, ids):
+        ids = np.asarray(ids)
+        while ids.size:
+            if self._writer is None:
+                self.paths.append(shard_path(self.data_dir, self.split, len(self.paths)))
+                self._writer = TokenWriter(self.paths[-1], self.vocab_size).__enter__()
+            take = min(ids.size, self.shard_tokens - self._writer.count)
+            self._writer.write(ids[:take])
+            self.count, ids = self.count + take, ids[take:]
+            if self._writer.count == self.shard_tokens:
+                self._writer.__exit__(None, None, None)
+                self._writer = None
+
+    def __exit__(self, kind, value, tb):
+        if self._writer is not None:
+            self._writer.__exit__(kind, value, tb)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -165,10 +209,21 @@ def eval_starts(count, block_size, n_rows):
     return np.linspace(0, count - block_size - 1, n_rows).round().astype(np.int64)
 
 
-def read_batch(path, starts, block_size):
-    """Inputs x and next-token targets y, both (len(starts), block_size) int64. The memmap is reopened
-    on every call: a long-lived memmap keeps growing resident memory as pages are touched."""
-    data = open_tokens(path)
-    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in starts]))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in starts]))
-    return x, y
+def read_batch(paths, starts, block_size):
+    """Inputs x and next-token targets y, both (len(starts), block_size) int64, from a token file or a
+    list of shards (split_files), where `starts` count from the first token of the first shard and a
+    window may run on into the next shard. The memmaps are reopened on every call: a long-lived memmap
+    keeps growing resident memory as pages are touched."""
+    shards = [open_tokens(p) for p in ([paths] if isinstance(paths, str) else paths)]
+    ends = np.cumsum([len(s) for s in shards])  # offset just past each shard
+
+    def window(i):  # block_size + 1 tokens from offset i
+        k, parts, need = int(np.searchsorted(ends, i, side="right")), [], block_size + 1
+        while need:
+            part = shards[k][i - (ends[k] - len(shards[k])):][:need]
+            parts.append(part.astype(np.int64))
+            i, need, k = i + len(part), need - len(part), k + 1
+        return np.concatenate(parts)
+
+    rows = torch.from_numpy(np.stack([window(i) for i in starts]))  # (B, block_size + 1)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

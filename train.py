@@ -1,5 +1,5 @@
 """
-Trains a GPT. One process on a laptop CPU or a GPU, or many with torchrun (DDP).
+Trains a GPT. One process on a laptop CPU or a GPU, or many with torchrun (DDP, or FSDP with fsdp=True).
 
 A laptop CPU (the quick start):
 $ python train.py config/train_shakespeare_char_cpu.py
@@ -13,6 +13,10 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 2 nodes of 8 GPUs (run on each node; NODE_RANK 0 on the node at MASTER_ADDR):
 $ torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
       --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=gpt2 train.py config/train_gpt2.py
+
+A model too big for DDP: FSDP shards parameters, gradients and optimizer state over the ranks, and saves
+sharded checkpoints (ckpt_sharded/) that resume on any number of ranks, plus an ordinary ckpt.pt at the end:
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=True
 
 Resume exactly where a run stopped (Ctrl-C and SIGTERM save a checkpoint first):
 $ python train.py config/train_shakespeare_char_cpu.py --init_from=resume
@@ -90,6 +94,9 @@ device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16' (CUDA; uses a GradScaler)
 compile = "auto"  # torch.compile: 'auto' is on for CUDA, off for CPU
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
+fsdp = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2) instead of DDP's copies
+fsdp_consolidate = True  # fsdp: at the end, also write an ordinary ckpt.pt (for sample.py, evaluation, export)
+dist_timeout = 600.0  # seconds a collective waits for a silent rank before the run fails (rather than hang)
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -99,7 +106,7 @@ globals().update(config)
 # derived values, checked
 
 device, device_why = runtime.resolve_device(device)
-ddp, rank, local_rank, world_size, device = runtime.setup_distributed(backend, device)
+ddp, rank, local_rank, world_size, device = runtime.setup_distributed(backend, device, dist_timeout)
 master = rank == 0  # logs, checkpoints, plots
 dtype, dtype_why = runtime.resolve_dtype(dtype, device)
 compile, compile_why = runtime.resolve_compile(compile, device)
@@ -116,9 +123,18 @@ if gradient_accumulation_steps % world_size:
                     f"{world_size} processes; make it a multiple of {world_size}")
 local_accum = gradient_accumulation_steps // world_size  # micro-steps each rank runs per optimizer step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if init_from == "resume" and not os.path.exists(checkpoint.ckpt_path(out_dir)):
-    raise UserError(f"--init_from=resume but {checkpoint.ckpt_path(out_dir)} does not exist; start with --init_from=scratch")
-if init_from != "resume" and os.path.exists(checkpoint.ckpt_path(out_dir)):
+if fsdp and not ddp:
+    raise UserError("fsdp=True shards over torchrun's processes; launch with torchrun --standalone "
+                    "--nproc_per_node=N train.py ... (N=1 works too)")
+# fsdp runs save and resume sharded checkpoints, the others ckpt.pt
+full_ckpt = checkpoint.ckpt_path(out_dir) if os.path.exists(checkpoint.ckpt_path(out_dir)) else None
+sharded_ckpt = checkpoint.find_sharded(out_dir)
+if init_from == "resume" and not (sharded_ckpt if fsdp else full_ckpt):
+    hint = {(True, False): "it holds ckpt.pt from a run without fsdp: resume with --fsdp=False",
+            (False, True): "it holds a sharded checkpoint (ckpt_sharded/): resume with --fsdp=True under torchrun"}
+    raise UserError(f"--init_from=resume but {out_dir} holds no {'sharded checkpoint' if fsdp else 'ckpt.pt'}; "
+                    + hint.get((bool(full_ckpt), bool(sharded_ckpt)), "start with --init_from=scratch"))
+if init_from != "resume" and (full_ckpt or sharded_ckpt):
     raise UserError(f"{out_dir} already holds a run's checkpoint; resume it with --init_from=resume, "
                     f"or pick another --out_dir")
 
@@ -133,7 +149,7 @@ log("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if chang
 
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 meta = tokens.read_meta(data_dir)
-train_path, val_path = tokens.split_path(data_dir, "train"), tokens.split_path(data_dir, "val")
+train_path, val_path = tokens.split_files(data_dir, "train"), tokens.split_files(data_dir, "val")  # lists of shards
 train_len = tokens.split_length(data_dir, "train", block_size)
 val_len = tokens.split_length(data_dir, "val", block_size)
 tokenizer = load_tokenizer(meta["tokenizer"])
@@ -151,9 +167,18 @@ iter_num, best_val_loss, state = 0, float("inf"), None
 torch.manual_seed(seed)  # the same initial weights on every rank and every run with this seed
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
+elif init_from == "resume" and fsdp:  # the weights are loaded once the model is sharded
+    resumed = checkpoint.read_sharded_meta(sharded_ckpt)
+    checkpoint.check_compatible(resumed["model_args"], model_args, f"the checkpoint in {out_dir}")
+    model = GPT(GPTConfig(**resumed["model_args"]))
+    iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
+    log(f"resuming from {sharded_ckpt} at iteration {iter_num}")
 elif init_from == "resume":
     state = checkpoint.load_checkpoint(checkpoint.ckpt_path(out_dir))
     checkpoint.check_compatible(state["meta"]["model_args"], model_args, f"the checkpoint in {out_dir}")
+    if "optimizer" not in state:
+        raise UserError(f"{checkpoint.ckpt_path(out_dir)} holds weights only (consolidated from a sharded run); "
+                        f"resume that run with --fsdp=True under torchrun")
     model = checkpoint.model_from_checkpoint(state)
     iter_num, best_val_loss = state["meta"]["iter_num"], state["meta"]["best_val_loss"]
     log(f"resuming from {out_dir} at iteration {iter_num}")
@@ -171,22 +196,32 @@ else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
 model.to(device)
 if gradient_checkpointing:
     runtime.gradient_checkpointing(model)
+if fsdp:  # before the optimizer is built: sharding replaces the parameters
+    runtime.fully_shard_model(model, device, dtype, compile)
 
 optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device.startswith("cuda"))
-scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
+if fsdp:  # its inf/nan check is agreed by all ranks, which each see only their shard of the gradients
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    scaler = ShardedGradScaler("cuda", enabled=(dtype == "float16"))
+else:
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
+if init_from == "resume" and fsdp:
+    checkpoint.load_sharded(sharded_ckpt, model, optimizer)
+    if "scaler" in resumed:
+        scaler.load_state_dict(resumed["scaler"])
 if state is not None:
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     del state  # free the checkpoint's copy of the weights
 
-raw_model = model  # unwrapped: what is saved, and how FLOPs are counted
-if compile:
+raw_model = model  # unwrapped: what is saved, and how FLOPs are counted (under fsdp, sharded in place)
+if compile and not fsdp:  # fsdp compiled each block already
     log("compiling the model (takes a minute)...")
     model = torch.compile(model)
-eval_model = model  # evaluation skips DDP's hooks; compiled if training is
-if ddp:
+eval_model = model  # evaluation skips DDP's hooks (not FSDP's: they gather the weights); compiled if training is
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
 autocast_ctx = runtime.autocast(device, dtype)
 peak, peak_why = runtime.peak_flops(device, dtype)
@@ -231,11 +266,15 @@ def record(entry):
 
 
 def save(reason):
-    if master:
-        meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, dataset=dataset,
-                        tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
+    meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, dataset=dataset,
+                    tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
+    if fsdp:  # every rank writes its own shards
+        if scaler.is_enabled():
+            meta_out["scaler"] = scaler.state_dict()
+        checkpoint.save_sharded(out_dir, raw_model, optimizer, meta_out)
+    elif master:
         checkpoint.save_checkpoint(checkpoint.ckpt_path(out_dir), raw_model, meta_out, optimizer, scaler)
-        log(f"saved checkpoint to {out_dir} at iteration {iter_num} ({reason})")
+    log(f"saved {'sharded ' if fsdp else ''}checkpoint to {out_dir} at iteration {iter_num} ({reason})")
 
 
 def plot_losses():
@@ -310,11 +349,13 @@ while True:
     for micro in range(local_accum):
         x, y = tokens.read_batch(train_path, rows[micro * batch_size:(micro + 1) * batch_size], block_size)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # DDP: average gradients across ranks only once, after the last micro-step
-        sync = model.no_sync() if ddp and micro < local_accum - 1 else nullcontext()
+        # DDP and FSDP: average gradients across ranks only once, after the last micro-step
+        if fsdp:
+            model.set_requires_gradient_sync(micro == local_accum - 1)
+        sync = model.no_sync() if ddp and not fsdp and micro < local_accum - 1 else nullcontext()
         with sync:
             with autocast_ctx:
-                _, loss = model(x, y)
+                loss = model(x, y)[1]  # not the logits: kept, they would hold (B, T, V) floats through backward
                 loss = loss / local_accum  # the mean over this rank's micro-steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -355,10 +396,14 @@ while True:
             log(f"stop requested; {out_dir} keeps its best checkpoint (always_save_checkpoint=False)")
         break
 
+if fsdp and fsdp_consolidate and master and checkpoint.find_sharded(out_dir):
+    checkpoint.consolidate(checkpoint.find_sharded(out_dir), checkpoint.ckpt_path(out_dir))
+    log(f"consolidated the sharded checkpoint into {checkpoint.ckpt_path(out_dir)}")
 if master:
     log_file.close()
     if plot:
         plot_losses()
         log(f"loss curve: {os.path.join(out_dir, 'loss.png')}")
-if ddp:
+if ddp:  # leave together: a rank that exits while another still works (consolidating) can fail its teardown
+    dist.barrier()
     dist.destroy_process_group()

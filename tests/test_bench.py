@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
         "--batch_size=4", "--warmup_steps=1", "--timed_steps=3", "--gen_tokens=40", "--device=cpu"]
@@ -45,3 +47,29 @@ def test_bench_bad_key_is_one_line_error():
 def test_bench_bad_mode_is_one_line_error():
     r = run_bench(*TINY, "--mode=both")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error: mode must be" in r.stderr
+
+
+def test_bench_memory_mode_compares_gradient_checkpointing(tmp_path):
+    out_json = tmp_path / "memory.json"
+    r = run_bench(*TINY, "--mode=memory", "--repeats=1", f"--json_out={out_json}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "gradient_checkpointing=False" in r.stdout and "gradient_checkpointing=True" in r.stdout
+    results = json.loads(out_json.read_text())
+    assert results["with"][0]["peak_memory_bytes"] > 0 and results["without"][0]["peak_memory_bytes"] > 0
+    assert results["time_ratio"] > 0 and len(results["loads"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_fsdp_mode_shards_the_state(tmp_path):
+    out_json = tmp_path / "fsdp.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "bench.py", *TINY[:6], "--device=cpu", "--mode=fsdp", f"--json_out={out_json}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ranks = json.loads(out_json.read_text())["ranks"]
+    # 2 layers of 64 channels, 100-token vocabulary, 32 positions, biases: the whole model's fp32 bytes
+    whole = 4 * sum([
+        100 * 64, 32 * 64, *[64 * 192 + 192 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64 + 4 * 64] * 2, 2 * 64])
+    assert sum(r["params"] for r in ranks) == sum(r["grads"] for r in ranks) == whole
+    assert all(r["params"] < whole * 0.6 for r in ranks)  # each rank holds about half
+    assert sum(r["optimizer"] for r in ranks) >= 2 * whole  # Adam's two moments, sharded the same way

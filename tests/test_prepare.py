@@ -204,3 +204,31 @@ def test_read_text_order_download_and_errors(tmp_path):
     bad.write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(UserError, match="not UTF-8"):
         read_text(str(bad), [], "unused", str(saved))
+
+
+def test_openwebtext_shards_give_the_batches_of_one_file(tmp_path):
+    # the same corpus as one train.bin and as shards of 50 tokens: the same tokens, the same batches
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in DOCS * 3)
+    one, meta = prepare("openwebtext", f"--input={path}", "--num_proc=1", tmp_path=tmp_path)
+    sharded = tmp_path / "sharded"
+    result = run("openwebtext", f"--input={path}", "--num_proc=1", "--shard_tokens=50", f"--out_dir={sharded}",
+                 tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shards = tokens.split_files(str(sharded), "train")
+    assert len(shards) == math.ceil(meta["train_tokens"] / 50) > 3
+    assert [os.path.basename(p) for p in shards[:2]] == ["train_000000.bin", "train_000001.bin"]
+    assert all(tokens.read_header(p)[1] == 50 for p in shards[:-1])
+    assert tokens.read_meta(str(sharded))["train_tokens"] == meta["train_tokens"]
+    block = 16
+    count = tokens.split_length(str(sharded), "train", block)
+    assert count == tokens.split_length(str(one), "train", block) == meta["train_tokens"]
+    for step in range(3):  # windows that straddle shard boundaries included
+        starts = tokens.train_starts(1337, step, 64, count, block)
+        x1, y1 = tokens.read_batch(tokens.split_files(str(one), "train"), starts, block)
+        x2, y2 = tokens.read_batch(shards, starts, block)
+        assert x1.equal(x2) and y1.equal(y2) and x1[:, 1:].equal(y1[:, :-1])
+    starts = tokens.eval_starts(tokens.split_length(str(sharded), "val", 4), 4, 8)
+    assert tokens.read_batch(tokens.split_files(str(sharded), "val"), starts, 4)[0].equal(
+        tokens.read_batch(tokens.split_path(str(one), "val"), starts, 4)[0])

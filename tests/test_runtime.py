@@ -122,3 +122,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
     out = ckpt.generate(x[:1, :4], 5, temperature=0.0)
     ref = plain.eval().generate(x[:1, :4], 5, temperature=0.0)
     assert torch.equal(out, ref)
+
+
+def test_lost_peer_recognises_a_dead_or_hung_rank(monkeypatch):
+    timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    reset = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:23427: Connection reset by peer.")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not runtime.lost_peer(timeout)  # one process has no peers: a timeout there is something else
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert runtime.lost_peer(timeout) and runtime.lost_peer(reset)
+    assert not runtime.lost_peer(RuntimeError("shape mismatch")) and not runtime.lost_peer(KeyError("x"))

@@ -7,6 +7,8 @@ is encoded as ordinary text followed by the end-of-text token (50256), so docume
     python data/openwebtext/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
     python data/openwebtext/prepare.py --input=stories/ --txt_split=blank --out_dir=data/stories
     python data/openwebtext/prepare.py --input=web.jsonl.gz --tokenizer=tokenizers/mytok --out_dir=data/web_mytok
+    python data/openwebtext/prepare.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT \
+        --shard_tokens=100000000 --out_dir=data/fineweb10B      # shards of 100M tokens, FineWeb-style
 
 --tokenizer is gpt2 (default) or a folder written by train_tokenizer.py; char is refused here, as a
 character vocabulary has no end-of-text token to keep documents apart.
@@ -19,6 +21,8 @@ Hugging Face `datasets` turns the input into memory-mapped Arrow files on disk a
 --num_proc processes; the token files are then written a batch of documents at a time. Memory stays
 flat however large the corpus. Local inputs are cached in a temporary folder inside --out_dir, removed
 at the end; the hub download goes to Hugging Face's cache (or --cache_dir), so a rerun reuses it.
+With --shard_tokens=N the splits are written as shards of N tokens (train_000000.bin, ...), which
+train.py reads as one split; the single-file layout is the default.
 OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens from it.
 """
 import argparse
@@ -72,6 +76,9 @@ if __name__ == "__main__":
     parser.add_argument("--input", nargs="+", action="extend",
                         help="local .txt/.jsonl/.jsonl.gz/.parquet files or folders (default: hub dataset --dataset)")
     parser.add_argument("--dataset", default="openwebtext", help="hub dataset read without --input (%(default)s)")
+    parser.add_argument("--name", help="the hub dataset's configuration (e.g. sample-10BT for fineweb)")
+    parser.add_argument("--shard_tokens", type=int, default=0,
+                        help="write shards of this many tokens (train_000000.bin, ...); 0: one train.bin (%(default)s)")
     parser.add_argument("--text_field", default="text", help="field holding the document in JSON lines / parquet")
     parser.add_argument("--txt_split", choices=["file", "blank"], default="file",
                         help="a .txt file is one document (file) or documents separated by blank lines (blank)")
@@ -85,6 +92,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.shard_tokens < 0:
+        raise UserError(f"--shard_tokens must be 0 (one file) or positive, got {args.shard_tokens}")
     if args.num_proc < 1:
         raise UserError(f"--num_proc must be at least 1, got {args.num_proc}")
     if args.tokenizer == "char":
@@ -110,7 +119,7 @@ if __name__ == "__main__":
     try:
         if files is None:
             source, sha256 = f"huggingface:{args.dataset}", None
-            dset = load_hub(args.dataset, None, "train", cache_dir, args.num_proc)
+            dset = load_hub(args.dataset, args.name, "train", cache_dir, args.num_proc)
             if len(dset):
                 parts.append(("all", text_column(dset, args.text_field, f"dataset {args.dataset}")))
         else:
@@ -160,7 +169,9 @@ if __name__ == "__main__":
         part = part.map(tokenize, fn_kwargs={"spec": tok.spec}, batched=True, remove_columns=["text"],
                         features=features, num_proc=min(args.num_proc, len(part)), desc=f"tokenizing {split}")
         n_bytes = 0
-        with tokens.TokenWriter(tokens.split_path(args.out_dir, split), tok.vocab_size) as writer, \
+        writer = (tokens.ShardWriter(args.out_dir, split, tok.vocab_size, args.shard_tokens) if args.shard_tokens
+                  else tokens.TokenWriter(tokens.split_path(args.out_dir, split), tok.vocab_size))
+        with writer, \
                 tqdm(total=len(part), unit="docs", desc=f"writing {split}.bin") as bar:
             for batch in part.with_format("arrow").iter(batch_size=1024):  # a pyarrow Table of 1024 documents
                 writer.write(pc.list_flatten(batch["ids"]).to_numpy())
