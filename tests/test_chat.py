@@ -4,7 +4,6 @@ added to tokenizers and models that lack them.
 """
 import json
 
-import pytest
 import torch
 
 import chat
