@@ -10,6 +10,13 @@ KV cache. Random weights and random tokens: how fast a shape runs does not depen
     python bench.py --mode=generate --json_out=bench.json                # results as JSON, for the README
     python bench.py --mode=memory --batch_size=8 --repeats=3   # gradient checkpointing: peak memory, step time
     torchrun --standalone --nproc_per_node=2 bench.py --mode=fsdp --block_size=128   # memory per rank; also ddp
+    python bench.py --mode=ttl                   # time to val loss 1.886: nanoGPT's CPU recipe vs ours, 3 seeds
+
+--mode=ttl (time to loss) trains whole train.py runs, one after the other: each config of ttl_runs once
+per seed, alternating, so all see the same machine. Every run scores the whole val split at each of its
+evaluations (--eval_whole_val=True), and reports the training time (evaluations excluded) at its first
+evaluation at or below ttl_target, its last val loss, tokens/s over the whole run and median MFU; then
+min/median/max per config and the ratios to the first config (the baseline), seed by seed.
 
 --mode=memory runs --mode=train in fresh subprocesses, without and with gradient checkpointing,
 alternating (A B A B ...) so both see the same machine load, and reports the median peak memory and
@@ -62,6 +69,12 @@ dtype = 'auto'  # auto, float32, bfloat16, float16
 compile = 'auto'  # torch.compile the train step; generation always runs eager (its shapes change per step)
 seed = 1337
 json_out = ''  # a path: also write the results there as JSON
+# time to loss (mode='ttl'): 'name: train.py config [--overrides]' runs separated by ';', the baseline first
+ttl_runs = 'nanogpt: config/bench_nanogpt_cpu.py; ours: config/train_shakespeare_char_cpu.py'
+ttl_target = 1.886  # val loss (nats/char on shakespeare_char) whose first crossing is timed
+ttl_seeds = 3  # seeds 1337, 1338, ...
+ttl_extra = ''  # overrides given to every run, e.g. '--time_budget=300 --lr_clock=time'
+ttl_out = 'out-bench-ttl'  # the runs' out_dirs go here; must not exist yet
 # -----------------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -70,8 +83,8 @@ config = configurator.configure(defaults, sys.argv[1:])
 globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
-if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp'):
-    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp' or 'ddp', got {mode!r}")
+if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl'):
+    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp' or 'ttl', got {mode!r}")
 if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
     raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
                             "warmup_steps >= 0")
@@ -80,6 +93,79 @@ if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 
 def median(xs):
     xs = sorted(xs)
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+# -----------------------------------------------------------------------------------------------------
+# ttl: whole training runs of train.py, timed to a target val loss
+if mode == 'ttl':
+    import json
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}  # name -> train.py arguments
+    for spec in filter(str.strip, ttl_runs.split(';')):
+        name, sep, args = spec.partition(':')
+        if not sep or not args.split():
+            raise runtime.UserError(f"ttl_runs: {spec.strip()!r} is not 'name: config.py [--key=value ...]'")
+        runs[name.strip()] = args.split() + ttl_extra.split()
+    if os.path.exists(ttl_out):
+        raise runtime.UserError(f"{ttl_out} exists (an earlier comparison); remove it or pick another --ttl_out")
+
+    def summarise(out):
+        with open(os.path.join(out, 'log.jsonl')) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(out, 'run.json')) as f:
+            tokens_per_iter = json.load(f)['derived']['tokens_per_iter']
+        evals = [r for r in records if 'val_loss' in r]
+        hit = next((r for r in evals if r['val_loss'] <= ttl_target), None)
+        last = evals[-1]
+        return {'time_to_target': hit['train_time'] if hit else None,
+                'tokens_to_target': hit['iter'] * tokens_per_iter if hit else None,
+                'val_loss': last['val_loss'], 'train_time': last['train_time'], 'iters': last['iter'],
+                'tokens_per_s': last['iter'] * tokens_per_iter / max(last['train_time'], 1e-9),
+                'mfu': median([r['mfu'] for r in records if 'mfu' in r] or [float('nan')])}
+
+    results = {name: [] for name in runs}
+    for seed_i in range(ttl_seeds):
+        for name, args in runs.items():
+            out = os.path.join(ttl_out, f"{name}-seed{seed_i}")
+            load = round(os.getloadavg()[0], 2)
+            proc = subprocess.run([sys.executable, os.path.join(here, 'train.py'), *args, f'--seed={1337 + seed_i}',
+                                   f'--out_dir={out}', '--eval_whole_val=True', '--plot=False'],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"error: the run {name} (seed {seed_i}) failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+            r = summarise(out)
+            r['load'] = load
+            results[name].append(r)
+            ttt = f"{r['time_to_target']:.1f}s" if r['time_to_target'] is not None else 'not reached'
+            print(f"{name} seed {seed_i}: time to {ttl_target} {ttt}; val {r['val_loss']:.4f} after {r['train_time']:.1f}s "
+                  f"({r['iters']} iters); {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu'] * 100:.1f}%; load {load}",
+                  flush=True)
+
+    def spread(xs, fmt):
+        xs = [x for x in xs if x is not None]
+        return f"{fmt(median(xs))} [{fmt(min(xs))}-{fmt(max(xs))}]" if xs else 'not reached'
+
+    print(f"\n{'run':<10} {'time to ' + str(ttl_target):<26} {'last val loss':<26} {'tokens/s':<26} MFU")
+    for name, rs in results.items():
+        hits = sum(r['time_to_target'] is not None for r in rs)
+        print(f"{name:<10} {spread([r['time_to_target'] for r in rs], '{:.1f}s'.format) + f' ({hits}/{len(rs)})':<26} "
+              f"{spread([r['val_loss'] for r in rs], '{:.4f}'.format):<26} "
+              f"{spread([r['tokens_per_s'] for r in rs], '{:,.0f}'.format):<26} "
+              f"{spread([r['mfu'] * 100 for r in rs], '{:.1f}%'.format)}")
+    base_name, base = next(iter(results.items()))
+    ratios = {}
+    for name, rs in list(results.items())[1:]:
+        speed = [b['time_to_target'] / r['time_to_target'] for b, r in zip(base, rs)
+                 if b['time_to_target'] and r['time_to_target']]
+        tok = [r['tokens_per_s'] / b['tokens_per_s'] for b, r in zip(base, rs)]
+        ratios[name] = {'time_to_target': speed, 'tokens_per_s': tok}
+        print(f"{name} vs {base_name}: reaches {ttl_target} {spread(speed, '{:.2f}x'.format)} faster; "
+              f"tokens/s {spread(tok, '{:.2f}x'.format)} (median [min-max] over seeds)")
+    if json_out:
+        runtime.write_json(json_out, {'config': config, 'runs': runs, 'results': results, 'ratios': ratios})
+        print(f"wrote {json_out}")
+    sys.exit(0)
 
 
 # -----------------------------------------------------------------------------------------------------

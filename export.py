@@ -6,8 +6,9 @@ tokens, if fine-tuning added them).
 $ python export.py --out_dir=out-sft-gpt2 --to=hf --dest=exported
 $ python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exported')"
 
-Only the GPT-2 architecture fits: learned absolute positions (pos_emb='rope' is refused), tanh GELU,
-pre-norm blocks, tied embeddings. bias=False models are written with zero biases, which GPT-2 computes
+Only the GPT-2 architecture fits: learned absolute positions, LayerNorm, tanh GELU, pre-norm blocks,
+tied embeddings, no QK-norm or logit cap (a model trained with pos_emb='rope', mlp='relu2', ... is refused
+with the settings that differ). bias=False models are written with zero biases, which GPT-2 computes
 to the same logits. For a character or trained-BPE tokenizer, transformers has no matching tokenizer
 class: the folder gets the weights, config.json and nanoforge_tokenizer.json (the spec that nanoforge's
 tokenizer.load_tokenizer reads), and a note says so.
@@ -42,9 +43,9 @@ if os.path.exists(dest):
 
 model, spec, _ = load_model(out_dir)
 c = model.config
-if c.pos_emb != "learned":
-    raise UserError(f"{out_dir} uses pos_emb={c.pos_emb!r}; GPT2LMHeadModel has only learned absolute positions, "
-                    f"so this model cannot be written as GPT-2 (train with pos_emb='learned' to export)")
+if c.not_gpt2():
+    raise UserError(f"{out_dir} is not GPT-2's architecture ({', '.join(c.not_gpt2())}), so GPT2LMHeadModel cannot "
+                    f"hold it; train with GPT-2's settings (the defaults) to export")
 
 
 def gpt2_state_dict(model):

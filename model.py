@@ -1,6 +1,6 @@
 """
 The whole GPT language model, in one file, in reading order:
-LayerNorm -> Rotary -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT.
+LayerNorm, RMSNorm -> Rotary -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face
 GPT-2 weights load by key. This file is modelling only: no devices, no DDP, no checkpoint files.
@@ -8,6 +8,10 @@ References:
 1) GPT-2: "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019)
 2) the Hugging Face transformers GPT-2 implementation (weights layout, tanh GELU)
 3) rotary embeddings: RoFormer (Su et al., 2021)
+4) the options that train faster on a CPU budget (GPTConfig: norm, mlp, qk_norm, tie_embeddings,
+   zero_init, logit_softcap): RMSNorm (Zhang & Sennrich, 2019), ReLU^2 (So et al., 2021, "Primer"),
+   SwiGLU (Shazeer, 2020), QK-norm (Henry et al., 2020), logit soft-capping (Gemma 2). The defaults are
+   GPT-2's architecture, which Hugging Face weights and export.py need.
 """
 import math
 from dataclasses import dataclass
@@ -27,6 +31,21 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a gain: LayerNorm without the mean subtraction and the bias."""
+
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def make_norm(config):
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Rotary(nn.Module):
@@ -79,6 +98,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.qk_norm = config.qk_norm
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.pos_emb == "rope" else None
 
     def forward(self, x, kv_cache=None):
@@ -88,13 +108,18 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # unit-RMS queries and keys: the scores cannot blow up, so larger learning rates hold
+            q, k = F.rms_norm(q, (hs,), eps=1e-5), F.rms_norm(k, (hs,), eps=1e-5)
         pos = kv_cache.length if kv_cache is not None else 0
         if self.rotary is not None:
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        if self.use_sdpa:
+        # PyTorch's CPU flash-attention kernel is ~5x slower than the plain path in bf16 (its backward;
+        # dev/LOG.md, issue 8), so bf16 on a CPU takes the plain path, whose matmuls run in bf16
+        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        if self.use_sdpa and not cpu_bf16:
             # fused kernels (flash / memory-efficient on CUDA). With a cache the queries are the last T
             # positions of k, so the causal mask is offset; is_causal assumes aligned square masks.
             if k.size(2) == T:
@@ -110,18 +135,50 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(torch.autograd.Function):
+    """relu(x)^2 with a hand-written backward, 2 * relu(x) * grad: the same numbers as
+    F.relu(x).square() (the reference, tested against) in half the kernel launches, which is what a
+    small model on a CPU spends its time on."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad * (r + r)
+
+
 class MLP(nn.Module):
+    """The feed-forward half of a block. mlp='gelu' is GPT-2's (tanh GELU, 4x wide); 'relu2' the same
+    with relu(x)^2; 'swiglu' a gated unit, silu(x W_gate) * (x W_up), whose hidden width 8/3 x (rounded
+    up to a multiple of 32) keeps the parameter count near the 4x MLP's. c_fc holds gate and up side by side."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = 4 * config.n_embd
+        if self.kind == "swiglu":
+            hidden = 32 * math.ceil(8 * config.n_embd / 3 / 32)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
         # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights give its logits
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+        if self.kind == "gelu":
+            h = self.gelu(h)
+        elif self.kind == "relu2":
+            h = ReLUSquared.apply(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # (B, T, hidden)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -129,9 +186,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None):
@@ -166,10 +223,25 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit faster and as good
     pos_emb: str = "learned"  # 'learned' absolute positions (GPT-2) or 'rope' (rotary, relative)
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
+    mlp: str = "gelu"  # 'gelu' (GPT-2), 'relu2' or 'swiglu'
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before the scores
+    tie_embeddings: bool = True  # the output layer reuses the token embedding (GPT-2); False: its own matrix
+    zero_init: bool = False  # the residual projections (c_proj) and an untied lm_head start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded in (-cap, cap)
+
+    # what GPT-2 is, for the code that needs its exact architecture (Hugging Face weights, export)
+    GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True, logit_softcap=0.0)
 
     def __post_init__(self):
-        if self.pos_emb not in ("learned", "rope"):
-            raise ValueError(f"pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
+        choices = dict(pos_emb=("learned", "rope"), norm=("layernorm", "rmsnorm"), mlp=("gelu", "relu2", "swiglu"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
+
+    def not_gpt2(self):
+        """The settings that make this architecture differ from GPT-2's, e.g. ['mlp=relu2']."""
+        return [f"{k}={getattr(self, k)!r}" for k, v in self.GPT2.items() if getattr(self, k) != v]
 
 
 class GPT(nn.Module):
@@ -182,35 +254,44 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         )
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf, 2017): the output layer reuses the token embedding, as GPT-2 does
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying (Press & Wolf, 2017): the output layer reuses the token embedding, as GPT-2 does
+            self.transformer.wte.weight = self.lm_head.weight
         self._init_weights()
 
     def _init_weights(self):
         """All weight initialisation lives here. GPT-2: N(0, 0.02), zero biases, and the projections
         that write into the residual stream (c_proj) scaled by 1/sqrt(2 * n_layer) so the residual
-        variance does not grow with depth (two residual additions per block)."""
+        variance does not grow with depth (two residual additions per block). zero_init instead starts
+        those projections (and an untied lm_head) at zero: each block begins as the identity and the first
+        logits are uniform, which lets a short run take large steps from the start."""
+        zero = self.config.zero_init
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.config.tie_embeddings)):
+                    torch.nn.init.zeros_(module.weight)
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count. The tied wte/lm_head counts once; position embeddings are left out by
-        default since they do no compute per token (the 6N FLOPs rule is about matmul weights)."""
+        """Parameter count. The tied wte/lm_head counts once; position embeddings (and an untied token
+        embedding) are left out by default since they do no compute per token (the 6N FLOPs rule is
+        about matmul weights)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
     def forward(self, idx, targets=None, kv_caches=None):
@@ -229,12 +310,16 @@ class GPT(nn.Module):
             x = block(x, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, V)
+            logits = self.soft_cap(self.lm_head(x))  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # (B, 1, V): list index keeps the time dim
+            logits = self.soft_cap(self.lm_head(x[:, [-1], :]))  # (B, 1, V): list index keeps the time dim
             loss = None
         return logits, loss
+
+    def soft_cap(self, logits):
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small machine)."""
@@ -248,13 +333,14 @@ class GPT(nn.Module):
                 block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
 
     def resize_vocab(self, vocab_size):
-        """Grow the (tied) token embedding to vocab_size rows, for special tokens a fine-tuning adds. New
-        rows start at the mean of the old ones: their logits start near the average, neither dominating
-        the softmax nor far below it, and fine-tuning moves them from there."""
-        old = self.transformer.wte.weight  # (V_old, C)
-        assert vocab_size >= old.size(0)
-        new = torch.cat([old.data, old.data.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)])
-        self.transformer.wte.weight = self.lm_head.weight = nn.Parameter(new)  # (V, C), still tied
+        """Grow the token embedding (and the output layer, tied or not) to vocab_size rows, for special
+        tokens a fine-tuning adds. New rows start at the mean of the old ones: their logits start near the
+        average, neither dominating the softmax nor far below it, and fine-tuning moves them from there."""
+        def grown(old):  # (V_old, C) -> (V, C)
+            assert vocab_size >= old.size(0)
+            return nn.Parameter(torch.cat([old.data, old.data.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)]))
+        self.transformer.wte.weight = grown(self.transformer.wte.weight)
+        self.lm_head.weight = self.transformer.wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
         self.transformer.wte.num_embeddings = self.lm_head.out_features = vocab_size
         self.config.vocab_size = vocab_size
 

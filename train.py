@@ -39,7 +39,7 @@ import optim
 import runtime
 import tokens
 from configurator import configure, overrides
-from evaluation import evaluate
+from evaluation import evaluate, split_windows
 from model import GPT, GPTConfig
 from runtime import UserError
 from tokenizer import load_tokenizer
@@ -54,6 +54,8 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200  # the fixed eval set is eval_iters * batch_size windows of each split
 eval_only = False  # evaluate once and exit
+eval_whole_val = False  # score the whole val split (back-to-back windows) instead of the fixed sample
+target_loss = 0.0  # if > 0, stop (save) at the first evaluation whose val loss is at or below it
 always_save_checkpoint = True  # if False, save only when val loss improves (keeps the best model)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 name, a HF folder or a nanoforge out_dir
 plot = True  # loss-curve PNG in out_dir at the end
@@ -75,7 +77,16 @@ n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
 bias = False  # biases in Linears and LayerNorms; GPT-2 had them, training is a bit faster without
 pos_emb = "learned"  # 'learned' (GPT-2) or 'rope'
-# AdamW optimizer
+# architecture options (model.py, GPTConfig); the defaults are GPT-2's, which from_pretrained and export need
+norm = "layernorm"  # 'layernorm' or 'rmsnorm'
+mlp = "gelu"  # 'gelu', 'relu2' or 'swiglu'
+qk_norm = False
+tie_embeddings = True
+zero_init = False  # residual projections (and an untied lm_head) start at zero
+logit_softcap = 0.0
+# optimizer: 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest; optim.py)
+optimizer_name = "adamw"
+muon_momentum = 0.95
 learning_rate = 6e-4
 max_iters = 600000
 time_budget = 0.0  # if > 0, stop (evaluate, save) once this many seconds were spent training; 0 = no limit
@@ -83,8 +94,12 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this norm, 0 to disable
-# learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
+# learning rate schedule: linear warmup, then 'cosine' down to min_lr at lr_decay_iters, or 'wsd' (constant,
+# then linear down to min_lr over the last lr_cooldown of the run)
 decay_lr = True
+lr_schedule = "cosine"
+lr_cooldown = 0.2
+lr_clock = "iters"  # 'iters', or 'time': the decay follows the fraction of time_budget spent
 warmup_iters = 2000
 lr_decay_iters = 600000  # ~= max_iters per Chinchilla
 min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
@@ -123,6 +138,12 @@ if gradient_accumulation_steps % world_size:
                     f"{world_size} processes; make it a multiple of {world_size}")
 local_accum = gradient_accumulation_steps // world_size  # micro-steps each rank runs per optimizer step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if lr_clock not in ("iters", "time") or (lr_clock == "time" and time_budget <= 0):
+    raise UserError(f"lr_clock={lr_clock!r}: use 'iters', or 'time' together with a --time_budget in seconds")
+if lr_schedule not in ("cosine", "wsd"):
+    raise UserError(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
+if fsdp and optimizer_name == "muon":
+    raise UserError("optimizer_name='muon' orthogonalises whole matrices, which FSDP shards; use adamw with fsdp")
 if fsdp and not ddp:
     raise UserError("fsdp=True shards over torchrun's processes; launch with torchrun --standalone "
                     "--nproc_per_node=N train.py ... (N=1 works too)")
@@ -156,13 +177,16 @@ tokenizer = load_tokenizer(meta["tokenizer"])
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)
 eval_sets = {split: (path, tokens.eval_starts(n, block_size, eval_iters * batch_size))
              for split, path, n in (("train", train_path, train_len), ("val", val_path, val_len))}
+if eval_whole_val:
+    eval_sets["val"] = (val_path, split_windows(val_len, block_size))
 log(f"data: {data_dir}: {train_len:,} train and {val_len:,} val tokens, vocab {meta['vocab_size']:,}")
 
 # -----------------------------------------------------------------------------------------------------
 # model, optimizer, state
 
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta["vocab_size"], dropout=dropout, pos_emb=pos_emb)
+                  vocab_size=meta["vocab_size"], dropout=dropout, pos_emb=pos_emb, norm=norm, mlp=mlp,
+                  qk_norm=qk_norm, tie_embeddings=tie_embeddings, zero_init=zero_init, logit_softcap=logit_softcap)
 iter_num, best_val_loss, state = 0, float("inf"), None
 torch.manual_seed(seed)  # the same initial weights on every rank and every run with this seed
 if init_from == "scratch":
@@ -199,8 +223,8 @@ if gradient_checkpointing:
 if fsdp:  # before the optimizer is built: sharding replaces the parameters
     runtime.fully_shard_model(model, device, dtype, compile)
 
-optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2),
-                              fused=device.startswith("cuda"))
+optimizer = optim.build_optimizer(model, optimizer_name, learning_rate, weight_decay, (beta1, beta2), device,
+                                  muon_momentum)
 if fsdp:  # its inf/nan check is agreed by all ranks, which each see only their shard of the gradients
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     scaler = ShardedGradScaler("cuda", enabled=(dtype == "float16"))
@@ -231,7 +255,9 @@ log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {pe
 # run record and logs
 
 def get_lr(it):
-    return optim.lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    progress = train_time / time_budget if lr_clock == "time" else None
+    return optim.lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr, lr_schedule, lr_cooldown,
+                       progress)
 
 
 log_path = os.path.join(out_dir, "log.jsonl")
@@ -329,8 +355,12 @@ while True:
                     train_eval_loss=scores["train"]["loss"], train_time=round(train_time, 3)))
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
-        if iter_num > start_iter and (always_save_checkpoint or improved):
-            save("val improved" if improved else "always_save_checkpoint")
+        reached = 0 < target_loss and val_loss <= target_loss
+        if iter_num > start_iter and (always_save_checkpoint or improved or reached):
+            save("val improved" if improved else "always_save_checkpoint" if always_save_checkpoint else "target")
+        if reached and not eval_only:
+            log(f"target val loss {target_loss:g} reached at iteration {iter_num} after {train_time:.1f}s of training")
+            break
     if last or eval_only:
         if out_of_time:
             log(f"time_budget of {time_budget:g}s spent at iteration {iter_num}")

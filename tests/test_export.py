@@ -60,8 +60,8 @@ def test_export_char_model_writes_weights_and_says_what_of_the_tokenizer(tmp_pat
     assert_one_line_error(run("export.py", f"--out_dir={tmp_path}", f"--dest={dest}", check=False), "already exists")
 
 
-def test_export_refuses_rotary_models(tmp_path):
-    make_run(tmp_path, CharTokenizer("ab"), pos_emb="rope")
+def test_export_refuses_architectures_gpt2_lacks(tmp_path):
+    make_run(tmp_path, CharTokenizer("ab"), pos_emb="rope", mlp="relu2", tie_embeddings=False)
     proc = run("export.py", f"--out_dir={tmp_path}", f"--dest={tmp_path / 'hf'}", check=False)
-    assert_one_line_error(proc, "pos_emb='rope'", "learned absolute positions")
+    assert_one_line_error(proc, "pos_emb='rope'", "mlp='relu2'", "tie_embeddings=False", "not GPT-2's architecture")
     assert not os.path.exists(tmp_path / "hf")

@@ -159,6 +159,28 @@ def test_read_batch_targets_are_inputs_shifted_by_one(data_dir):
     assert y[-1, -1].item() == (count - 1) % 257
 
 
+def test_batched_read_matches_window_by_window_across_shards_and_sees_rewrites(data_dir, monkeypatch):
+    # three shards; windows inside one shard, straddling one boundary, and spanning a whole short shard
+    paths = [str(data_dir / f"train_{i:06d}.bin") for i in range(3)]
+    sizes = [40, 7, 50]
+    offset = 0
+    for path, n in zip(paths, sizes):
+        tokens.write_tokens(path, (np.arange(offset, offset + n) * 7) % 1000, vocab_size=1000)
+        offset += n
+    starts = [0, 3, 30, 38, 40, 45, 47, 80, 96 - 10]
+    fast = tokens.read_batch(paths, starts, 10)
+    slow = tokens.read_batch(paths, starts, 10, reference=True)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert fast[0][3].tolist() == [(s * 7) % 1000 for s in range(38, 48)]  # runs through the 7-token shard
+    # the same with big files (memmapped on every call, never kept in memory)
+    monkeypatch.setattr(tokens, "_RESIDENT_MAX_BYTES", 0)
+    assert all(torch.equal(a, b) for a, b in zip(tokens.read_batch(paths, starts, 10), fast))
+    monkeypatch.undo()
+    # a small file kept in memory is read again once it is rewritten (a new prepare run)
+    tokens.write_tokens(paths[0], np.full(41, 5), vocab_size=1000)
+    assert tokens.read_batch(paths, [0], 10)[0].tolist() == [[5] * 10]
+
+
 def test_meta_round_trip(data_dir):
     meta = {"tokenizer": {"kind": "char", "chars": "\n !ab\u00e9"}, "vocab_size": 6,
             "train": {"tokens": 100, "bytes": 101}, "source": "input.txt"}
