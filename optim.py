@@ -52,9 +52,6 @@ class MuonAdamW:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state):
-        if set(state) != {"muon", "adamw"}:
-            raise UserError("the checkpoint's optimizer state is AdamW's, not Muon + AdamW; resume with "
-                            "the run's own --optimizer")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
 

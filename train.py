@@ -235,6 +235,10 @@ if init_from == "resume" and fsdp:
     if "scaler" in resumed:
         scaler.load_state_dict(resumed["scaler"])
 if state is not None:
+    saved = state["meta"]["config"].get("optimizer_name", "adamw")  # runs from before Muon used AdamW
+    if saved != optimizer_name:
+        raise UserError(f"the checkpoint in {out_dir} holds {'Muon + AdamW' if saved == 'muon' else 'AdamW'} state "
+                        f"(optimizer_name={saved!r}); resume with --optimizer_name={saved}")
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])

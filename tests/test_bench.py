@@ -73,3 +73,43 @@ def test_bench_fsdp_mode_shards_the_state(tmp_path):
     assert sum(r["params"] for r in ranks) == sum(r["grads"] for r in ranks) == whole
     assert all(r["params"] < whole * 0.6 for r in ranks)  # each rank holds about half
     assert sum(r["optimizer"] for r in ranks) >= 2 * whole  # Adam's two moments, sharded the same way
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    src = d / "input.txt"
+    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        src.write_text(f.read()[:100_000], encoding="utf-8")
+    proc = subprocess.run([sys.executable, "data/shakespeare_char/prepare.py", f"--input={src}", f"--out_dir={d}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return str(d)
+
+
+@pytest.mark.slow
+def test_bench_ttl_mode_times_each_run_to_the_target_and_compares(char_data, tmp_path):
+    shape = (f"config/bench_nanogpt_cpu.py --data_dir={char_data} --n_layer=1 --n_head=2 --n_embd=32 --block_size=32 "
+             "--max_iters=24 --eval_interval=6 --eval_iters=2 --log_interval=1 --warmup_iters=2 --lr_decay_iters=24")
+    out, out_json = tmp_path / "ttl", tmp_path / "ttl.json"
+    args = ["--mode=ttl", f"--ttl_runs=slow: {shape} --learning_rate=1e-3; fast: {shape} --learning_rate=1e-2",
+            "--ttl_target=3.4", "--ttl_seeds=2", f"--ttl_out={out}", f"--json_out={out_json}"]
+    r = run_bench(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads(out_json.read_text())["results"]
+    assert set(results) == {"slow", "fast"} and all(len(v) == 2 for v in results.values())
+    for name, runs in results.items():
+        for seed, res in enumerate(runs):
+            with open(out / f"{name}-seed{seed}" / "log.jsonl") as f:
+                evals = [json.loads(line) for line in f if "val_loss" in line]
+            assert [e["iter"] for e in evals] == [0, 6, 12, 18, 24]
+            hit = next((e for e in evals if e["val_loss"] <= 3.4), None)
+            assert res["time_to_target"] == (hit["train_time"] if hit else None)
+            assert res["val_loss"] == evals[-1]["val_loss"] and res["iters"] == 24
+            assert res["tokens_per_s"] == pytest.approx(24 * 12 * 32 / evals[-1]["train_time"])
+    assert all(r["time_to_target"] is not None for r in results["fast"])  # lr 1e-2 gets there in 24 steps
+    assert all(r["time_to_target"] is None for r in results["slow"])  # lr 1e-3 does not
+    assert "fast vs slow" in r.stdout and "tokens/s" in r.stdout
+    # the runs are kept; a second comparison into the same folder is refused
+    again = run_bench(*args)
+    assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1

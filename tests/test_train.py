@@ -135,6 +135,51 @@ def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
+def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
+    # Muon + AdamW save and resume as one optimizer; the options are rebuilt from the checkpoint
+    common = [*TINY, f"--data_dir={char_data}", "--eval_interval=4", "--optimizer_name=muon", "--mlp=relu2",
+              "--norm=rmsnorm", "--pos_emb=rope", "--qk_norm=True", "--tie_embeddings=False", "--zero_init=True",
+              "--lr_schedule=wsd", "--lr_cooldown=0.5", "--lr_decay_iters=8"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run("train.py", *common, f"--out_dir={full}", "--max_iters=8")
+    run("train.py", *common, f"--out_dir={part}", "--max_iters=4")
+    run("train.py", *common, f"--out_dir={part}", "--max_iters=8", "--init_from=resume")
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(8))
+    assert all(abs(a[i] - b[i]) < 1e-5 for i in a), (a, b)
+    lrs = {r["iter"]: r["lr"] for r in read_log(full) if "lr" in r}
+    assert lrs[2] == lrs[5] == 3e-3 and lrs[7] < lrs[6] < 3e-3  # wsd: flat, then down over the last half
+    assert a[7] < a[0] - 0.2  # and it learns
+    # resuming with the other optimizer is refused in one line
+    adamw = [a for a in common if a != "--optimizer_name=muon"]
+    proc = run("train.py", *adamw, f"--out_dir={part}", "--max_iters=9", "--init_from=resume", check=False)
+    assert_one_line_error(proc, "Muon", "--optimizer")
+
+
+def test_target_loss_stops_at_the_first_evaluation_below_it_on_the_whole_val_split(char_data, tmp_path):
+    import torch
+    from checkpoint import load_model
+    from evaluation import score_split
+    from tokenizer import load_tokenizer
+    from tokens import read_meta
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=200", "--eval_interval=5",
+        "--target_loss=3.0", "--eval_whole_val=True", "--always_save_checkpoint=False")
+    evals = [r for r in read_log(out) if "val_loss" in r]
+    assert evals[-1]["val_loss"] <= 3.0 < min(r["val_loss"] for r in evals[:-1])
+    assert evals[-1]["iter"] < 200 and evals[-1]["iter"] % 5 == 0
+    # the number it stopped on is the whole val split's loss, as evaluate.py computes it from the checkpoint
+    model, spec, meta = load_model(out)
+    token_bytes = torch.tensor(load_tokenizer(read_meta(char_data)["tokenizer"]).token_bytes(), dtype=torch.float64)
+    whole = score_split(model, char_data, "val", token_bytes, 4, "cpu", torch.autocast("cpu", enabled=False), 32)
+    assert abs(whole["loss"] - evals[-1]["val_loss"]) < 1e-5
+
+
+def test_error_time_clock_without_a_time_budget(char_data, tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--lr_clock=time", check=False)
+    assert_one_line_error(proc, "lr_clock='time'", "--time_budget")
+
+
 def test_gradient_checkpointing_trains_the_same(char_data, tmp_path):
     common = [*TINY, f"--data_dir={char_data}", "--max_iters=5", "--eval_interval=5", "--dropout=0.1"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -1,0 +1,57 @@
+"""
+optim.py: which optimizer updates which parameters (Muon for the blocks' matrices, AdamW for the rest),
+and the learning-rate schedules (cosine, warmup-stable-decay, on an iteration or a progress clock).
+"""
+import pytest
+import torch
+
+import optim
+from model import GPT, GPTConfig
+from runtime import UserError
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, bias=True, **kw))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_muon_takes_the_block_matrices_and_adamw_everything_else(tie):
+    m = tiny(tie_embeddings=tie)
+    opt = optim.build_optimizer(m, "muon", 1e-3, 0.1, (0.9, 0.95), "cpu")
+    names = {id(p): n for n, p in m.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon == {n for n, p in m.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert muon.isdisjoint(adamw) and muon | adamw == set(names.values())
+    assert "transformer.wte.weight" in adamw and "transformer.h.0.ln_1.weight" in adamw
+    assert ("lm_head.weight" in adamw) == (not tie)  # tied: the same tensor, named once as wte
+    # decay on AdamW's matrices only, as param_groups does for plain AdamW
+    decays = {names[id(p)]: g["weight_decay"] for g in opt.adamw.param_groups for p in g["params"]}
+    assert decays["transformer.wte.weight"] == 0.1 and decays["transformer.h.0.attn.c_attn.bias"] == 0.0
+    # one step moves every parameter, and the state round-trips into a fresh optimizer
+    x = torch.randint(0, 32, (2, 8))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    m(x, x)[1].backward()
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in m.named_parameters())
+    fresh = optim.build_optimizer(m, "muon", 1e-3, 0.1, (0.9, 0.95), "cpu")
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state_dict()["adamw"]["state"].keys() == opt.state_dict()["adamw"]["state"].keys()
+    with pytest.raises(UserError, match="'adamw' or 'muon'"):
+        optim.build_optimizer(m, "sgd", 1e-3, 0.1, (0.9, 0.95), "cpu")
+
+
+def test_wsd_is_flat_then_linear_to_min_lr_over_the_cooldown():
+    lr = [optim.lr_at(it, 1.0, 10, 110, 0.1, schedule="wsd", cooldown=0.25) for it in range(130)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)  # warmup as cosine's
+    assert all(x == 1.0 for x in lr[10:86])  # stable for the first 75% of the 100 decay iterations
+    assert lr[98] == pytest.approx(1.0 - 0.9 * (88 / 100 - 0.75) / 0.25)
+    assert lr[110] == lr[129] == 0.1
+
+
+def test_progress_clock_replaces_the_iteration_count_after_warmup():
+    # a time-budgeted run: half the budget spent -> the cosine's midpoint, whatever the iteration
+    assert optim.lr_at(500, 1.0, 10, 20, 0.0, progress=0.5) == pytest.approx(0.5)
+    assert optim.lr_at(5, 1.0, 10, 20, 0.0, progress=0.9) == pytest.approx(6 / 11)  # still warming up
+    assert optim.lr_at(50, 1.0, 10, 20, 0.2, schedule="wsd", cooldown=0.5, progress=1.7) == pytest.approx(0.2)  # past the end
