@@ -55,6 +55,7 @@ init_from = None  # None: random weights of the shape above; else an out_dir, ck
 # what to measure
 mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp'
 gradient_checkpointing = False  # train: recompute block activations in backward (runtime.gradient_checkpointing)
+chunked_loss = True  # train: LM head + loss in row chunks (model.ChunkedLMHeadLoss), as train.py; False: plain
 repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
 warmup_steps = 2  # untimed: the first steps pay for allocation, kernel choice and compilation
@@ -198,6 +199,7 @@ if mode == 'memory':
     ratio = median([b['ms_per_step'] / a['ms_per_step'] for a, b in zip(runs[False], runs[True])])
     cpu_ratio = median([b['cpu_ms_per_step'] / a['cpu_ms_per_step'] for a, b in zip(runs[False], runs[True])])
     cut = 1 - mem[True] / mem[False]
+    print(f"memory: chunked_loss={config['chunked_loss']} in both")
     print(f"memory: without checkpointing {mem[False] / 2**20:,.0f} MiB, with {mem[True] / 2**20:,.0f} MiB "
           f"({cut * 100:.1f}% less; {runs[False][0]['peak_memory_source']}, median of {repeats})")
     print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x "
@@ -274,7 +276,7 @@ if mode in ('fsdp', 'ddp'):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
     x = torch.randint(mc.vocab_size, (batch_size, mc.block_size), device=device)  # (B, T)
     with runtime.autocast(device, dtype):
-        _, loss = step_model(x, x)
+        _, loss = step_model(x, x, chunked_loss=chunked_loss)
     loss.backward()
     optimizer.step()
     held = {'params': local_bytes(model.parameters()), 'grads': local_bytes(p.grad for p in model.parameters()),
@@ -309,7 +311,7 @@ if mode in ('train', 'all'):
         t0, c0 = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
         with runtime.autocast(device, dtype):
-            loss = step_model(x, y)[1]  # as train.py: the (B, T, V) logits are not kept through backward
+            loss = step_model(x, y, chunked_loss=chunked_loss)[1]  # as train.py; plain path: logits not kept
         loss.backward()
         sync()
         if i >= warmup_steps:

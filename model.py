@@ -1,6 +1,6 @@
 """
 The whole GPT language model, in one file, in reading order:
-LayerNorm, RMSNorm -> Rotary -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT.
+LayerNorm, RMSNorm -> Rotary -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> ChunkedLMHeadLoss -> GPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face
 GPT-2 weights load by key. This file is modelling only: no devices, no DDP, no checkpoint files.
@@ -244,6 +244,52 @@ class GPTConfig:
         return [f"{k}={getattr(self, k)!r}" for k, v in self.GPT2.items() if getattr(self, k) != v]
 
 
+# rows of the flattened (B*T, C) hidden states per chunk of the chunked LM head + loss: 512 rows of GPT-2's
+# 50,257 logits are ~100 MiB in fp32, against 1.57 GiB a copy for the whole 8 x 1024 batch
+LOSS_CHUNK_ROWS = 512
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """The LM head and the mean cross-entropy over targets != -1, chunk by chunk over the rows, with the
+    gradients computed in the same pass: the (N, V) logits never exist whole, only (chunk_rows, V) at a
+    time. Same result as F.cross_entropy(h @ weight.T, targets, ignore_index=-1), which keeps the logits
+    and their log-softmax through backward and makes more (N, V) copies there (~4.7 GiB at 8 x 1024 x
+    50,257 in fp32). Nothing is recomputed: forward keeps grad_h (N, C) and grad_weight (V, C) and backward
+    only scales them by the incoming gradient (the loss is a scalar, so that is exact)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype):
+        # h: (N, C), weight: (V, C) (the tied wte/lm_head), targets: (N,) with -1 = ignored
+        n_keep = (targets != -1).sum()  # the mean is over learned targets, as in F.cross_entropy's
+        w = weight.to(compute_dtype)  # under autocast the matmuls run in its dtype, as nn.Linear's would
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)  # (N, C)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, C), fp32 sum
+        for s in range(0, h.size(0), chunk_rows):
+            hc, tc = h[s:s + chunk_rows].to(compute_dtype), targets[s:s + chunk_rows]  # (n, C), (n,)
+            keep = tc != -1  # (n,)
+            logits = (hc @ w.t()).float()  # (n, V): the softmax in fp32, like the plain path's .float()
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,) ignored rows pick 0
+            loss_sum += ((lse - picked) * keep).sum()
+            # d(sum of row losses)/d logits = softmax - one_hot(target), zero for ignored rows; in place
+            g = logits.sub_(lse.unsqueeze(1)).exp_()  # (n, V)
+            g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -keep.unsqueeze(1).to(g.dtype))
+            # the mean: divide by the learned count; with none learned the loss is nan (0/0) and the
+            # gradients zero, both as F.cross_entropy's
+            g.mul_((keep / n_keep.clamp(min=1)).unsqueeze(1))
+            g = g.to(compute_dtype)
+            grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)  # (n, V) @ (V, C) -> (n, C)
+            grad_w += (g.t() @ hc).float()  # (V, n) @ (n, C) -> (V, C)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss_sum / n_keep
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -294,10 +340,12 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_caches=None):
+    def forward(self, idx, targets=None, kv_caches=None, chunked_loss=False):
         """idx: (B, T) token ids. Returns (logits, loss). With targets: logits (B, T, V) and the mean
         cross-entropy over targets != -1. Without targets, only the last position's logits (B, 1, V)
-        are computed, which is all that sampling needs."""
+        are computed, which is all that sampling needs. chunked_loss=True (with targets, for training):
+        the LM head and loss run chunk by chunk (ChunkedLMHeadLoss), the (B, T, V) logits are never made
+        and None comes back in their place; the plain path stays the reference."""
         B, T = idx.size()
         pos0 = kv_caches[0].length if kv_caches is not None else 0
         assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} exceeds block_size {self.config.block_size}"
@@ -309,7 +357,15 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is not None:
+        # the chunked head knows no soft cap: a capped model takes the plain path (its vocab is small anyway)
+        if targets is not None and chunked_loss and not self.config.logit_softcap:
+            dev = x.device.type  # the autocast dtype, if on, is the one the plain lm_head would run in
+            compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            with torch.autocast(dev, enabled=False):  # the dtypes are handled inside, explicitly
+                loss = ChunkedLMHeadLoss.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                               LOSS_CHUNK_ROWS, compute_dtype)
+            logits = None  # lm_head has no bias (it is tied to wte), so the weight is all it needs
+        elif targets is not None:
             logits = self.soft_cap(self.lm_head(x))  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:

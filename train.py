@@ -109,6 +109,8 @@ device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16' (CUDA; uses a GradScaler)
 compile = "auto"  # torch.compile: 'auto' is on for CUDA, off for CPU
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
+chunked_loss = True  # LM head + loss in row chunks (model.ChunkedLMHeadLoss): the (B, T, V) logits, 1.57 GiB
+# a copy at 8 x 1024 x 50,257 in fp32, never exist whole; same FLOPs, same loss; False is the plain reference
 fsdp = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2) instead of DDP's copies
 fsdp_consolidate = True  # fsdp: at the end, also write an ordinary ckpt.pt (for sample.py, evaluation, export)
 dist_timeout = 600.0  # seconds a collective waits for a silent rank before the run fails (rather than hang)
@@ -389,7 +391,8 @@ while True:
         sync = model.no_sync() if ddp and not fsdp and micro < local_accum - 1 else nullcontext()
         with sync:
             with autocast_ctx:
-                loss = model(x, y)[1]  # not the logits: kept, they would hold (B, T, V) floats through backward
+                # [1]: not the logits (None when chunked): kept, they would hold (B, T, V) floats through backward
+                loss = model(x, y, chunked_loss=chunked_loss)[1]
                 loss = loss / local_accum  # the mean over this rank's micro-steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()

@@ -50,6 +50,63 @@ def test_loss_ignores_targets_of_minus_one():
     torch.testing.assert_close(loss, F.cross_entropy(logits[keep], targets[keep]))
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 512])  # 7 does not divide the 3 x 16 rows; 512 is one chunk
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_chunked_loss_matches_plain_loss_and_gradients(pos_emb, chunk_rows, monkeypatch):
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", chunk_rows)
+    m = tiny(pos_emb).train()
+    idx = torch.randint(0, 64, (3, 16))
+    targets = torch.randint(0, 64, (3, 16))
+    targets[0, :5] = -1  # a masked prompt, and one stray ignored target in another chunk
+    targets[2, 9] = -1
+
+    def run(chunked_loss):
+        m.zero_grad(set_to_none=True)
+        logits, loss = m(idx, targets=targets, chunked_loss=chunked_loss)
+        loss.backward()
+        return logits, loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    _, loss_ref, grads_ref = run(False)
+    logits, loss, grads = run(True)
+    assert logits is None  # the point: the (B, T, V) logits are never made
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    # every parameter, including the tied wte/lm_head weight (the embedding's gradient plus the head's)
+    assert grads.keys() == grads_ref.keys() and "transformer.wte.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_with_every_target_ignored_matches_plain():
+    # nothing to learn: the plain mean is nan (0/0) with zero gradients; the chunked path says the same
+    m = tiny().train()
+    idx = torch.randint(0, 64, (2, 8))
+    targets = torch.full((2, 8), -1)
+    for chunked_loss in (False, True):
+        m.zero_grad(set_to_none=True)
+        loss = m(idx, targets=targets, chunked_loss=chunked_loss)[1]
+        loss.backward()
+        assert loss.isnan()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.parameters())
+
+
+def test_chunked_loss_under_bfloat16_autocast_matches_plain():
+    m = tiny().train()
+    idx = torch.randint(0, 64, (2, 16))
+
+    def run(chunked_loss):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(idx, targets=idx, chunked_loss=chunked_loss)[1]
+        loss.backward()
+        return loss.detach(), m.lm_head.weight.grad.clone()
+
+    (loss_ref, grad_ref), (loss, grad) = run(False), run(True)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32  # fp32 loss and master weights
+    # the same bf16 matmuls as the plain path's; slack only for summation order
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-2, atol=1e-4)
+
+
 def test_targets_may_be_a_slice_of_one_sequence():
     # x, y = seq[:, :-1], seq[:, 1:] gives non-contiguous targets (a .view(-1) on them used to crash)
     m = tiny()
