@@ -55,3 +55,34 @@ def test_progress_clock_replaces_the_iteration_count_after_warmup():
     assert optim.lr_at(500, 1.0, 10, 20, 0.0, progress=0.5) == pytest.approx(0.5)
     assert optim.lr_at(5, 1.0, 10, 20, 0.0, progress=0.9) == pytest.approx(6 / 11)  # still warming up
     assert optim.lr_at(50, 1.0, 10, 20, 0.2, schedule="wsd", cooldown=0.5, progress=1.7) == pytest.approx(0.2)  # past the end
+
+
+def test_batched_muon_steps_exactly_as_torch_muon():
+    # optim.Muon orthogonalizes same-shaped matrices as one stack; torch.optim.Muon (one at a time, the
+    # reference) must give the very same parameters and momentum, step after step, decay included
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48, 16), (16, 16), (16, 64), (16, 64), (16, 48)]
+    ours = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    a = optim.Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95)
+    b = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    for _ in range(4):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, p0 in zip(ours, ref, start):
+        assert not torch.equal(p, p0) and torch.equal(p, q)
+        assert torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"])
+
+
+def test_orthogonalize_makes_singular_values_near_one():
+    # what Muon relies on: the update's singular values are all ~1 (Newton-Schulz's quintic lands them in
+    # roughly [0.5, 1.5]), whatever the gradient's spread
+    torch.manual_seed(0)
+    G = torch.randn(3, 64, 32) @ torch.diag(torch.logspace(-1, 1, 32))  # singular values over 2+ decades
+    s = torch.linalg.svdvals(optim.orthogonalize(G).float())
+    assert s.min() > 0.5 and s.max() < 1.5
+    assert (torch.linalg.svdvals(G).max(-1).values / torch.linalg.svdvals(G).min(-1).values > 100).all()
