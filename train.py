@@ -189,7 +189,7 @@ log(f"data: {data_dir}: {train_len:,} train and {val_len:,} val tokens, vocab {m
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta["vocab_size"], dropout=dropout, pos_emb=pos_emb, norm=norm, mlp=mlp,
                   qk_norm=qk_norm, tie_embeddings=tie_embeddings, zero_init=zero_init, logit_softcap=logit_softcap)
-iter_num, best_val_loss, state = 0, float("inf"), None
+iter_num, best_val_loss, state, resumed_train_time = 0, float("inf"), None, 0.0
 torch.manual_seed(seed)  # the same initial weights on every rank and every run with this seed
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
@@ -198,6 +198,7 @@ elif init_from == "resume" and fsdp:  # the weights are loaded once the model is
     checkpoint.check_compatible(resumed["model_args"], model_args, f"the checkpoint in {out_dir}")
     model = GPT(GPTConfig(**resumed["model_args"]))
     iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
+    resumed_train_time = resumed.get("train_time", 0.0)  # checkpoints from before the time clock: 0
     log(f"resuming from {sharded_ckpt} at iteration {iter_num}")
 elif init_from == "resume":
     state = checkpoint.load_checkpoint(checkpoint.ckpt_path(out_dir))
@@ -207,6 +208,7 @@ elif init_from == "resume":
                         f"resume that run with --fsdp=True under torchrun")
     model = checkpoint.model_from_checkpoint(state)
     iter_num, best_val_loss = state["meta"]["iter_num"], state["meta"]["best_val_loss"]
+    resumed_train_time = state["meta"].get("train_time", 0.0)  # checkpoints from before the time clock: 0
     log(f"resuming from {out_dir} at iteration {iter_num}")
 else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
     model, tok_spec, _ = checkpoint.load_model(init_from, dropout=dropout)
@@ -298,7 +300,7 @@ def record(entry):
 
 
 def save(reason):
-    meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, dataset=dataset,
+    meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, config=config, dataset=dataset,
                     tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
     if fsdp:  # every rank writes its own shards
         if scaler.is_enabled():
@@ -345,7 +347,9 @@ signal.signal(signal.SIGTERM, request_stop)
 # -----------------------------------------------------------------------------------------------------
 # training loop
 
-train_time = 0.0  # seconds spent in training steps, evaluation excluded
+# seconds spent in training steps, evaluation excluded; a resumed run goes on from its checkpoint's, so a
+# time_budget and the time clock of the learning rate carry across the stop
+train_time = resumed_train_time
 out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
 while True:
     # evaluate on the fixed sets (not where a resumed run starts: the stopped run evaluated there)
