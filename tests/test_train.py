@@ -135,6 +135,42 @@ def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["train_shakespeare_char_cpu.py", "train_shakespeare_char_cpu_sprint.py"])
+def test_cpu_recipes_train_until_their_time_budget(char_data, tmp_path, recipe):
+    # the README's CPU recipes as shipped (architecture, Muon, bf16, the time clock), with a 3 s budget and
+    # without compiling (tests must not wait for inductor): the budget, not max_iters, ends the run, the
+    # lr decays to min_lr=0 on the time clock, and the model learns
+    from checkpoint import load_checkpoint
+    out = str(tmp_path / "out")
+    # warmup_iters=1: the recipes warm up over 20 steps, which may be all of 3 s on a busy machine
+    run("train.py", f"config/{recipe}", f"--data_dir={char_data}", f"--out_dir={out}", "--time_budget=3",
+        "--compile=False", "--warmup_iters=1", "--eval_iters=4", "--log_interval=1", "--plot=False")
+    log = read_log(out)
+    steps, evals = [r for r in log if "loss" in r], [r for r in log if "val_loss" in r]
+    assert 3.0 <= steps[-1]["train_time"] < 3.0 + 5 * max(r["ms"] for r in steps) / 1000
+    assert evals[-1]["iter"] == steps[-1]["iter"] + 1 < 1000000  # stopped by the budget
+    assert steps[-1]["lr"] < 0.1 * max(r["lr"] for r in steps)  # cosine on the time clock, near its end
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    cfg = load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["config"]
+    assert (cfg["optimizer_name"], cfg["pos_emb"], cfg["mlp"], cfg["dtype"]) == ("muon", "rope", "relu2", "bfloat16")
+
+
+def test_resume_goes_on_from_the_time_already_spent(char_data, tmp_path):
+    # a time_budget (and the lr's time clock) counts the training time before the stop: the resumed run
+    # starts its clock where the checkpoint left it, and stops at the new budget, not a whole budget later
+    out = str(tmp_path / "out")
+    args = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=1000000", "--eval_interval=1000000",
+            "--lr_clock=time"]
+    run("train.py", *args, "--time_budget=1.5")
+    before = [r for r in read_log(out) if "loss" in r]
+    assert before[-1]["train_time"] >= 1.5
+    run("train.py", *args, "--time_budget=3", "--init_from=resume")
+    after = [r for r in read_log(out) if "loss" in r and r["iter"] > before[-1]["iter"]]
+    assert after[0]["train_time"] > before[-1]["train_time"]  # a restarted clock would start near 0
+    assert 3.0 <= after[-1]["train_time"] < 3.0 + 5 * max(r["ms"] for r in after) / 1000
+
+
 def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
     # Muon + AdamW save and resume as one optimizer; the options are rebuilt from the checkpoint
     common = [*TINY, f"--data_dir={char_data}", "--eval_interval=4", "--optimizer_name=muon", "--mlp=relu2",
