@@ -3,6 +3,7 @@ bench.py end to end, as a user runs it: a subprocess on a tiny model (a few seco
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -107,9 +108,18 @@ def test_bench_ttl_mode_times_each_run_to_the_target_and_compares(char_data, tmp
             assert res["time_to_target"] == (hit["train_time"] if hit else None)
             assert res["val_loss"] == evals[-1]["val_loss"] and res["iters"] == 24
             assert res["tokens_per_s"] == pytest.approx(24 * 12 * 32 / evals[-1]["train_time"])
+            with open(out / f"{name}-seed{seed}" / "log.jsonl") as f:
+                steps = [json.loads(line)["tokens_per_s"] for line in f if '"tokens_per_s"' in line]
+            assert res["step_tokens_per_s"] == statistics.median(steps[1:])  # step 0 (compiling, warming up) left out
     assert all(r["time_to_target"] is not None for r in results["fast"])  # lr 1e-2 gets there in 24 steps
     assert all(r["time_to_target"] is None for r in results["slow"])  # lr 1e-3 does not
     assert "fast vs slow" in r.stdout and "tokens/s" in r.stdout
+    # slow never got there: its whole training time over fast's time to the target bounds the speedup
+    ratios = json.loads(out_json.read_text())["ratios"]["fast"]
+    assert ratios["time_to_target"] == []
+    assert ratios["time_to_target_at_least"] == pytest.approx(
+        [s["train_time"] / f["time_to_target"] for s, f in zip(results["slow"], results["fast"])])
+    assert "at least" in r.stdout
     # the runs are kept; a second comparison into the same folder is refused
     again = run_bench(*args)
     assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
