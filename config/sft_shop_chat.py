@@ -1,7 +1,7 @@
 # Chat fine-tuning of a character-level Shakespeare model into a shop's customer-service assistant:
 # offline, 2 CPU cores, ~4 minutes in all (base ~2.7 min, this ~1 min) (README, "Fine-tune for a domain").
 # $ python data/shakespeare_char/prepare.py
-# $ python train.py config/train_shakespeare_char_cpu.py --block_size=256 --batch_size=8 --max_iters=1500 \
+# $ python train.py config/train_shakespeare_char_cpu_gpt2.py --block_size=256 --batch_size=8 --max_iters=1500 \
 #       --lr_decay_iters=1500 --eval_interval=500 --out_dir=out-shakespeare-char-256
 # $ python data/shop_chat/prepare.py
 # $ python finetune.py config/sft_shop_chat.py

@@ -1,5 +1,5 @@
 # Hyperparameter search for the quick-start model: 20 trials of 60 s of training each, on 2 CPU cores,
-# in under 30 minutes (pruned trials stop early), to beat config/train_shakespeare_char_cpu.py at the
+# in under 30 minutes (pruned trials stop early), to beat config/train_shakespeare_char_cpu_gpt2.py at the
 # same 60 s budget. Trial 0 is that config as it is (baseline=True), so the sweep prints the two side by side.
 # $ python data/shakespeare_char/prepare.py
 # $ python sweep.py config/sweep_shakespeare_char.py
@@ -9,7 +9,7 @@
 
 study_name = "shakespeare_char"
 sweep_dir = "out-sweep-shakespeare-char"
-train_config = "config/train_shakespeare_char_cpu.py"
+train_config = "config/train_shakespeare_char_cpu_gpt2.py"
 n_trials = 20
 time_budget = 60.0  # seconds of training per trial (evaluations not counted)
 # max_iters out of the way: the time budget ends every trial, and lr_decay_iters (searched) sets the schedule;

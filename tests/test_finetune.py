@@ -166,7 +166,7 @@ def test_continued_pretraining_from_a_nanoforge_run(char_base, tmp_path):
     d = tmp_path / "d"
     run("data/shakespeare_char/prepare.py", f"--input={SHAKESPEARE}", f"--out_dir={d}")
     out = str(tmp_path / "cont")
-    run("train.py", "config/train_shakespeare_char_cpu.py", f"--init_from={char_base}", f"--data_dir={d}",
+    run("train.py", "config/train_shakespeare_char_cpu_gpt2.py", f"--init_from={char_base}", f"--data_dir={d}",
         f"--out_dir={out}", "--block_size=32", "--batch_size=4", "--max_iters=20", "--eval_interval=10",
         "--eval_iters=2", "--n_layer=1", "--n_head=2", "--n_embd=32", "--bias=False", "--learning_rate=3e-3",
         "--decay_lr=False", "--plot=False")
