@@ -300,8 +300,8 @@ def record(entry):
 
 
 def save(reason):
-    meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, config=config, dataset=dataset,
-                    tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
+    meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, config=config,
+                    dataset=dataset, tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
     if fsdp:  # every rank writes its own shards
         if scaler.is_enabled():
             meta_out["scaler"] = scaler.state_dict()
