@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, ReLUSquared
+import model
+from model import GPT, GPTConfig, KVCache, ReLUSquared, gelu_tanh_sigmoid
 
 ALL_ON = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, zero_init=True,
               logit_softcap=15.0)
@@ -45,6 +46,30 @@ def test_relu_squared_matches_its_reference_in_values_and_gradients():
     assert torch.equal(ReLUSquared.apply(x), F.relu(x).square())
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(ReLUSquared.apply, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_gelu_sigmoid_form_matches_gpt2s_tanh_gelu_in_values_and_gradients():
+    x = torch.cat([torch.linspace(-12, 12, 2001, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+    gelu_tanh_sigmoid(a).backward(grad)
+    F.gelu(b, approximate="tanh").backward(grad)
+    torch.testing.assert_close(gelu_tanh_sigmoid(x), F.gelu(x, approximate="tanh"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    x32 = torch.randn(4096) * 4  # float32, as trained: float rounding apart
+    torch.testing.assert_close(gelu_tanh_sigmoid(x32), F.gelu(x32, approximate="tanh"), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_code_takes_the_sigmoid_gelu_and_the_model_agrees_with_eager(monkeypatch):
+    m = randomise(tiny())
+    x = torch.randint(0, 64, (2, 16))
+    eager = m(x, x)[1]
+    calls = []
+    monkeypatch.setattr(model, "gelu_tanh_sigmoid", lambda h: calls.append(h.shape) or gelu_tanh_sigmoid(h))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo reports while tracing
+    traced = m(x, x)[1]
+    assert calls == [(2, 16, 128)] * 2  # each block's MLP
+    torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
