@@ -153,11 +153,11 @@ if mode == 'ttl':
         xs = [x for x in xs if x is not None]
         return f"{fmt(median(xs))} [{fmt(min(xs))}-{fmt(max(xs))}]" if xs else 'not reached'
 
-    print(f"\n{'run':<10} {'time to ' + str(ttl_target):<26} {'last val loss':<26} {'tokens/s (run)':<26} "
+    print(f"\n{'run':<10} {'time to ' + str(ttl_target):<30} {'last val loss':<26} {'tokens/s (run)':<26} "
           f"{'tokens/s (step)':<26} MFU")
     for name, rs in results.items():
         hits = sum(r['time_to_target'] is not None for r in rs)
-        print(f"{name:<10} {spread([r['time_to_target'] for r in rs], '{:.1f}s'.format) + f' ({hits}/{len(rs)})':<26} "
+        print(f"{name:<10} {spread([r['time_to_target'] for r in rs], '{:.1f}s'.format) + f' ({hits}/{len(rs)})':<30} "
               f"{spread([r['val_loss'] for r in rs], '{:.4f}'.format):<26} "
               f"{spread([r['tokens_per_s'] for r in rs], '{:,.0f}'.format):<26} "
               f"{spread([r['step_tokens_per_s'] for r in rs], '{:,.0f}'.format):<26} "
@@ -177,9 +177,10 @@ if mode == 'ttl':
         if at_least:
             print(f"{name} vs {base_name}: reaches {ttl_target} at least {spread(at_least, '{:.2f}x'.format)} faster in "
                   f"the {len(at_least)} seed(s) where {base_name} did not reach it at all (its whole run's time / ours)")
-        print(f"{name} vs {base_name}: reaches {ttl_target} {spread(speed, '{:.2f}x'.format)} faster; "
-              f"tokens/s {spread(tok, '{:.2f}x'.format)} over the run, {spread(step_tok, '{:.2f}x'.format)} per step "
-              f"(median [min-max] over seeds)")
+        # the time ratio only where both runs of a seed got there; else that line would read "not reached faster"
+        reached = f"reaches {ttl_target} {spread(speed, '{:.2f}x'.format)} faster; " if speed else ''
+        print(f"{name} vs {base_name}: {reached}tokens/s {spread(tok, '{:.2f}x'.format)} over the run, "
+              f"{spread(step_tok, '{:.2f}x'.format)} per step (median [min-max] over seeds)")
     if json_out:
         runtime.write_json(json_out, {'config': config, 'runs': runs, 'results': results, 'ratios': ratios})
         print(f"wrote {json_out}")

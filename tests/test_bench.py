@@ -120,6 +120,7 @@ def test_bench_ttl_mode_times_each_run_to_the_target_and_compares(char_data, tmp
     assert ratios["time_to_target_at_least"] == pytest.approx(
         [s["train_time"] / f["time_to_target"] for s, f in zip(results["slow"], results["fast"])])
     assert "at least" in r.stdout
+    assert "not reached faster" not in r.stdout  # no time ratio is claimed where no seed had one
     # the runs are kept; a second comparison into the same folder is refused
     again = run_bench(*args)
     assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
