@@ -73,8 +73,8 @@ globals().update(config)
 device, device_why = runtime.resolve_device(device)
 dtype, dtype_why = runtime.resolve_dtype(dtype, device)
 print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
-if device == "cpu" and runtime.keep_freed_memory():
-    print("cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.keep_freed_memory)")
+if kept := runtime.keep_freed_memory(device):
+    print(kept)
 changed = overrides(defaults, config)
 print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "overrides: none")
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)

@@ -123,19 +123,22 @@ def resolve_compile(compile, device):
     return compile, "as configured"
 
 
-def keep_freed_memory():
+def keep_freed_memory(device):
     """Keep memory that a training step frees inside the process, for the next step to reuse. glibc's
     malloc hands big blocks (a step's activations and gradients) back to the kernel when they are freed
     (mmap'd chunks, and a heap top above the trim threshold), so every step faults the same pages in
     again: on 2 CPU cores that was up to a third of a step (dev/LOG.md, issue 8). Raising both
     thresholds to 1 GiB stops it; peak memory is unchanged, it is just not handed back until exit.
-    Linux with glibc only (elsewhere a no-op). Returns whether it was applied."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
+    Only for training on a CPU (on a GPU the activations are not malloc's), on Linux with glibc.
+    Returns the line to log where it was applied, else None."""
+    if device != "cpu" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.keep_freed_memory)"
+    return None
 
 
 def autocast(device, dtype):

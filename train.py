@@ -162,8 +162,8 @@ if init_from != "resume" and (full_ckpt or sharded_ckpt):
                     f"or pick another --out_dir")
 
 log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why}); compile: {compile} ({compile_why})")
-if device == "cpu" and runtime.keep_freed_memory():
-    log("cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.keep_freed_memory)")
+if kept := runtime.keep_freed_memory(device):
+    log(kept)
 log(f"world size {world_size}, {gradient_accumulation_steps} micro-steps of {batch_size} x {block_size} "
     f"({local_accum} per rank): {tokens_per_iter:,} tokens per iteration")
 changed = overrides(defaults, config)

@@ -63,11 +63,11 @@ def run_python(code):
 
 
 KEEP_PROBE = """
-import sys, runtime
+import runtime
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
-applied = runtime.keep_freed_memory() if sys.argv[1] == "keep" else False
+applied = bool(runtime.keep_freed_memory("cpu")) if MODE == "keep" else False
 block = bytearray(256 * 2**20)  # zero-filled: every page touched
 held = rss_mib()
 del block
@@ -80,14 +80,16 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process_for_reuse():
     """The next training step reuses the pages instead of faulting fresh ones in; glibc's default hands
     a block this big back to the kernel as soon as it is freed."""
     def run(mode):
-        out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+        proc = run_python(f"MODE = {mode!r}" + KEEP_PROBE)
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout.split()
         return out[0] == "True", float(out[1])
     applied, released = run("keep")
     default_applied, default_released = run("default")
     assert applied and not default_applied
     assert released < 16  # MiB given back after freeing 256 MiB: none, the block stays for reuse
     assert default_released > 200  # the control: without it, the block goes back to the kernel
+    assert runtime.keep_freed_memory("cuda") is None  # a GPU's activations are not malloc's: nothing to keep
 
 
 def test_friendly_errors_user_error_is_one_line_and_status_2():
