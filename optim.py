@@ -22,13 +22,14 @@ def param_groups(model, weight_decay):
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(G, steps=5):
+def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     """The nearest (semi-)orthogonal matrix to each matrix of a stack G, (N, A, B), by `steps` quintic
-    Newton-Schulz iterations in bf16: torch.optim.Muon's arithmetic for one matrix, op for op (tested to
-    be identical), over the whole stack at once. On a CPU a small model's 16 matrices one at a time cost
-    more than its forward pass; stacked by shape they take 4 batched matmuls per iteration."""
+    Newton-Schulz iterations in `dtype`: in bf16, torch.optim.Muon's arithmetic for one matrix, op for op
+    (tested to be identical), over the whole stack at once. On a CPU a small model's 16 matrices one at a
+    time cost more than its forward pass; stacked by shape they take 4 batched matmuls per iteration.
+    fp32 where bf16 is slow (a CPU without native bf16 emulates it ~300x slower)."""
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix X X^T is then the smaller one
         X = X.mT
@@ -47,8 +48,9 @@ class Muon(torch.optim.Optimizer):
     the update is scaled by 0.2 * sqrt(max(A, B)) so its RMS matches AdamW's and one learning rate and
     schedule drive both. What differs is speed: matrices of one shape are orthogonalized together."""
 
-    def __init__(self, params, lr, weight_decay, momentum=0.95, ns_steps=5):
+    def __init__(self, params, lr, weight_decay, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype  # not a group setting: saved checkpoints stay loadable on any machine
 
     @torch.no_grad()
     def step(self):
@@ -70,7 +72,7 @@ class Muon(torch.optim.Optimizer):
                 by_shape.setdefault(tuple(p.shape), []).append(i)
             torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as AdamW's
             for shape, idx in by_shape.items():
-                ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_steps"])
+                ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_steps"], self.ns_dtype)
                 scale = -lr * 0.2 * math.sqrt(max(shape[0], shape[1]))  # match AdamW's update RMS
                 torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=scale)
 
@@ -80,11 +82,11 @@ class MuonAdamW:
     (embeddings, the output layer, gains, biases), stepped and saved as one optimizer. Muon's updates are
     sized like AdamW's, so one learning rate and schedule drive both."""
 
-    def __init__(self, model, learning_rate, weight_decay, betas, momentum, fused):
+    def __init__(self, model, learning_rate, weight_decay, betas, momentum, fused, ns_dtype=torch.bfloat16):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         hidden = [p for n, p in params if p.dim() == 2 and ".h." in f".{n}"]  # transformer.h.<i>....weight
         rest = [p for n, p in params if not (p.dim() == 2 and ".h." in f".{n}")]
-        self.muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=momentum)
+        self.muon = Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype)
         self.adamw = torch.optim.AdamW(
             [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
@@ -110,13 +112,15 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def build_optimizer(model, name, learning_rate, weight_decay, betas, device, muon_momentum=0.95):
-    """'adamw' (GPT-2's, nanoGPT's) or 'muon' (MuonAdamW above)."""
+def build_optimizer(model, name, learning_rate, weight_decay, betas, device, muon_momentum=0.95,
+                    ns_dtype=torch.bfloat16):
+    """'adamw' (GPT-2's, nanoGPT's) or 'muon' (MuonAdamW above; ns_dtype: the precision of its
+    Newton-Schulz iterations, runtime.newton_schulz_dtype of the run's dtype)."""
     fused = device.startswith("cuda")
     if name == "adamw":
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=fused)
     if name == "muon":
-        return MuonAdamW(model, learning_rate, weight_decay, betas, muon_momentum, fused)
+        return MuonAdamW(model, learning_rate, weight_decay, betas, muon_momentum, fused, ns_dtype)
     raise UserError(f"optimizer must be 'adamw' or 'muon', got {name!r}")
 
 

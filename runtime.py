@@ -96,31 +96,156 @@ def resolve_device(device):
     return device, "as configured"
 
 
-def resolve_dtype(dtype, device):
-    """'auto' -> bfloat16 on GPUs that have it, float16 (with a GradScaler) on older GPUs, float32
-    elsewhere. Returns (dtype name, reason)."""
+def cpu_info():
+    """What this CPU is and can do, read from the OS: its model name, the widest vector unit torch's
+    matmuls use on it ('AMX', 'AVX-512', 'AVX2', 'NEON', ...) and whether it multiplies bf16 natively
+    (AVX-512 BF16 or AMX on x86, FEAT_BF16 on Arm). Without native bf16 a bf16 matmul is emulated,
+    hundreds of times slower than fp32 (AMD before Zen 4, Intel Core from 12th gen, Apple M1).
+    ONEDNN_MAX_CPU_ISA (oneDNN's cap on the instructions it uses, e.g. AVX2) is honoured, so a capped
+    process describes what it really runs."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware") and name in ("", platform.processor(), platform.machine()):
+                    name = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux: ask sysctl (macOS)
+        def sysctl(key):
+            try:
+                return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return ""
+        name = sysctl("machdep.cpu.brand_string") or name
+        if sysctl("hw.optional.arm.FEAT_BF16") == "1":
+            flags.add("bf16")
+        if platform.machine() == "arm64":
+            flags.add("asimd")
+    if {"amx_tile", "amx_bf16"} <= flags:
+        isa = "AMX"
+    elif "avx512f" in flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2"
+    elif "asimd" in flags or platform.machine() in ("arm64", "aarch64"):
+        isa = "NEON"
+    else:
+        isa = "SSE"
+    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and not any(s in cap for s in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10", "ALL")):
+        native_bf16 = False
+        isa = "AVX2" if "AVX2" in cap else isa if "AVX512" in cap else "SSE"
+    return {"name": name, "isa": isa, "native_bf16": native_bf16, "cores": os.cpu_count()}
+
+
+def describe_cpu(info=None):
+    """One line naming the CPU and its class, printed beside every speed figure."""
+    info = info or cpu_info()
+    return f"{info['name']}, {info['cores']} cores, {info['isa']}, bf16 {'native' if info['native_bf16'] else 'emulated'}"
+
+
+def resolve_dtype(dtype, device, shape=(2048, 768)):
+    """'auto' -> bfloat16 on GPUs that have it, float16 (with a GradScaler) on older GPUs; on a CPU,
+    bfloat16 only where it is measured faster than float32 at the model's matmul shape (`shape`: rows of
+    a step, n_embd; timed as (rows, n_embd) @ (n_embd, 4 n_embd), the MLP's), else float32. An explicit
+    bfloat16 on a CPU without native bf16 is kept, with the measured slowdown in the reason. Returns
+    (dtype name, reason); the CPU's measurements take under a second and are kept for the process."""
     names = ("float32", "bfloat16", "float16")
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            if torch.cuda.is_bf16_supported():
-                return "bfloat16", "auto: this GPU supports bf16"
-            return "float16", "auto: this GPU lacks bf16, so fp16 with loss scaling"
-        return "float32", f"auto: {device} trains in fp32 by default (bf16 autocast is opt-in: --dtype=bfloat16)"
-    if dtype not in names:
+    if dtype not in names + ("auto",):
         raise UserError(f"unknown dtype '{dtype}': use auto, {', '.join(names)}")
     if dtype == "float16" and not device.startswith("cuda"):
         raise UserError(f"dtype float16 needs a CUDA device (got {device}); use bfloat16 or float32")
-    return dtype, "as configured"
+    if device.startswith("cuda"):
+        if dtype != "auto":
+            return dtype, "as configured"
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: this GPU supports bf16"
+        return "float16", "auto: this GPU lacks bf16, so fp16 with loss scaling"
+    if device != "cpu" or dtype == "float32":
+        if dtype == "auto":
+            return "float32", f"auto: {device} trains in fp32 (bf16 autocast is opt-in: --dtype=bfloat16)"
+        return dtype, "as configured"
+    info = cpu_info()
+    rows, C = min(int(shape[0]), 2048), int(shape[1])  # more rows than 2048 run at the same rate
+    if dtype == "auto" and 8 * rows * C * C < SMALL_MATMUL:
+        return "float32", f"auto: matmuls of {rows}x{C}x{4 * C} are too small for bf16 to pay (casts cost more)"
+    fp32 = measure_matmul_flops(device, "float32", (rows, C, 4 * C))
+    if not info["native_bf16"]:  # emulated: a small probe says how slow, a big one would take minutes
+        bf16 = measure_matmul_flops(device, "bfloat16", (256, 256, 256))
+    else:
+        bf16 = measure_matmul_flops(device, "bfloat16", (rows, C, 4 * C))
+    rates = f"{format_flops(bf16)} bf16 vs {format_flops(fp32)} fp32"
+    cls = f"{info['isa']}, bf16 {'native' if info['native_bf16'] else 'emulated'}"
+    if dtype == "bfloat16":
+        if bf16 < fp32:
+            return dtype, (f"as configured, but this CPU ({cls}) runs bf16 matmuls {fp32 / bf16:.0f}x slower than "
+                           f"fp32 ({rates}); --dtype=auto picks float32")
+        return dtype, "as configured"
+    # bf16 only where it clearly wins: autocast adds casts the matmul probe does not see
+    if info["native_bf16"] and bf16 > 1.2 * fp32:
+        return "bfloat16", f"auto: {cls}, bf16 measured {bf16 / fp32:.1f}x fp32 at {rows}x{C}x{4 * C} ({rates})"
+    return "float32", f"auto: {cls}, fp32 is faster here at {rows}x{C}x{4 * C} ({rates})"
 
 
-def resolve_compile(compile, device):
-    """'auto' -> torch.compile on CUDA (it pays for itself), not on CPU (minutes of a short run)."""
+SMALL_MATMUL = 1e8  # FLOPs of the MLP's matmul below which a CPU stays in fp32 without measuring: timings
+# of so small a matmul are mostly overhead, and would pick either dtype by chance on a busy machine
+
+
+def newton_schulz_dtype(dtype):
+    """The precision of Muon's Newton-Schulz iterations: bf16 where the run itself chose bf16 (it is then
+    fast on this device), fp32 otherwise (on a CPU without native bf16, bf16 would be ~300x slower)."""
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+
+def resolve_compile(compile, device, expected_seconds=0.0):
+    """'auto' -> torch.compile on CUDA (it pays for itself); on a CPU only when the run is expected to
+    train for at least COMPILE_PAYS_AFTER seconds (inductor's first compile takes ~20-60 s on a laptop)
+    and a C++ compiler is there for inductor's kernels. Returns (on, reason)."""
     if compile == "auto":
-        on = device.startswith("cuda")
-        return on, "auto: " + ("CUDA, compile pays off" if on else f"{device}, eager avoids the compile wait")
+        if device.startswith("cuda"):
+            return True, "auto: CUDA, compile pays off"
+        if device != "cpu":
+            return False, f"auto: {device}, eager"
+        if expected_seconds < COMPILE_PAYS_AFTER:
+            return False, (f"auto: a ~{expected_seconds:.0f}s run does not repay a ~30 s compile "
+                           f"(on from {COMPILE_PAYS_AFTER:.0f}s)")
+        cxx = cpp_compiler()
+        if not cxx:
+            return False, "auto: no C++ compiler for torch.compile's CPU kernels (install g++), eager"
+        return True, f"auto: a ~{expected_seconds:.0f}s run repays a ~30 s compile ({cxx})"
     if not isinstance(compile, bool):
         raise UserError(f"compile must be True, False or 'auto', got {compile!r}")
     return compile, "as configured"
+
+
+COMPILE_PAYS_AFTER = 120.0  # seconds of training from which compiling (~30 s, 1.3-2x faster steps) pays
+
+
+def cpp_compiler():
+    """The C++ compiler inductor will call (CXX, else g++), if it is installed; None otherwise."""
+    import shutil
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def compile_model(model, warmup, log=print):
+    """torch.compile(model), compiled now: inductor compiles lazily at the first call, so `warmup(compiled)`
+    runs one representative step (a forward and backward) at once. Returns (the model to use, seconds the
+    compile took). If compiling fails (no working C++ compiler, an unsupported op), says so in one line
+    and returns the eager model: a run is never lost to a compile error."""
+    t0 = time.perf_counter()
+    compiled = torch.compile(model)
+    try:
+        warmup(compiled)
+    except Exception as e:  # inductor's errors have many types; any of them means: run eager
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        log(f"torch.compile failed ({type(e).__name__}: {first}); training eager instead")
+        torch._dynamo.reset()
+        return model, time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0
 
 
 def keep_freed_memory(device):
@@ -229,23 +354,36 @@ GPU_PEAK_FLOPS = {
 _measured = {}
 
 
-def measure_matmul_flops(device, dtype, n=1024, seconds=0.3):
-    """FLOP/s of an n x n matmul on this device, measured: the peak MFU is quoted against on CPUs and
-    unknown GPUs (a laptop has no data sheet number that means anything)."""
-    key = (device, dtype, n)
+def measure_matmul_flops(device, dtype, shape=(1024, 1024, 1024), seconds=0.15):
+    """FLOP/s of an (M, K) @ (K, N) matmul on this device, measured: the peak MFU is quoted against on
+    CPUs and unknown GPUs (a laptop has no data sheet number that means anything), and what resolve_dtype
+    compares. Times runs for about `seconds` (at least one, even where one is slow: an emulated bf16
+    matmul on a CPU). Kept per process."""
+    M, K, N = shape
+    key = (device, dtype, shape)
     if key not in _measured:
-        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-        for _ in range(3):
-            a @ b  # warm-up
-        runs, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        a = torch.randn(M, K, device=device).to(getattr(torch, dtype))
+        b = torch.randn(K, N, device=device).to(getattr(torch, dtype))
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        t0 = time.perf_counter()
+        a @ b  # warm-up: allocation and kernel choice
+        sync()
+        runs, t1 = 0, time.perf_counter()
+        if t1 - t0 < seconds:  # a second warm-up only where it is cheap
             a @ b
+            sync()
+            t1 = time.perf_counter()
+        while runs == 0 or time.perf_counter() - t1 < seconds:
+            a @ b
+            sync()
             runs += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        _measured[key] = 2 * n ** 3 * runs / (time.perf_counter() - t0)
+        _measured[key] = 2 * M * K * N * runs / (time.perf_counter() - t1)
     return _measured[key]
+
+
+def format_flops(flops):
+    """A FLOP/s figure in the unit that shows it: 0.2 GFLOP/s never prints as 0.00 TFLOP/s."""
+    return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.3g} GFLOP/s"
 
 
 def peak_flops(device, dtype):
@@ -255,7 +393,8 @@ def peak_flops(device, dtype):
         for gpu, table in GPU_PEAK_FLOPS.items():
             if gpu in name and dtype in table:
                 return table[dtype], f"{gpu} data sheet, {dtype}"
-    return measure_matmul_flops(device, dtype), f"measured {dtype} matmul on {device}"
+    n = 256 if device == "cpu" and dtype == "bfloat16" and not cpu_info()["native_bf16"] else 1024
+    return measure_matmul_flops(device, dtype, (n, n, n)), f"measured {dtype} {n}x{n} matmul on {device}"
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -280,6 +419,7 @@ def run_info(device):
         "hostname": platform.node(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_info(),
         "device": device,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,

@@ -106,8 +106,8 @@ min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
 # system
 backend = "auto"  # 'nccl' on CUDA, 'gloo' on CPU
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16' (CUDA; uses a GradScaler)
-compile = "auto"  # torch.compile: 'auto' is on for CUDA, off for CPU
+dtype = "auto"  # 'auto' (measured: bf16 where this device runs it faster), 'float32', 'bfloat16', 'float16' (CUDA)
+compile = "auto"  # torch.compile: 'auto' is on for CUDA, and on a CPU for runs long enough to repay the compile
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
 chunked_loss = True  # LM head + loss in row chunks (model.ChunkedLMHeadLoss): the (B, T, V) logits, 1.57 GiB
 # a copy at 8 x 1024 x 50,257 in fp32, never exist whole; same FLOPs, same loss; False is the plain reference
@@ -125,8 +125,7 @@ globals().update(config)
 device, device_why = runtime.resolve_device(device)
 ddp, rank, local_rank, world_size, device = runtime.setup_distributed(backend, device, dist_timeout)
 master = rank == 0  # logs, checkpoints, plots
-dtype, dtype_why = runtime.resolve_dtype(dtype, device)
-compile, compile_why = runtime.resolve_compile(compile, device)
+dtype, dtype_why = runtime.resolve_dtype(dtype, device, (batch_size * block_size, n_embd))
 log = print if master else (lambda *a, **k: None)
 
 if total_batch_size > 0:
@@ -161,7 +160,7 @@ if init_from != "resume" and (full_ckpt or sharded_ckpt):
     raise UserError(f"{out_dir} already holds a run's checkpoint; resume it with --init_from=resume, "
                     f"or pick another --out_dir")
 
-log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why}); compile: {compile} ({compile_why})")
+log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
 if kept := runtime.keep_freed_memory(device):
     log(kept)
 log(f"world size {world_size}, {gradient_accumulation_steps} micro-steps of {batch_size} x {block_size} "
@@ -226,11 +225,18 @@ else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
 model.to(device)
 if gradient_checkpointing:
     runtime.gradient_checkpointing(model)
+autocast_ctx = runtime.autocast(device, dtype)
+peak, peak_why = runtime.peak_flops(device, dtype)
+# compile where it pays: the run's expected training time, from its FLOPs at a typical CPU MFU of 30%
+# (the figure is only compared with the ~30 s a compile costs), capped by its time budget
+expected = (max_iters - iter_num) * model.flops_per_token() * tokens_per_iter / world_size / (0.3 * peak)
+compile, compile_why = runtime.resolve_compile(compile, device, min(expected, time_budget or expected))
+log(f"compile: {compile} ({compile_why})")
 if fsdp:  # before the optimizer is built: sharding replaces the parameters
     runtime.fully_shard_model(model, device, dtype, compile)
 
 optimizer = optim.build_optimizer(model, optimizer_name, learning_rate, weight_decay, (beta1, beta2), device,
-                                  muon_momentum)
+                                  muon_momentum, runtime.newton_schulz_dtype(dtype))
 if fsdp:  # its inf/nan check is agreed by all ranks, which each see only their shard of the gradients
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
     scaler = ShardedGradScaler("cuda", enabled=(dtype == "float16"))
@@ -251,15 +257,26 @@ if state is not None:
     del state  # free the checkpoint's copy of the weights
 
 raw_model = model  # unwrapped: what is saved, and how FLOPs are counted (under fsdp, sharded in place)
+
+
+def warmup_step(m):
+    """One forward and backward of a training batch, gradients discarded: what makes torch.compile compile."""
+    x, y = tokens.read_batch(train_path, tokens.train_starts(seed, 0, batch_size, train_len, block_size), block_size)
+    with autocast_ctx:
+        m(x.to(device), y.to(device), chunked_loss=chunked_loss)[1].backward()
+    optimizer.zero_grad(set_to_none=True)
+
+
 if compile and not fsdp:  # fsdp compiled each block already
-    log("compiling the model (takes a minute)...")
-    model = torch.compile(model)
+    log("compiling the model (a minute on a laptop; not counted in the training time)...")
+    model, compile_time = runtime.compile_model(model, warmup_step, log)
+    compile = model is not raw_model
+    if compile:
+        log(f"compiled in {compile_time:.1f}s")
 eval_model = model  # evaluation skips DDP's hooks (not FSDP's: they gather the weights); compiled if training is
 if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-autocast_ctx = runtime.autocast(device, dtype)
-peak, peak_why = runtime.peak_flops(device, dtype)
-log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {peak / 1e12:.2f} TFLOP/s ({peak_why})")
+log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {runtime.format_flops(peak)} ({peak_why})")
 
 # -----------------------------------------------------------------------------------------------------
 # run record and logs

@@ -48,5 +48,9 @@ weight_decay = 1e-1
 grad_clip = 1.0
 
 device = "cpu"
-dtype = "bfloat16"  # autocast: the matmuls run at ~2x fp32's rate on CPUs with AVX-512 BF16
-compile = True  # ~25 s the first time (counted in the budget), then ~1.5x the steps per second
+# measured on this machine at start-up: bf16 autocast where its matmuls run faster than fp32 (~2-3x on
+# CPUs with AVX-512 BF16 or AMX), fp32 where bf16 is emulated (AVX2-only CPUs: ~300x slower)
+dtype = "auto"
+# auto: on for a run this long when a C++ compiler is there (~25 s the first time, not counted in the
+# budget, then ~1.5x the steps per second); a failed compile falls back to eager
+compile = "auto"

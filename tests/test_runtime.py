@@ -40,22 +40,90 @@ def test_resolve_device_cuda_without_gpu(device, monkeypatch):
         runtime.resolve_device("mps")
 
 
-def test_resolve_dtype():
-    dtype, reason = runtime.resolve_dtype("auto", "cpu")
-    assert dtype == "float32" and reason.startswith("auto")
-    assert runtime.resolve_dtype("bfloat16", "cpu")[0] == "bfloat16"
+def fake_cpu(monkeypatch, native_bf16, fp32, bf16):
+    """This CPU, as resolve_dtype sees it: its class, and matmul rates (FLOP/s) by dtype."""
+    info = {"name": "Test CPU", "isa": "AVX-512" if native_bf16 else "AVX2", "native_bf16": native_bf16, "cores": 2}
+    monkeypatch.setattr(runtime, "cpu_info", lambda: info)
+    monkeypatch.setattr(runtime, "measure_matmul_flops", lambda device, dtype, shape: fp32 if dtype == "float32" else bf16)
+
+
+def test_resolve_dtype_picks_bf16_only_where_it_is_measured_faster(monkeypatch):
+    fake_cpu(monkeypatch, native_bf16=True, fp32=150e9, bf16=400e9)  # Zen 4: AVX-512 BF16
+    dtype, reason = runtime.resolve_dtype("auto", "cpu", (8192, 192))
+    assert dtype == "bfloat16" and "2.7x" in reason and "400 GFLOP/s bf16 vs 150 GFLOP/s fp32" in reason
+    assert "2048x192x768" in reason  # the model's own MLP shape, rows capped
+    fake_cpu(monkeypatch, native_bf16=True, fp32=100e9, bf16=110e9)  # native, but not clearly faster
+    assert runtime.resolve_dtype("auto", "cpu", (8192, 192))[0] == "float32"
+    fake_cpu(monkeypatch, native_bf16=True, fp32=100e9, bf16=400e9)  # a tiny model is not even measured
+    dtype, reason = runtime.resolve_dtype("auto", "cpu", (128, 32))
+    assert dtype == "float32" and "too small" in reason
+    fake_cpu(monkeypatch, native_bf16=False, fp32=100e9, bf16=0.2e9)  # Zen 3: AVX2, bf16 emulated
+    dtype, reason = runtime.resolve_dtype("auto", "cpu", (8192, 192))
+    assert dtype == "float32" and "bf16 emulated" in reason and "0.2 GFLOP/s bf16" in reason
+    # asked for anyway: it runs, and the reason gives the measured slowdown
+    dtype, reason = runtime.resolve_dtype("bfloat16", "cpu")
+    assert dtype == "bfloat16" and "500x slower" in reason and "--dtype=auto" in reason
+
+
+def test_resolve_dtype_checks_names_and_devices():
+    assert runtime.resolve_dtype("float32", "cpu") == ("float32", "as configured")
     with pytest.raises(UserError, match="float16 needs a CUDA device"):
         runtime.resolve_dtype("float16", "cpu")
     with pytest.raises(UserError, match="unknown dtype 'fp32'"):
         runtime.resolve_dtype("fp32", "cpu")
 
 
-def test_resolve_compile():
-    assert runtime.resolve_compile("auto", "cpu")[0] is False  # eager on CPU: no compile wait
+def test_cpu_info_honours_onednn_cap():
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 on any CPU: the capability says so, and the measured
+    # bf16 rate agrees, so auto picks fp32 (on a CPU without native bf16 the cap changes nothing)
+    proc = subprocess.run([sys.executable, "-c", "import runtime; print(runtime.cpu_info()['native_bf16'], "
+                           "runtime.resolve_dtype('auto', 'cpu', (2048, 256))[0])"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert proc.stdout.split() == ["False", "float32"], proc.stderr
+    info = runtime.cpu_info()
+    assert info["name"] and info["isa"] in ("AMX", "AVX-512", "AVX2", "NEON", "SSE") and info["cores"] >= 1
+    assert info["name"] in runtime.describe_cpu(info)
+
+
+def test_format_flops_never_prints_zero():
+    assert runtime.format_flops(0.2e9) == "0.2 GFLOP/s"
+    assert runtime.format_flops(415e9) == "415 GFLOP/s"
+    assert runtime.format_flops(312e12) == "312.0 TFLOP/s"
+    assert runtime.measure_matmul_flops("cpu", "float32", (64, 32, 16)) > 0
+
+
+def test_newton_schulz_follows_the_runs_precision():
+    assert runtime.newton_schulz_dtype("bfloat16") == torch.bfloat16
+    assert runtime.newton_schulz_dtype("float32") == runtime.newton_schulz_dtype("float16") == torch.float32
+
+
+def test_resolve_compile(monkeypatch):
     assert runtime.resolve_compile(True, "cpu") == (True, "as configured")
     assert runtime.resolve_compile(False, "cuda") == (False, "as configured")
+    assert runtime.resolve_compile("auto", "cuda")[0] is True
+    # a CPU compiles only a run long enough to repay it, and only with a C++ compiler for inductor
+    on, why = runtime.resolve_compile("auto", "cpu", expected_seconds=17)
+    assert on is False and "~17s run does not repay" in why
+    monkeypatch.setattr(runtime, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert runtime.resolve_compile("auto", "cpu", expected_seconds=300)[0] is True
+    monkeypatch.setattr(runtime, "cpp_compiler", lambda: None)
+    on, why = runtime.resolve_compile("auto", "cpu", expected_seconds=300)
+    assert on is False and "no C++ compiler" in why
     with pytest.raises(UserError, match="compile must be True, False or 'auto'"):
         runtime.resolve_compile("yes", "cpu")
+
+
+def test_failed_compile_falls_back_to_eager():
+    # what a laptop without a C++ compiler meets: inductor fails at the first call; the run goes on eager
+    model, lines = torch.nn.Linear(4, 4), []
+
+    def warmup(m):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(long compiler output)")
+
+    used, _ = runtime.compile_model(model, warmup, lines.append)
+    assert used is model and len(lines) == 1 and "training eager" in lines[0] and "CppCompileError" in lines[0]
+    ok, _ = runtime.compile_model(model, lambda m: m(torch.ones(1, 4)), lines.append)
+    assert ok is not model and len(lines) == 1
 
 
 def run_python(code):
