@@ -71,8 +71,7 @@ config = configure(defaults, sys.argv[1:])
 globals().update(config)
 
 device, device_why = runtime.resolve_device(device)
-dtype, dtype_why = runtime.resolve_dtype(dtype, device)
-print(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
+print(f"device: {device} ({device_why})")
 if kept := runtime.keep_freed_memory(device):
     print(kept)
 changed = overrides(defaults, config)
@@ -125,6 +124,8 @@ print(f"train: {train_counts['rows']} rows of {block_size}, {train_counts['learn
       f"val: {val_counts['rows']} rows, {val_counts['learned_tokens']:,} learned tokens")
 
 optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2))
+dtype, dtype_why = runtime.resolve_dtype(dtype, device, (batch_size * block_size, model.config.n_embd))
+print(f"dtype: {dtype} ({dtype_why})")
 autocast_ctx = runtime.autocast(device, dtype)
 
 # -----------------------------------------------------------------------------------------------------

@@ -86,3 +86,21 @@ def test_orthogonalize_makes_singular_values_near_one():
     s = torch.linalg.svdvals(optim.orthogonalize(G).float())
     assert s.min() > 0.5 and s.max() < 1.5
     assert (torch.linalg.svdvals(G).max(-1).values / torch.linalg.svdvals(G).min(-1).values > 100).all()
+
+
+def test_orthogonalize_in_fp32_where_bf16_is_slow():
+    # a CPU without native bf16 runs Muon's iterations in fp32 (runtime.newton_schulz_dtype): the same
+    # orthogonalization, kept in fp32, within bf16's rounding of the bf16 one
+    torch.manual_seed(0)
+    G = torch.randn(2, 48, 16)
+    X = optim.orthogonalize(G, dtype=torch.float32)
+    s = torch.linalg.svdvals(X)
+    assert X.dtype == torch.float32 and s.min() > 0.5 and s.max() < 1.5
+    assert torch.allclose(X, optim.orthogonalize(G).float(), atol=0.05)
+    # and Muon's step uses it: its first update is the fp32 orthogonalization of the Nesterov momentum
+    p = torch.nn.Parameter(torch.randn(48, 16))
+    p0, p.grad = p.detach().clone(), torch.randn_like(p)
+    optim.Muon([p], lr=0.02, weight_decay=0.0, momentum=0.95, ns_dtype=torch.float32).step()
+    nesterov = torch.lerp(p.grad, 0.05 * p.grad, 0.95)
+    expected = p0 - 0.02 * 0.2 * 48 ** 0.5 * optim.orthogonalize(nesterov[None], dtype=torch.float32)[0]
+    assert torch.allclose(p, expected, atol=1e-6)
