@@ -81,6 +81,7 @@ train_file = train_file or (os.path.join(data_dir, "train.jsonl") if dataset els
 val_file = val_file or (os.path.join(data_dir, "val.jsonl") if dataset else "")
 if not train_file or not val_file:
     raise UserError("no data: set dataset=<name> (data/<name>/train.jsonl, val.jsonl) or train_file and val_file")
+out_dir_lock = runtime.lock_out_dir(out_dir)  # before looking: two runs must not both start
 if os.path.exists(checkpoint.ckpt_path(out_dir)) and not eval_only:
     raise UserError(f"{out_dir} already holds a checkpoint; pick another --out_dir (or delete it)")
 

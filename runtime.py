@@ -68,6 +68,33 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def lock_out_dir(out_dir):
+    """Claim `out_dir` for this process until it exits: a second run started on the same folder (train.py,
+    finetune.py, a sweep's trial) is refused in one line naming the holder, instead of both writing and
+    one's checkpoint and log silently winning. The lock is the OS's (flock), so a killed run's lock goes
+    with it and never blocks the next. Holding it, leftover `*.tmp<pid>` files of killed runs are removed.
+    Returns the open lock file (keep a reference: closing it releases the lock)."""
+    import fcntl
+    import glob
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise UserError(f"{out_dir} is in use by another run (process {holder}); wait for it, stop it, or pick "
+                        f"another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for leftover in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp[0-9]*")):
+        if os.path.isfile(leftover):
+            os.remove(leftover)  # a half-written file from a run killed mid-save: the real one is intact
+    return lock
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:

@@ -148,6 +148,7 @@ if fsdp and optimizer_name == "muon":
 if fsdp and not ddp:
     raise UserError("fsdp=True shards over torchrun's processes; launch with torchrun --standalone "
                     "--nproc_per_node=N train.py ... (N=1 works too)")
+out_dir_lock = runtime.lock_out_dir(out_dir) if master else None  # before looking: two runs must not both start
 # fsdp runs save and resume sharded checkpoints, the others ckpt.pt
 full_ckpt = checkpoint.ckpt_path(out_dir) if os.path.exists(checkpoint.ckpt_path(out_dir)) else None
 sharded_ckpt = checkpoint.find_sharded(out_dir)

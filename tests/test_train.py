@@ -274,6 +274,30 @@ def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     assert sorted(train_losses(out)) == list(range(last + 3))
 
 
+def test_two_runs_on_one_out_dir_the_second_is_refused(char_data, tmp_path):
+    # two train.py on the same --out_dir: the second stops in one line naming the first's process id
+    # (before, both ran and one's checkpoint and log silently replaced the other's); once the first is
+    # killed, its lock is gone with it, and a leftover half-written checkpoint is cleaned up
+    out = str(tmp_path / "out")
+    args = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=4"]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--max_iters=100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(os.path.join(out, "ckpt.pt")):
+            time.sleep(0.2)
+        second = run("train.py", *args, "--max_iters=100000", "--init_from=resume", check=False)
+        assert_one_line_error(second, f"{out} is in use by another run (process {first.pid})", "--out_dir")
+    finally:
+        first.kill()
+        first.wait()
+    leftover = os.path.join(out, "ckpt.pt.tmp999999")
+    with open(leftover, "wb") as f:
+        f.write(b"half a checkpoint")
+    run("train.py", *args, "--max_iters=2", "--init_from=resume")  # the killed run's lock does not block
+    assert not os.path.exists(leftover)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
     out = str(tmp_path / "out")
     common = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=2"]
