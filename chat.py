@@ -63,7 +63,7 @@ def read_jsonl(path):
     lines that are skipped. A bad line never stops the reading; the caller reports the problems."""
     examples, problems = [], []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}; make it with the dataset's prepare.py") from None
     with f:

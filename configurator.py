@@ -83,6 +83,19 @@ def configure(defaults, argv):
     return config
 
 
+def check_ranges(config, rules):
+    """Knobs with a valid range, checked before anything runs. rules: {key: (predicate, what it expects)},
+    e.g. {"batch_size": (lambda v: v >= 1, "an int >= 1")}; the first key out of range is a UserError."""
+    for key, (ok, expects) in rules.items():
+        if key in config and not ok(config[key]):
+            raise UserError(f"config key '{key}' expects {expects}; got {config[key]!r}")
+
+
+POSITIVE_INT = (lambda v: v >= 1, "an int >= 1")
+NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+FRACTION = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def overrides(defaults, config):
     """The keys whose values differ from the defaults, for printing what a run changed."""
     return {k: v for k, v in config.items() if defaults.get(k) != v}

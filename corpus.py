@@ -18,7 +18,7 @@ from runtime import UserError
 def jsonl_records(path):
     """(line number, parsed JSON) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is not
     JSON is a one-line error naming the file and line."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:  # -sig: a BOM is not text
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -50,7 +50,7 @@ def read_text(path, candidates, url, save_to):
         with open(source, "rb") as f:
             raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
     except UnicodeDecodeError as e:
         raise UserError(f"{source} is not UTF-8 text ({e})") from None
     if not text:

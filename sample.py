@@ -115,7 +115,7 @@ if chat:
 
 if start.startswith("FILE:"):
     try:
-        with open(start[5:], encoding="utf-8") as f:
+        with open(start[5:], encoding="utf-8-sig") as f:
             start = f.read()
     except OSError as e:
         raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None

@@ -35,9 +35,22 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
+def prepare_hint(data_dir):
+    """What to run to (re)make a data folder's token files, naming only scripts that exist: the folder's
+    own prepare.py, else data/<name>/prepare.py of the repo, else the generic way."""
+    data_dir = os.path.abspath(data_dir)
+    repo_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                               os.path.basename(data_dir), "prepare.py")
+    for script in (os.path.join(data_dir, "prepare.py"), repo_script):
+        if os.path.exists(script):
+            shown = os.path.relpath(script)
+            return f"run: python {script if shown.startswith('..') else shown}"
+    return (f"prepare it again with the prepare.py that made it (e.g. python data/shakespeare_char/prepare.py "
+            f"--input=YOUR.txt --out_dir={data_dir})")
+
+
 def _prepare_hint(path):
-    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return f"run: python data/{name}/prepare.py"
+    return prepare_hint(os.path.dirname(os.path.abspath(path)))
 
 
 class TokenWriter:
@@ -132,9 +145,15 @@ def write_text_dataset(out_dir, text, tok, source, sha256, val_fraction=0.1):
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"{path} not found; run: python {os.path.join(data_dir, 'prepare.py')}")
-    with open(path) as f:
-        return json.load(f)
+        raise UserError(f"{path} not found; {prepare_hint(data_dir)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {prepare_hint(data_dir)}") from None
+    if not isinstance(meta, dict) or not {"vocab_size", "tokenizer"} <= meta.keys():
+        raise UserError(f"{path} lacks vocab_size or tokenizer; {prepare_hint(data_dir)}")
+    return meta
 
 
 def split_path(data_dir, split):

@@ -38,7 +38,7 @@ import checkpoint
 import optim
 import runtime
 import tokens
-from configurator import configure, overrides
+from configurator import FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, overrides
 from evaluation import evaluate, split_windows
 from model import GPT, GPTConfig
 from runtime import UserError
@@ -119,6 +119,20 @@ seed = 1337
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 config = configure(defaults, sys.argv[1:])
 globals().update(config)
+check_ranges(config, {
+    **{k: POSITIVE_INT for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                                 "eval_iters", "log_interval", "gradient_accumulation_steps")},
+    **{k: NON_NEGATIVE for k in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "time_budget",
+                                 "target_loss", "logit_softcap")},
+    **{k: FRACTION for k in ("dropout", "beta1", "beta2", "muon_momentum")},
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "lr_decay_iters": (lambda v: v >= 1, "an int >= 1"),
+    "lr_cooldown": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+})
+if n_embd % n_head or (pos_emb == "rope" and (n_embd // n_head) % 2):
+    raise UserError(f"n_embd={n_embd} must split into n_head={n_head} heads of equal size"
+                    + (" (an even size, for rope)" if n_embd % n_head == 0 else "")
+                    + f"; try --n_head={next(h for h in range(min(n_head, n_embd), 0, -1) if n_embd % h == 0)}")
 # -----------------------------------------------------------------------------------------------------
 # derived values, checked
 

@@ -67,7 +67,7 @@ def find_files(path):
 def units(path):
     """The strings of one file, in order."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": \r\n stays as written
+        with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": \r\n stays as written
             yield from f
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq

@@ -104,3 +104,13 @@ def test_resize_vocab_keeps_old_logits_and_the_tie():
     after = model(idx, idx)[0]
     assert after.shape[-1] == 14 and torch.allclose(after[..., :10], before)
     assert model.lm_head.weight is model.transformer.wte.weight and model.config.vocab_size == 14
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_example(tmp_path):
+    # files saved by Windows editors start with a UTF-8 BOM; it is not part of the first line's JSON
+    path = tmp_path / "bom.jsonl"
+    lines = [json.dumps({"prompt": "abc", "completion": "cab"}), json.dumps({"prompt": "bca", "completion": "a"})]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
+    tok = chat.chat_tokenizer(CharTokenizer("abc"))
+    _, _, report, counts = chat.load_split(str(path), tok, block_size=64)
+    assert counts["examples"] == 2 and counts["skipped"] == 0, report

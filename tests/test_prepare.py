@@ -200,6 +200,9 @@ def test_read_text_order_download_and_errors(tmp_path):
         read_text(None, [str(first)], (tmp_path / "gone.txt").as_uri(), str(tmp_path / "x.txt"))
     with pytest.raises(UserError, match="not found"):
         read_text(str(first), [], "unused", str(saved))
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfFirst line")  # a UTF-8 byte-order mark is not a character of the text
+    assert read_text(str(bom), [], "unused", str(saved))[0] == "First line"
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(UserError, match="not UTF-8"):

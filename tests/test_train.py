@@ -399,6 +399,33 @@ def test_error_corrupt_token_file(char_data, tmp_path):
     assert_one_line_error(proc, "truncated or corrupt", "prepare.py")
 
 
+def test_error_corrupt_meta_or_a_3_byte_token_file_names_a_script_that_exists(char_data, tmp_path):
+    import shutil
+    d = tmp_path / "trunc_val"  # no data/trunc_val/prepare.py exists: the hint must not invent one
+    shutil.copytree(char_data, d)
+    (d / "val.bin").write_bytes(b"abc")
+    proc = run("train.py", *TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert_one_line_error(proc, "val.bin", "data/shakespeare_char/prepare.py")
+    assert "trunc_val/prepare.py" not in proc.stderr
+    (d / "meta.json").write_text('{"vocab_size": 65, "tokeni')
+    proc = run("train.py", *TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'o'}", check=False)
+    assert_one_line_error(proc, "meta.json is not valid JSON")
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ("--n_layer=0", "'n_layer' expects an int >= 1; got 0"),
+    ("--n_layer=-1", "'n_layer' expects an int >= 1; got -1"),
+    ("--batch_size=0", "'batch_size' expects an int >= 1; got 0"),
+    ("--learning_rate=-1", "'learning_rate' expects a number > 0; got -1.0"),
+    ("--dropout=1.5", "'dropout' expects a number in [0, 1); got 1.5"),
+    ("--n_head=5", "n_embd=32 must split into n_head=5 heads"),
+])
+def test_error_knob_out_of_range(char_data, tmp_path, bad, fragment):
+    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", bad, check=False)
+    assert_one_line_error(proc, fragment)
+    assert not os.path.exists(tmp_path / "o")  # checked before anything ran
+
+
 def test_error_prompt_outside_vocabulary(trained):
     proc = run("sample.py", f"--out_dir={trained}", "--start=Ωmega", "--device=cpu", check=False)
     assert_one_line_error(proc, "not in this model's vocabulary", "Ω")
