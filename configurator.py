@@ -12,6 +12,7 @@ a default of None or 'auto' takes anything, and the script checks it when it res
 """
 import ast
 import difflib
+import glob
 import os
 import types
 
@@ -50,8 +51,13 @@ def parse_value(text):
         return text
 
 
-def configure(defaults, argv):
-    """Returns a new dict: `defaults` with the config files and --key=value arguments in argv applied."""
+def configure(defaults, argv, script=None):
+    """Returns a new dict: `defaults` with the config files and --key=value arguments in argv applied.
+    --help (or -h) prints the script's knobs instead and exits (script: its path, default the running one)."""
+    if "--help" in argv or "-h" in argv:
+        import __main__
+        print(help_text(script or getattr(__main__, "__file__", ""), defaults))
+        raise SystemExit(0)
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
@@ -126,4 +132,62 @@ def script_defaults(path):
         value = eval(compile(ast.Expression(node.value), path, "eval"), {"__builtins__": {}})
         if isinstance(value, (int, float, bool, str)) and not name.startswith("_"):
             found[name] = value
+    return found
+
+
+def help_text(script, defaults):
+    """A script's --help: its docstring's first paragraph, each knob with its default and the comment
+    written beside it in the script's config block (section comments kept as headings), and the config
+    files in config/ whose every key the script knows."""
+    lines, doc = [], ""
+    if script and os.path.isfile(script):
+        with open(script, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source)
+        doc = (ast.get_docstring(tree) or "").strip().split("\n\n")[0]
+        text = source.splitlines()
+        after_knob = after_header = False  # a comment line right after a long knob line continues its comment
+        for line in text[:next((i for i, t in enumerate(text) if t.startswith("defaults = ")), len(text))]:
+            name, eq, rest = line.partition("=")
+            name = name.strip()
+            if eq and name in defaults and not line.startswith((" ", "\t")):
+                comment = rest.split("  # ", 1)[1].strip() if "  # " in rest else ""
+                lines.append(f"  --{name}={defaults[name]!r}" + (f"  {comment}" if comment else ""))
+                after_knob = len(line) > 100  # a long comment wrapped onto the next line
+            elif line.startswith("# ") and not line.startswith("# ---"):
+                if after_knob:
+                    lines[-1] += " " + line[2:].strip()
+                elif after_header:  # a heading wrapped onto a second line
+                    lines[-1] = lines[-1][:-1] + " " + line[2:].strip().rstrip(":") + ":"
+                else:
+                    lines.append(line[2:].strip().rstrip(":") + ":")
+                after_header = not after_knob and len(line) > 100
+                continue
+            else:
+                after_knob = False
+            after_header = False
+    if not any(line.startswith("  --") for line in lines):
+        lines = [f"  --{k}={v!r}" for k, v in sorted(defaults.items())]
+    name = os.path.basename(script) if script else "this script"
+    out = [doc, "", f"usage: python {name} [config/FILE.py ...] [--key=value ...]", "", "knobs (default, then what it does):"]
+    out += lines
+    fits = matching_configs(os.path.join(os.path.dirname(os.path.abspath(script or ".")), "config"), defaults)
+    if fits:
+        out += ["", "config files for it: " + ", ".join(fits)]
+    return "\n".join(out).strip("\n")
+
+
+def matching_configs(folder, defaults):
+    """Config files in `folder` whose top-level names are all keys of `defaults`: the ones a script accepts."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            try:
+                tree = ast.parse(f.read())
+            except SyntaxError:
+                continue
+        names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name) and not t.id.startswith("_")}
+        if names and names <= defaults.keys():
+            found.append(os.path.join("config", os.path.basename(path)))
     return found

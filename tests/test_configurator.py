@@ -2,6 +2,8 @@
 configurator.configure: defaults < config files < --key=value, in argv order; typos and type mistakes
 are one-line UserErrors that say what was meant.
 """
+import os
+
 import pytest
 
 from configurator import configure, overrides, parse_value
@@ -141,3 +143,27 @@ def test_bare_flag_turns_a_boolean_on_and_is_an_error_otherwise():
     assert configure(DEFAULTS, ["--compile"])["compile"] is True
     with pytest.raises(UserError, match="needs a value"):
         configure(DEFAULTS, ["--batch_size"])
+
+
+SCRIPTS = ["train.py", "sample.py", "evaluate.py", "finetune.py", "bench.py", "sweep.py", "export.py", "curate.py",
+           "train_tokenizer.py", "data/shop_chat/prepare.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_knob_with_its_default(script):
+    import subprocess
+    import sys
+    from configurator import script_defaults
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, script), "--help"], capture_output=True, text=True,
+                          cwd=root, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    assert f"usage: python {os.path.basename(script)}" in proc.stdout
+    knobs = script_defaults(os.path.join(root, script))  # a script's config block...
+    if script.startswith("data/"):  # ...or, in this small one, the dict it passes to configure
+        knobs = {"n_train": 2000, "n_val": 100, "seed": 1337}
+    for key, value in knobs.items():
+        assert f"  --{key}={value!r}" in proc.stdout, key
+    if script == "train.py":  # the comment beside a knob, and the config files that fit
+        assert "--eval_iters=200  the fixed eval set is eval_iters * batch_size windows" in proc.stdout
+        assert "config/train_shakespeare_char_cpu.py" in proc.stdout and "config/curate_web.py" not in proc.stdout
