@@ -48,7 +48,7 @@ gap_warning = 0.1  # warn when held-out loss exceeds train loss by more than thi
 task = ""  # a multiple-choice task: a .jsonl file, 'hellaswag' (Rowan/hellaswag) or a hub dataset name
 task_split = "validation"  # hub split of the task
 max_examples = 0  # 0 = every question
-compare_plot = "compare.png"  # --compare writes its plot here
+compare_plot = ""  # --compare writes its plot here; '' = compare.png inside the first run's folder
 record = True  # append the result to out_dir/eval.jsonl
 device = "auto"
 dtype = "auto"
@@ -118,6 +118,7 @@ if runs:
     if curves:
         ax1.legend()
     fig.tight_layout()
+    compare_plot = compare_plot or os.path.join(runs[0], "compare.png")  # with the runs, not wherever we are
     with runtime.atomic_path(compare_plot) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     print(f"plot: {compare_plot}")
