@@ -73,7 +73,7 @@ pruner_startup_trials = 5  # no pruning until this many trials have completed
 pruner_warmup = 10.0  # seconds of training before a trial can be pruned
 sampler_startup_trials = 10  # random trials before TPE starts modelling the space
 seed = 1337
-best_config = ""  # where the best trial's config goes; '' = config/sweep_best_<study_name>.py
+best_config = ""  # where the best trial's config goes; '' = sweep_dir/best_<study_name>.py, beside its study
 # -----------------------------------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, list))}
@@ -104,7 +104,8 @@ if baseline:
     if outside:
         raise UserError(f"the baseline ({train_config}) has {', '.join(outside)}, outside the search space; widen "
                         f"the space or set baseline=False")
-best_config = best_config or os.path.join(REPO, "config", f"sweep_best_{study_name}.py")
+# beside the study by default: a file under config/ may be a tracked result that a new sweep must not replace
+best_config = best_config or os.path.join(sweep_dir, f"best_{study_name}.py")
 
 # -----------------------------------------------------------------------------------------------------
 # the study, in its database

@@ -34,8 +34,11 @@ def write_configs(tmp_path, data_dir, **sweep):
                     # the second trial's learning rate is too small to learn anything: it must be pruned
                     enqueue=[{"learning_rate": 1e-7, "batch_size": 8}])
     settings.update(sweep)
+    if settings["best_config"] is None:  # the default: beside the study, never under config/
+        del settings["best_config"]
     path = tmp_path / "sweep_tiny.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    settings.setdefault("best_config", os.path.join(settings["sweep_dir"], "best_tiny.py"))
     return str(path), settings
 
 
@@ -105,7 +108,7 @@ def test_failed_trial_is_recorded_and_two_workers_share_the_study(tmp_path, data
     # at once on the new study (they once raced to create its tables), and share its two queued trials
     config, settings = write_configs(tmp_path, data_dir, n_trials=2, baseline=False, pruner_startup_trials=5,
                                      space={"n_head": ("choice", [2, 3])}, enqueue=[{"n_head": 3}, {"n_head": 2}],
-                                     time_budget=1.0)
+                                     time_budget=1.0, best_config=None)
     workers = [subprocess.Popen(sweep_cmd(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
@@ -115,7 +118,7 @@ def test_failed_trial_is_recorded_and_two_workers_share_the_study(tmp_path, data
     states = {t.params["n_head"]: t.state for t in done[:2]}
     assert states == {3: optuna.trial.TrialState.FAIL, 2: optuna.trial.TrialState.COMPLETE}
     failed = next(t for t in done if t.params["n_head"] == 3)
-    assert "n_embd must be divisible by n_head" in failed.user_attrs["failure"]
+    assert "must split into n_head=3 heads" in failed.user_attrs["failure"]
     assert os.path.exists(settings["best_config"])
 
 
