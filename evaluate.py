@@ -175,7 +175,7 @@ if data_dir:
     # train loss on as many windows, spread over the train split (which may be far larger)
     train_starts = tokens.eval_starts(tokens.split_length(data_dir, "train", block_size), block_size,
                                       held["tokens"] // block_size)
-    train = evaluate(model, tokens.split_path(data_dir, "train"), train_starts, block_size, batch_size, token_bytes,
+    train = evaluate(model, tokens.split_files(data_dir, "train"), train_starts, block_size, batch_size, token_bytes,
                      device, autocast_ctx, rank, world_size, progress="train")
     gap, memorising = generalisation(train["loss"], held["loss"], gap_warning)
     result.update(data_dir=data_dir, split=split, block_size=block_size, tokens=held["tokens"], loss=held["loss"],
@@ -183,6 +183,8 @@ if data_dir:
                   gap=gap, memorising=memorising)
     if master:
         print()
+        if small := tokens.small_split_warning(held["tokens"], split, data_dir):
+            print(small)
         print_table(["", "loss (nats/token)", "perplexity", "bits/byte", "tokens"],
                     [[f"{split} (held out)", fmt(held["loss"]), fmt(held["perplexity"], ".3f"), fmt(held["bpb"]),
                       f"{held['tokens']:,}"],

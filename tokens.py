@@ -181,6 +181,17 @@ def split_length(data_dir, split, block_size):
     return count
 
 
+TRUSTED_TOKENS = 10_000  # a held-out split smaller than this gives a loss too noisy to compare runs by
+
+
+def small_split_warning(count, split, data_dir):
+    """A warning line when a split is too small for its loss to be trusted, else None."""
+    if count >= TRUSTED_TOKENS:
+        return None
+    return (f"warning: the {split} split of {data_dir} holds only {count:,} tokens (under {TRUSTED_TOKENS:,}): its "
+            f"loss is noisy, and one below train's says nothing; prepare more held-out text")
+
+
 class ShardWriter:
     """Writes a split as shards of shard_tokens tokens each (the last one shorter), FineWeb-style, a
     chunk at a time: with ShardWriter(dir, "train", vocab_size, 100_000_000) as w: w.write(ids).

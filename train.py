@@ -198,6 +198,8 @@ eval_sets = {split: (path, tokens.eval_starts(n, block_size, eval_iters * batch_
 if eval_whole_val:
     eval_sets["val"] = (val_path, split_windows(val_len, block_size))
 log(f"data: {data_dir}: {train_len:,} train and {val_len:,} val tokens, vocab {meta['vocab_size']:,}")
+if small := tokens.small_split_warning(val_len, "val", data_dir):
+    log(small)
 
 # -----------------------------------------------------------------------------------------------------
 # model, optimizer, state

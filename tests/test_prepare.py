@@ -131,6 +131,25 @@ def test_openwebtext_jsonl(tmp_path, suffix):
     assert meta["source"] == str(path)
 
 
+def test_openwebtext_val_split_is_big_enough_to_score(tmp_path):
+    # 300 documents of ~60 tokens: --val_fraction's 0.05% would be 1 document (what a 697-document web
+    # sample once got: 2 val tokens); val takes enough documents for --min_val_tokens instead, and no more
+    # than a tenth of the corpus, saying so when that is not enough
+    path = tmp_path / "docs.jsonl"
+    words = "the cat sat on a mat while the dog ran far away from home".split()
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
+                     for i in range(300))
+    out, meta = prepare("openwebtext", f"--input={path}", "--num_proc=1", "--min_val_tokens=1000",
+                        tmp_path=tmp_path / "a")
+    assert 1000 <= meta["val_tokens"] < 1200 and meta["val_documents"] + meta["train_documents"] == 300
+    result = run("openwebtext", f"--input={path}", "--num_proc=1", "--min_val_tokens=100000",
+                 f"--out_dir={tmp_path / 'b'}", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert tokens.read_meta(str(tmp_path / "b"))["val_documents"] == 30  # a tenth, and a warning
+    assert "warning: val holds only" in result.stdout
+
+
 @pytest.mark.slow  # two or three runs of the script
 def test_openwebtext_txt_folder_and_blank_line_split(tmp_path):
     folder = tmp_path / "corpus"

@@ -1,7 +1,8 @@
 """
 OpenWebText, or any corpus of documents, in GPT-2's BPE, as in nanoGPT's data/openwebtext: each document
 is encoded as ordinary text followed by the end-of-text token (50256), so documents stay apart; a random
---val_fraction of the documents (fixed --seed, at least one document) is val, the rest train.
+--val_fraction of the documents (fixed --seed; at least enough for --min_val_tokens, at most a tenth) is val,
+the rest train.
 
     python data/openwebtext/prepare.py                                 # OpenWebText from the Hugging Face hub
     python data/openwebtext/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
@@ -83,6 +84,9 @@ if __name__ == "__main__":
     parser.add_argument("--txt_split", choices=["file", "blank"], default="file",
                         help="a .txt file is one document (file) or documents separated by blank lines (blank)")
     parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out (%(default)s)")
+    parser.add_argument("--min_val_tokens", type=int, default=20000,
+                        help="hold out more documents than --val_fraction where needed to reach about this many val "
+                        "tokens, up to 10%% of the documents (%(default)s)")
     parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split (nanoGPT's: %(default)s)")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or a folder written by train_tokenizer.py")
     parser.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
@@ -157,10 +161,18 @@ if __name__ == "__main__":
                   for k, group in (("train", "train"), ("test", "val"))}
         print(f"keeping the curated split: {len(splits['train']):,} train, {len(splits['test']):,} val documents")
     else:
-        n_val = max(1, math.ceil(args.val_fraction * len(dset)))
+        # a random --val_fraction of the documents, or more where needed for ~min_val_tokens (bytes a token
+        # measured on the first 100 documents), but no more than a tenth for that: a val split of 2 tokens
+        # scores nothing, and a small corpus still needs its training text
+        sample = [t or "" for t in dset.select(range(min(100, len(dset))))["text"]]
+        bytes_per_token = sum(len(t.encode("utf-8")) for t in sample) / max(1, sum(len(tok.encode(t)) for t in sample))
+        sizes = pc.fill_null(pc.binary_length(dset.data.column("text")), 0).to_numpy()
+        order = np.random.default_rng(args.seed).permutation(len(dset))
+        enough = int(np.searchsorted(np.cumsum(sizes[order]), args.min_val_tokens * bytes_per_token)) + 1
+        n_val = max(1, math.ceil(args.val_fraction * len(dset)), min(enough, len(dset) // 10))
         if n_val >= len(dset):
             raise UserError(f"only {len(dset)} document(s): too few to hold out {n_val} for val and train on the rest")
-        splits = dset.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+        splits = {"train": dset.select(np.sort(order[n_val:])), "test": dset.select(np.sort(order[:n_val]))}
     id_type = datasets.Value(np.dtype(tokens.token_dtype(tok.vocab_size)).name)  # uint16 for GPT-2: a small cache
     # Sequence, not List: List is new in datasets 4, requirements.txt allows 2.19
     features = datasets.Features({"ids": datasets.Sequence(id_type), "bytes": datasets.Value("int64")})
@@ -179,6 +191,9 @@ if __name__ == "__main__":
                 bar.update(batch.num_rows)
         meta.update({f"{split}_tokens": writer.count, f"{split}_bytes": n_bytes, f"{split}_documents": len(part)})
     tokens.write_meta(args.out_dir, meta)
+    if meta["val_tokens"] < args.min_val_tokens:
+        print(f"warning: val holds only {meta['val_tokens']:,} tokens (wanted {args.min_val_tokens:,}, at most a tenth "
+              f"of the {len(dset):,} documents): its loss is noisy. A bigger corpus, or --min_val_tokens lower to say it is fine")
     if temp_cache:
         temp_cache.cleanup()
     print(f"{'GPT-2 BPE' if tok.spec['kind'] == 'gpt2' else 'trained BPE ' + tok.spec['path']}, vocab size {tok.vocab_size:,}")
