@@ -142,7 +142,7 @@ if __name__ == "__main__":
         print(f"{len(dset):,} documents from {len(files)} file(s) and {len(hub)} Hugging Face dataset(s) "
               f"in {time.time() - t0:.1f} s")
         classifier = None
-        if classifier_reference:  # stage 7's classifier is trained once, up front, then scores each document
+        if classifier_reference:  # stage 6's classifier is trained once, up front, then scores each document
             ref_files = find_files([p for p in classifier_reference.split(",") if p])
             if not ref_files:
                 raise UserError(f"classifier_reference {classifier_reference} holds no documents: its files are empty")

@@ -15,23 +15,53 @@ SNIPPET = 160
 
 STAGES = ("input", "empty", "cleanup", "language", "quality", "harmful", "dedup:exact", "dedup:near", "model")
 
+# what each drop reason means, in a few words, for report.md (a reason not listed is shown as it is)
+REASONS = {
+    "input:not_utf8": "bytes that are not UTF-8 text", "empty": "no text at all",
+    "cleanup:nothing_left": "nothing left once menus, boilerplate and markup were removed",
+    "language:low_confidence": "language identification unsure",
+    "quality:min_words": "too few words", "quality:max_words": "too many words",
+    "quality:mean_word_length": "words too short or too long on average",
+    "quality:symbol_word_ratio": "too many # and ... symbols for its words",
+    "quality:alpha_words": "too few words with a letter", "quality:bullet_lines": "mostly bullet-point lines",
+    "quality:ellipsis_lines": "mostly lines cut off with ...", "quality:duplicate_lines": "the same lines repeated",
+    "quality:top_2gram": "one word pair repeated throughout", "quality:duplicate_5grams": "repeated 5-word runs",
+    "quality:stop_words": "too few common English words to be prose",
+    "quality:punctuation_lines": "too few lines ending in punctuation (menus, lists)",
+    "harmful:words": "blocklisted words or phrases", "harmful:domain": "from a blocklisted domain",
+    "dedup:exact": "the same words as an earlier document", "dedup:near": "nearly the same as an earlier document",
+    "model:perplexity": "least like the trusted text (perplexity)",
+    "model:classifier": "least like the reference text (classifier)",
+}
+
+
+def explain(reason):
+    if reason in REASONS:
+        return REASONS[reason]
+    if reason.startswith("language:not_"):
+        return f"not in the kept languages ({reason[len('language:not_'):].replace('_', ', ')})"
+    return reason
+
 
 def build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex):
     """report.json's content from what the passes counted. status: per input document, '' or its drop reason."""
     n = len(status)
     reasons = Counter(status)
     kept = [i for i in range(n) if not status[i]]
-    # documents and bytes into and out of each stage, in order (bytes after cleanup for the filters)
-    stages, alive = [], np.ones(n, bool)
+    # documents and bytes into and out of each stage, in order; a stage's bytes in are the previous one's
+    # out, so the columns add up: raw sizes until cleanup rewrites the text, PII's replacements (counted
+    # on the documents every filter kept) last
+    stages, alive, carried = [], np.ones(n, bool), int(lengths_in.sum())
     for stage in STAGES:
         drop = np.array([s == stage or s.startswith(stage + ":") for s in status]) if n else np.zeros(0, bool)
         before = alive.copy()
         alive &= ~drop
-        size = lengths_in if stage in ("input", "empty", "cleanup") else lengths_clean
+        size = lengths_in if stage in ("input", "empty") else lengths_clean
         stages.append({"stage": stage, "docs_in": int(before.sum()), "docs_out": int(alive.sum()),
-                       "bytes_in": int(size[before].sum()), "bytes_out": int(lengths_clean[alive].sum()),
+                       "bytes_in": carried, "bytes_out": int(size[alive].sum()),
                        "dropped": {r: c for r, c in sorted(reasons.items()) if r and (r == stage or r.startswith(stage + ":"))}})
-    stages.append({"stage": "pii", "docs_in": len(kept), "docs_out": len(kept), "bytes_in": int(lengths_clean[kept].sum()),
+        carried = stages[-1]["bytes_out"]
+    stages.append({"stage": "pii", "docs_in": len(kept), "docs_out": len(kept), "bytes_in": carried,
                    "bytes_out": int(lengths_out[kept].sum()), "replaced": dict(sorted(pii_counts.items())),
                    "documents_changed": dict(sorted(pii_docs.items()))})
     summary = {"documents_in": n, "kept": len(kept), "changed": n_changed, "dropped": n - len(kept),
@@ -69,9 +99,18 @@ def write_report(report, out):
           f"{s['train_documents']:,} train and {s['val_documents']:,} val documents.\n",
           "| stage | docs in | docs out | bytes in | bytes out | what it did |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for st in report["stages"]:
-        did = st.get("dropped") or st.get("replaced") or {}
+        if "dropped" in st:
+            did = "; ".join(f"{v:,} {explain(k)} (`{k}`)" for k, v in st["dropped"].items())
+        else:
+            did = ", ".join(f"{v:,} {k}" for k, v in st["replaced"].items()) and "replaced: " + ", ".join(
+                f"{v:,} {k}" for k, v in st["replaced"].items())
+        if st["stage"] == "cleanup" and report["changes"]:
+            did = "; ".join(filter(None, [did, "rewrote, in kept documents: " + ", ".join(
+                f"{k} in {v:,}" for k, v in report["changes"].items())]))
+            if report["examples"].get("cleanup"):
+                did += f"; e.g. {report['examples']['cleanup'][0]['excerpt'][:100]}"
         md.append(f"| {st['stage']} | {st['docs_in']:,} | {st['docs_out']:,} | {st['bytes_in']:,} | {st['bytes_out']:,} | "
-                  + ", ".join(f"{k} {v}" for k, v in did.items()) + " |")
+                  + did + " |")
     md += ["", "Changes to kept documents (cleanup): " + (", ".join(f"{k} {v}" for k, v in report["changes"].items()) or "none"),
            "", "![document lengths before and after](lengths.png)", "", "## Examples", ""]
     for key, items in report["examples"].items():

@@ -22,9 +22,9 @@ from curation_report import SNIPPET, build_report
 
 
 def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=None):
-    """The per-document stages 1-4 and 6 on a batch, plus the dedup keys of the text before PII (stage 5
+    """The per-document stages 1-4 and 7 (PII) on a batch, plus the dedup keys of the text before PII (stage 5
     runs later, corpus-wide; PII replacements are only counted for documents that survive it), and the
-    quality classifier's score (stage 7 keeps the best scores corpus-wide)."""
+    quality classifier's score (stage 6 keeps the best scores corpus-wide)."""
     out = defaultdict(list)
     repeated = frozenset(repeated)  # a sorted list in fn_kwargs (datasets hashes it); a set to look up
     languages = set(cfg["languages"].split(","))
@@ -66,7 +66,18 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=
                 final, pii_counts = pii.redact(text, kinds)
         out["id"].append(doc_id or f"#{i}")
         out["text"].append(final if not status else "")  # dropped documents' text is not carried on
-        out["snippet"].append(" ".join(raw[:SNIPPET].split()) if status else "")
+        if status:
+            snippet = " ".join(raw[:SNIPPET].split())
+        elif changes:  # a kept document: the first line cleanup took out, or else rewrote, for the report
+            kept = {" ".join(line.split()) for line in text.splitlines()}  # re-spacing is not removing
+            removed = (s for s in (" ".join(line.split()) for line in raw.splitlines()) if s and s not in kept)
+            before = set(raw.splitlines())
+            rewritten = (line for line in text.splitlines() if line.strip() and line not in before)
+            snippet = next((f"removed: {s[:SNIPPET]}" for s in removed), "") or next(
+                (f"now reads: {line[:SNIPPET]}" for line in rewritten), "")
+        else:
+            snippet = ""
+        out["snippet"].append(snippet)
         out["status"].append(status)
         out["changes"].append(",".join(changes))
         out["pii"].append(json.dumps(pii_counts, sort_keys=True) if pii_counts else "")
@@ -147,7 +158,7 @@ def train_classifier(reference, dset, cfg):
 
 
 def run(dset, cfg, out, num_proc, classifier=None):
-    """All stages on dset (with the stage 7 classifier when given); writes the shards to `out` and returns
+    """All stages on dset (with the stage 6 classifier when given); writes the shards to `out` and returns
     the report."""
     n = len(dset)
     ex = defaultdict(list)  # reason -> a few examples
@@ -241,7 +252,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
             field = "id" if key.endswith(":self") else "duplicate_of"
             ex[key.replace(":self", "")][k][field] = names[i]
 
-    # stage 7: perplexity under a model of trusted text; keep the lowest model_keep_fraction
+    # stage 6: perplexity under a model of trusted text; keep the lowest model_keep_fraction
     if cfg["model_filter"]:
         import checkpoint
         from tokenizer import load_tokenizer
@@ -256,7 +267,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
                 status[i] = "model:perplexity"
                 example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
 
-    # stage 7, DCLM style: the classifier's scores (from the map); below classifier_min_score is dropped,
+    # stage 6, DCLM style: the classifier's scores (from the map); below classifier_min_score is dropped,
     # then the classifier_keep_fraction with the highest scores is kept (ties: input order)
     cut = None
     if classifier is not None:
@@ -280,10 +291,12 @@ def run(dset, cfg, out, num_proc, classifier=None):
     changes, n_changed = Counter(), 0
     writers = {}
     try:
-        for i, row in columns(files, n=n, names=["id", "text", "pii", "changes"]):
+        for i, row in columns(files, n=n, names=["id", "text", "pii", "changes", "snippet"]):
             if status[i]:
                 continue
             n_changed += bool(row["changes"] or row["pii"])
+            if row["snippet"]:
+                example("cleanup", {"id": row["id"], "changes": row["changes"], "excerpt": row["snippet"]})
             changes.update(filter(None, row["changes"].split(",")))
             split = "val" if i in val else "train"
             if split not in writers or writers[split][2] >= cfg["shard_bytes"]:

@@ -16,6 +16,8 @@ import pytest
 import curate
 import curation
 import pii
+import curation_report
+from curation_report import explain
 import pipeline
 import quality_classifier
 from corpus import is_hub, load_documents
@@ -384,6 +386,23 @@ def test_classifier_filter(tmp_path):
     assert all(e["id"].startswith("j") and 0 <= e["score"] < report["classifier"]["lowest_score_kept"]
                for e in report["examples"]["model:classifier"])
 
+def test_report_shows_what_cleanup_changed(planted, tmp_path):
+    # report.md's cleanup row gives an excerpt of a change: here the cookie line cleanup removed
+    folder, rows, expected = planted
+    clean = [r for r in rows if expected[r["id"]] == "clean"][:20]
+    clean[3] = dict(clean[3], text=clean[3]["text"] + "\nWe use cookies to improve your experience")
+    write_jsonl(tmp_path / "docs.jsonl.gz", clean)
+    cfg = dict(curate.DEFAULTS, val_fraction=0.1)
+    os.makedirs(tmp_path / "out")
+    report = pipeline.run(load_documents([str(tmp_path / "docs.jsonl.gz")], cfg, str(tmp_path / "cache"), 1),
+                          cfg, str(tmp_path / "out"), 1)
+    assert report["examples"]["cleanup"] == [{"id": clean[3]["id"], "changes": "boilerplate_lines",
+                                              "excerpt": "removed: We use cookies to improve your experience"}]
+    os.makedirs(tmp_path / "md")
+    curation_report.write_report(report, str(tmp_path / "md"))
+    assert "e.g. removed: We use cookies" in (tmp_path / "md" / "report.md").read_text()
+
+
 def run_curate(*args, cwd=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env=dict(os.environ, HF_DATASETS_OFFLINE="1"))
@@ -404,6 +423,15 @@ def test_cli_deterministic_and_careful(planted, tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     report = json.loads((first / "report.json").read_text())
     assert report["summary"]["documents_in"] == len(rows)
+    # the stages' columns add up: each stage takes in what the one before put out, the first takes the input
+    # and the last gives the output; every drop reason is explained in report.md, cleanup shows an example
+    stages = report["stages"]
+    assert stages[0]["bytes_in"] == report["summary"]["bytes_in"] and stages[-1]["bytes_out"] == report["summary"]["bytes_out"]
+    for a, b in zip(stages, stages[1:]):
+        assert (a["docs_out"], a["bytes_out"]) == (b["docs_in"], b["bytes_in"]), (a["stage"], b["stage"])
+    md = (first / "report.md").read_text()
+    for reason in report["drop_reasons"]:
+        assert f"{explain(reason)} (`{reason}`)" in md
     assert os.listdir(first.parent) == ["curated"]  # no temporary folder left behind
     # an existing output is refused, and replaced only when asked
     result = run_curate(*args, f"--output={first}")
