@@ -157,11 +157,43 @@ def is_hub(entry):
     return entry.startswith("hf:") or (not os.path.exists(entry) and re.fullmatch(r"[\w.-]+/[\w.-]+", entry) is not None)
 
 
+def first_bad_file(paths):
+    """Where in `paths` reading fails, found again in plain Python once datasets has failed without saying
+    which file: 'FILE line N' for a line of JSON that does not parse, 'FILE' for bytes that are not UTF-8
+    or an empty compressed file; '' if each reads on its own (then the files disagree with one another)."""
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            with opener(path, "rt", encoding="utf-8-sig") as f:
+                if builder_of(path) != "json":
+                    f.read()
+                    continue
+                seen = False
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        seen = True
+                        try:
+                            json.loads(line)
+                        except json.JSONDecodeError:
+                            return f"{path} line {n}"
+                if not seen and path.endswith(".gz"):
+                    return path
+        except (UnicodeDecodeError, OSError, EOFError):
+            return path
+    return ""
+
+
+def input_error(what, paths):
+    """The one-line error for input datasets could not read, naming the file (and line) where it can."""
+    where = first_bad_file(paths) if paths else ""
+    return UserError(f"could not read the input{' ' + where if where else ''}: {what}")
+
+
 def load_documents(files, cfg, cache_dir, num_proc, hub=()):
     """One dataset with columns id, text, url: the local files (read by datasets' builders to disk), then
     the Hugging Face datasets named in `hub` (load_hub: a hub name or hf:FOLDER), in order. For curate.py."""
     import datasets
-    parts = []
+    parts, paths = [], []
     try:
         for builder in dict.fromkeys(map(builder_of, files)):
             paths = [f for f in files if builder_of(f) == builder]
@@ -176,13 +208,13 @@ def load_documents(files, cfg, cache_dir, num_proc, hub=()):
                          num_proc, cfg["hf_max_documents"])
             parts.append(_documents(d, cfg["text_field"], entry, cfg))
     except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, bytes that are not UTF-8, ...
-        raise UserError(f"could not read the input: {reason(e)}") from None
+        raise input_error(reason(e), paths) from None
     except UnicodeDecodeError as e:  # raised by the JSON reader as it is, not wrapped
-        raise UserError(f"could not read the input: bytes that are not UTF-8 ({e}); convert the files to UTF-8") from None
+        raise input_error(f"bytes that are not UTF-8 ({e}); convert the files to UTF-8", paths) from None
     except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
-        raise UserError("could not read the input: a compressed file holds no JSON lines") from None
+        raise input_error("a compressed file holds no JSON lines", paths) from None
     except (ValueError, TypeError) as e:  # a field that cannot be read as text, mixed schemas, an unknown split
-        raise UserError(f"could not read the input: {' '.join(str(e).split())[:300]}") from None
+        raise input_error(" ".join(str(e).split())[:300], paths) from None
     parts = [d for d in parts if d is not None]
     if not parts:
         raise UserError("no documents found in the input: it is empty")

@@ -316,8 +316,14 @@ def test_load_errors(tmp_path):
     report = pipeline.run(dset, dict(cfg, quality_filter=False, language_filter=False), str(tmp_path / "out"), 1)
     assert report["drop_reasons"] == {"input:not_utf8": 1} and report["summary"]["kept"] == 1
     (tmp_path / "d.txt").write_bytes(b"caf\xe9 latin-1\n")
-    with pytest.raises(UserError, match="(?i)utf-8"):
+    with pytest.raises(UserError, match="(?i)utf-8") as e:
         load_documents([str(tmp_path / "d.txt")], cfg, str(tmp_path / "c4"), 1)
+    assert f"input {tmp_path / 'd.txt'}:" in str(e.value)  # the file it failed on
+    # a line that is not JSON, in the second of two files: the error names that file and line
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(UserError, match=f"input {tmp_path / 'bad.jsonl'} line 3: "):
+        load_documents([str(tmp_path / "good.jsonl"), str(tmp_path / "bad.jsonl")], cfg, str(tmp_path / "c5"), 1)
     write_jsonl(tmp_path / "c.jsonl.gz", [{"text": 12}])
     with pytest.raises(UserError, match="not text"):
         load_documents([str(tmp_path / "c.jsonl.gz")], cfg, str(tmp_path / "c3"), 1)

@@ -42,7 +42,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
 import runtime  # noqa: E402
 import tokens  # noqa: E402
-from corpus import builder_of, curated_splits, find_files, load_hub, reason, text_column  # noqa: E402
+from corpus import builder_of, curated_splits, find_files, input_error, load_hub, reason, text_column  # noqa: E402
 from runtime import UserError  # noqa: E402
 from tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
 
@@ -146,7 +146,7 @@ if __name__ == "__main__":
                         where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
                         parts.append((group, text_column(dset, "text" if builder == "text" else args.text_field, where)))
     except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, a file that is not UTF-8, ...
-        raise UserError(f"could not read the input: {reason(e)}") from None
+        raise input_error(reason(e), files or []) from None
     except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
         raise UserError(f"could not read the input: no JSON lines in {paths[0]}") from None
     if not parts:
