@@ -36,6 +36,12 @@ def friendly_errors():
                   f"or hung; torchrun's summary names the first to fail. Resume with --init_from=resume",
                   file=sys.__stderr__, flush=True)
             sys.exit(1)
+        elif isinstance(value, torch.OutOfMemoryError) or (
+                isinstance(value, RuntimeError) and "can't allocate memory" in str(value)):
+            first = " ".join(str(value).split())[:160]
+            print(f"error: out of memory ({first}); lower batch_size or block_size, or try "
+                  f"gradient_checkpointing=True", file=sys.__stderr__, flush=True)
+            sys.exit(1)
         elif issubclass(kind, KeyboardInterrupt):
             print("", file=sys.stderr)
             sys.exit(130)
@@ -291,6 +297,27 @@ def keep_freed_memory(device):
     if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
         return "cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.keep_freed_memory)"
     return None
+
+
+def step_memory_warning(cfg, n_params, batch_size, dtype, chunked_loss, checkpointing):
+    """A warning line when one training step of this model at this batch is estimated to need more memory
+    than the machine has, else None: a context of 100,000 on a laptop otherwise grows for minutes and
+    then fails. The estimate: weights, gradients and AdamW's two moments in fp32, plus activations of
+    ~68 C bytes a token a layer in fp32 (half that in bf16; one layer's worth with checkpointing), the
+    (T, T) attention weights of each head where the plain attention runs (bf16 on a CPU), and the
+    (B, T, V) logits three times over where the loss is not chunked."""
+    B, T, C, L, nh, V = batch_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+    width = 4 if dtype == "float32" else 2
+    per_layer = B * T * (17 * C * width + (nh * T * width * 2 if dtype != "float32" else 0))
+    need = 16 * n_params + per_layer * (1 if checkpointing else L) + (0 if chunked_loss else 3 * 4 * B * T * V)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    if need <= ram:
+        return None
+    return (f"warning: a step of {B} x {T} tokens is estimated to need {need / 2**30:,.0f} GiB, more than this "
+            f"machine's {ram / 2**30:.0f} GiB; lower batch_size or block_size (or gradient_checkpointing=True)")
 
 
 def autocast(device, dtype):

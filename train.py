@@ -294,6 +294,9 @@ eval_model = model  # evaluation skips DDP's hooks (not FSDP's: they gather the 
 if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
 log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {runtime.format_flops(peak)} ({peak_why})")
+if too_big := runtime.step_memory_warning(raw_model.config, raw_model.get_num_params(), batch_size, dtype,
+                                          chunked_loss, gradient_checkpointing):
+    log(too_big)
 
 # -----------------------------------------------------------------------------------------------------
 # run record and logs

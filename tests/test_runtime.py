@@ -230,3 +230,20 @@ def test_lost_peer_recognises_a_dead_or_hung_rank(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert runtime.lost_peer(timeout) and runtime.lost_peer(reset)
     assert not runtime.lost_peer(RuntimeError("shape mismatch")) and not runtime.lost_peer(KeyError("x"))
+
+
+def test_step_memory_warning_for_a_context_no_machine_holds():
+    from model import GPTConfig
+    small = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65)
+    assert runtime.step_memory_warning(small, 10**6, 12, "float32", True, False) is None
+    huge = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=100_000, vocab_size=65)
+    line = runtime.step_memory_warning(huge, 10**7, 12, "bfloat16", True, False)
+    assert line.startswith("warning: a step of 12 x 100000 tokens") and "lower batch_size or block_size" in line
+
+
+def test_out_of_memory_is_one_line():
+    proc = run_python("import runtime; runtime.friendly_errors(); raise RuntimeError('[enforce fail at "
+                      "alloc_cpu.cpp:127] DefaultCPUAllocator: can\\'t allocate memory: you tried to allocate 10 bytes')")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: out of memory (")
+    assert "lower batch_size or block_size" in lines[0]
