@@ -371,12 +371,17 @@ def plot_losses():
     plt.close(fig)
 
 
-# Ctrl-C / SIGTERM: finish the current iteration, save, exit (all ranks agree through the all-reduce below)
-stop_requested = False
+# Ctrl-C / SIGTERM: finish the current iteration, save, exit (all ranks agree through the all-reduce below).
+# During an evaluation, or asked a second time, stop at once: an evaluation saves nothing, and on a big
+# eval set it could run for minutes after the user asked to stop
+stop_requested, evaluating = False, False
 
 
 def request_stop(signum, frame):
     global stop_requested
+    if evaluating or stop_requested:
+        log(f"stopped at once; {out_dir} keeps its last checkpoint")
+        raise KeyboardInterrupt
     stop_requested = True
 
 
@@ -395,8 +400,10 @@ while True:
     just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
     last = iter_num >= max_iters or out_of_time
     if (iter_num % eval_interval == 0 or last or eval_only) and not just_resumed:
+        evaluating = True
         scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
                                   autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
+        evaluating = False
         val_loss = scores["val"]["loss"]
         log(f"step {iter_num}: train loss {scores['train']['loss']:.4f}, val loss {val_loss:.4f}, "
             f"val bpb {scores['val']['bpb']:.4f}, train time {train_time:.1f}s")

@@ -274,6 +274,23 @@ def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     assert sorted(train_losses(out)) == list(range(last + 3))
 
 
+def test_sigterm_during_a_long_evaluation_stops_at_once(char_data, tmp_path):
+    # an evaluation saves nothing: a stop asked for during one ends the run there, not minutes later
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
+                             f"--out_dir={out}", "--eval_iters=20000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(os.path.join(out, "run.json")):
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the first evaluation: 2 x 80,000 windows, far longer than this test waits
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert f"stopped at once; {out} keeps its last checkpoint" in stdout
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing was saved half way
+
+
 def test_two_runs_on_one_out_dir_the_second_is_refused(char_data, tmp_path):
     # two train.py on the same --out_dir: the second stops in one line naming the first's process id
     # (before, both ran and one's checkpoint and log silently replaced the other's); once the first is
