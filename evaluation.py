@@ -4,6 +4,8 @@ numbers can never disagree.
 
 - evaluate(): mean loss and bits per byte of a model over a set of windows of a token file, summed over
   all ranks (train.py scores a fixed set of windows; evaluate.py and sweep.py the whole split).
+- score_batch(): the summed loss, tokens and bytes of one batch, by the chunked LM head (the (B, T, V)
+  logits never exist whole: with their copies ~5 GB at 8 x 1024 x GPT-2's vocab) or the plain reference.
 - split_windows(): non-overlapping windows that cover a split, or its first max_tokens.
 - generalisation(): the gap between held-out and train loss, and whether it says the model memorises.
 - multiple_choice(): accuracy on a multiple-choice task by the log-likelihood of each ending given the
@@ -26,15 +28,37 @@ from tokens import read_batch
 
 
 @torch.no_grad()
+def score_batch(model, x, y, token_bytes, autocast_ctx, chunked=True):
+    """(summed loss in nats, target tokens, their UTF-8 bytes) of one batch, a (3,) fp64 tensor; targets
+    of -1 are not scored (the model's masking rule). chunked: the model's chunked LM head
+    (model.ChunkedLMHeadLoss, forward only under no_grad) gives the mean over the targets, times their
+    count; a model with a logit soft cap takes the plain head inside it, as training does.
+    chunked=False: the reference, the whole (B, T, V) logits and one cross-entropy summed over them."""
+    keep = y != -1  # (B, T)
+    n = keep.sum().double()
+    n_bytes = (token_bytes[y.clamp(min=0)] * keep).sum().double()
+    with autocast_ctx:
+        logits, loss = model(x, y, chunked_loss=chunked)  # (B, T, V) logits, or None when chunked
+    if chunked:
+        # only summation order and the mean's fp32 rounding (~1e-7) differ; no targets: 0, not 0/0's nan
+        loss = torch.where(n > 0, loss.double() * n, 0.0)
+    else:
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                               reduction="sum").double()
+    return torch.stack([loss, n, n_bytes])
+
+
+@torch.no_grad()
 def evaluate(model, path, starts, block_size, batch_size, token_bytes, device, autocast_ctx,
-             rank=0, world_size=1, progress=False):
+             rank=0, world_size=1, progress=False, chunked=True):
     """Mean loss (nats/token), perplexity and bits per byte of `model` over the windows `starts` of a
     token file; also the number of target tokens and their bytes.
 
     Rank r scores windows r, r + world_size, ...; the sums are added over all ranks, so every rank
     returns the same numbers, which are those of one process scoring every window.
     token_bytes: (vocab_size,) tensor of UTF-8 bytes per token id (0 for special tokens).
-    progress: a label for a progress bar on rank 0 (evaluate.py; train.py's evaluations are short)."""
+    progress: a label for a progress bar on rank 0 (evaluate.py; train.py's evaluations are short).
+    chunked: score_batch's chunked LM head (the default), or False for the plain reference path."""
     was_training = model.training
     model.eval()
     mine = starts[rank::world_size]
@@ -51,13 +75,10 @@ def evaluate(model, path, starts, block_size, batch_size, token_bytes, device, a
         rows = mine[i:i + batch_size]
         x, y = read_batch(path, rows if len(rows) else starts[:1], block_size)
         x, y = x.to(device), y.to(device)
-        with autocast_ctx:
-            logits, _ = model(x, y)  # (B, T, V)
+        batch = score_batch(model, x, y, token_bytes, autocast_ctx, chunked)  # every rank runs the forward
         if not len(rows):
             continue
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        sums += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device),
-                             token_bytes[y].sum().double()])
+        sums += batch
         if bar is not None:
             bar.update(y.numel() * world_size)
     if bar is not None:
@@ -96,7 +117,7 @@ def score_split(model, data_dir, split, token_bytes, batch_size, device, autocas
     reports and what sweep.py ranks trials by."""
     block_size = block_size or model.config.block_size
     starts = split_windows(tokens.split_length(data_dir, split, block_size), block_size, max_tokens)
-    return evaluate(model, tokens.split_path(data_dir, split), starts, block_size, batch_size, token_bytes, device,
+    return evaluate(model, tokens.split_files(data_dir, split), starts, block_size, batch_size, token_bytes, device,
                     autocast_ctx, rank, world_size, progress=progress and split)
 
 

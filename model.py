@@ -263,16 +263,18 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     time. Same result as F.cross_entropy(h @ weight.T, targets, ignore_index=-1), which keeps the logits
     and their log-softmax through backward and makes more (N, V) copies there (~4.7 GiB at 8 x 1024 x
     50,257 in fp32). Nothing is recomputed: forward keeps grad_h (N, C) and grad_weight (V, C) and backward
-    only scales them by the incoming gradient (the loss is a scalar, so that is exact)."""
+    only scales them by the incoming gradient (the loss is a scalar, so that is exact). with_grads=False
+    (evaluation, under no_grad) computes the loss alone: a third of the head's FLOPs, no grad_weight."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype):
+    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, with_grads):
         # h: (N, C), weight: (V, C) (the tied wte/lm_head), targets: (N,) with -1 = ignored
         n_keep = (targets != -1).sum()  # the mean is over learned targets, as in F.cross_entropy's
         w = weight.to(compute_dtype)  # under autocast the matmuls run in its dtype, as nn.Linear's would
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)  # (N, C)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, C), fp32 sum
+        if with_grads:
+            grad_h = torch.empty_like(h)  # (N, C)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, C), fp32 sum
         for s in range(0, h.size(0), chunk_rows):
             hc, tc = h[s:s + chunk_rows].to(compute_dtype), targets[s:s + chunk_rows]  # (n, C), (n,)
             keep = tc != -1  # (n,)
@@ -280,6 +282,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,) ignored rows pick 0
             loss_sum += ((lse - picked) * keep).sum()
+            if not with_grads:
+                continue
             # d(sum of row losses)/d logits = softmax - one_hot(target), zero for ignored rows; in place
             g = logits.sub_(lse.unsqueeze(1)).exp_()  # (n, V)
             g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -keep.unsqueeze(1).to(g.dtype))
@@ -289,13 +293,14 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             g = g.to(compute_dtype)
             grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)  # (n, V) @ (V, C) -> (n, C)
             grad_w += (g.t() @ hc).float()  # (V, n) @ (n, C) -> (V, C)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        if with_grads:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss_sum / n_keep
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -351,9 +356,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_caches=None, chunked_loss=False):
         """idx: (B, T) token ids. Returns (logits, loss). With targets: logits (B, T, V) and the mean
         cross-entropy over targets != -1. Without targets, only the last position's logits (B, 1, V)
-        are computed, which is all that sampling needs. chunked_loss=True (with targets, for training):
-        the LM head and loss run chunk by chunk (ChunkedLMHeadLoss), the (B, T, V) logits are never made
-        and None comes back in their place; the plain path stays the reference."""
+        are computed, which is all that sampling needs. chunked_loss=True (with targets: training, and
+        evaluation under no_grad): the LM head and loss run chunk by chunk (ChunkedLMHeadLoss), the (B, T, V)
+        logits are never made and None comes back in their place; the plain path stays the reference."""
         B, T = idx.size()
         pos0 = kv_caches[0].length if kv_caches is not None else 0
         assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} exceeds block_size {self.config.block_size}"
@@ -370,8 +375,9 @@ class GPT(nn.Module):
             dev = x.device.type  # the autocast dtype, if on, is the one the plain lm_head would run in
             compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             with torch.autocast(dev, enabled=False):  # the dtypes are handled inside, explicitly
+                # no gradients wanted (evaluation): the loss alone (needs_input_grad says True there too)
                 loss = ChunkedLMHeadLoss.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                               LOSS_CHUNK_ROWS, compute_dtype)
+                                               LOSS_CHUNK_ROWS, compute_dtype, torch.is_grad_enabled())
             logits = None  # lm_head has no bias (it is tied to wte), so the weight is all it needs
         elif targets is not None:
             logits = self.soft_cap(self.lm_head(x))  # (B, T, V)

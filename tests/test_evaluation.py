@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import tokens
-from evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, split_windows,
-                        wilson_interval)
+import model as model_module
+from evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, score_batch,
+                        split_windows, wilson_interval)
 from model import GPT, GPTConfig
 from runtime import UserError
 from tasks import load_task, parse_example
@@ -24,10 +25,10 @@ from tokenizer import CharTokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_gpt(vocab_size=20, block_size=16, seed=0):
+def tiny_gpt(vocab_size=20, block_size=16, seed=0, **options):
     torch.manual_seed(seed)
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size, dropout=0.0,
-                         bias=True)).eval()
+                         bias=True, **options)).eval()
 
 
 def test_split_windows_score_every_target_once():
@@ -66,9 +67,73 @@ def test_metrics_equal_a_direct_computation(tmp_path):
     assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-6)
     assert got["bpb"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-6)
     assert got["bytes"] == nbytes
-    # the batch size changes nothing, and a second run gives the same numbers
-    assert evaluate(model, path, starts, T, 1, byte_len, "cpu", torch.no_grad())["loss"] == pytest.approx(got["loss"], rel=1e-9)
+    # the batch size changes nothing but the rounding of the chunked head's fp32 mean (~1e-7), and a second
+    # run gives the same numbers
+    assert evaluate(model, path, starts, T, 1, byte_len, "cpu", torch.no_grad())["loss"] == pytest.approx(got["loss"], rel=1e-6)
     assert evaluate(model, path, starts, T, 5, byte_len, "cpu", torch.no_grad()) == got
+
+
+@pytest.mark.parametrize("autocast", ["fp32", "bf16"])
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False}, {"logit_softcap": 5.0}],
+                         ids=["tied", "untied", "softcap"])
+def test_chunked_evaluation_equals_the_plain_path(tmp_path, monkeypatch, options, autocast):
+    """evaluate()'s default, the chunked LM head, against the whole-logits reference: loss, bpb, tokens and
+    bytes, in fp32 and under bf16 autocast; chunks of 7 rows divide neither a batch's 5 x 16 rows nor the
+    last batch's 3 x 16. A soft-capped model takes the plain head inside the model, as in training."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
+    vocab, T = 50, 16
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab, size=18 * T + 1)
+    path = str(tmp_path / "val.bin")
+    tokens.write_tokens(path, ids, vocab)
+    byte_len = torch.tensor(rng.integers(1, 4, size=vocab), dtype=torch.float64)
+    model = tiny_gpt(vocab, T, **options)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # logits of a few nats' spread, where a soft cap of 5 bends them
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda m, i, o: head_calls.append(tuple(o.shape)))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast == "bf16" else torch.no_grad
+    starts = split_windows(len(ids), T)
+    assert len(starts) == 18  # batches of 5, 5, 5, 3 windows
+    plain = evaluate(model, path, starts, T, 5, byte_len, "cpu", ctx(), chunked=False)
+    assert head_calls and head_calls[0] == (5, T, vocab)  # the reference makes the (B, T, V) logits
+    head_calls.clear()
+    chunked = evaluate(model, path, starts, T, 5, byte_len, "cpu", ctx())
+    # the point: without a soft cap the lm_head module never runs, so (B, T, V) logits never exist
+    assert bool(head_calls) == bool(options.get("logit_softcap"))
+    assert chunked["tokens"] == plain["tokens"] == 18 * T and chunked["bytes"] == plain["bytes"]
+    rel = 1e-3 if autocast == "bf16" else 1e-6  # bf16: the same bf16 matmuls, summed in another order
+    for key in ("loss", "bpb", "perplexity"):
+        assert chunked[key] == pytest.approx(plain[key], rel=rel), key
+    if options.get("logit_softcap"):  # the cap changes the numbers: the test would see a head without it
+        uncapped = tiny_gpt(vocab, T)
+        uncapped.load_state_dict(model.state_dict())
+        assert abs(evaluate(uncapped, path, starts, T, 5, byte_len, "cpu", ctx())["loss"] - plain["loss"]) > 0.01
+
+
+def test_score_batch_skips_ignored_targets_in_both_paths(monkeypatch):
+    """Targets of -1 count in neither the loss, the tokens nor the bytes, chunked or plain; a batch with
+    no targets at all scores zeros (the chunked mean alone would be 0/0)."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
+    vocab, T = 20, 16
+    model = tiny_gpt(vocab, T)
+    byte_len = torch.arange(1, vocab + 1, dtype=torch.float64)
+    x = torch.randint(0, vocab, (3, T))
+    y = torch.randint(0, vocab, (3, T))
+    y[0, :5], y[2, 9] = -1, -1
+    keep = y != -1
+    plain = score_batch(model, x, y, byte_len, torch.no_grad(), chunked=False)
+    chunked = score_batch(model, x, y, byte_len, torch.no_grad())
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
+    assert chunked.dtype == torch.float64
+    assert chunked[1].item() == 3 * T - 6 and chunked[2].item() == byte_len[y[keep]].sum().item()
+    with torch.no_grad():  # directly: the kept positions' -log p
+        logits, _ = model(x, y)
+        direct = -torch.log_softmax(logits.double(), -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].sum()
+    assert chunked[0].item() == pytest.approx(direct.item(), rel=1e-6)
+    none = torch.full_like(y, -1)
+    for chunked_path in (True, False):
+        assert score_batch(model, x, none, byte_len, torch.no_grad(), chunked_path).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_generalisation_gap_warns_only_past_tolerance():

@@ -76,6 +76,21 @@ def test_chunked_loss_matches_plain_loss_and_gradients(pos_emb, chunk_rows, monk
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_chunked_loss_under_no_grad_is_the_same_loss_without_gradients(monkeypatch):
+    # evaluation: forward only (with_grads=False), the same number as the training pass and the plain path
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
+    m = tiny()
+    idx, targets = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
+    targets[0, :5] = -1
+    with_grads = m(idx, targets=targets, chunked_loss=True)[1]
+    with torch.no_grad():
+        loss = m(idx, targets=targets, chunked_loss=True)[1]
+        plain = m(idx, targets=targets)[1]
+    assert with_grads.grad_fn is not None and loss.grad_fn is None
+    assert torch.equal(loss, with_grads.detach())  # the loss half of the loop is shared, op for op
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_loss_with_every_target_ignored_matches_plain():
     # nothing to learn: the plain mean is nan (0/0) with zero gradients; the chunked path says the same
     m = tiny().train()
