@@ -72,7 +72,7 @@ globals().update(config)
 
 device, device_why = runtime.resolve_device(device)
 print(f"device: {device} ({device_why})")
-if kept := runtime.keep_freed_memory(device):
+if kept := runtime.malloc_policy(device, save_memory=gradient_checkpointing):
     print(kept)
 changed = overrides(defaults, config)
 print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "overrides: none")

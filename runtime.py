@@ -281,21 +281,26 @@ def compile_model(model, warmup, log=print):
     return compiled, time.perf_counter() - t0
 
 
-def keep_freed_memory(device):
-    """Keep memory that a training step frees inside the process, for the next step to reuse. glibc's
-    malloc hands big blocks (a step's activations and gradients) back to the kernel when they are freed
-    (mmap'd chunks, and a heap top above the trim threshold), so every step faults the same pages in
-    again: on 2 CPU cores that was up to a third of a step (dev/LOG.md, issue 8). Raising both
-    thresholds to 1 GiB stops it; peak memory is unchanged, it is just not handed back until exit.
-    Only for training on a CPU (on a GPU the activations are not malloc's), on Linux with glibc.
-    Returns the line to log where it was applied, else None."""
+def malloc_policy(device, save_memory=False):
+    """How glibc's malloc treats memory a training step frees, for training on a CPU (on a GPU the
+    activations are not malloc's), on Linux with glibc. Returns the line to log where it was set, else None.
+    - Speed (the default): keep it in the process for the next step. glibc hands big blocks (a step's
+      activations and gradients) back to the kernel when freed, so every step faulted the same pages in
+      again: up to a third of a step on 2 cores (dev/LOG.md). Both thresholds at 1 GiB stop it.
+    - save_memory (gradient checkpointing: the run is there to fit): every block of 1 MiB or more goes
+      back at once, mmap'd. glibc's default moves that threshold up as blocks are freed, and the tensors
+      under it stay in its heap, fragmented: 1-1.3 GiB above the live tensors at the GPT-2 shape, and
+      checkpointing's 46% saving in live memory showed as 37% of the process (41% with this; dev/LOG.md)."""
     if device != "cpu" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
-    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
-        return "cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.keep_freed_memory)"
+    if save_memory:
+        if libc.mallopt(m_mmap_threshold, 1 << 20):
+            return "cpu: freed blocks of 1 MiB or more go back to the system at once (runtime.malloc_policy, save_memory)"
+    elif libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.malloc_policy)"
     return None
 
 

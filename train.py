@@ -176,7 +176,7 @@ if init_from != "resume" and (full_ckpt or sharded_ckpt):
                     f"or pick another --out_dir")
 
 log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
-if kept := runtime.keep_freed_memory(device):
+if kept := runtime.malloc_policy(device, save_memory=gradient_checkpointing):
     log(kept)
 log(f"world size {world_size}, {gradient_accumulation_steps} micro-steps of {batch_size} x {block_size} "
     f"({local_accum} per rank): {tokens_per_iter:,} tokens per iteration")

@@ -135,7 +135,7 @@ import runtime
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
-applied = bool(runtime.keep_freed_memory("cpu")) if MODE == "keep" else False
+applied = bool(runtime.malloc_policy("cpu", save_memory=MODE == "save")) if MODE != "default" else False
 block = bytearray(256 * 2**20)  # zero-filled: every page touched
 held = rss_mib()
 del block
@@ -144,7 +144,7 @@ print(applied, held - rss_mib())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds; a no-op elsewhere")
-def test_keep_freed_memory_keeps_a_freed_block_in_the_process_for_reuse():
+def test_malloc_policy_keeps_a_freed_block_in_the_process_for_reuse():
     """The next training step reuses the pages instead of faulting fresh ones in; glibc's default hands
     a block this big back to the kernel as soon as it is freed."""
     def run(mode):
@@ -157,7 +157,33 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process_for_reuse():
     assert applied and not default_applied
     assert released < 16  # MiB given back after freeing 256 MiB: none, the block stays for reuse
     assert default_released > 200  # the control: without it, the block goes back to the kernel
-    assert runtime.keep_freed_memory("cuda") is None  # a GPU's activations are not malloc's: nothing to keep
+    assert runtime.malloc_policy("cuda") is None  # a GPU's activations are not malloc's: nothing to keep
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds; a no-op elsewhere")
+def test_malloc_policy_to_save_memory_hands_freed_blocks_back():
+    # under gradient checkpointing 2 MiB blocks (glibc's default threshold has moved past them once a bigger
+    # block was freed) go back to the kernel as soon as they are freed, instead of staying in the heap
+    probe = """
+import runtime
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+applied = bool(runtime.malloc_policy("cpu", save_memory=True)) if MODE == "save" else False
+big = bytearray(16 * 2**20)
+del big  # a 16 MiB block freed: glibc's default then raises its mmap threshold to 16 MiB
+blocks = [bytearray(2 * 2**20) for _ in range(128)]  # 256 MiB in 2 MiB blocks, like a step's small tensors
+held = rss_mib()
+del blocks[::2]  # every other one freed: holes in the heap, which glibc keeps
+print(applied, held - rss_mib())
+"""
+    results = {}
+    for mode in ("save", "default"):
+        proc = run_python(f"MODE = {mode!r}" + probe)
+        assert proc.returncode == 0, proc.stderr
+        results[mode] = (proc.stdout.split()[0] == "True", float(proc.stdout.split()[1]))
+    assert results["save"][0] and results["save"][1] > 100  # MiB given back of the 128 freed
+    assert not results["default"][0] and results["default"][1] < 16  # the control: glibc kept the holes
 
 
 def test_friendly_errors_user_error_is_one_line_and_status_2():
