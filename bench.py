@@ -4,6 +4,7 @@ KV cache. Random weights and random tokens: how fast a shape runs does not depen
 
     python bench.py                              # GPT-2-124M shape: a train step, then the KV-cache target
     python bench.py --mode=generate              # the target: cache >= 5x faster at 512 tokens, same tokens
+    python bench.py --mode=machine               # only the machine line: CPU, matmul GFLOP/s, memory GB/s
     python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65 --mode=train
     python bench.py config/bench_shakespeare_char.py --dtype=bfloat16    # the same shape, from a file
     python bench.py --init_from=out-shakespeare-char   # a checkpoint, a save_pretrained folder, or gpt2
@@ -27,11 +28,20 @@ step time of each and their ratios: a process's peak RSS only ever grows, so eac
 --mode=fsdp / --mode=ddp (under torchrun) take one AdamW step of batch_size x block_size tokens and report,
 per rank, the bytes of parameters, gradients and optimizer state that rank holds, and its peak memory.
 
+Every mode first prints the machine line (its figures are in --json_out's "machine" too): the CPU's name
+and class (vector unit, native or emulated bf16), its measured fp32 and bf16 matmul GFLOP/s and memory
+bandwidth; on CUDA the GPU's name and figures. A speed means nothing without the machine it came from.
+Generation reports its cached tokens/s beside the memory-bandwidth bound (each new token reads every
+weight once) and prints a progress line every 64 tokens, or every 10 s where they come slower.
+
 Overrides are --key=value, usually the shape keys. Config files are bench.py's own (config/bench_*.py):
 train.py's configs carry keys this script does not have, and unknown keys are errors.
 """
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -56,7 +66,8 @@ dropout = 0.0
 pos_emb = 'learned'
 init_from = None  # None: random weights of the shape above; else an out_dir, ckpt file, HF folder or gpt2 name
 # what to measure
-mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp'
+mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp',
+# 'ttl', 'machine' (only the machine line)
 gradient_checkpointing = False  # train: recompute block activations in backward (runtime.gradient_checkpointing)
 chunked_loss = True  # train: LM head + loss in row chunks (model.ChunkedLMHeadLoss), as train.py; False: plain
 repeats = 3  # memory: runs of each variant
@@ -87,8 +98,9 @@ config = configurator.configure(defaults, sys.argv[1:])
 globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
-if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl'):
-    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp' or 'ttl', got {mode!r}")
+if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl', 'machine'):
+    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl' or 'machine', "
+                            f"got {mode!r}")
 if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
     raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
                             "warmup_steps >= 0")
@@ -100,10 +112,84 @@ def median(xs):
 
 
 # -----------------------------------------------------------------------------------------------------
+# the machine: a tokens/s figure means nothing without the CPU (or GPU) it came from, so every mode
+# prints this line first and puts its figures in the JSON
+
+def measure_memory_bandwidth(device, mib=256, repeats=10):
+    """Bytes/s between `device` and its memory: the best of `repeats` copies of a `mib` MiB float32
+    tensor into another, far bigger than any cache, so every byte comes from and goes to DRAM. Counted:
+    what the copy asks for, the mib MiB read plus the mib MiB written, as STREAM's copy counts them; the
+    line a CPU may read before overwriting it (write-allocate) is not counted. The best and not the median:
+    a busy neighbour only ever lowers it."""
+    def sync():
+        if device.startswith('cuda'):
+            torch.cuda.synchronize(device)
+    src = torch.ones(mib * 2**20 // 4, device=device)  # (n,) float32
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: the first copy also faults dst's pages in, which is not bandwidth
+    best = float('inf')
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def measure_machine(device):
+    """The machine's name, class and measured figures, in this process (about a second), as a dict whose
+    'line' is the one-line summary. A CPU: its matmul GFLOP/s at 1024^3, but 256^3 for bf16 where it is
+    emulated (0.2-2 GFLOP/s: a 1024^3 one takes seconds; runtime.peak_flops has the same rule). On CUDA
+    the GPU is what runs, so its name and figures stand in place of the CPU's; on MPS the CPU's are given."""
+    info = runtime.cpu_info()
+    probe = device if device.startswith('cuda') else 'cpu'
+    if probe == 'cpu':
+        name = runtime.describe_cpu(info)
+        sizes = {'float32': 1024, 'bfloat16': 1024 if info['native_bf16'] else 256}
+    else:
+        name = f"{torch.cuda.get_device_name(probe)} ({probe})"
+        sizes = {'float32': 1024, 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16': 1024}
+    gflops = {dt: runtime.measure_matmul_flops(probe, dt, (n, n, n)) / 1e9 for dt, n in sizes.items()}
+    gb_s = measure_memory_bandwidth(probe) / 1e9
+    short = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}
+    rates = ', '.join(f"{short[dt]} {runtime.format_flops(gflops[dt] * 1e9)}"
+                      + ('' if n == 1024 else f" ({n}^3, emulated)") for dt, n in sizes.items())
+    threads = torch.get_num_threads()  # 1 under torchrun and in the tests (OMP_NUM_THREADS=1): one core's figures
+    line = (f"machine: {name} | {threads} thread{'s' if threads > 1 else ''}, matmul 1024^3: {rates} | "
+            f"memory {gb_s:.1f} GB/s (copy)")
+    return {'line': line, 'device': probe, 'name': name, 'cpu': info, 'threads': threads,
+            'matmul_gflops': gflops, 'matmul_n': sizes, 'memory_gb_s': gb_s}
+
+
+def machine_line(device):
+    """measure_machine(device) in a fresh process (this script, --mode=machine), printed, and its dict:
+    the bandwidth probe holds 512 MiB, which would stay in this process's peak memory (a peak RSS only
+    ever grows), and train, memory and fsdp modes report that peak."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'machine.json')
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--mode=machine', f'--device={device}',
+                               f'--json_out={out}'], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"error: measuring the machine failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        with open(out) as f:
+            m = json.load(f)['machine']
+    print(m['line'], flush=True)
+    return m
+
+
+if mode == 'machine':
+    m = measure_machine(runtime.resolve_device(device)[0])
+    print(m['line'])
+    if json_out:
+        runtime.write_json(json_out, {'machine': m})
+    sys.exit(0)
+
+
+# -----------------------------------------------------------------------------------------------------
 # ttl: whole training runs of train.py, timed to a target val loss
 if mode == 'ttl':
-    import json
-    import subprocess
+    machine = machine_line(runtime.resolve_device(device)[0])  # train.py's runs pick the device the same way
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}  # name -> train.py arguments
     for spec in filter(str.strip, ttl_runs.split(';')):
@@ -182,7 +268,8 @@ if mode == 'ttl':
         print(f"{name} vs {base_name}: {reached}tokens/s {spread(tok, '{:.2f}x'.format)} over the run, "
               f"{spread(step_tok, '{:.2f}x'.format)} per step (median [min-max] over seeds)")
     if json_out:
-        runtime.write_json(json_out, {'config': config, 'runs': runs, 'results': results, 'ratios': ratios})
+        runtime.write_json(json_out, {'config': config, 'machine': machine, 'runs': runs, 'results': results,
+                                      'ratios': ratios})
         print(f"wrote {json_out}")
     sys.exit(0)
 
@@ -190,9 +277,7 @@ if mode == 'ttl':
 # -----------------------------------------------------------------------------------------------------
 # memory: this script in train mode, in a fresh process per run, without (A) and with (B) checkpointing
 if mode == 'memory':
-    import json
-    import subprocess
-    import tempfile
+    machine = machine_line(runtime.resolve_device(device)[0])
     passed = [a for a in sys.argv[1:] if not a.startswith(('--mode=', '--json_out=', '--gradient_checkpointing='))]
     runs = {False: [], True: []}
     loads = []
@@ -223,7 +308,7 @@ if mode == 'memory':
     print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x "
           f"(median of the {repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)}); CPU time {cpu_ratio:.2f}x")
     if json_out:
-        runtime.write_json(json_out, {'config': config, 'without': runs[False], 'with': runs[True],
+        runtime.write_json(json_out, {'config': config, 'machine': machine, 'without': runs[False], 'with': runs[True],
                                       'memory_cut': cut, 'time_ratio': ratio, 'cpu_time_ratio': cpu_ratio,
                                       'loads': loads})
         print(f"wrote {json_out}")
@@ -243,6 +328,9 @@ env = runtime.run_info(device)
 env['loadavg_start'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
 print(f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} cpus, "
       f"1-min load {env['loadavg_start']}, git {env['git_revision'][:10]}{' (dirty)' if env['git_dirty'] else ''}")
+machine = machine_line(device) if mode not in ('fsdp', 'ddp') or rank == 0 else None
+if mode in ('fsdp', 'ddp'):
+    torch.distributed.barrier()  # the other ranks wait idle meanwhile: the probe has the cores to itself
 torch.manual_seed(seed)
 
 if init_from is None:
@@ -267,7 +355,8 @@ def sync():
         torch.mps.synchronize()
 
 
-results = {'config': config, 'resolved': {'device': device, 'dtype': dtype, 'compile': compile}, 'env': env}
+results = {'config': config, 'resolved': {'device': device, 'dtype': dtype, 'compile': compile}, 'env': env,
+           'machine': machine}
 
 def peak_memory():
     """(bytes, what was measured): the device's peak allocation on CUDA, else the process's peak RSS."""
@@ -308,7 +397,8 @@ if mode in ('fsdp', 'ddp'):
                   f"{h['grads'] / 2**20:,.0f} MiB, optimizer state {h['optimizer'] / 2**20:,.0f} MiB; "
                   f"peak memory {h['peak'] / 2**20:,.0f} MiB ({src})")
         if json_out:
-            runtime.write_json(json_out, {'config': config, 'ranks': rows, 'peak_memory_source': src})
+            runtime.write_json(json_out, {'config': config, 'machine': machine, 'ranks': rows,
+                                          'peak_memory_source': src})
     dist.barrier()  # leave together, as train.py does
     dist.destroy_process_group()
     sys.exit(0)
@@ -357,22 +447,23 @@ if mode in ('generate', 'all'):
     model.eval()
     g = torch.Generator().manual_seed(seed)  # the prompt depends on the seed only, not on what ran before
     prompt = torch.randint(mc.vocab_size, (gen_batch, prompt_len), generator=g).to(device)  # (B, prompt_len)
-    show = sys.stdout.isatty()
 
     def run(use_kv_cache, n, label=''):
-        """Greedy (top_k=1) generation of n tokens -> ((B, n) new ids, seconds)."""
+        """Greedy (top_k=1) generation of n tokens -> ((B, n) new ids, seconds). With a label, a progress
+        line every 64 tokens, or after 10 s without one: the uncached 124M shape takes minutes."""
         new = []
         sync()
-        t0 = time.perf_counter()
-        with runtime.autocast(device, dtype):
+        t0 = last = time.perf_counter()
+        with runtime.autocast(device, dtype):  # one context for the whole run: autocast keeps its bf16 weights
             stream = model.generate_stream(prompt, n, top_k=1, use_kv_cache=use_kv_cache)
             for i, nxt in enumerate(stream):  # nxt: (B, 1)
                 new.append(nxt)
-                if show and label and (i + 1) % 16 == 0:
-                    print(f"\r{label}: {i + 1}/{n} tokens", end='', flush=True)
+                now = time.perf_counter()
+                if label and i + 1 < n and ((i + 1) % 64 == 0 or now - last > 10):
+                    print(f"progress: {label} {i + 1}/{n} tokens, {now - t0:.1f} s, "
+                          f"{gen_batch * (i + 1) / (now - t0):,.1f} tokens/s so far", flush=True)
+                    last = now
         sync()
-        if show and label:
-            print('\r' + ' ' * 60 + '\r', end='')
         return torch.cat(new, dim=1), time.perf_counter() - t0
 
     run(True, min(8, gen_tokens))  # warm-up: the first calls pay for allocation and kernel choice
@@ -390,6 +481,27 @@ if mode in ('generate', 'all'):
     else:
         first = (out_kv != out_ref).any(dim=0).nonzero()[0].item()
         print(f"outputs: DIFFER from new token {first} (the cached path must give the reference's tokens)")
+    # the ceiling of cached generation: each step reads every weight once from memory (the B rows share
+    # that read), and a small model does little else, so tokens/s <= bandwidth / weight bytes per token.
+    # Weights count in the dtype the matmuls read: under bf16 autocast the bf16 copies it makes once per
+    # run() and keeps (2 bytes; the norms' gains, left in fp32, are < 0.1% of them), else the
+    # parameters' own. The one row of wte/wpe a token looks up is left out, and so are the KV cache reads
+    # (2 x n_layer x context x n_embd values a row, given below for the mean context), which makes the bound
+    # a little high; a pure read may stream a little faster than the copy measured (~1.2x on an AMD EPYC),
+    # which makes it a little low. Past block_size the cache is refilled every step and it does not hold.
+    compute_dtype = getattr(torch, dtype) if dtype != 'float32' else model.lm_head.weight.dtype
+    bytes_per_param = torch.finfo(compute_dtype).bits // 8
+    weight_bytes_per_token = model.get_num_params() * bytes_per_param / gen_batch
+    mean_context = sum(min(prompt_len + i, mc.block_size) for i in range(gen_tokens)) / gen_tokens
+    kv_bytes_per_token = 2 * mc.n_layer * mean_context * mc.n_embd * model.lm_head.weight.element_size()
+    bandwidth = machine['memory_gb_s'] * 1e9  # bytes/s: the GPU's on CUDA, else the CPU's (MPS shares it)
+    bound = bandwidth / weight_bytes_per_token  # tokens/s
+    print(f"bound: memory bandwidth allows {bound:,.1f} tokens/s ({weight_bytes_per_token / 1e6:,.1f} MB of "
+          f"{str(compute_dtype)[6:]} weights a token at {machine['memory_gb_s']:.1f} GB/s); with KV cache "
+          f"{rate_kv:,.1f} tokens/s is {rate_kv / bound * 100:.3g}% of it (KV cache reads left out: "
+          f"{kv_bytes_per_token / 1e6:,.1f} MB a token at the mean context)"
+          + (' (past block_size the cache is refilled every step: the bound does not hold)'
+             if prompt_len + gen_tokens > mc.block_size else ''))
     # the target is stated for one shape and device; elsewhere the verdict is only indicative
     on_target = (mc.n_layer, mc.n_head, mc.n_embd, mc.vocab_size, gen_tokens, device) == (12, 12, 768, 50257, 512, 'cpu')
     verdict = 'PASS' if same and speedup >= kv_target else 'FAIL'
@@ -397,7 +509,10 @@ if mode in ('generate', 'all'):
           + ('' if on_target else ' (the target is for the GPT-2-124M shape, 512 tokens, on CPU; this run is not)'))
     results['generate'] = dict(tokens_per_s_kv_cache=rate_kv, tokens_per_s_no_cache=rate_ref,
                                seconds_kv_cache=t_kv, seconds_no_cache=t_ref, speedup=speedup,
-                               identical=same, target=kv_target, verdict=verdict, on_target_shape=on_target)
+                               identical=same, target=kv_target, verdict=verdict, on_target_shape=on_target,
+                               bytes_per_param=bytes_per_param, weight_bytes_per_token=weight_bytes_per_token,
+                               kv_cache_bytes_per_token=kv_bytes_per_token, memory_gb_s=machine['memory_gb_s'],
+                               bandwidth_bound_tokens_per_s=bound, fraction_of_bound=rate_kv / bound)
 
 env['loadavg_end'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
 if json_out:

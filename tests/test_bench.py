@@ -1,5 +1,6 @@
 """
 bench.py end to end, as a user runs it: a subprocess on a tiny model (a few seconds), and a typo.
+Speeds depend on the machine, so these assert what is reported and how the figures relate, never how fast.
 """
 import json
 import os
@@ -9,6 +10,8 @@ import sys
 
 import pytest
 
+import runtime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
         "--batch_size=4", "--warmup_steps=1", "--timed_steps=3", "--gen_tokens=40", "--device=cpu"]
@@ -17,6 +20,36 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_
 def run_bench(*args):
     return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
+
+
+def machine_of(stdout, results):
+    """The machine line (asserted to come before any result) and the JSON's machine figures."""
+    lines = stdout.splitlines()
+    machine = [i for i, ln in enumerate(lines) if ln.startswith("machine:")]
+    assert len(machine) == 1, stdout
+    first_result = min(i for i, ln in enumerate(lines) if any(u in ln for u in ("tokens/s", "tok/s", "ms/step", "MiB")))
+    assert machine[0] < first_result, stdout
+    m = results["machine"]
+    assert m["line"] == lines[machine[0]]
+    return m
+
+
+def test_bench_machine_mode_names_the_cpu_and_its_figures(tmp_path):
+    out_json = tmp_path / "machine.json"
+    r = run_bench("--mode=machine", "--device=cpu", f"--json_out={out_json}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads(out_json.read_text())["machine"]
+    info = runtime.cpu_info()
+    assert m["cpu"] == info and m["name"] == runtime.describe_cpu(info)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("machine:")]
+    assert line == [m["line"]] and info["name"] in m["line"] and info["isa"] in m["line"]
+    # fp32 and bf16 matmuls, bf16 at 256^3 where it is emulated (a 1024^3 one would take seconds)
+    assert set(m["matmul_gflops"]) == {"float32", "bfloat16"} and all(v > 0 for v in m["matmul_gflops"].values())
+    assert m["matmul_n"] == {"float32": 1024, "bfloat16": 1024 if info["native_bf16"] else 256}
+    assert m["line"].count("GFLOP/s") + m["line"].count("TFLOP/s") == 2
+    assert m["memory_gb_s"] > 0 and f"memory {m['memory_gb_s']:.1f} GB/s" in m["line"]
+    # conftest's OMP_NUM_THREADS, inherited: the line says what the figures ran on
+    assert m["threads"] == int(os.environ["OMP_NUM_THREADS"]) and f"{m['threads']} thread" in m["line"]
 
 
 def test_bench_tiny_model_both_modes(tmp_path):
@@ -35,6 +68,35 @@ def test_bench_tiny_model_both_modes(tmp_path):
     assert results["generate"]["identical"] is True
     assert results["train"]["tokens_per_s"] > 0 and results["generate"]["speedup"] > 0
     assert results["config"]["n_layer"] == 2 and results["resolved"]["device"] == "cpu"
+    m = machine_of(r.stdout, results)
+    assert m["name"] == runtime.describe_cpu() and m["memory_gb_s"] > 0 and m["matmul_gflops"]["float32"] > 0
+
+
+def test_bench_generate_reports_the_bandwidth_bound_and_progress(tmp_path):
+    # block_size 256: the cached path stays inside its cache, where the bound holds
+    out_json = tmp_path / "gen.json"
+    r = run_bench(*TINY, "--mode=generate", "--block_size=256", "--gen_tokens=130", "--dtype=float32",
+                  f"--json_out={out_json}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads(out_json.read_text())
+    m, gen = machine_of(r.stdout, results), results["generate"]
+    # every weight once a token, in fp32: 2 layers of 64 channels, the 100-token (tied) head, norms, biases
+    params = 100 * 64 + 2 * (64 * 192 + 192 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64 + 4 * 64) + 2 * 64
+    assert gen["bytes_per_param"] == 4 and gen["weight_bytes_per_token"] == 4 * params
+    assert gen["memory_gb_s"] == m["memory_gb_s"]  # the machine line's bandwidth, not a second measurement
+    bound = gen["memory_gb_s"] * 1e9 / gen["weight_bytes_per_token"]  # tokens/s
+    assert gen["bandwidth_bound_tokens_per_s"] == pytest.approx(bound)
+    assert gen["fraction_of_bound"] == pytest.approx(gen["tokens_per_s_kv_cache"] / gen["bandwidth_bound_tokens_per_s"])
+    # the KV cache reads left out of the bound: keys and values, 2 layers x 64 channels x the mean context
+    mean_context = sum(16 + i for i in range(130)) / 130
+    assert gen["kv_cache_bytes_per_token"] == pytest.approx(2 * 2 * 64 * mean_context * 4)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("bound:")]
+    assert len(line) == 1 and f"{bound:,.1f} tokens/s" in line[0] and "does not hold" not in line[0], r.stdout
+    # a progress line every 64 tokens, for both paths (each run is silent for minutes at the 124M shape)
+    progress = [ln for ln in r.stdout.splitlines() if ln.startswith("progress:")]
+    for label in ("with KV cache", "without KV cache"):
+        for n in (64, 128):
+            assert any(f"progress: {label} {n}/130 tokens" in ln for ln in progress), r.stdout
 
 
 def test_bench_bad_key_is_one_line_error():
@@ -58,6 +120,7 @@ def test_bench_memory_mode_compares_gradient_checkpointing(tmp_path):
     results = json.loads(out_json.read_text())
     assert results["with"][0]["peak_memory_bytes"] > 0 and results["without"][0]["peak_memory_bytes"] > 0
     assert results["time_ratio"] > 0 and len(results["loads"]) == 2
+    assert machine_of(r.stdout, results)["name"] == runtime.describe_cpu()
 
 
 @pytest.mark.slow
@@ -68,6 +131,8 @@ def test_bench_fsdp_mode_shards_the_state(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     ranks = json.loads(out_json.read_text())["ranks"]
+    assert r.stdout.count("machine: ") == 1  # rank 0 only
+    assert json.loads(out_json.read_text())["machine"]["memory_gb_s"] > 0
     # 2 layers of 64 channels, 100-token vocabulary, 32 positions, biases: the whole model's fp32 bytes
     whole = 4 * sum([
         100 * 64, 32 * 64, *[64 * 192 + 192 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64 + 4 * 64] * 2, 2 * 64])
@@ -97,6 +162,7 @@ def test_bench_ttl_mode_times_each_run_to_the_target_and_compares(char_data, tmp
             "--ttl_target=3.4", "--ttl_seeds=2", f"--ttl_out={out}", f"--json_out={out_json}"]
     r = run_bench(*args)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert machine_of(r.stdout, json.loads(out_json.read_text()))["memory_gb_s"] > 0
     results = json.loads(out_json.read_text())["results"]
     assert set(results) == {"slow", "fast"} and all(len(v) == 2 for v in results.values())
     for name, runs in results.items():
