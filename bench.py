@@ -319,7 +319,10 @@ if mode in ('fsdp', 'ddp'):
     if not ddp:
         raise runtime.UserError(f"--mode={mode} measures ranks: run it under torchrun --nproc_per_node=2")
 print(f"device: {device} ({why})")
-dtype, why = runtime.resolve_dtype(dtype, device)
+# measured at the shape of what is timed: a train step's rows, or decoding's one row a sequence (with
+# init_from, the shape keys may differ from the model's; the probe only needs them roughly right)
+rows = gen_batch if mode == 'generate' else batch_size * block_size
+dtype, why = runtime.resolve_dtype(dtype, device, (rows, n_embd))
 print(f"dtype: {dtype} ({why})")
 compile, why = runtime.resolve_compile(compile, device)
 print(f"compile: {compile} ({why})")

@@ -1,6 +1,6 @@
 """
 Curate raw web text into a clean, deduplicated, private training corpus, with a report of what each stage
-did. The stages (curation.py, pii.py) run in the issue's order, each switchable in the config:
+did. The stages (curation.py, pii.py) run in the README's order, each switchable in the config:
 cleanup -> language -> quality -> harmful -> exact dedup -> near dedup (MinHash LSH) -> PII -> model
 perplexity and/or a reference-vs-web classifier (optional) -> held-out split.
 

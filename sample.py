@@ -47,7 +47,6 @@ defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 globals().update(configure(defaults, sys.argv[1:]))
 
 device, _ = runtime.resolve_device(device)
-dtype, _ = runtime.resolve_dtype(dtype, device)
 if not 0.0 < top_p <= 1.0:
     raise UserError(f"top_p must be in (0, 1], got {top_p}")
 if temperature < 0:
@@ -55,6 +54,8 @@ if temperature < 0:
 
 model, tok_spec, meta = load_model(out_dir if init_from == "resume" else init_from, map_location=device)
 model.eval().to(device)
+# decoding multiplies one row at a time: the precision is measured at that shape (bf16 rarely pays there)
+dtype, _ = runtime.resolve_dtype(dtype, device, (1, model.config.n_embd))
 if compile:
     model = torch.compile(model)
 tok = load_tokenizer(tok_spec)

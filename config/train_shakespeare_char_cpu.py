@@ -1,7 +1,7 @@
 # The quick start: the best character-level Shakespeare model 5 minutes of training on a laptop CPU
 # can make. Val loss ~1.47 on the whole val split after 300 s on 2 cores (median of 3 seeds; nanoGPT's
 # CPU recipe: 1.63 in the same time); it passes nanoGPT's 2000-iteration result, 1.886, within its first
-# 90 s (README, "Fast on a CPU"; every choice below was measured in dev/LOG.md, issue 8).
+# 90 s (README, "Fast on a CPU"; every choice below was measured in dev/LOG.md).
 # Longer budgets overfit it without dropout (1.48 at 7 minutes, 1.53 at 12); 15 minutes with dropout,
 # --time_budget=900 --dropout=0.1, gives ~1.473 (median of 3 seeds; best run 1.4638; nanoGPT's GPU
 # config on an A100: 1.4697).

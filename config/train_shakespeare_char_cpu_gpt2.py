@@ -1,7 +1,7 @@
 # The previous quick start: nanoGPT's CPU model (4x4x128, context 64) with GPT-2's architecture and
 # AdamW, 3000 iterations in fp32: val loss ~1.79 after ~97 s of training on 2 cores. Kept because the
 # shop_chat fine-tuning recipe (config/sft_shop_chat.py) and the sweep (config/sweep_shakespeare_char.py)
-# were measured on it; the quick start is now config/train_shakespeare_char_cpu.py (issue 8).
+# were measured on it; the quick start is now config/train_shakespeare_char_cpu.py.
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu_gpt2.py
 
