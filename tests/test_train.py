@@ -194,7 +194,7 @@ def test_resume_goes_on_from_the_time_already_spent(char_data, tmp_path):
     assert after[0]["train_time"] == pytest.approx(before[-1]["train_time"] + 2 * TICK, abs=1e-3)  # a restarted clock would start at 0
     assert after[-2]["train_time"] <= 1.0 < after[-1]["train_time"]
     # the lr's time clock went on too: the first resumed step is half way down the cosine, not at its top
-    progress = before[-1]["train_time"] / 1.0
+    progress = len(before) * 2 * TICK / 1.0  # exact: the log rounds train_time to 3 decimals
     assert after[0]["lr"] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * (3e-3 - 3e-4))
 
 
@@ -553,3 +553,18 @@ def test_bf16_where_it_is_emulated_runs_and_says_how_slow(char_data, tmp_path):
     assert "dtype: bfloat16 (as configured, but" in line and "x slower than fp32" in line, line
     assert "bf16 emulated" in line and "--dtype=auto picks float32" in line
     assert "MFU against 0.00" not in proc.stdout and "GFLOP/s (measured bfloat16" in proc.stdout
+
+
+@pytest.mark.parametrize("isa_cap, expected", [("", None), ("AVX2", (2, 20.0))])
+def test_sprint_recipe_picks_its_shape_by_the_machines_precision(isa_cap, expected):
+    # where bf16 is emulated (here forced with oneDNN's cap), the sprint trains 2 layers for 20 s in fp32;
+    # where it is native, 3 layers for 17 s; the config asks the same measurement dtype='auto' uses
+    code = ("import runtime; from configurator import configure, script_defaults; "
+            "c = configure(script_defaults('train.py'), ['config/train_shakespeare_char_cpu_sprint.py']); "
+            "print(c['n_layer'], c['time_budget'], runtime.resolve_dtype('auto', 'cpu', (1024, 128))[0])")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa_cap} if isa_cap else None
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    n_layer, budget, dtype = proc.stdout.split()
+    if expected is None:  # this machine, whichever class it is: the shape agrees with its precision
+        expected = (3, 17.0) if dtype == "bfloat16" else (2, 20.0)
+    assert (int(n_layer), float(budget)) == expected and (dtype == "float32" or not isa_cap), proc.stderr
