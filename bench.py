@@ -140,13 +140,13 @@ def measure_memory_bandwidth(device, mib=256, repeats=10):
 def measure_machine(device):
     """The machine's name, class and measured figures, in this process (about a second), as a dict whose
     'line' is the one-line summary. A CPU: its matmul GFLOP/s at 1024^3, but 256^3 for bf16 where it is
-    emulated (0.2-2 GFLOP/s: a 1024^3 one takes seconds; runtime.peak_flops has the same rule). On CUDA
+    emulated (0.2-2 GFLOP/s: a 1024^3 one takes seconds; runtime.peak_probe_size). On CUDA
     the GPU is what runs, so its name and figures stand in place of the CPU's; on MPS the CPU's are given."""
     info = runtime.cpu_info()
     probe = device if device.startswith('cuda') else 'cpu'
     if probe == 'cpu':
         name = runtime.describe_cpu(info)
-        sizes = {'float32': 1024, 'bfloat16': 1024 if info['native_bf16'] else 256}
+        sizes = {dt: runtime.peak_probe_size('cpu', dt) for dt in ('float32', 'bfloat16')}
     else:
         name = f"{torch.cuda.get_device_name(probe)} ({probe})"
         sizes = {'float32': 1024, 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16': 1024}

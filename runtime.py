@@ -208,7 +208,8 @@ def resolve_dtype(dtype, device, shape=(2048, 768)):
         return "float32", f"auto: matmuls of {rows}x{C}x{4 * C} are too small for bf16 to pay (casts cost more)"
     fp32 = measure_matmul_flops(device, "float32", (rows, C, 4 * C))
     if not info["native_bf16"]:  # emulated: a small probe says how slow, a big one would take minutes
-        bf16 = measure_matmul_flops(device, "bfloat16", (256, 256, 256))
+        n = peak_probe_size(device, "bfloat16")
+        bf16 = measure_matmul_flops(device, "bfloat16", (n, n, n))
     else:
         bf16 = measure_matmul_flops(device, "bfloat16", (rows, C, 4 * C))
     rates = f"{format_flops(bf16)} bf16 vs {format_flops(fp32)} fp32"
@@ -445,6 +446,12 @@ def format_flops(flops):
     return f"{flops / 1e12:.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.3g} GFLOP/s"
 
 
+def peak_probe_size(device, dtype):
+    """n of the n x n x n matmul a device's peak is measured with: 1024, but 256 for bf16 on a CPU that
+    emulates it (0.2-2 GFLOP/s there: a 1024^3 one would take seconds)."""
+    return 256 if device == "cpu" and dtype == "bfloat16" and not cpu_info()["native_bf16"] else 1024
+
+
 def peak_flops(device, dtype):
     """(FLOP/s, where the number came from) for MFU."""
     if device.startswith("cuda"):
@@ -452,7 +459,7 @@ def peak_flops(device, dtype):
         for gpu, table in GPU_PEAK_FLOPS.items():
             if gpu in name and dtype in table:
                 return table[dtype], f"{gpu} data sheet, {dtype}"
-    n = 256 if device == "cpu" and dtype == "bfloat16" and not cpu_info()["native_bf16"] else 1024
+    n = peak_probe_size(device, dtype)
     return measure_matmul_flops(device, dtype, (n, n, n)), f"measured {dtype} {n}x{n} matmul on {device}"
 
 
