@@ -47,14 +47,14 @@ import time
 import torch
 
 import configurator
-import runtime
-from checkpoint import load_model
 from model import GPT, GPTConfig
+from nanoforge import errors, files, hardware, parallel, runlog
+from nanoforge.checkpoint import load_model
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
-# defaults: the GPT-2-124M shape generating 512 tokens on CPU, the KV-cache target of the issue
+# defaults: the GPT-2-124M shape generating 512 tokens on CPU, where the KV cache's speed-up is measured
 # model shape (ignored with init_from, which brings its own)
 n_layer = 12
 n_head = 12
@@ -68,7 +68,7 @@ init_from = None  # None: random weights of the shape above; else an out_dir, ck
 # what to measure
 mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp',
 # 'ttl', 'machine' (only the machine line)
-gradient_checkpointing = False  # train: recompute block activations in backward (runtime.gradient_checkpointing)
+gradient_checkpointing = False  # train: recompute block activations in backward (parallel.gradient_checkpointing)
 chunked_loss = True  # train: LM head + loss in row chunks (model.ChunkedLMHeadLoss), as train.py; False: plain
 repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
@@ -99,10 +99,10 @@ globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
 if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl', 'machine'):
-    raise runtime.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl' or 'machine', "
+    raise errors.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl' or 'machine', "
                             f"got {mode!r}")
 if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
-    raise runtime.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
+    raise errors.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
                             "warmup_steps >= 0")
 
 
@@ -140,20 +140,20 @@ def measure_memory_bandwidth(device, mib=256, repeats=10):
 def measure_machine(device):
     """The machine's name, class and measured figures, in this process (about a second), as a dict whose
     'line' is the one-line summary. A CPU: its matmul GFLOP/s at 1024^3, but 256^3 for bf16 where it is
-    emulated (0.2-2 GFLOP/s: a 1024^3 one takes seconds; runtime.peak_probe_size). On CUDA
+    emulated (0.2-2 GFLOP/s: a 1024^3 one takes seconds; hardware.peak_probe_size). On CUDA
     the GPU is what runs, so its name and figures stand in place of the CPU's; on MPS the CPU's are given."""
-    info = runtime.cpu_info()
+    info = hardware.cpu_info()
     probe = device if device.startswith('cuda') else 'cpu'
     if probe == 'cpu':
-        name = runtime.describe_cpu(info)
-        sizes = {dt: runtime.peak_probe_size('cpu', dt) for dt in ('float32', 'bfloat16')}
+        name = hardware.describe_cpu(info)
+        sizes = {dt: hardware.peak_probe_size('cpu', dt) for dt in ('float32', 'bfloat16')}
     else:
         name = f"{torch.cuda.get_device_name(probe)} ({probe})"
         sizes = {'float32': 1024, 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16': 1024}
-    gflops = {dt: runtime.measure_matmul_flops(probe, dt, (n, n, n)) / 1e9 for dt, n in sizes.items()}
+    gflops = {dt: hardware.measure_matmul_flops(probe, dt, (n, n, n)) / 1e9 for dt, n in sizes.items()}
     gb_s = measure_memory_bandwidth(probe) / 1e9
     short = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}
-    rates = ', '.join(f"{short[dt]} {runtime.format_flops(gflops[dt] * 1e9)}"
+    rates = ', '.join(f"{short[dt]} {hardware.format_flops(gflops[dt] * 1e9)}"
                       + ('' if n == 1024 else f" ({n}^3, emulated)") for dt, n in sizes.items())
     threads = torch.get_num_threads()  # 1 under torchrun and in the tests (OMP_NUM_THREADS=1): one core's figures
     line = (f"machine: {name} | {threads} thread{'s' if threads > 1 else ''}, matmul 1024^3: {rates} | "
@@ -179,33 +179,31 @@ def machine_line(device):
 
 
 if mode == 'machine':
-    m = measure_machine(runtime.resolve_device(device)[0])
+    m = measure_machine(hardware.resolve_device(device)[0])
     print(m['line'])
     if json_out:
-        runtime.write_json(json_out, {'machine': m})
+        files.write_json(json_out, {'machine': m})
     sys.exit(0)
 
 
 # -----------------------------------------------------------------------------------------------------
 # ttl: whole training runs of train.py, timed to a target val loss
 if mode == 'ttl':
-    machine = machine_line(runtime.resolve_device(device)[0])  # train.py's runs pick the device the same way
+    machine = machine_line(hardware.resolve_device(device)[0])  # train.py's runs pick the device the same way
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}  # name -> train.py arguments
     for spec in filter(str.strip, ttl_runs.split(';')):
         name, sep, args = spec.partition(':')
         if not sep or not args.split():
-            raise runtime.UserError(f"ttl_runs: {spec.strip()!r} is not 'name: config.py [--key=value ...]'")
+            raise errors.UserError(f"ttl_runs: {spec.strip()!r} is not 'name: config.py [--key=value ...]'")
         runs[name.strip()] = args.split() + ttl_extra.split()
     if os.path.exists(ttl_out):
-        raise runtime.UserError(f"{ttl_out} exists (an earlier comparison); remove it or pick another --ttl_out")
+        raise errors.UserError(f"{ttl_out} exists (an earlier comparison); remove it or pick another --ttl_out")
 
     def summarise(out):
-        with open(os.path.join(out, 'log.jsonl')) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        with open(os.path.join(out, 'run.json')) as f:
-            tokens_per_iter = json.load(f)['derived']['tokens_per_iter']
-        evals = [r for r in records if 'val_loss' in r]
+        records = runlog.read_log(out)
+        tokens_per_iter = runlog.read_run_json(out)['derived']['tokens_per_iter']
+        evals = runlog.evaluations(records)
         hit = next((r for r in evals if r['val_loss'] <= ttl_target), None)
         last = evals[-1]
         return {'time_to_target': hit['train_time'] if hit else None,
@@ -268,7 +266,7 @@ if mode == 'ttl':
         print(f"{name} vs {base_name}: {reached}tokens/s {spread(tok, '{:.2f}x'.format)} over the run, "
               f"{spread(step_tok, '{:.2f}x'.format)} per step (median [min-max] over seeds)")
     if json_out:
-        runtime.write_json(json_out, {'config': config, 'machine': machine, 'runs': runs, 'results': results,
+        files.write_json(json_out, {'config': config, 'machine': machine, 'runs': runs, 'results': results,
                                       'ratios': ratios})
         print(f"wrote {json_out}")
     sys.exit(0)
@@ -277,7 +275,7 @@ if mode == 'ttl':
 # -----------------------------------------------------------------------------------------------------
 # memory: this script in train mode, in a fresh process per run, without (A) and with (B) checkpointing
 if mode == 'memory':
-    machine = machine_line(runtime.resolve_device(device)[0])
+    machine = machine_line(hardware.resolve_device(device)[0])
     passed = [a for a in sys.argv[1:] if not a.startswith(('--mode=', '--json_out=', '--gradient_checkpointing='))]
     runs = {False: [], True: []}
     loads = []
@@ -308,25 +306,25 @@ if mode == 'memory':
     print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x "
           f"(median of the {repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)}); CPU time {cpu_ratio:.2f}x")
     if json_out:
-        runtime.write_json(json_out, {'config': config, 'machine': machine, 'without': runs[False], 'with': runs[True],
+        files.write_json(json_out, {'config': config, 'machine': machine, 'without': runs[False], 'with': runs[True],
                                       'memory_cut': cut, 'time_ratio': ratio, 'cpu_time_ratio': cpu_ratio,
                                       'loads': loads})
         print(f"wrote {json_out}")
     sys.exit(0)
-device, why = runtime.resolve_device(device)
+device, why = hardware.resolve_device(device)
 if mode in ('fsdp', 'ddp'):
-    ddp, rank, _, world_size, device = runtime.setup_distributed('auto', device)
+    ddp, rank, _, world_size, device = parallel.setup_distributed('auto', device)
     if not ddp:
-        raise runtime.UserError(f"--mode={mode} measures ranks: run it under torchrun --nproc_per_node=2")
+        raise errors.UserError(f"--mode={mode} measures ranks: run it under torchrun --nproc_per_node=2")
 print(f"device: {device} ({why})")
 # measured at the shape of what is timed: a train step's rows, or decoding's one row a sequence (with
 # init_from, the shape keys may differ from the model's; the probe only needs them roughly right)
 rows = gen_batch if mode == 'generate' else batch_size * block_size
-dtype, why = runtime.resolve_dtype(dtype, device, (rows, n_embd))
+dtype, why = hardware.resolve_dtype(dtype, device, (rows, n_embd))
 print(f"dtype: {dtype} ({why})")
-compile, why = runtime.resolve_compile(compile, device)
+compile, why = hardware.resolve_compile(compile, device)
 print(f"compile: {compile} ({why})")
-env = runtime.run_info(device)
+env = runlog.run_info(device)
 # on a shared machine other processes steal cores; a load above the core count means low numbers
 env['loadavg_start'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
 print(f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} cpus, "
@@ -344,7 +342,7 @@ else:
     print(f"model from {init_from}: its own shape, the shape keys are ignored")
 model.to(device)
 if gradient_checkpointing:
-    runtime.gradient_checkpointing(model)
+    parallel.gradient_checkpointing(model)
 mc = model.config
 print(f"model: {model.get_num_params() / 1e6:.1f}M params, n_layer={mc.n_layer} n_head={mc.n_head} "
       f"n_embd={mc.n_embd} block_size={mc.block_size} vocab_size={mc.vocab_size} pos_emb={mc.pos_emb}")
@@ -380,12 +378,12 @@ if mode in ('fsdp', 'ddp'):
         return sum(t.to_local().nbytes if hasattr(t, 'to_local') else t.nbytes for t in tensors if t is not None)
 
     if mode == 'fsdp':
-        step_model = runtime.fully_shard_model(model, device, dtype, compile)
+        step_model = parallel.fully_shard_model(model, device, dtype, compile)
     else:
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
     x = torch.randint(mc.vocab_size, (batch_size, mc.block_size), device=device)  # (B, T)
-    with runtime.autocast(device, dtype):
+    with hardware.autocast(device, dtype):
         _, loss = step_model(x, x, chunked_loss=chunked_loss)
     loss.backward()
     optimizer.step()
@@ -400,7 +398,7 @@ if mode in ('fsdp', 'ddp'):
                   f"{h['grads'] / 2**20:,.0f} MiB, optimizer state {h['optimizer'] / 2**20:,.0f} MiB; "
                   f"peak memory {h['peak'] / 2**20:,.0f} MiB ({src})")
         if json_out:
-            runtime.write_json(json_out, {'config': config, 'machine': machine, 'ranks': rows,
+            files.write_json(json_out, {'config': config, 'machine': machine, 'ranks': rows,
                                           'peak_memory_source': src})
     dist.barrier()  # leave together, as train.py does
     dist.destroy_process_group()
@@ -421,7 +419,7 @@ if mode in ('train', 'all'):
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
-        with runtime.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             loss = step_model(x, y, chunked_loss=chunked_loss)[1]  # as train.py; plain path: logits not kept
         loss.backward()
         sync()
@@ -431,7 +429,7 @@ if mode in ('train', 'all'):
     model.zero_grad(set_to_none=True)  # free the grads before generation
     dt = median(times)  # the median step: one slow step from a noisy neighbour does not move it
     tokens_per_s = B * T / dt
-    peak, peak_src = runtime.peak_flops(device, dtype)
+    peak, peak_src = hardware.peak_flops(device, dtype)
     mfu = model.estimate_mfu(tokens_per_s, peak, T)
     mem, mem_src = peak_memory()
     print(f"train: {dt * 1000:.1f} ms/step (median of {timed_steps}), {tokens_per_s:,.0f} tokens/s, "
@@ -457,7 +455,7 @@ if mode in ('generate', 'all'):
         new = []
         sync()
         t0 = last = time.perf_counter()
-        with runtime.autocast(device, dtype):  # one context for the whole run: autocast keeps its bf16 weights
+        with hardware.autocast(device, dtype):  # one context for the whole run: autocast keeps its bf16 weights
             stream = model.generate_stream(prompt, n, top_k=1, use_kv_cache=use_kv_cache)
             for i, nxt in enumerate(stream):  # nxt: (B, 1)
                 new.append(nxt)
@@ -519,7 +517,7 @@ if mode in ('generate', 'all'):
 
 env['loadavg_end'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
 if json_out:
-    runtime.write_json(json_out, results)
+    files.write_json(json_out, results)
     print(f"wrote {json_out}")
 if 'generate' in results and not results['generate']['identical']:
     sys.exit(1)  # wrong tokens are a bug, not a slow run

@@ -16,7 +16,7 @@ import glob
 import os
 import types
 
-from runtime import UserError
+from nanoforge.errors import UserError
 
 
 def _unknown_key(key, known, where):
@@ -102,6 +102,16 @@ NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 FRACTION = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+KNOB_TYPES = (int, float, bool, str)
+
+
+def knobs(namespace, types=KNOB_TYPES):
+    """A script's config defaults: its top-level names that hold plain values (int, float, bool, str; a
+    sweep adds dict and list), except those starting with '_'. A script calls knobs(globals()) right after
+    its config block."""
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, types)}
+
+
 def overrides(defaults, config):
     """The keys whose values differ from the defaults, for printing what a run changed."""
     return {k: v for k, v in config.items() if defaults.get(k) != v}
@@ -130,7 +140,7 @@ def script_defaults(path):
                    for n in ast.walk(node.value)):
             continue
         value = eval(compile(ast.Expression(node.value), path, "eval"), {"__builtins__": {}})
-        if isinstance(value, (int, float, bool, str)) and not name.startswith("_"):
+        if isinstance(value, KNOB_TYPES) and not name.startswith("_"):
             found[name] = value
     return found
 

@@ -9,11 +9,10 @@ $ python consolidate.py out-gpt2 --out=gpt2-final.pt
 import argparse
 import os
 
-import checkpoint
-import runtime
-from runtime import UserError
+from nanoforge import checkpoint, errors
+from nanoforge.errors import UserError
 
-runtime.friendly_errors()
+errors.friendly_errors()
 parser = argparse.ArgumentParser(description="Consolidate a sharded checkpoint into one ckpt.pt.")
 parser.add_argument("out_dir", help="the run's out_dir (holding ckpt_sharded/) or the ckpt_sharded folder itself")
 parser.add_argument("--out", help="where to write the checkpoint (default: OUT_DIR/ckpt.pt)")

@@ -1,6 +1,6 @@
 """
 Curate raw web text into a clean, deduplicated, private training corpus, with a report of what each stage
-did. The stages (curation.py, pii.py) run in the README's order, each switchable in the config:
+did. The stages (nanoforge/curation: stages.py, pii.py) run in the README's order, each switchable in the config:
 cleanup -> language -> quality -> harmful -> exact dedup -> near dedup (MinHash LSH) -> PII -> model
 perplexity and/or a reference-vs-web classifier (optional) -> held-out split.
 
@@ -14,16 +14,14 @@ when complete; an existing output is refused unless --overwrite=True. Per-docume
 deduplication and the split need the whole corpus and run in this process over compact per-document keys.
 """
 import os
-import shutil
 import sys
 import tempfile
 import time
 
-import runtime
-from configurator import configure, overrides
-from runtime import UserError
+from configurator import configure, knobs, overrides
+from nanoforge import errors, files
+from nanoforge.errors import UserError
 
-here = os.path.dirname(os.path.abspath(__file__))
 # ------------------------------------------------------------------------------------------------------
 # defaults (config/curate_web.py documents each)
 input = ""                      # comma-separated: files or folders (.txt, .jsonl, .jsonl.gz, .parquet) and
@@ -67,8 +65,8 @@ min_stop_words = 2
 min_punct_line_fraction = 0.12
 # 4. harmful content
 harmful_filter = True
-blocklist_words = os.path.join(here, "data", "blocklists", "words.txt")  # comma-separated files; '' = none
-blocklist_domains = os.path.join(here, "data", "blocklists", "domains.txt")
+blocklist_words = os.path.join(files.REPO, "data", "blocklists", "words.txt")  # comma-separated files; '' = none
+blocklist_domains = os.path.join(files.REPO, "data", "blocklists", "domains.txt")
 harmful_min_hits = 3
 # 5. deduplication
 exact_dedup = True
@@ -96,12 +94,11 @@ split_seed = 0
 shard_bytes = 100_000_000       # uncompressed text per output shard
 examples_per_reason = 3
 # the literals above, for configure() and for tests that run the stages in-process
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and k != "here"
-            and isinstance(v, (int, float, str, bool))}
+DEFAULTS = knobs(globals())
 # ------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    runtime.friendly_errors()
+    errors.friendly_errors()
     defaults = DEFAULTS
     config = configure(defaults, sys.argv[1:])
     globals().update(config)
@@ -123,23 +120,25 @@ if __name__ == "__main__":
         raise UserError("model_filter=True needs model_source=OUT_DIR (a checkpoint of a model of trusted text)")
     print(f"curating {input} -> {output}; overrides: {overrides(defaults, config)}")
     entries = [p for p in input.split(",") if p]
-    from corpus import find_files, is_hub, load_documents
+    from nanoforge.corpus import find_files, is_hub, load_documents
     hub = [p for p in entries if is_hub(p)]
     if not hub:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files need no network; read by datasets at import
-    import curation_report
-    import pipeline  # the per-document map and the corpus-wide passes
+    from nanoforge.curation import pipeline  # the per-document map and the corpus-wide passes
+    from nanoforge.curation.report import write_report
 
-    files = find_files([p for p in entries if p not in hub])
-    if not files and not hub:
+    inputs = find_files([p for p in entries if p not in hub])
+    if not inputs and not hub:
         raise UserError(f"no documents found in {input}: the files are empty")
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output)) + ".tmp", dir=parent)
-    try:
+    # the datasets caches go in a scratch folder beside the output, the curated corpus into its own, which
+    # replaces an old output (overwrite=True) only once it is whole
+    with tempfile.TemporaryDirectory(prefix=os.path.basename(os.path.abspath(output)) + ".cache", dir=parent) as work, \
+            files.atomic_folder(output) as out:
         t0 = time.time()
-        dset = load_documents(files, config, os.path.join(work, "cache"), num_proc, hub)
-        print(f"{len(dset):,} documents from {len(files)} file(s) and {len(hub)} Hugging Face dataset(s) "
+        dset = load_documents(inputs, config, os.path.join(work, "cache"), num_proc, hub)
+        print(f"{len(dset):,} documents from {len(inputs)} file(s) and {len(hub)} Hugging Face dataset(s) "
               f"in {time.time() - t0:.1f} s")
         classifier = None
         if classifier_reference:  # stage 6's classifier is trained once, up front, then scores each document
@@ -151,17 +150,10 @@ if __name__ == "__main__":
             classifier = pipeline.train_classifier(reference, dset, config)
             print(f"quality classifier trained on {min(len(reference), classifier_train_docs):,} reference and "
                   f"{min(len(dset), classifier_train_docs):,} corpus documents")
-        out = os.path.join(work, "curated")
-        os.makedirs(out)
         report = pipeline.run(dset, config, out, num_proc, classifier)
         report["config"] = config
-        report["input_files"] = files + hub  # absolute: the report is the same from any working folder
-        curation_report.write_report(report, out)
-        if os.path.exists(output):  # overwrite=True: the old folder leaves only once the new one is whole
-            os.replace(output, os.path.join(work, "old"))
-        os.replace(out, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        report["input_files"] = inputs + hub  # absolute: the report is the same from any working folder
+        write_report(report, out)
     s = report["summary"]
     print(f"{s['documents_in']:,} documents in: {s['kept']:,} kept ({s['changed']:,} of them changed), "
           f"{s['dropped']:,} dropped; {s['bytes_in']:,} -> {s['bytes_out']:,} bytes; {time.time() - t0:.1f} s")

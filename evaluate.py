@@ -24,16 +24,15 @@ import sys
 
 import torch
 
-import runtime
-import tokens
-from checkpoint import load_model
-from configurator import configure
-from evaluation import evaluate, generalisation, multiple_choice, run_data_dir, score_split
-from runtime import UserError
-from tasks import load_task
-from tokenizer import load_tokenizer
+from configurator import configure, knobs
+from nanoforge import errors, files, hardware, parallel, runlog, tokens
+from nanoforge.checkpoint import load_model
+from nanoforge.errors import UserError
+from nanoforge.evaluation import evaluate, generalisation, multiple_choice, run_data_dir, score_split
+from nanoforge.tasks import load_task
+from nanoforge.tokenizer import load_tokenizer
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out"  # the run to score (init_from='resume'), and where eval.jsonl goes
@@ -61,7 +60,7 @@ if argv and argv[0] == "--compare":  # --compare takes run folders, then optiona
     argv = [a for a in argv[1:] if a.startswith("--")]
     if not runs:
         raise UserError("--compare needs run folders: python evaluate.py --compare out-a out-b")
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults = knobs(globals())
 config = configure(defaults, argv)
 globals().update(config)
 
@@ -91,10 +90,8 @@ if runs:
         if not os.path.exists(path):
             raise UserError(f"{run} has no eval.jsonl; run: python evaluate.py --out_dir={run}")
         latest.append((run, read_jsonl(path)[-1]))
-        log_path = os.path.join(run, "log.jsonl")
-        if os.path.exists(log_path):
-            curves.append((run, [(r.get("train_time", r["iter"]), r["val_loss"]) for r in read_jsonl(log_path)
-                                 if "val_loss" in r]))
+        if evals := runlog.evaluations(runlog.read_log(run)):
+            curves.append((run, [(r.get("train_time", r["iter"]), r["val_loss"]) for r in evals]))
     rows = []
     for run, r in latest:
         acc = r.get("task", {}).get("acc_norm")
@@ -119,7 +116,7 @@ if runs:
         ax1.legend()
     fig.tight_layout()
     compare_plot = compare_plot or os.path.join(runs[0], "compare.png")  # with the runs, not wherever we are
-    with runtime.atomic_path(compare_plot) as tmp:
+    with files.atomic_path(compare_plot) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     print(f"plot: {compare_plot}")
     sys.exit(0)
@@ -127,11 +124,11 @@ if runs:
 # -----------------------------------------------------------------------------------------------------
 # model, data, devices
 
-device, _ = runtime.resolve_device(device)
-ddp, rank, _, world_size, device = runtime.setup_distributed(backend, device)
+device, _ = hardware.resolve_device(device)
+ddp, rank, _, world_size, device = parallel.setup_distributed(backend, device)
 master = rank == 0
-dtype, _ = runtime.resolve_dtype(dtype, device)
-autocast_ctx = runtime.autocast(device, dtype)
+dtype, _ = hardware.resolve_dtype(dtype, device)
+autocast_ctx = hardware.autocast(device, dtype)
 log = print if master else (lambda *a, **k: None)
 
 source = out_dir if init_from == "resume" else init_from
@@ -145,11 +142,11 @@ block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     raise UserError(f"block_size={block_size} is longer than the model's context {model.config.block_size}")
 if dataset == "auto":
-    data_dir = data_dir or run_data_dir(meta, os.path.dirname(os.path.abspath(__file__)))
+    data_dir = data_dir or run_data_dir(meta)
     if not data_dir and not task:
         raise UserError(f"{source} does not say which data it was trained on; pass --dataset or --data_dir")
 elif dataset and not data_dir:
-    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+    data_dir = tokens.dataset_dir(dataset)
 if not data_dir and not task:
     raise UserError("nothing to score: pass --dataset/--data_dir (held-out text) and/or --task")
 log(f"model: {source}, {model.get_num_params() / 1e6:.2f}M parameters, context {model.config.block_size}; "
@@ -157,9 +154,8 @@ log(f"model: {source}, {model.get_num_params() / 1e6:.2f}M parameters, context {
 
 result = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "source": source,
           "iter": meta.get("iter_num"), "world_size": world_size}
-if init_from == "resume" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-    evals = [r for r in read_jsonl(os.path.join(out_dir, "log.jsonl")) if "val_loss" in r]
-    result["train_time"] = evals[-1].get("train_time") if evals else None
+if init_from == "resume" and (evals := runlog.evaluations(runlog.read_log(out_dir))):
+    result["train_time"] = evals[-1].get("train_time")
 
 # -----------------------------------------------------------------------------------------------------
 # held-out text: the whole split, and as many tokens of the train split, spread over it
@@ -220,7 +216,7 @@ if master and record:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "eval.jsonl")
     old = open(path).read() if os.path.exists(path) else ""
-    with runtime.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(old + json.dumps(result) + "\n")
     log(f"\nrecorded in {path}")

@@ -14,25 +14,24 @@ class: the folder gets the weights, config.json and nanoforge_tokenizer.json (th
 tokenizer.load_tokenizer reads), and a note says so.
 """
 import os
-import shutil
 import sys
 
 import torch
 
-import runtime
-from checkpoint import load_model
-from configurator import configure
-from runtime import UserError
-from tokenizer import _bytes_to_unicode, load_tokenizer
+from configurator import configure, knobs
+from nanoforge import errors, files
+from nanoforge.checkpoint import load_model
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import _bytes_to_unicode, load_tokenizer
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
 out_dir = "out"  # the run to export (an out_dir or a checkpoint file)
 to = "hf"  # the only format so far
 dest = ""  # the folder to write; must not exist yet
 # -----------------------------------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
 if to != "hf":
     raise UserError(f"--to={to}: only 'hf' (a Hugging Face GPT-2 folder) is supported")
@@ -99,24 +98,22 @@ missing, unexpected = hf.load_state_dict(gpt2_state_dict(model), strict=False)
 missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
 assert not missing and not unexpected, (missing[:3], unexpected[:3])
 
-tmp = dest.rstrip("/") + ".tmp"
-shutil.rmtree(tmp, ignore_errors=True)
-hf.save_pretrained(tmp)
-if gpt2_bpe:
-    from transformers import GPT2TokenizerFast
-    vocab, merges = gpt2_vocab_merges(tok)
-    hf_tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                               eos_token="<|endoftext|>")
-    added = spec.get("added", [])
-    if added:  # in order, so they take the ids after GPT-2's 50,257, as they do here
-        hf_tok.add_special_tokens({"additional_special_tokens": added})
-    assert [hf_tok.convert_tokens_to_ids(t) for t in added] == [tok.special_tokens[t] for t in added]
-    hf_tok.save_pretrained(tmp)
-    note = "tokenizer: GPT-2's BPE" + (f" + {', '.join(added)}" if added else "")
-else:
-    runtime.write_json(os.path.join(tmp, "nanoforge_tokenizer.json"), spec)
-    note = (f"tokenizer: {spec['kind']} is not one transformers can load; wrote nanoforge_tokenizer.json "
-            f"(read it with nanoforge's tokenizer.load_tokenizer) and no Hugging Face tokenizer files")
-os.replace(tmp, dest)
+with files.atomic_folder(dest) as tmp:  # a half-written folder never replaces a good one
+    hf.save_pretrained(tmp)
+    if gpt2_bpe:
+        from transformers import GPT2TokenizerFast
+        vocab, merges = gpt2_vocab_merges(tok)
+        hf_tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+        added = spec.get("added", [])
+        if added:  # in order, so they take the ids after GPT-2's 50,257, as they do here
+            hf_tok.add_special_tokens({"additional_special_tokens": added})
+        assert [hf_tok.convert_tokens_to_ids(t) for t in added] == [tok.special_tokens[t] for t in added]
+        hf_tok.save_pretrained(tmp)
+        note = "tokenizer: GPT-2's BPE" + (f" + {', '.join(added)}" if added else "")
+    else:
+        files.write_json(os.path.join(tmp, "nanoforge_tokenizer.json"), spec)
+        note = (f"tokenizer: {spec['kind']} is not one transformers can load; wrote nanoforge_tokenizer.json "
+                f"(read it with nanoforge's tokenizer.load_tokenizer) and no Hugging Face tokenizer files")
 print(f"wrote {dest}: GPT2LMHeadModel, {c.n_layer} layers, {c.n_embd} wide, context {c.block_size}, "
       f"vocab {c.vocab_size}{'' if c.bias else ' (zero biases: trained without)'}; {note}")

@@ -1,6 +1,6 @@
 """
 Instruction / chat fine-tuning (SFT) on JSONL conversations, fully or with LoRA adapters. The loss counts
-only the assistant's tokens (chat.py); held-out conversations are scored at every evaluation.
+only the assistant's tokens (chat_template.py); held-out conversations are scored at every evaluation.
 
 The example domain (offline, 2 CPU cores, minutes): a character-level Shakespeare model learns to be a shop's
 customer-service assistant:
@@ -16,23 +16,18 @@ LoRA adapters merged in, so sample.py and export.py load it like any run); with 
 format, to load onto the base with lora.load_adapter). Checkpoints hold no optimizer state: a stopped
 fine-tune is rerun, not resumed.
 """
-import json
 import os
 import sys
 import time
 
 import torch
 
-import chat
-import checkpoint
-import lora
-import optim
-import runtime
-from configurator import configure, overrides
-from runtime import UserError
-from tokenizer import load_tokenizer
+from configurator import configure, knobs
+from nanoforge import chat_template, checkpoint, errors, files, hardware, lora, optim, parallel, runlog, tokens, training
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import load_tokenizer
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
 # default config values
@@ -66,22 +61,17 @@ device = "auto"
 dtype = "auto"
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults = knobs(globals())
 config = configure(defaults, sys.argv[1:])
 globals().update(config)
 
-device, device_why = runtime.resolve_device(device)
-print(f"device: {device} ({device_why})")
-if kept := runtime.malloc_policy(device, save_memory=gradient_checkpointing):
-    print(kept)
-changed = overrides(defaults, config)
-print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "overrides: none")
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+device, device_why = hardware.resolve_device(device)
+data_dir = tokens.dataset_dir(dataset)
 train_file = train_file or (os.path.join(data_dir, "train.jsonl") if dataset else "")
 val_file = val_file or (os.path.join(data_dir, "val.jsonl") if dataset else "")
 if not train_file or not val_file:
     raise UserError("no data: set dataset=<name> (data/<name>/train.jsonl, val.jsonl) or train_file and val_file")
-out_dir_lock = runtime.lock_out_dir(out_dir)  # before looking: two runs must not both start
+out_dir_lock = files.lock_out_dir(out_dir)  # before looking: two runs must not both start
 if os.path.exists(checkpoint.ckpt_path(out_dir)) and not eval_only:
     raise UserError(f"{out_dir} already holds a checkpoint; pick another --out_dir (or delete it)")
 
@@ -91,19 +81,17 @@ if os.path.exists(checkpoint.ckpt_path(out_dir)) and not eval_only:
 torch.manual_seed(seed)
 model, base_spec, _ = checkpoint.load_model(init_from, dropout=dropout)
 base_tok = load_tokenizer(base_spec)
-tok = chat.chat_tokenizer(base_tok)
+tok = chat_template.chat_tokenizer(base_tok)
 if model.config.vocab_size not in (base_tok.vocab_size, tok.vocab_size):
     raise UserError(f"{init_from} has {model.config.vocab_size} embedding rows but its tokenizer "
                     f"({base_spec['kind']}) has {base_tok.vocab_size} tokens; cannot tell which rows are which")
 if tok.vocab_size > model.config.vocab_size:
     print(f"adding {tok.vocab_size - model.config.vocab_size} chat tokens to the tokenizer and embedding")
     model.resize_vocab(tok.vocab_size)
-if block_size > model.config.block_size:
-    raise UserError(f"block_size={block_size} is longer than {init_from}'s context {model.config.block_size}")
-model.crop_block_size(block_size)
+training.fit_context(model, block_size, init_from)
 model.to(device)
 if gradient_checkpointing:
-    runtime.gradient_checkpointing(model)
+    parallel.gradient_checkpointing(model)
 base_model = model  # the GPT (under LoRA, with peft's layers inside): its config is what ckpt.pt records
 if lora_rank > 0:
     model = lora.apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
@@ -115,8 +103,8 @@ print(f"model from {init_from}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3
 # -----------------------------------------------------------------------------------------------------
 # data: checked, rendered with the chat template, packed into rows; problems reported by line number
 
-X_train, Y_train, train_report, train_counts = chat.load_split(train_file, tok, block_size)
-X_val, Y_val, val_report, val_counts = chat.load_split(val_file, tok, block_size)
+X_train, Y_train, train_report, train_counts = chat_template.load_split(train_file, tok, block_size)
+X_val, Y_val, val_report, val_counts = chat_template.load_split(val_file, tok, block_size)
 print(train_report)
 print(val_report)
 if not len(X_train) or not len(X_val):
@@ -125,29 +113,23 @@ print(f"train: {train_counts['rows']} rows of {block_size}, {train_counts['learn
       f"val: {val_counts['rows']} rows, {val_counts['learned_tokens']:,} learned tokens")
 
 optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2))
-dtype, dtype_why = runtime.resolve_dtype(dtype, device, (batch_size * block_size, model.config.n_embd))
-print(f"dtype: {dtype} ({dtype_why})")
-autocast_ctx = runtime.autocast(device, dtype)
+dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_size, model.config.n_embd))
+training.startup_lines(print, device, device_why, dtype, dtype_why, defaults, config, gradient_checkpointing)
+autocast_ctx = hardware.autocast(device, dtype)
 
 # -----------------------------------------------------------------------------------------------------
 # logs and checkpoints
 
-os.makedirs(out_dir, exist_ok=True)
-runtime.write_json(os.path.join(out_dir, "run.json"),
-                   {"config": config, "derived": dict(device=device, dtype=dtype, trained_params=n_train),
-                    "run": runtime.run_info(device), "data": {"train": train_counts, "val": val_counts}})
-log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if eval_only else "w")
-
-
-def record(entry):
-    log_file.write(json.dumps(entry) + "\n")
-    log_file.flush()
+runlog.write_run_json(out_dir, config, dict(device=device, dtype=dtype, trained_params=n_train),
+                      {"train": train_counts, "val": val_counts}, device)
+run_log = runlog.RunLog(out_dir, keep=eval_only)
+record = run_log.record
 
 
 def evaluate():
     model.eval()
     n = min(len(X_train), len(X_val))  # as many training rows as held-out ones: the overfitting gap
-    scores = {split: chat.masked_loss(model, X, Y, batch_size, device, autocast_ctx)
+    scores = {split: chat_template.masked_loss(model, X, Y, batch_size, device, autocast_ctx)
               for split, X, Y in (("val", X_val, Y_val), ("train", X_train[:n], Y_train[:n]))}
     model.train()
     return scores
@@ -183,8 +165,7 @@ while True:
 
     t0 = time.perf_counter()
     lr = optim.lr_at(iter_num, learning_rate, warmup_iters, max_iters, min_lr, decay_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    training.set_lr(optimizer, lr)
     # this step's rows are a function of (seed, step)
     g = torch.Generator().manual_seed(seed * 1_000_003 + iter_num)
     rows = torch.randint(len(X_train), (gradient_accumulation_steps * batch_size,), generator=g)
@@ -197,8 +178,7 @@ while True:
             loss = loss / gradient_accumulation_steps
         loss.backward()
         loss_sum += loss.item()
-    if not torch.isfinite(torch.tensor(loss_sum)):
-        raise UserError(f"loss is {loss_sum} at iteration {iter_num}; lower learning_rate or raise warmup_iters")
+    training.check_finite(loss_sum, iter_num, out_dir)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
@@ -211,5 +191,5 @@ while True:
         record(dict(iter=iter_num, loss=loss_sum, lr=lr, ms=round(dt * 1000, 2), tokens_per_s=round(tok_s)))
     iter_num += 1
 
-log_file.close()
+run_log.close()
 print(f"best held-out loss {best_val_loss:.4f}")

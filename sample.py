@@ -6,7 +6,7 @@ $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --max_
 $ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt --top_p=0.9
 
 A chat with a model fine-tuned by finetune.py: type a message per line, the reply streams back; the whole
-conversation is rendered with the template it was trained on (chat.render). Ctrl-D ends it.
+conversation is rendered with the template it was trained on (nanoforge.chat_template.render). Ctrl-D ends it.
 $ python sample.py --out_dir=out-sft-shop --chat
 $ printf 'Where is my lamp?\nThanks!\n' | python sample.py --out_dir=out-sft-shop --chat   # scripted
 
@@ -16,14 +16,14 @@ import sys
 
 import torch
 
-import runtime
-from chat import CHAT_TOKENS, render
-from checkpoint import load_model
-from configurator import configure
-from runtime import UserError
-from tokenizer import load_tokenizer
+from configurator import configure, knobs
+from nanoforge import errors, hardware
+from nanoforge.chat_template import CHAT_TOKENS, render
+from nanoforge.checkpoint import load_model
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import load_tokenizer
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name, a HF folder or a checkpoint file
@@ -43,10 +43,10 @@ compile = False
 chat = False  # interactive multi-turn chat on stdin/stdout (a model from finetune.py)
 system = ""  # chat: an optional system message opening the conversation
 # -----------------------------------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
 
-device, _ = runtime.resolve_device(device)
+device, _ = hardware.resolve_device(device)
 if not 0.0 < top_p <= 1.0:
     raise UserError(f"top_p must be in (0, 1], got {top_p}")
 if temperature < 0:
@@ -55,7 +55,7 @@ if temperature < 0:
 model, tok_spec, meta = load_model(out_dir if init_from == "resume" else init_from, map_location=device)
 model.eval().to(device)
 # decoding multiplies one row at a time: the precision is measured at that shape (bf16 rarely pays there)
-dtype, _ = runtime.resolve_dtype(dtype, device, (1, model.config.n_embd))
+dtype, _ = hardware.resolve_dtype(dtype, device, (1, model.config.n_embd))
 if compile:
     model = torch.compile(model)
 tok = load_tokenizer(tok_spec)
@@ -68,7 +68,7 @@ def stream(ids, stops):
     new ids (without the stop)."""
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     out, pending = [], []  # pending: BPE ids whose bytes do not yet form whole UTF-8 characters
-    with runtime.autocast(device, dtype):
+    with hardware.autocast(device, dtype):
         for nxt in model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, use_kv_cache,
                                          None, generator):
             i = nxt.item()

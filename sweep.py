@@ -30,12 +30,12 @@ stdout, and optimisation_history.png, param_importances.png and intermediate_val
 """
 import datetime
 import fcntl
-import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,15 +46,138 @@ import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
-import runtime
-from checkpoint import load_model
-from configurator import check_key, configure, overrides, script_defaults
-from evaluation import run_data_dir, score_split
-from search import as_args, check_space, counted, in_space, recover_dead_trials, save_plots, suggest, worker_id
-from runtime import UserError
-from tokenizer import load_tokenizer
+from configurator import KNOB_TYPES, check_key, configure, knobs, overrides, script_defaults
+from nanoforge import errors, files, hardware, runlog
+from nanoforge.checkpoint import load_model
+from nanoforge.errors import UserError
+from nanoforge.evaluation import run_data_dir, score_split
+from nanoforge.tokenizer import load_tokenizer
 
-runtime.friendly_errors()
+errors.friendly_errors()
+
+# -----------------------------------------------------------------------------------------------------
+# the search space: a train.py config key maps to one of
+#     ("log", low, high)     a log-uniform float, 0 < low < high
+#     ("float", low, high)   a uniform float
+#     ("int", low, high)     a uniform integer, both ends included
+#     ("choice", [a, b])     one of the values
+# checked against train.py's keys and sampled; then which trials count, recovering trials whose worker
+# died, and the plots
+
+KINDS = ("log", "float", "int", "choice")
+SET_BY_SWEEP = ("out_dir", "init_from", "plot", "time_budget")
+
+
+def as_args(values):
+    """{key: value} as --key=value arguments for configure() or a subprocess (repr round-trips)."""
+    return [f"--{k}={v!r}" for k, v in values.items()]
+
+
+def check_space(space, train_defaults, where):
+    """UserError unless every key is one of the script's (with "did you mean"), every spec is well formed,
+    and every value has the type the script expects."""
+    if not space:
+        raise UserError(f"{where} has an empty search space; set space = {{'learning_rate': ('log', 1e-4, 1e-2), ...}}")
+    for key, spec in space.items():
+        check_key(key, train_defaults, f"the search space of {where}")
+        if key in SET_BY_SWEEP:
+            raise UserError(f"space['{key}']: the sweep sets {key} itself; search training settings only")
+        ok = isinstance(spec, (tuple, list)) and len(spec) > 0 and spec[0] in KINDS
+        if ok and spec[0] == "choice":
+            ok = len(spec) == 2 and isinstance(spec[1], (list, tuple)) and len(spec[1]) > 0
+        elif ok:
+            ok = len(spec) == 3 and spec[1] < spec[2] and (spec[0] != "log" or spec[1] > 0)
+        if not ok:
+            raise UserError(f"space['{key}'] = {spec!r}: write ('log', low, high) with 0 < low < high, ('float', "
+                            f"low, high), ('int', low, high) or ('choice', [a, b, ...])")
+        for value in (spec[1] if spec[0] == "choice" else spec[1:]):
+            configure(train_defaults, as_args({key: value}))  # the type the script expects
+
+
+def in_space(spec, value):
+    kind, *rest = spec
+    return value in rest[0] if kind == "choice" else rest[0] <= value <= rest[1]
+
+
+def suggest(trial, key, spec):
+    kind, *rest = spec
+    if kind == "choice":
+        return trial.suggest_categorical(key, list(rest[0]))
+    if kind == "int":
+        return trial.suggest_int(key, rest[0], rest[1])
+    return trial.suggest_float(key, rest[0], rest[1], log=kind == "log")
+
+
+# -----------------------------------------------------------------------------------------------------
+# trials
+
+def worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def counted(study):
+    """Trials that say something about their settings: completed, pruned, or failed by themselves (not
+    interrupted by a stopped or killed sweep)."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done)
+               if not t.user_attrs.get("failure", "").startswith("interrupted"))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_dead_trials(study):
+    """Trials left RUNNING by a sweep process of this machine that no longer exists (killed): marked failed
+    as interrupted, and their settings queued again. Returns their numbers."""
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("failure", "interrupted: its sweep process died")
+            study.tell(t.number, state=TrialState.FAIL)
+            attrs = {"retry_of": t.number, **({"baseline": True} if t.user_attrs.get("baseline") else {})}
+            study.enqueue_trial(t.params, user_attrs=attrs)
+            recovered.append(t.number)
+    return recovered
+
+
+def save_plots(study, folder, step_seconds):
+    """optimisation_history.png, param_importances.png, intermediate_values.png in folder; returns the
+    paths written (a plot the study cannot make yet, such as importances before 2 completed trials, is
+    skipped with a note)."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="The number of trials is too small")  # importances say it anyway
+    written = []
+    for name, plot in (("optimisation_history", vis.plot_optimization_history),
+                       ("param_importances", vis.plot_param_importances),
+                       ("intermediate_values", vis.plot_intermediate_values)):
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            print(f"no {name}.png: {e}")
+            continue
+        if name == "intermediate_values":
+            ax.set_xlabel(f"step (one per {step_seconds:g} s of training)")
+        fig = ax.figure
+        path = os.path.join(folder, f"{name}.png")
+        with files.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
 
 # -----------------------------------------------------------------------------------------------------
 study_name = "sweep"
@@ -75,14 +198,12 @@ sampler_startup_trials = 10  # random trials before TPE starts modelling the spa
 seed = 1337
 best_config = ""  # where the best trial's config goes; '' = sweep_dir/best_<study_name>.py, beside its study
 # -----------------------------------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, list))}
+defaults = knobs(globals(), KNOB_TYPES + (dict, list))
 config = configure(defaults, sys.argv[1:])
 globals().update(config)
 sweep_files = [a for a in sys.argv[1:] if not a.startswith("--")] or ["the command line"]
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(REPO, "train.py")
+TRAIN = os.path.join(files.REPO, "train.py")
 train_defaults = script_defaults(TRAIN)
 where = f"the sweep config {sweep_files[-1]}"
 
@@ -151,21 +272,13 @@ class TrialFailed(Exception):
     """train.py exited with an error: recorded as a failed trial, and the study goes on."""
 
 
-def read_records(path):
-    """The complete lines of a log.jsonl being written (a line still being written is left for later)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f.read().split("\n")[:-1] if line.strip()]
-
-
 def held_out_loss(run_dir):
     """A finished trial's score: its checkpoint's loss over the whole held-out split."""
-    device, _ = runtime.resolve_device(base["device"])
+    device, _ = hardware.resolve_device(base["device"])
     model, tok_spec, meta = load_model(run_dir, map_location=device)
     token_bytes = torch.tensor(load_tokenizer(tok_spec).token_bytes(), dtype=torch.float64)
-    autocast_ctx = runtime.autocast(device, runtime.resolve_dtype(base["dtype"], device)[0])
-    scores = score_split(model.to(device), run_data_dir(meta, REPO), "val", token_bytes, 32, device, autocast_ctx)
+    autocast_ctx = hardware.autocast(device, hardware.resolve_dtype(base["dtype"], device)[0])
+    scores = score_split(model.to(device), run_data_dir(meta), "val", token_bytes, 32, device, autocast_ctx)
     return scores["loss"]
 
 
@@ -193,7 +306,7 @@ def objective(trial):
     try:
         while True:
             finished = proc.poll() is not None
-            records = read_records(os.path.join(run_dir, "log.jsonl"))
+            records = runlog.read_log(run_dir)
             for r in records[seen:]:
                 if "val_loss" not in r:
                     continue
@@ -282,8 +395,8 @@ header = [f"The best trial of the sweep '{study_name}' ({' '.join(sweep_files)})
           + (f" (baseline {base_trial.value:.4f}, trial {base_trial.number})." if base_trial else "."),
           f"{len(trials)} trials: {len(complete)} completed, {n_pruned} pruned, {n_failed} failed. Written by sweep.py "
           f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
-          f"$ python train.py {os.path.relpath(best_config, REPO) if best_config.startswith(REPO) else best_config}"]
-with runtime.atomic_path(best_config) as tmp:
+          f"$ python train.py {os.path.relpath(best_config, files.REPO) if best_config.startswith(files.REPO) else best_config}"]
+with files.atomic_path(best_config) as tmp:
     with open(tmp, "w") as f:
         f.write("".join(f"# {h}\n" for h in header) + "\n")
         f.write("".join(f"{k} = {v!r}\n" for k, v in sorted(settings.items())))

@@ -21,9 +21,6 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=
 Resume exactly where a run stopped (Ctrl-C and SIGTERM save a checkpoint first):
 $ python train.py config/train_shakespeare_char_cpu.py --init_from=resume
 """
-import json
-import math
-import os
 import signal
 import sys
 import time
@@ -34,17 +31,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
-import optim
-import runtime
-import tokens
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, overrides
-from evaluation import evaluate, split_windows
+from configurator import FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, knobs
 from model import GPT, GPTConfig
-from runtime import UserError
-from tokenizer import load_tokenizer
+from nanoforge import checkpoint, errors, files, hardware, optim, parallel, runlog, tokens, training
+from nanoforge.errors import UserError
+from nanoforge.evaluation import evaluate, split_windows
+from nanoforge.tokenizer import load_tokenizer
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -116,7 +110,7 @@ fsdp_consolidate = True  # fsdp: at the end, also write an ordinary ckpt.pt (for
 dist_timeout = 600.0  # seconds a collective waits for a silent rank before the run fails (rather than hang)
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults = knobs(globals())
 config = configure(defaults, sys.argv[1:])
 globals().update(config)
 check_ranges(config, {
@@ -129,29 +123,19 @@ check_ranges(config, {
     "lr_decay_iters": (lambda v: v >= 1, "an int >= 1"),
     "lr_cooldown": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
 })
-if n_embd % n_head or (pos_emb == "rope" and (n_embd // n_head) % 2):
-    raise UserError(f"n_embd={n_embd} must split into n_head={n_head} heads of equal size"
-                    + (" (an even size, for rope)" if n_embd % n_head == 0 else "")
-                    + f"; try --n_head={next(h for h in range(min(n_head, n_embd), 0, -1) if n_embd % h == 0)}")
+training.check_heads(n_embd, n_head, pos_emb)
 # -----------------------------------------------------------------------------------------------------
 # derived values, checked
 
-device, device_why = runtime.resolve_device(device)
-ddp, rank, local_rank, world_size, device = runtime.setup_distributed(backend, device, dist_timeout)
+device, device_why = hardware.resolve_device(device)
+ddp, rank, local_rank, world_size, device = parallel.setup_distributed(backend, device, dist_timeout)
 master = rank == 0  # logs, checkpoints, plots
-dtype, dtype_why = runtime.resolve_dtype(dtype, device, (batch_size * block_size, n_embd))
+dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_size, n_embd))
 log = print if master else (lambda *a, **k: None)
 
-if total_batch_size > 0:
-    micro_tokens = batch_size * block_size
-    if total_batch_size % micro_tokens:
-        raise UserError(f"total_batch_size={total_batch_size} is not a multiple of batch_size * block_size = "
-                        f"{micro_tokens}; change one of them")
-    gradient_accumulation_steps = total_batch_size // micro_tokens
-if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} does not split over "
-                    f"{world_size} processes; make it a multiple of {world_size}")
-local_accum = gradient_accumulation_steps // world_size  # micro-steps each rank runs per optimizer step
+# micro-steps per optimizer step: all ranks' (from total_batch_size, if set), and each rank's
+gradient_accumulation_steps, local_accum = training.accumulation_steps(
+    gradient_accumulation_steps, total_batch_size, batch_size, block_size, world_size)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if lr_clock not in ("iters", "time") or (lr_clock == "time" and time_budget <= 0):
     raise UserError(f"lr_clock={lr_clock!r}: use 'iters', or 'time' together with a --time_budget in seconds")
@@ -162,31 +146,17 @@ if fsdp and optimizer_name == "muon":
 if fsdp and not ddp:
     raise UserError("fsdp=True shards over torchrun's processes; launch with torchrun --standalone "
                     "--nproc_per_node=N train.py ... (N=1 works too)")
-out_dir_lock = runtime.lock_out_dir(out_dir) if master else None  # before looking: two runs must not both start
-# fsdp runs save and resume sharded checkpoints, the others ckpt.pt
-full_ckpt = checkpoint.ckpt_path(out_dir) if os.path.exists(checkpoint.ckpt_path(out_dir)) else None
-sharded_ckpt = checkpoint.find_sharded(out_dir)
-if init_from == "resume" and not (sharded_ckpt if fsdp else full_ckpt):
-    hint = {(True, False): "it holds ckpt.pt from a run without fsdp: resume with --fsdp=False",
-            (False, True): "it holds a sharded checkpoint (ckpt_sharded/): resume with --fsdp=True under torchrun"}
-    raise UserError(f"--init_from=resume but {out_dir} holds no {'sharded checkpoint' if fsdp else 'ckpt.pt'}; "
-                    + hint.get((bool(full_ckpt), bool(sharded_ckpt)), "start with --init_from=scratch"))
-if init_from != "resume" and (full_ckpt or sharded_ckpt):
-    raise UserError(f"{out_dir} already holds a run's checkpoint; resume it with --init_from=resume, "
-                    f"or pick another --out_dir")
+out_dir_lock = files.lock_out_dir(out_dir) if master else None  # before looking: two runs must not both start
+resume_from = checkpoint.check_out_dir(out_dir, init_from, fsdp)  # fsdp runs resume sharded checkpoints
 
-log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
-if kept := runtime.malloc_policy(device, save_memory=gradient_checkpointing):
-    log(kept)
+training.startup_lines(log, device, device_why, dtype, dtype_why, defaults, config, gradient_checkpointing)
 log(f"world size {world_size}, {gradient_accumulation_steps} micro-steps of {batch_size} x {block_size} "
     f"({local_accum} per rank): {tokens_per_iter:,} tokens per iteration")
-changed = overrides(defaults, config)
-log("overrides: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "overrides: none")
 
 # -----------------------------------------------------------------------------------------------------
 # data
 
-data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+data_dir = tokens.dataset_dir(dataset, data_dir)
 meta = tokens.read_meta(data_dir)
 train_path, val_path = tokens.split_files(data_dir, "train"), tokens.split_files(data_dir, "val")  # lists of shards
 train_len = tokens.split_length(data_dir, "train", block_size)
@@ -207,73 +177,42 @@ if small := tokens.small_split_warning(val_len, "val", data_dir):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta["vocab_size"], dropout=dropout, pos_emb=pos_emb, norm=norm, mlp=mlp,
                   qk_norm=qk_norm, tie_embeddings=tie_embeddings, zero_init=zero_init, logit_softcap=logit_softcap)
-iter_num, best_val_loss, state, resumed_train_time = 0, float("inf"), None, 0.0
+# train_time: seconds spent in training steps, evaluation excluded; a resumed run goes on from its
+# checkpoint's, so a time_budget and the time clock of the learning rate carry across the stop
+iter_num, best_val_loss, train_time, resume = 0, float("inf"), 0.0, None
 torch.manual_seed(seed)  # the same initial weights on every rank and every run with this seed
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
-elif init_from == "resume" and fsdp:  # the weights are loaded once the model is sharded
-    resumed = checkpoint.read_sharded_meta(sharded_ckpt)
-    checkpoint.check_compatible(resumed["model_args"], model_args, f"the checkpoint in {out_dir}")
-    model = GPT(GPTConfig(**resumed["model_args"]))
-    iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
-    resumed_train_time = resumed.get("train_time", 0.0)  # checkpoints from before the time clock: 0
-    log(f"resuming from {sharded_ckpt} at iteration {iter_num}")
-elif init_from == "resume":
-    state = checkpoint.load_checkpoint(checkpoint.ckpt_path(out_dir))
-    checkpoint.check_compatible(state["meta"]["model_args"], model_args, f"the checkpoint in {out_dir}")
-    if "optimizer" not in state:
-        raise UserError(f"{checkpoint.ckpt_path(out_dir)} holds weights only (consolidated from a sharded run); "
-                        f"resume that run with --fsdp=True under torchrun")
-    model = checkpoint.model_from_checkpoint(state)
-    iter_num, best_val_loss = state["meta"]["iter_num"], state["meta"]["best_val_loss"]
-    resumed_train_time = state["meta"].get("train_time", 0.0)  # checkpoints from before the time clock: 0
-    log(f"resuming from {out_dir} at iteration {iter_num}")
+elif init_from == "resume":  # the optimizer (and under fsdp the weights) load once they exist: resume.restore
+    resume = checkpoint.Resume(resume_from, fsdp, model_args)
+    model, iter_num, best_val_loss, train_time = resume.model, resume.iter_num, resume.best_val_loss, resume.train_time
+    log(f"resuming from {resume_from} at iteration {iter_num}")
 else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
     model, tok_spec, _ = checkpoint.load_model(init_from, dropout=dropout)
     if tok_spec != meta["tokenizer"] or model.config.vocab_size != meta["vocab_size"]:
         raise UserError(f"{init_from} uses tokenizer {tok_spec['kind']} with vocab {model.config.vocab_size}, but "
                         f"{data_dir} was prepared with {meta['tokenizer']['kind']}, vocab {meta['vocab_size']}; "
                         f"prepare the data with the model's tokenizer")
-    if block_size > model.config.block_size:
-        raise UserError(f"block_size={block_size} is longer than {init_from}'s context {model.config.block_size}")
-    if block_size < model.config.block_size:
-        model.crop_block_size(block_size)
+    training.fit_context(model, block_size, init_from)
     log(f"initialised from {init_from}: {model.config}")
 model.to(device)
 if gradient_checkpointing:
-    runtime.gradient_checkpointing(model)
-autocast_ctx = runtime.autocast(device, dtype)
-peak, peak_why = runtime.peak_flops(device, dtype)
+    parallel.gradient_checkpointing(model)
+autocast_ctx = hardware.autocast(device, dtype)
+peak, peak_why = hardware.peak_flops(device, dtype)
 # compile where it pays: the run's expected training time, from its FLOPs at a typical CPU MFU of 30%
 # (the figure is only compared with the ~30 s a compile costs), capped by its time budget
 expected = (max_iters - iter_num) * model.flops_per_token() * tokens_per_iter / world_size / (0.3 * peak)
-compile, compile_why = runtime.resolve_compile(compile, device, min(expected, time_budget or expected))
+compile, compile_why = hardware.resolve_compile(compile, device, min(expected, time_budget or expected))
 log(f"compile: {compile} ({compile_why})")
 if fsdp:  # before the optimizer is built: sharding replaces the parameters
-    runtime.fully_shard_model(model, device, dtype, compile)
+    parallel.fully_shard_model(model, device, dtype, compile)
 
 optimizer = optim.build_optimizer(model, optimizer_name, learning_rate, weight_decay, (beta1, beta2), device,
-                                  muon_momentum, runtime.newton_schulz_dtype(dtype))
-if fsdp:  # its inf/nan check is agreed by all ranks, which each see only their shard of the gradients
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    scaler = ShardedGradScaler("cuda", enabled=(dtype == "float16"))
-else:
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
-if init_from == "resume" and fsdp:
-    checkpoint.load_sharded(sharded_ckpt, model, optimizer)
-    if "scaler" in resumed:
-        scaler.load_state_dict(resumed["scaler"])
-if state is not None:
-    saved = state["meta"]["config"].get("optimizer_name", "adamw")  # runs from before Muon used AdamW
-    if saved != optimizer_name:
-        raise UserError(f"the checkpoint in {out_dir} holds {'Muon + AdamW' if saved == 'muon' else 'AdamW'} state "
-                        f"(optimizer_name={saved!r}); resume with --optimizer_name={saved}")
-    optimizer.load_state_dict(state["optimizer"])
-    if "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    del state  # free the checkpoint's copy of the weights
-
-raw_model = model  # unwrapped: what is saved, and how FLOPs are counted (under fsdp, sharded in place)
+                                  muon_momentum, hardware.newton_schulz_dtype(dtype))
+scaler = parallel.grad_scaler(dtype, fsdp)  # fp16 only; a no-op otherwise
+if resume:
+    resume.restore(model, optimizer, scaler, optimizer_name)
 
 
 def warmup_step(m):
@@ -284,17 +223,20 @@ def warmup_step(m):
     optimizer.zero_grad(set_to_none=True)
 
 
+# three handles on one model: `model` is the GPT (what is saved and how FLOPs are counted; under fsdp it
+# is sharded in place), `eval_model` the same compiled (if compile), `step_model` what a training step
+# calls: eval_model inside DDP's wrapper, whose hooks average gradients (evaluation skips them)
+eval_model = model
 if compile and not fsdp:  # fsdp compiled each block already
     log("compiling the model (a minute on a laptop; not counted in the training time)...")
-    model, compile_time = runtime.compile_model(model, warmup_step, log)
-    compile = model is not raw_model
+    eval_model, compile_time = hardware.compile_model(model, warmup_step, log)
+    compile = eval_model is not model
     if compile:
         log(f"compiled in {compile_time:.1f}s")
-eval_model = model  # evaluation skips DDP's hooks (not FSDP's: they gather the weights); compiled if training is
-if ddp and not fsdp:
-    model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; MFU against {runtime.format_flops(peak)} ({peak_why})")
-if too_big := runtime.step_memory_warning(raw_model.config, raw_model.get_num_params(), batch_size, dtype,
+step_model = DDP(eval_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
+    if ddp and not fsdp else eval_model
+log(f"model: {model.get_num_params() / 1e6:.2f}M parameters; MFU against {hardware.format_flops(peak)} ({peak_why})")
+if too_big := hardware.step_memory_warning(model.config, model.get_num_params(), batch_size, dtype,
                                           chunked_loss, gradient_checkpointing):
     log(too_big)
 
@@ -307,35 +249,16 @@ def get_lr(it):
                        progress)
 
 
-log_path = os.path.join(out_dir, "log.jsonl")
 start_iter = iter_num
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     derived = dict(device=device, dtype=dtype, compile=compile, world_size=world_size,
                    gradient_accumulation_steps=gradient_accumulation_steps, tokens_per_iter=tokens_per_iter)
-    runtime.write_json(os.path.join(out_dir, "run.json"),
-                       {"config": config, "derived": derived, "run": runtime.run_info(device), "data": meta})
-    # a resumed run rewrites history from its checkpoint on: drop what the stopped run logged after it
-    kept = []
-    if init_from == "resume" and os.path.exists(log_path):
-        with open(log_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        kept = [r for r in records if r["iter"] < iter_num or ("val_loss" in r and r["iter"] == iter_num)]
-    with runtime.atomic_path(log_path) as tmp:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-    log_file = open(log_path, "a")
+    runlog.write_run_json(out_dir, config, derived, meta, device)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
-
-
-def record(entry):
-    if master:
-        log_file.write(json.dumps(entry) + "\n")
-        log_file.flush()
-        if wandb_log:
-            wandb.log(entry, step=entry["iter"])
+    run_log = runlog.RunLog(out_dir, resume_iter=iter_num if resume else None, wandb_run=wandb if wandb_log else None)
+record = run_log.record if master else (lambda entry: None)
 
 
 def save(reason):
@@ -344,31 +267,10 @@ def save(reason):
     if fsdp:  # every rank writes its own shards
         if scaler.is_enabled():
             meta_out["scaler"] = scaler.state_dict()
-        checkpoint.save_sharded(out_dir, raw_model, optimizer, meta_out)
+        checkpoint.save_sharded(out_dir, model, optimizer, meta_out)
     elif master:
-        checkpoint.save_checkpoint(checkpoint.ckpt_path(out_dir), raw_model, meta_out, optimizer, scaler)
+        checkpoint.save_checkpoint(checkpoint.ckpt_path(out_dir), model, meta_out, optimizer, scaler)
     log(f"saved {'sharded ' if fsdp else ''}checkpoint to {out_dir} at iteration {iter_num} ({reason})")
-
-
-def plot_losses():
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (batch)")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val (fixed set)")
-    ax.set(xlabel="iteration", ylabel="loss (nats/token)", title=out_dir)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with runtime.atomic_path(os.path.join(out_dir, "loss.png")) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 # Ctrl-C / SIGTERM: finish the current iteration, save, exit (all ranks agree through the all-reduce below).
@@ -391,9 +293,6 @@ signal.signal(signal.SIGTERM, request_stop)
 # -----------------------------------------------------------------------------------------------------
 # training loop
 
-# seconds spent in training steps, evaluation excluded; a resumed run goes on from its checkpoint's, so a
-# time_budget and the time clock of the learning rate carry across the stop
-train_time = resumed_train_time
 out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
 while True:
     # evaluate on the fixed sets (not where a resumed run starts: the stopped run evaluated there)
@@ -424,8 +323,7 @@ while True:
 
     t0 = time.perf_counter()
     lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    training.set_lr(optimizer, lr)
     # this step's examples: the same global draw on every rank, each taking its own rows
     rows = tokens.train_starts(seed, iter_num, gradient_accumulation_steps * batch_size, train_len, block_size)
     rows = rows[rank * local_accum * batch_size:(rank + 1) * local_accum * batch_size]
@@ -437,12 +335,12 @@ while True:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # DDP and FSDP: average gradients across ranks only once, after the last micro-step
         if fsdp:
-            model.set_requires_gradient_sync(micro == local_accum - 1)
-        sync = model.no_sync() if ddp and not fsdp and micro < local_accum - 1 else nullcontext()
+            step_model.set_requires_gradient_sync(micro == local_accum - 1)
+        sync = step_model.no_sync() if ddp and not fsdp and micro < local_accum - 1 else nullcontext()
         with sync:
             with autocast_ctx:
                 # [1]: not the logits (None when chunked): kept, they would hold (B, T, V) floats through backward
-                loss = model(x, y, chunked_loss=chunked_loss)[1]
+                loss = step_model(x, y, chunked_loss=chunked_loss)[1]
                 loss = loss / local_accum  # the mean over this rank's micro-steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -455,9 +353,7 @@ while True:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     step_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
     out_of_time = stats[2].item() > 0
-    if not math.isfinite(step_loss):
-        raise UserError(f"loss is {step_loss} at iteration {iter_num}; stopped without saving, so {out_dir} keeps "
-                        f"the last good checkpoint. Lower learning_rate, raise warmup_iters, or check grad_clip")
+    training.check_finite(step_loss, iter_num, out_dir)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -471,7 +367,7 @@ while True:
 
     if iter_num % log_interval == 0:
         tok_s = tokens_per_iter / dt
-        mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
+        mfu = model.estimate_mfu(tok_s / world_size, peak)
         log(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.2f}%")
         record(dict(iter=iter_num, loss=step_loss, lr=lr, ms=round(dt * 1000, 2), tokens_per_s=round(tok_s),
                     mfu=mfu, train_time=round(train_time, 3)))
@@ -487,10 +383,9 @@ if fsdp and fsdp_consolidate and master and checkpoint.find_sharded(out_dir):
     checkpoint.consolidate(checkpoint.find_sharded(out_dir), checkpoint.ckpt_path(out_dir))
     log(f"consolidated the sharded checkpoint into {checkpoint.ckpt_path(out_dir)}")
 if master:
-    log_file.close()
+    run_log.close()
     if plot:
-        plot_losses()
-        log(f"loss curve: {os.path.join(out_dir, 'loss.png')}")
+        log(f"loss curve: {runlog.plot_losses(out_dir)}")
 if ddp:  # leave together: a rank that exits while another still works (consolidating) can fail its teardown
     dist.barrier()
     dist.destroy_process_group()

@@ -17,13 +17,13 @@ import os
 import sys
 import time
 
-import runtime
-from configurator import configure
-from corpus import jsonl_records
-from runtime import UserError
-from tokenizer import PATTERNS, SPECIAL_TOKENS, gpt2_encoding, load_bpe, save_bpe, train_bpe
+from configurator import configure, knobs
+from nanoforge import errors
+from nanoforge.corpus import jsonl_records
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import PATTERNS, SPECIAL_TOKENS, gpt2_encoding, load_bpe, save_bpe, train_bpe
 
-runtime.friendly_errors()
+errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
 input = ""  # a file or folder (.txt, .jsonl, .jsonl.gz, .parquet)
@@ -34,7 +34,7 @@ heldout_fraction = 0.1  # the last share of documents/lines, not trained on, for
 out = "tokenizers/mytok"
 progress = True
 # -----------------------------------------------------------------------------------------------------
-defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 if not input:

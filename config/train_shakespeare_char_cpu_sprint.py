@@ -53,8 +53,8 @@ dtype = "auto"  # measured at start-up: bf16 where this CPU runs it faster (AVX-
 # above: 3 layers, 17 s. Where it is emulated (AVX2-only CPUs, most laptops), training runs in fp32 at
 # ~half the speed, and 2 layers make enough more steps to get there first: val 1.84 after 20 s, where 3
 # layers read 1.91 after 22 s and nanoGPT's recipe ends at 1.89 after 114 s (dev/LOG.md, emulated AVX2).
-import runtime as _runtime  # noqa: E402 (a module: not a config key)
-if _runtime.resolve_dtype("auto", "cpu", (batch_size * block_size, n_embd))[0] != "bfloat16":
+from nanoforge import hardware as _hardware  # noqa: E402 (a module: not a config key)
+if _hardware.resolve_dtype("auto", "cpu", (batch_size * block_size, n_embd))[0] != "bfloat16":
     n_layer = 2
     time_budget = 20.0
 compile = False  # compiling takes ~25 s, longer than this whole run

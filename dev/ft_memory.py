@@ -2,7 +2,7 @@
 Peak memory of one fine-tuning mode on a GPT-2-124M-shaped model (random weights: memory does not depend
 on their values), measured in its own process as the peak resident set size (ru_maxrss). Does what
 finetune.py does to the model: the chat tokens' extra rows, LoRA through lora.apply_lora, gradient
-checkpointing through runtime.gradient_checkpointing, AdamW over optim.param_groups; the batch is masked
+checkpointing through parallel.gradient_checkpointing, AdamW over optim.param_groups; the batch is masked
 like chat data (the loss counts the second half of each row).
 
 $ /usr/bin/time -v python dev/ft_memory.py --mode=full       # also: model (load + forward only), lora, lora_ckpt, full_ckpt
@@ -15,18 +15,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import torch  # noqa: E402
 
-import lora  # noqa: E402
-import optim  # noqa: E402
-import runtime  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from nanoforge import lora  # noqa: E402
+from nanoforge import optim  # noqa: E402
+from nanoforge import parallel  # noqa: E402
 
 cfg = configure(dict(mode="full", batch_size=4, block_size=512, steps=3, lora_rank=8, seed=0), sys.argv[1:])
 torch.manual_seed(cfg["seed"])
 B, T = cfg["batch_size"], cfg["block_size"]
 model = GPT(GPTConfig(block_size=1024, vocab_size=50257 + 4, n_layer=12, n_head=12, n_embd=768))
 if cfg["mode"].endswith("_ckpt"):
-    runtime.gradient_checkpointing(model)
+    parallel.gradient_checkpointing(model)
 if cfg["mode"].startswith("lora"):
     model = lora.apply_lora(model, cfg["lora_rank"], 2.0 * cfg["lora_rank"], 0.0)
 trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,14 +1,22 @@
 """
-Shared test setup: the library modules are flat top-level files, so the repo root goes on sys.path.
+What the tests share: the repository root on sys.path (the scripts' own view: model.py, configurator.py
+and the nanoforge package), running a script as a user does, the one-line-error check, reading a run's
+log, and the data fixtures. Test modules import the helpers from here (`from conftest import run`); no
+test module imports another.
+
 Tests never touch the network: tiktoken reads GPT-2's BPE from the shared cache beside the repo, and
 Hugging Face is told to stay offline (its GPT-2s are built randomly and saved to tmp_path instead).
 """
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -34,14 +42,87 @@ def hf_gpt2_dir(tmp_path_factory):
     return str(folder), hf
 
 
+# a tiny model that trains in a second or two
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20",
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--plot=False", "--dataset=shakespeare_char"]
+
+
+def run(script, *args, check=True, env=None, timeout=300, launcher=None):
+    """Runs a script of the repo (or `-c CODE`) from the repo root as a user does; with check, a non-zero
+    exit fails the test with the script's output."""
+    argv = [script] if script == "-c" else [os.path.join(ROOT, script)]
+    proc = subprocess.run([*(launcher or [sys.executable]), *argv, *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# Runs a script with time.perf_counter replaced by a clock that moves TICK seconds each time it is read,
+# whatever the real time: a time budget then ends a run after the same steps on a fast machine or a slow,
+# busy one (train.py reads the clock 3 times a step and counts 2 ticks of it as training time; a tick of
+# 1/64 s keeps the sums exact in floating point)
+FAKE_CLOCK = """
+import itertools, runpy, sys, time
+ticks, tick = itertools.count(), float(sys.argv[1])
+time.perf_counter = lambda: next(ticks) * tick
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+TICK = 1 / 64
+
+
+def run_fake_clock(script, *args, tick=TICK):
+    return run("-c", FAKE_CLOCK, str(tick), os.path.join(ROOT, script), *args)
+
+
+def assert_one_line_error(proc, *fragments):
+    """What a user sees for bad input: exit status 2, no traceback, one line `error: ...` on stderr that
+    holds each fragment."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def read_log(out_dir):
+    """A run's log.jsonl, read here independently of nanoforge.runlog."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
+
+
 @pytest.fixture(scope="session")
-def small_char_data(tmp_path_factory):
+def char_data(tmp_path_factory):
     """A character-level dataset folder (train.bin, val.bin, meta.json) prepared by the real prepare script
-    from the first 100k characters of Tiny Shakespeare (90k train, 10k val)."""
-    import subprocess
-    d = tmp_path_factory.mktemp("small_char_data")
-    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        (d / "input.txt").write_text(f.read()[:100_000], encoding="utf-8")
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"),
-                    f"--input={d / 'input.txt'}", f"--out_dir={d}"], check=True, capture_output=True)
+    from the first 200k characters of Tiny Shakespeare (180k train, 20k val)."""
+    d = tmp_path_factory.mktemp("char_data")
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        (d / "input.txt").write_text(f.read()[:200_000], encoding="utf-8")
+    run("data/shakespeare_char/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def sharded_char_data(char_data, tmp_path_factory):
+    """char_data's splits written as shards of 8,000 tokens (train_000000.bin, ..., val_000000.bin, ...),
+    the layout `prepare.py --shard_tokens` writes for corpora too big for one file."""
+    import shutil
+
+    import numpy as np
+
+    from nanoforge import tokens
+    d = tmp_path_factory.mktemp("sharded_char_data")
+    meta = tokens.read_meta(char_data)
+    for split in ("train", "val"):
+        with tokens.ShardWriter(str(d), split, meta["vocab_size"], 8_000) as writer:
+            writer.write(np.asarray(tokens.open_tokens(tokens.split_path(char_data, split))))
+        assert len(writer.paths) > 1
+    shutil.copy(os.path.join(char_data, "meta.json"), d)
     return str(d)

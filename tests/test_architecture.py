@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model
 from model import GPT, GPTConfig, KVCache, ReLUSquared, gelu_tanh_sigmoid
+import model
 
 ALL_ON = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, zero_init=True,
               logit_softcap=15.0)

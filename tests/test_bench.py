@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-import runtime
+from nanoforge import hardware
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
         "--batch_size=4", "--warmup_steps=1", "--timed_steps=3", "--gen_tokens=40", "--device=cpu"]
 
@@ -39,8 +39,8 @@ def test_bench_machine_mode_names_the_cpu_and_its_figures(tmp_path):
     r = run_bench("--mode=machine", "--device=cpu", f"--json_out={out_json}")
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads(out_json.read_text())["machine"]
-    info = runtime.cpu_info()
-    assert m["cpu"] == info and m["name"] == runtime.describe_cpu(info)
+    info = hardware.cpu_info()
+    assert m["cpu"] == info and m["name"] == hardware.describe_cpu(info)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("machine:")]
     assert line == [m["line"]] and info["name"] in m["line"] and info["isa"] in m["line"]
     # fp32 and bf16 matmuls, bf16 at 256^3 where it is emulated (a 1024^3 one would take seconds)
@@ -69,7 +69,7 @@ def test_bench_tiny_model_both_modes(tmp_path):
     assert results["train"]["tokens_per_s"] > 0 and results["generate"]["speedup"] > 0
     assert results["config"]["n_layer"] == 2 and results["resolved"]["device"] == "cpu"
     m = machine_of(r.stdout, results)
-    assert m["name"] == runtime.describe_cpu() and m["memory_gb_s"] > 0 and m["matmul_gflops"]["float32"] > 0
+    assert m["name"] == hardware.describe_cpu() and m["memory_gb_s"] > 0 and m["matmul_gflops"]["float32"] > 0
 
 
 def test_bench_generate_reports_the_bandwidth_bound_and_progress(tmp_path):
@@ -120,7 +120,7 @@ def test_bench_memory_mode_compares_gradient_checkpointing(tmp_path):
     results = json.loads(out_json.read_text())
     assert results["with"][0]["peak_memory_bytes"] > 0 and results["without"][0]["peak_memory_bytes"] > 0
     assert results["time_ratio"] > 0 and len(results["loads"]) == 2
-    assert machine_of(r.stdout, results)["name"] == runtime.describe_cpu()
+    assert machine_of(r.stdout, results)["name"] == hardware.describe_cpu()
 
 
 @pytest.mark.slow
@@ -139,18 +139,6 @@ def test_bench_fsdp_mode_shards_the_state(tmp_path):
     assert sum(r["params"] for r in ranks) == sum(r["grads"] for r in ranks) == whole
     assert all(r["params"] < whole * 0.6 for r in ranks)  # each rank holds about half
     assert sum(r["optimizer"] for r in ranks) >= 2 * whole  # Adam's two moments, sharded the same way
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    src = d / "input.txt"
-    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        src.write_text(f.read()[:100_000], encoding="utf-8")
-    proc = subprocess.run([sys.executable, "data/shakespeare_char/prepare.py", f"--input={src}", f"--out_dir={d}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return str(d)
 
 
 @pytest.mark.slow

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import tokens
-from runtime import UserError
-from tokenizer import (SPECIAL_TOKENS, _bytes_to_unicode, bpe_spec, load_bpe, load_tokenizer, save_bpe,
+from conftest import assert_one_line_error, run
+from nanoforge import tokens
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import (SPECIAL_TOKENS, _bytes_to_unicode, bpe_spec, load_bpe, load_tokenizer, save_bpe,
                        train_bpe)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+from conftest import ROOT, SHAKESPEARE  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1")
 
 HARD = [
@@ -146,17 +146,8 @@ def test_spec_records_folder_and_fingerprint(trained, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # the scripts, run as a user runs them
 
-def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=300)
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.stdout[-500:], proc.stderr[-2000:])
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+def run_script(script, *args):
+    return run(script, *args, check=False, env=ENV)
 
 
 def test_train_tokenizer_script_on_jsonl_gz(tmp_path):
@@ -167,7 +158,7 @@ def test_train_tokenizer_script_on_jsonl_gz(tmp_path):
         for i, d in enumerate(docs):
             f.write(json.dumps({"id": i, "body": d}) + "\n")
     out = tmp_path / "tok"
-    proc = run("train_tokenizer.py", f"--input={path}", "--text_field=body", "--vocab_size=512", f"--out={out}",
+    proc = run_script("train_tokenizer.py", f"--input={path}", "--text_field=body", "--vocab_size=512", f"--out={out}",
                "--progress=False")
     assert proc.returncode == 0, proc.stderr
     assert "bytes/token" in proc.stdout and "GPT-2" in proc.stdout
@@ -188,7 +179,7 @@ def test_train_tokenizer_script_on_a_folder_with_parquet(tmp_path):
     pq.write_table(pa.table({"text": HARD * 3}), folder / "sub" / "docs.parquet")
     (folder / "lines.txt").write_text("".join(corpus_lines()[:200]), encoding="utf-8")
     (folder / "notes.md").write_text("not a corpus file")
-    proc = run("train_tokenizer.py", f"--input={folder}", "--vocab_size=300", f"--out={tmp_path / 'tok'}",
+    proc = run_script("train_tokenizer.py", f"--input={folder}", "--vocab_size=300", f"--out={tmp_path / 'tok'}",
                "--progress=False")
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "tok" / "tokenizer.json") as f:
@@ -199,14 +190,14 @@ def test_train_tokenizer_script_on_a_folder_with_parquet(tmp_path):
 def test_train_tokenizer_bad_input(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert_one_line_error(run("train_tokenizer.py", f"--input={empty}", f"--out={tmp_path / 'a'}"), "empty")
-    assert_one_line_error(run("train_tokenizer.py", f"--input={SHAKESPEARE}", "--vocab_size=100",
+    assert_one_line_error(run_script("train_tokenizer.py", f"--input={empty}", f"--out={tmp_path / 'a'}"), "empty")
+    assert_one_line_error(run_script("train_tokenizer.py", f"--input={SHAKESPEARE}", "--vocab_size=100",
                               f"--out={tmp_path / 'b'}"), "at least 261")
-    assert_one_line_error(run("train_tokenizer.py", f"--input={tmp_path / 'nope'}", f"--out={tmp_path / 'c'}"),
+    assert_one_line_error(run_script("train_tokenizer.py", f"--input={tmp_path / 'nope'}", f"--out={tmp_path / 'c'}"),
                           "not found")
     numbers = tmp_path / "numbers.jsonl"
     numbers.write_text('{"text": "fine"}\n{"text": 42}\n')
-    assert_one_line_error(run("train_tokenizer.py", f"--input={numbers}", f"--out={tmp_path / 'd'}"),
+    assert_one_line_error(run_script("train_tokenizer.py", f"--input={numbers}", f"--out={tmp_path / 'd'}"),
                           "line 2", "not text")
     assert not any((tmp_path / d).exists() for d in "abcd")
 
@@ -231,7 +222,7 @@ def test_documents_corpus_with_trained_tokenizer(trained, tmp_path):
         assert ends[-1] == len(ids) - 1
         found += [tok.decode(d[:-1].tolist()) for d in np.split(ids, ends + 1)[:-1]]
     assert sorted(found) == sorted(docs)
-    proc = run("data/openwebtext/prepare.py", f"--input={path}", "--tokenizer=char", f"--out_dir={tmp_path / 'x'}")
+    proc = run_script("data/openwebtext/prepare.py", f"--input={path}", "--tokenizer=char", f"--out_dir={tmp_path / 'x'}")
     assert_one_line_error(proc, "end-of-text")
 
 
@@ -249,7 +240,7 @@ def test_uint32_tokens_end_to_end(tmp_path):
     save_bpe(str(folder), ranks, "gpt2")
     text = "to be or not to be, that is the question: ünïcödé 🦊\n" * 50
     (tmp_path / "input.txt").write_text(text, encoding="utf-8")
-    proc = run("data/shakespeare/prepare.py", f"--input={tmp_path / 'input.txt'}", f"--tokenizer={folder}",
+    proc = run_script("data/shakespeare/prepare.py", f"--input={tmp_path / 'input.txt'}", f"--tokenizer={folder}",
                f"--out_dir={tmp_path / 'data'}")
     assert proc.returncode == 0, proc.stderr
     meta = tokens.read_meta(str(tmp_path / "data"))
@@ -265,19 +256,19 @@ def test_checkpoint_decodes_with_its_trained_tokenizer(tmp_path):
     tok, _, _ = train_and_save(tmp_path / "tok", 300)
     (tmp_path / "input.txt").write_text("".join(corpus_lines()[:2000]), encoding="utf-8")
     data = tmp_path / "data"
-    proc = run("data/shakespeare_char/prepare.py", f"--input={tmp_path / 'input.txt'}",
+    proc = run_script("data/shakespeare_char/prepare.py", f"--input={tmp_path / 'input.txt'}",
                f"--tokenizer={tmp_path / 'tok'}", f"--out_dir={data}")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
-    proc = run("train.py", "--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
+    proc = run_script("train.py", "--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
                "--block_size=32", "--batch_size=4", "--eval_iters=2", "--max_iters=4", "--eval_interval=4",
                "--warmup_iters=1", "--lr_decay_iters=4", "--plot=False", f"--data_dir={data}", f"--out_dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [json.loads(line) for line in open(out / "log.jsonl") if "val_bpb" in line]
     assert evals and all(r["val_bpb"] > 0 for r in evals)
-    proc = run("sample.py", f"--out_dir={out}", "--start=ROMEO: سلام", "--num_samples=1", "--max_new_tokens=20",
+    proc = run_script("sample.py", f"--out_dir={out}", "--start=ROMEO: سلام", "--num_samples=1", "--max_new_tokens=20",
                "--device=cpu")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ROMEO: سلام")
     shutil.rmtree(tmp_path / "tok")  # the tokenizer folder is gone: one line saying which
-    assert_one_line_error(run("sample.py", f"--out_dir={out}", "--device=cpu"), str(tmp_path / "tok"), "not found")
+    assert_one_line_error(run_script("sample.py", f"--out_dir={out}", "--device=cpu"), str(tmp_path / "tok"), "not found")

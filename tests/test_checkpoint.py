@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from checkpoint import (check_compatible, ckpt_path, load_checkpoint, load_model, model_from_checkpoint,
+from nanoforge.checkpoint import (check_compatible, ckpt_path, load_checkpoint, load_model, model_from_checkpoint,
                         save_checkpoint)
 from model import GPT, GPTConfig
-from runtime import UserError
+from nanoforge.errors import UserError
 
 META = {"tokenizer": {"kind": "char", "chars": "abcdefgh"}, "iter_num": 7, "best_val_loss": 1.5,
         "config": {"batch_size": 4}, "dataset": "tiny"}

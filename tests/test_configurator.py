@@ -3,11 +3,14 @@ configurator.configure: defaults < config files < --key=value, in argv order; ty
 are one-line UserErrors that say what was meant.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 
 from configurator import configure, overrides, parse_value
-from runtime import UserError
+from conftest import ROOT
+from nanoforge.errors import UserError
 
 DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=False, dataset="shakespeare_char",
                 device="auto", init_from=None, start="\n")
@@ -167,3 +170,12 @@ def test_help_lists_every_knob_with_its_default(script):
     if script == "train.py":  # the comment beside a knob, and the config files that fit
         assert "--eval_iters=200  the fixed eval set is eval_iters * batch_size windows" in proc.stdout
         assert "config/train_shakespeare_char_cpu.py" in proc.stdout and "config/curate_web.py" not in proc.stdout
+
+
+def test_configurator_and_user_error_load_without_torch():
+    """The config layer is light: parsing --help or a typo must not wait for torch to import."""
+    code = ("import sys, configurator; from nanoforge.errors import UserError; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

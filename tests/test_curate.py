@@ -1,5 +1,5 @@
 """
-Curation (curate.py, curation.py, pii.py, pipeline.py) on a synthetic corpus built here: clean documents,
+Curation (curate.py, stages.py, pii.py, pipeline.py) on a synthetic corpus built here: clean documents,
 planted exact and near-duplicates (5-10% of words changed), personal data of every kind and clean
 look-alikes (dates, versions, prices, ISBNs, long numbers). Each stage is checked on its own, then the
 whole pipeline in-process and once as a user runs it (determinism, refusal to overwrite, errors).
@@ -14,16 +14,15 @@ import sys
 import pytest
 
 import curate
-import curation
-import pii
-import curation_report
-from curation_report import explain
-import pipeline
-import quality_classifier
-from corpus import is_hub, load_documents
-from runtime import UserError
+from nanoforge.corpus import is_hub, load_documents
+from nanoforge.curation import pii
+from nanoforge.curation import pipeline
+from nanoforge.curation import quality
+from nanoforge.curation import stages
+from nanoforge.curation.report import explain, write_report
+from nanoforge.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
          "government company number group problem fact river garden kitchen window mountain village teacher "
          "doctor market letter music story morning evening summer winter city country family friend school "
@@ -135,54 +134,54 @@ def test_pii_leaves_look_alikes():
 
 def test_cleanup_repairs_and_strips():
     cfg = curate.DEFAULTS
-    text, changes = curation.cleanup("The cafÃ© is open.\u200b\r\nSkip to content\n\n\n\nShe  said\u00a0hello.", set(), cfg)
+    text, changes = stages.cleanup("The cafÃ© is open.\u200b\r\nSkip to content\n\n\n\nShe  said\u00a0hello.", set(), cfg)
     assert text == "The café is open.\n\nShe said hello."
     assert changes == ["mojibake", "invisible_chars", "whitespace", "boilerplate_lines"]
     html = "<html><head><script>var x=1;</script></head><body><p>First para.</p><div>Second &amp; last.</div></body></html>"
-    assert curation.cleanup(html, set(), cfg)[0] == "First para.\n\nSecond & last."
-    repeated = curation.repeated_lines(["Menu Home\nreal text one", "menu  home\nother", "Menu Home\nthird"], 3)
-    assert curation.cleanup("Menu Home\nThe text stays.", repeated, cfg)[0] == "The text stays."
+    assert stages.cleanup(html, set(), cfg)[0] == "First para.\n\nSecond & last."
+    repeated = stages.repeated_lines(["Menu Home\nreal text one", "menu  home\nother", "Menu Home\nthird"], 3)
+    assert stages.cleanup("Menu Home\nThe text stays.", repeated, cfg)[0] == "The text stays."
     rng = random.Random(0)
     clean = [document(rng) for _ in range(200)]
-    assert all(curation.cleanup(t, set(), cfg) == (t, []) for t in clean)  # clean text is not touched
+    assert all(stages.cleanup(t, set(), cfg) == (t, []) for t in clean)  # clean text is not touched
 
 
 def test_language_and_quality():
     cfg = curate.DEFAULTS
     rng = random.Random(2)
     clean = [document(rng) for _ in range(300)]
-    langs = [curation.language(t) for t in clean]
+    langs = [stages.language(t) for t in clean]
     assert sum(code != "en" or p < cfg["min_language_confidence"] for code, p in langs) <= 3
-    assert curation.language("Le chat est sur la table et il dort depuis ce matin.")[0] == "fr"
-    assert sum(curation.quality_reason(t, "en", cfg) is not None for t in clean) <= 3
-    assert curation.quality_reason("Too short to be a page.", "en", cfg) == "quality:min_words"
-    assert curation.quality_reason("\n".join(["Buy now and save big today on all of the items."] * 20), "en", cfg) == "quality:duplicate_lines"
-    assert curation.quality_reason(" ".join(["#tag"] * 80), "en", cfg) is not None
+    assert stages.language("Le chat est sur la table et il dort depuis ce matin.")[0] == "fr"
+    assert sum(stages.quality_reason(t, "en", cfg) is not None for t in clean) <= 3
+    assert stages.quality_reason("Too short to be a page.", "en", cfg) == "quality:min_words"
+    assert stages.quality_reason("\n".join(["Buy now and save big today on all of the items."] * 20), "en", cfg) == "quality:duplicate_lines"
+    assert stages.quality_reason(" ".join(["#tag"] * 80), "en", cfg) is not None
     no_stops = "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(8))
-    assert curation.quality_reason(no_stops, "en", cfg) == "quality:stop_words"
+    assert stages.quality_reason(no_stops, "en", cfg) == "quality:stop_words"
 
 
 def test_harmful_lists(tmp_path):
     cfg = curate.DEFAULTS
-    words = curation.read_list(cfg["blocklist_words"])
-    domains = curation.read_list(cfg["blocklist_domains"])
+    words = stages.read_list(cfg["blocklist_words"])
+    domains = stages.read_list(cfg["blocklist_domains"])
     rng = random.Random(3)
     text = document(rng)
-    assert curation.harmful_reason(text, "https://example.org/a", words, domains, cfg) is None
-    assert curation.harmful_reason(text, "https://www.pornhub.com/x", words, domains, cfg) == "harmful:domain"
-    assert curation.harmful_reason(text, "de.xhamster.com/x", words, domains, cfg) == "harmful:domain"
-    assert curation.harmful_reason(text + " porn xxx hardcore sex.", "", words, domains, cfg) == "harmful:words"
-    assert curation.harmful_reason(text + " one porn mention.", "", words, domains, cfg) is None  # below the threshold
+    assert stages.harmful_reason(text, "https://example.org/a", words, domains, cfg) is None
+    assert stages.harmful_reason(text, "https://www.pornhub.com/x", words, domains, cfg) == "harmful:domain"
+    assert stages.harmful_reason(text, "de.xhamster.com/x", words, domains, cfg) == "harmful:domain"
+    assert stages.harmful_reason(text + " porn xxx hardcore sex.", "", words, domains, cfg) == "harmful:words"
+    assert stages.harmful_reason(text + " one porn mention.", "", words, domains, cfg) is None  # below the threshold
     mine = tmp_path / "mine.txt"
     mine.write_text("# a user's list\nzebra crossing\n")
-    assert curation.harmful_reason("zebra crossing " * 3, "", curation.read_list(str(mine)), set(), cfg) == "harmful:words"
+    assert stages.harmful_reason("zebra crossing " * 3, "", stages.read_list(str(mine)), set(), cfg) == "harmful:words"
 
 
 def test_split_hash_is_stable():
-    assert curation.split_hash("a document", 0) == curation.split_hash("a document", 0)
-    assert curation.split_hash("a document", 0) != curation.split_hash("a document", 1)
+    assert stages.split_hash("a document", 0) == stages.split_hash("a document", 0)
+    assert stages.split_hash("a document", 0) != stages.split_hash("a document", 1)
     rng = random.Random(4)
-    share = sum(curation.split_hash(document(rng, 3), 0) < 0.1 for _ in range(2000)) / 2000
+    share = sum(stages.split_hash(document(rng, 3), 0) < 0.1 for _ in range(2000)) / 2000
     assert 0.07 < share < 0.13
 
 
@@ -270,9 +269,9 @@ def test_pipeline_on_planted_corpus(planted, tmp_path):
 def test_model_perplexity_filter(tmp_path):
     """A tiny character model trained here on trusted prose keeps prose and drops word salad."""
     import torch
-    import checkpoint
+    from nanoforge import checkpoint
     from model import GPT, GPTConfig
-    from tokenizer import CharTokenizer
+    from nanoforge.tokenizer import CharTokenizer
     rng = random.Random(6)
     trusted = " ".join(document(rng) for _ in range(40)).lower()
     tok = CharTokenizer.from_text(trusted + "\n")
@@ -378,8 +377,8 @@ def test_classifier_filter(tmp_path):
     ref = load_documents([str(reference)], dict(cfg, txt_split="blank"), str(tmp_path / "ref"), 1)
     model = pipeline.train_classifier(ref, dset, cfg)
     again = pipeline.train_classifier(ref, dset, cfg)
-    scores = [quality_classifier.score(model, r["text"]) for r in rows]
-    assert scores == [quality_classifier.score(again, r["text"]) for r in rows]  # deterministic
+    scores = [quality.score(model, r["text"]) for r in rows]
+    assert scores == [quality.score(again, r["text"]) for r in rows]  # deterministic
     assert min(s for s, r in zip(scores, rows) if r["id"][0] == "g") > max(s for s, r in zip(scores, rows) if r["id"][0] == "j")
     with pytest.raises(UserError, match="0 reference and 40 web"):  # raised in the child, re-raised here
         pipeline.train_classifier(dset.select([]), dset, cfg)
@@ -405,7 +404,7 @@ def test_report_shows_what_cleanup_changed(planted, tmp_path):
     assert report["examples"]["cleanup"] == [{"id": clean[3]["id"], "changes": "boilerplate_lines",
                                               "excerpt": "removed: We use cookies to improve your experience"}]
     os.makedirs(tmp_path / "md")
-    curation_report.write_report(report, str(tmp_path / "md"))
+    write_report(report, str(tmp_path / "md"))
     assert "e.g. removed: We use cookies" in (tmp_path / "md" / "report.md").read_text()
 
 

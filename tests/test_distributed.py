@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-import checkpoint
-from test_train import ROOT, TINY, char_data, read_log, run, train_losses  # noqa: F401 (char_data: fixture)
+from nanoforge import checkpoint
+from conftest import ROOT, TINY, read_log, run, train_losses
 
 COMMON = [*TINY, "--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=4"]
 

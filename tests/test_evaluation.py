@@ -5,7 +5,6 @@ file formats of tasks.py, and evaluate.py run as a user runs it.
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-import tokens
 import model as model_module
-from evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, score_batch,
+from conftest import run
+from nanoforge import tokens
+from nanoforge.evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, score_batch,
                         split_windows, wilson_interval)
 from model import GPT, GPTConfig
-from runtime import UserError
-from tasks import load_task, parse_example
-from tokenizer import CharTokenizer
+from nanoforge.errors import UserError
+from nanoforge.tasks import load_task, parse_example
+from nanoforge.tokenizer import CharTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_gpt(vocab_size=20, block_size=16, seed=0, **options):
@@ -228,23 +227,15 @@ def test_task_formats_and_errors(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # evaluate.py as a user runs it
 
-def run(script, *args, check=True, launcher=None):
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_char_data):
+def trained(tmp_path_factory, char_data):
     """A tiny character model trained for 40 iterations on the first 100k characters of Shakespeare."""
     d = tmp_path_factory.mktemp("evalrun")
     out = str(d / "out")
     run("train.py", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=8", "--eval_iters=3", "--eval_interval=20", "--max_iters=40", "--lr_decay_iters=40",
-        "--warmup_iters=5", "--learning_rate=3e-3", "--plot=False", f"--data_dir={small_char_data}", f"--out_dir={out}")
-    return small_char_data, out
+        "--warmup_iters=5", "--learning_rate=3e-3", "--plot=False", f"--data_dir={char_data}", f"--out_dir={out}")
+    return char_data, out
 
 
 @pytest.mark.slow
@@ -265,8 +256,8 @@ def test_evaluate_script_agrees_with_training_and_is_deterministic(trained, tmp_
     assert first["tokens"] == len(split_windows(tokens.split_length(data_dir, "val", 32), 32)) * 32
     assert first["task"]["n"] == 3 and 0 <= first["task"]["acc"] <= 1
     # train.py's last evaluation is the same function on its fixed windows: recompute it from the checkpoint
-    from checkpoint import load_model
-    from tokenizer import load_tokenizer
+    from nanoforge.checkpoint import load_model
+    from nanoforge.tokenizer import load_tokenizer
     model, spec, meta = load_model(out)
     token_bytes = torch.tensor(load_tokenizer(spec).token_bytes(), dtype=torch.float64)
     starts = tokens.eval_starts(tokens.split_length(data_dir, "val", 32), 32, 3 * 8)
@@ -287,6 +278,20 @@ def test_evaluate_script_agrees_with_training_and_is_deterministic(trained, tmp_
     plot = str(tmp_path / "cmp.png")
     cmp = run("evaluate.py", "--compare", out, out, f"--compare_plot={plot}")
     assert cmp.stdout.count(out) >= 2 and os.path.getsize(plot) > 1000
+
+
+def test_evaluate_script_scores_a_sharded_dataset_as_the_same_tokens_in_one_file(trained, sharded_char_data):
+    """A dataset prepared with --shard_tokens (what train.py trains on) scores in evaluate.py: the same
+    windows over the same tokens, so the same numbers as the one-file layout."""
+    data_dir, out = trained
+    for d in (data_dir, sharded_char_data):
+        run("evaluate.py", f"--out_dir={out}", "--device=cpu", f"--data_dir={d}", "--max_tokens=6000")
+    with open(os.path.join(out, "eval.jsonl")) as f:
+        one_file, sharded = [json.loads(line) for line in f][-2:]
+    assert sharded["data_dir"] == sharded_char_data and one_file["data_dir"] == data_dir
+    assert sharded["tokens"] == one_file["tokens"] > 0
+    assert sharded["loss"] == pytest.approx(one_file["loss"], rel=1e-6)
+    assert sharded["train_loss"] == pytest.approx(one_file["train_loss"], rel=1e-6)
 
 
 def test_evaluate_script_errors(tmp_path, hf_gpt2_dir):

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-import chat
-from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
-from test_train import assert_one_line_error, run
-from tokenizer import CharTokenizer, load_tokenizer
+from nanoforge import chat_template
+from nanoforge.checkpoint import save_checkpoint
+from conftest import assert_one_line_error, run
+from nanoforge.tokenizer import CharTokenizer, load_tokenizer
 
 
 def make_run(folder, tok, **kw):
@@ -35,7 +35,7 @@ def hf_logits_match(model, dest, vocab_size):
 
 @pytest.mark.slow
 def test_export_gpt2_chat_model_round_trips_logits_and_tokenizer(tmp_path):
-    tok = chat.chat_tokenizer(load_tokenizer({"kind": "gpt2"}))
+    tok = chat_template.chat_tokenizer(load_tokenizer({"kind": "gpt2"}))
     model = make_run(tmp_path, tok, bias=False)  # no biases: written as zeros
     dest = str(tmp_path / "hf")
     run("export.py", f"--out_dir={tmp_path}", "--to=hf", f"--dest={dest}")

@@ -8,12 +8,10 @@ import os
 import pytest
 import torch
 
-import chat
-import lora
-import runtime
-from checkpoint import load_checkpoint, load_model
 from model import GPT, GPTConfig
-from test_train import ROOT, assert_one_line_error, read_log, run  # noqa: F401
+from nanoforge import chat_template, errors, lora, parallel
+from nanoforge.checkpoint import load_checkpoint, load_model
+from conftest import ROOT, SHAKESPEARE, assert_one_line_error, read_log, run
 
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -28,8 +26,8 @@ def shop_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def char_base(tmp_path_factory):
     """A tiny untrained character-level nanoforge run with Tiny Shakespeare's vocabulary."""
-    from checkpoint import save_checkpoint
-    from tokenizer import CharTokenizer
+    from nanoforge.checkpoint import save_checkpoint
+    from nanoforge.tokenizer import CharTokenizer
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("base")
     model = GPT(GPTConfig(block_size=256, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=32, bias=False))
@@ -83,7 +81,7 @@ def test_lora_composes_with_gradient_checkpointing():
     for ckpt in (False, True):
         base = tiny_gpt()
         if ckpt:
-            runtime.gradient_checkpointing(base)
+            parallel.gradient_checkpointing(base)
         model = lora.apply_lora(base, rank=4, alpha=8, dropout=0.0)
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -96,7 +94,7 @@ def test_lora_composes_with_gradient_checkpointing():
 
 
 def test_lr_schedule_and_decay_groups():
-    import optim
+    from nanoforge import optim
     lrs = [optim.lr_at(it, 1.0, 10, 100, 0.1) for it in range(120)]
     assert 0 < lrs[0] < lrs[9] < 1.0 and lrs[10] == 1.0 and lrs[100] == lrs[119] == 0.1
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
@@ -108,7 +106,7 @@ def test_lr_schedule_and_decay_groups():
 
 
 def test_lora_unknown_target_is_a_clear_error():
-    with pytest.raises(runtime.UserError, match="c_fcc"):
+    with pytest.raises(errors.UserError, match="c_fcc"):
         lora.apply_lora(tiny_gpt(), rank=4, alpha=8, dropout=0.0, targets="c_attn,c_fcc")
 
 
@@ -124,7 +122,7 @@ def test_finetune_char_model_lowers_held_out_loss_and_chats(shop_data, char_base
     # a random 1-layer base: full fine-tuning learns fast; rank-8 adapters on frozen embeddings, slower
     assert len(evals) == 3 and evals[-1] < evals[0] - (0.5 if mode == "full" else 0.1)
     state = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert state["meta"]["tokenizer"]["added"] == chat.CHAT_TOKENS
+    assert state["meta"]["tokenizer"]["added"] == chat_template.CHAT_TOKENS
     assert state["meta"]["model_args"]["vocab_size"] == len(CHARS) + 4
     if mode == "lora":
         assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
@@ -151,7 +149,7 @@ def test_finetune_from_hf_gpt2_adds_chat_tokens(hf_gpt2_full_vocab_dir, tmp_path
                f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--block_size=32", "--device=cpu")
     assert "d.jsonl:2: malformed JSON" in proc.stdout
     model, spec, _ = load_model(out)
-    assert spec == {"kind": "gpt2", "added": chat.CHAT_TOKENS} and model.config.vocab_size == 50257 + 4
+    assert spec == {"kind": "gpt2", "added": chat_template.CHAT_TOKENS} and model.config.vocab_size == 50257 + 4
 
 
 def test_finetune_without_data_is_a_one_line_error(char_base, tmp_path):
@@ -162,7 +160,6 @@ def test_finetune_without_data_is_a_one_line_error(char_base, tmp_path):
 @pytest.mark.slow
 def test_continued_pretraining_from_a_nanoforge_run(char_base, tmp_path):
     """train.py init_from=<out_dir>: another run's weights and tokenizer, the context cropped, then trained."""
-    from test_train import SHAKESPEARE
     d = tmp_path / "d"
     run("data/shakespeare_char/prepare.py", f"--input={SHAKESPEARE}", f"--out_dir={d}")
     out = str(tmp_path / "cont")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache
+import model as model_module
 
 
 def tiny(pos_emb="learned", block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, seed=0):

@@ -5,9 +5,9 @@ and the learning-rate schedules (cosine, warmup-stable-decay, on an iteration or
 import pytest
 import torch
 
-import optim
 from model import GPT, GPTConfig
-from runtime import UserError
+from nanoforge import optim
+from nanoforge.errors import UserError
 
 
 def tiny(**kw):
@@ -89,7 +89,7 @@ def test_orthogonalize_makes_singular_values_near_one():
 
 
 def test_orthogonalize_in_fp32_where_bf16_is_slow():
-    # a CPU without native bf16 runs Muon's iterations in fp32 (runtime.newton_schulz_dtype): the same
+    # a CPU without native bf16 runs Muon's iterations in fp32 (hardware.newton_schulz_dtype): the same
     # orthogonalization, kept in fp32, within bf16's rounding of the bf16 one
     torch.manual_seed(0)
     G = torch.randn(2, 48, 16)

@@ -14,12 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-import tokens
-from tokenizer import load_tokenizer
+from nanoforge import tokens
+from nanoforge.tokenizer import load_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
-SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+from conftest import ROOT, SHAKESPEARE, SHARED  # noqa: E402
 
 # documents that test the edges: unicode, newlines, an empty one, and the end-of-text marker as plain text
 DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog.\nSecond line {i}." for i in range(12)] + [
@@ -202,8 +200,8 @@ def test_curated_shards_keep_their_split(tmp_path):
 
 def test_read_text_order_download_and_errors(tmp_path):
     import pytest
-    from corpus import read_text
-    from runtime import UserError
+    from nanoforge.corpus import read_text
+    from nanoforge.errors import UserError
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     second.write_text("second ü")
     remote = tmp_path / "remote.txt"

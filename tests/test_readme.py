@@ -5,7 +5,7 @@ the docs pointing at nothing.
 import os
 import re
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 
 def command_blocks():
@@ -27,3 +27,26 @@ def test_every_script_and_config_the_readme_runs_exists():
     assert {"train.py", "sample.py", "config/train_shakespeare_char_cpu.py", "data/shakespeare_char/prepare.py"} <= named
     missing = sorted(p for p in named if not os.path.isfile(os.path.join(ROOT, p)))
     assert not missing, f"the README runs files that do not exist: {missing}"
+
+
+def test_the_readme_tree_lists_every_file_at_the_top_and_in_the_package():
+    """The file tree in the README is the layout: every Python file at the root and in nanoforge/ has its
+    line, and every line names a file that exists."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    tree = text[text.index("## The files"):]
+    tree = tree[tree.index("```\n") + 4:]
+    tree = tree[:tree.index("```")]
+    listed, folders = set(), []
+    for line in tree.splitlines():
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        folders = folders[:indent // 2]
+        if name.endswith("/"):
+            folders.append(name)
+        elif name.endswith(".py") and "<" not in name:
+            listed.add("".join(folders) + name)
+    on_disk = {f for f in os.listdir(ROOT) if f.endswith(".py")}
+    for sub in ("nanoforge", "nanoforge/curation"):
+        on_disk |= {f"{sub}/{f}" for f in os.listdir(os.path.join(ROOT, sub))
+                    if f.endswith(".py") and f != "__init__.py"}
+    assert listed == on_disk

@@ -1,5 +1,5 @@
 """
-runtime.py: device, precision and compile choices refuse what this machine cannot do, with a fix in
+nanoforge.hardware, errors, files, parallel: device, precision and compile choices refuse what this machine cannot do, with a fix in
 the message; a UserError ends a script with one line and status 2; files are written atomically.
 """
 import json
@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-import runtime
-from runtime import UserError
+from nanoforge import errors, files, hardware, parallel
+from nanoforge.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 
 def no_gpu(monkeypatch):
@@ -24,93 +24,93 @@ def no_gpu(monkeypatch):
 
 def test_resolve_device(monkeypatch):
     no_gpu(monkeypatch)
-    assert runtime.resolve_device("cpu") == ("cpu", "as configured")
-    device, reason = runtime.resolve_device("auto")
+    assert hardware.resolve_device("cpu") == ("cpu", "as configured")
+    device, reason = hardware.resolve_device("auto")
     assert device == "cpu" and reason.startswith("auto")
     with pytest.raises(UserError, match="unknown device 'gpu'"):
-        runtime.resolve_device("gpu")
+        hardware.resolve_device("gpu")
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_resolve_device_cuda_without_gpu(device, monkeypatch):
     no_gpu(monkeypatch)
     with pytest.raises(UserError, match="--device=cpu"):
-        runtime.resolve_device(device)
+        hardware.resolve_device(device)
     with pytest.raises(UserError, match="--device=cpu"):
-        runtime.resolve_device("mps")
+        hardware.resolve_device("mps")
 
 
 def fake_cpu(monkeypatch, native_bf16, fp32, bf16):
     """This CPU, as resolve_dtype sees it: its class, and matmul rates (FLOP/s) by dtype."""
     info = {"name": "Test CPU", "isa": "AVX-512" if native_bf16 else "AVX2", "native_bf16": native_bf16, "cores": 2}
-    monkeypatch.setattr(runtime, "cpu_info", lambda: info)
-    monkeypatch.setattr(runtime, "measure_matmul_flops", lambda device, dtype, shape: fp32 if dtype == "float32" else bf16)
+    monkeypatch.setattr(hardware, "cpu_info", lambda: info)
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda device, dtype, shape: fp32 if dtype == "float32" else bf16)
 
 
 def test_resolve_dtype_picks_bf16_only_where_it_is_measured_faster(monkeypatch):
     fake_cpu(monkeypatch, native_bf16=True, fp32=150e9, bf16=400e9)  # Zen 4: AVX-512 BF16
-    dtype, reason = runtime.resolve_dtype("auto", "cpu", (8192, 192))
+    dtype, reason = hardware.resolve_dtype("auto", "cpu", (8192, 192))
     assert dtype == "bfloat16" and "2.7x" in reason and "400 GFLOP/s bf16 vs 150 GFLOP/s fp32" in reason
     assert "2048x192x768" in reason  # the model's own MLP shape, rows capped
     fake_cpu(monkeypatch, native_bf16=True, fp32=100e9, bf16=110e9)  # native, but not clearly faster
-    assert runtime.resolve_dtype("auto", "cpu", (8192, 192))[0] == "float32"
+    assert hardware.resolve_dtype("auto", "cpu", (8192, 192))[0] == "float32"
     fake_cpu(monkeypatch, native_bf16=True, fp32=100e9, bf16=400e9)  # a tiny model is not even measured
-    dtype, reason = runtime.resolve_dtype("auto", "cpu", (128, 32))
+    dtype, reason = hardware.resolve_dtype("auto", "cpu", (128, 32))
     assert dtype == "float32" and "too small" in reason
     fake_cpu(monkeypatch, native_bf16=False, fp32=100e9, bf16=0.2e9)  # Zen 3: AVX2, bf16 emulated
-    dtype, reason = runtime.resolve_dtype("auto", "cpu", (8192, 192))
+    dtype, reason = hardware.resolve_dtype("auto", "cpu", (8192, 192))
     assert dtype == "float32" and "bf16 emulated" in reason and "0.2 GFLOP/s bf16" in reason
     # asked for anyway: it runs, and the reason gives the measured slowdown
-    dtype, reason = runtime.resolve_dtype("bfloat16", "cpu")
+    dtype, reason = hardware.resolve_dtype("bfloat16", "cpu")
     assert dtype == "bfloat16" and "500x slower" in reason and "--dtype=auto" in reason
 
 
 def test_resolve_dtype_checks_names_and_devices():
-    assert runtime.resolve_dtype("float32", "cpu") == ("float32", "as configured")
+    assert hardware.resolve_dtype("float32", "cpu") == ("float32", "as configured")
     with pytest.raises(UserError, match="float16 needs a CUDA device"):
-        runtime.resolve_dtype("float16", "cpu")
+        hardware.resolve_dtype("float16", "cpu")
     with pytest.raises(UserError, match="unknown dtype 'fp32'"):
-        runtime.resolve_dtype("fp32", "cpu")
+        hardware.resolve_dtype("fp32", "cpu")
 
 
 def test_cpu_info_honours_onednn_cap():
     # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 on any CPU: the capability says so, and the measured
     # bf16 rate agrees, so auto picks fp32 (on a CPU without native bf16 the cap changes nothing)
-    proc = subprocess.run([sys.executable, "-c", "import runtime; print(runtime.cpu_info()['native_bf16'], "
-                           "runtime.resolve_dtype('auto', 'cpu', (2048, 256))[0])"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", "from nanoforge import errors, files, hardware, parallel; print(hardware.cpu_info()['native_bf16'], "
+                           "hardware.resolve_dtype('auto', 'cpu', (2048, 256))[0])"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert proc.stdout.split() == ["False", "float32"], proc.stderr
-    info = runtime.cpu_info()
+    info = hardware.cpu_info()
     assert info["name"] and info["isa"] in ("AMX", "AVX-512", "AVX2", "NEON", "SSE") and info["cores"] >= 1
-    assert info["name"] in runtime.describe_cpu(info)
+    assert info["name"] in hardware.describe_cpu(info)
 
 
 def test_format_flops_never_prints_zero():
-    assert runtime.format_flops(0.2e9) == "0.2 GFLOP/s"
-    assert runtime.format_flops(415e9) == "415 GFLOP/s"
-    assert runtime.format_flops(312e12) == "312.0 TFLOP/s"
-    assert runtime.measure_matmul_flops("cpu", "float32", (64, 32, 16)) > 0
+    assert hardware.format_flops(0.2e9) == "0.2 GFLOP/s"
+    assert hardware.format_flops(415e9) == "415 GFLOP/s"
+    assert hardware.format_flops(312e12) == "312.0 TFLOP/s"
+    assert hardware.measure_matmul_flops("cpu", "float32", (64, 32, 16)) > 0
 
 
 def test_newton_schulz_follows_the_runs_precision():
-    assert runtime.newton_schulz_dtype("bfloat16") == torch.bfloat16
-    assert runtime.newton_schulz_dtype("float32") == runtime.newton_schulz_dtype("float16") == torch.float32
+    assert hardware.newton_schulz_dtype("bfloat16") == torch.bfloat16
+    assert hardware.newton_schulz_dtype("float32") == hardware.newton_schulz_dtype("float16") == torch.float32
 
 
 def test_resolve_compile(monkeypatch):
-    assert runtime.resolve_compile(True, "cpu") == (True, "as configured")
-    assert runtime.resolve_compile(False, "cuda") == (False, "as configured")
-    assert runtime.resolve_compile("auto", "cuda")[0] is True
+    assert hardware.resolve_compile(True, "cpu") == (True, "as configured")
+    assert hardware.resolve_compile(False, "cuda") == (False, "as configured")
+    assert hardware.resolve_compile("auto", "cuda")[0] is True
     # a CPU compiles only a run long enough to repay it, and only with a C++ compiler for inductor
-    on, why = runtime.resolve_compile("auto", "cpu", expected_seconds=17)
+    on, why = hardware.resolve_compile("auto", "cpu", expected_seconds=17)
     assert on is False and "~17s run does not repay" in why
-    monkeypatch.setattr(runtime, "cpp_compiler", lambda: "/usr/bin/g++")
-    assert runtime.resolve_compile("auto", "cpu", expected_seconds=300)[0] is True
-    monkeypatch.setattr(runtime, "cpp_compiler", lambda: None)
-    on, why = runtime.resolve_compile("auto", "cpu", expected_seconds=300)
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert hardware.resolve_compile("auto", "cpu", expected_seconds=300)[0] is True
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: None)
+    on, why = hardware.resolve_compile("auto", "cpu", expected_seconds=300)
     assert on is False and "no C++ compiler" in why
     with pytest.raises(UserError, match="compile must be True, False or 'auto'"):
-        runtime.resolve_compile("yes", "cpu")
+        hardware.resolve_compile("yes", "cpu")
 
 
 def test_failed_compile_falls_back_to_eager():
@@ -120,9 +120,9 @@ def test_failed_compile_falls_back_to_eager():
     def warmup(m):
         raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(long compiler output)")
 
-    used, _ = runtime.compile_model(model, warmup, lines.append)
+    used, _ = hardware.compile_model(model, warmup, lines.append)
     assert used is model and len(lines) == 1 and "training eager" in lines[0] and "CppCompileError" in lines[0]
-    ok, _ = runtime.compile_model(model, lambda m: m(torch.ones(1, 4)), lines.append)
+    ok, _ = hardware.compile_model(model, lambda m: m(torch.ones(1, 4)), lines.append)
     assert ok is not model and len(lines) == 1
 
 
@@ -131,11 +131,11 @@ def run_python(code):
 
 
 KEEP_PROBE = """
-import runtime
+from nanoforge import errors, files, hardware, parallel
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
-applied = bool(runtime.malloc_policy("cpu", save_memory=MODE == "save")) if MODE != "default" else False
+applied = bool(hardware.malloc_policy("cpu", save_memory=MODE == "save")) if MODE != "default" else False
 block = bytearray(256 * 2**20)  # zero-filled: every page touched
 held = rss_mib()
 del block
@@ -157,7 +157,7 @@ def test_malloc_policy_keeps_a_freed_block_in_the_process_for_reuse():
     assert applied and not default_applied
     assert released < 16  # MiB given back after freeing 256 MiB: none, the block stays for reuse
     assert default_released > 200  # the control: without it, the block goes back to the kernel
-    assert runtime.malloc_policy("cuda") is None  # a GPU's activations are not malloc's: nothing to keep
+    assert hardware.malloc_policy("cuda") is None  # a GPU's activations are not malloc's: nothing to keep
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds; a no-op elsewhere")
@@ -165,11 +165,11 @@ def test_malloc_policy_to_save_memory_hands_freed_blocks_back():
     # under gradient checkpointing 2 MiB blocks (glibc's default threshold has moved past them once a bigger
     # block was freed) go back to the kernel as soon as they are freed, instead of staying in the heap
     probe = """
-import runtime
+from nanoforge import errors, files, hardware, parallel
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
-applied = bool(runtime.malloc_policy("cpu", save_memory=True)) if MODE == "save" else False
+applied = bool(hardware.malloc_policy("cpu", save_memory=True)) if MODE == "save" else False
 big = bytearray(16 * 2**20)
 del big  # a 16 MiB block freed: glibc's default then raises its mmap threshold to 16 MiB
 blocks = [bytearray(2 * 2**20) for _ in range(128)]  # 256 MiB in 2 MiB blocks, like a step's small tensors
@@ -187,25 +187,25 @@ print(applied, held - rss_mib())
 
 
 def test_friendly_errors_user_error_is_one_line_and_status_2():
-    proc = run_python("import runtime\nruntime.friendly_errors()\nraise runtime.UserError('boom')\n")
+    proc = run_python("from nanoforge import errors, files, hardware, parallel\nerrors.friendly_errors()\nraise errors.UserError('boom')\n")
     assert proc.returncode == 2
     assert proc.stderr == "error: boom\n"
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_friendly_errors_keeps_tracebacks_for_bugs():
-    proc = run_python("import runtime\nruntime.friendly_errors()\nraise KeyError('bug')\n")
+    proc = run_python("from nanoforge import errors, files, hardware, parallel\nerrors.friendly_errors()\nraise KeyError('bug')\n")
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
 
 
 def test_write_json_is_atomic(tmp_path):
     path = str(tmp_path / "config.json")
-    runtime.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 1})
     with open(path) as f:
         assert json.load(f) == {"a": 1}
     with pytest.raises(TypeError):
-        runtime.write_json(path, {"a": object()})  # fails halfway through json.dump
+        files.write_json(path, {"a": object()})  # fails halfway through json.dump
     with open(path) as f:
         assert json.load(f) == {"a": 1}  # the old file is whole
     assert os.listdir(tmp_path) == ["config.json"]
@@ -219,7 +219,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
     plain = GPT(cfg)
     ckpt = GPT(cfg)
     ckpt.load_state_dict(plain.state_dict())
-    runtime.gradient_checkpointing(ckpt)
+    parallel.gradient_checkpointing(ckpt)
     assert list(ckpt.state_dict()) == list(plain.state_dict())  # checkpoints keep their names
     x = torch.randint(0, 50, (3, 16))
     results = []
@@ -252,23 +252,23 @@ def test_lost_peer_recognises_a_dead_or_hung_rank(monkeypatch):
     timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
     reset = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:23427: Connection reset by peer.")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert not runtime.lost_peer(timeout)  # one process has no peers: a timeout there is something else
+    assert not errors.lost_peer(timeout)  # one process has no peers: a timeout there is something else
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert runtime.lost_peer(timeout) and runtime.lost_peer(reset)
-    assert not runtime.lost_peer(RuntimeError("shape mismatch")) and not runtime.lost_peer(KeyError("x"))
+    assert errors.lost_peer(timeout) and errors.lost_peer(reset)
+    assert not errors.lost_peer(RuntimeError("shape mismatch")) and not errors.lost_peer(KeyError("x"))
 
 
 def test_step_memory_warning_for_a_context_no_machine_holds():
     from model import GPTConfig
     small = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65)
-    assert runtime.step_memory_warning(small, 10**6, 12, "float32", True, False) is None
+    assert hardware.step_memory_warning(small, 10**6, 12, "float32", True, False) is None
     huge = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=100_000, vocab_size=65)
-    line = runtime.step_memory_warning(huge, 10**7, 12, "bfloat16", True, False)
+    line = hardware.step_memory_warning(huge, 10**7, 12, "bfloat16", True, False)
     assert line.startswith("warning: a step of 12 x 100000 tokens") and "lower batch_size or block_size" in line
 
 
 def test_out_of_memory_is_one_line():
-    proc = run_python("import runtime; runtime.friendly_errors(); raise RuntimeError('[enforce fail at "
+    proc = run_python("from nanoforge import errors, files, hardware, parallel; errors.friendly_errors(); raise RuntimeError('[enforce fail at "
                       "alloc_cpu.cpp:127] DefaultCPUAllocator: can\\'t allocate memory: you tried to allocate 10 bytes')")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: out of memory (")

@@ -12,12 +12,13 @@ import time
 import optuna
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 
 @pytest.fixture
-def data_dir(small_char_data):
-    return small_char_data
+def data_dir(sharded_char_data):
+    """The sweeps train on a sharded dataset: each finished trial's score reads its val shards."""
+    return sharded_char_data
 
 
 def write_configs(tmp_path, data_dir, **sweep):

@@ -7,8 +7,8 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from runtime import UserError
-from tokenizer import CharTokenizer, load_tokenizer
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import CharTokenizer, load_tokenizer
 
 
 @pytest.fixture

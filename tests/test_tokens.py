@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import tokens
-from runtime import UserError
+from nanoforge import tokens
+from nanoforge.errors import UserError
 
 
 @pytest.fixture

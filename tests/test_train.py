@@ -1,8 +1,9 @@
 """
 End-to-end behaviour of train.py and sample.py, run as a user runs them (subprocesses): the
-prepare -> train -> sample pipeline, exact resume, 2-process DDP against 1 process, stopping on a
+prepare -> train -> sample pipeline, exact resume (DDP against 1 process: test_distributed.py), stopping on a
 signal or a non-finite loss, and a one-line error for each kind of bad input.
 """
+import glob
 import json
 import math
 import os
@@ -13,69 +14,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
-
-# a tiny model that trains in a second or two
-TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20",
-        "--learning_rate=3e-3", "--min_lr=3e-4", "--plot=False", "--dataset=shakespeare_char"]
-
-
-def run(script, *args, check=True, env=None, timeout=300):
-    argv = [script] if script == "-c" else [os.path.join(ROOT, script)]
-    proc = subprocess.run([sys.executable, *argv, *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-# Runs a script with time.perf_counter replaced by a clock that moves TICK seconds each time it is read,
-# whatever the real time: a time budget then ends a run after the same steps on a fast machine or a slow,
-# busy one (train.py reads the clock 3 times a step and counts 2 ticks of it as training time; a tick of
-# 1/64 s keeps the sums exact in floating point)
-FAKE_CLOCK = """
-import itertools, runpy, sys, time
-ticks, tick = itertools.count(), float(sys.argv[1])
-time.perf_counter = lambda: next(ticks) * tick
-sys.argv = sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-TICK = 1 / 64
-
-
-def run_fake_clock(script, *args, tick=TICK):
-    return run("-c", FAKE_CLOCK, str(tick), os.path.join(ROOT, script), *args)
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(out_dir):
-    return {r["iter"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    """Character-level data from the first 200k characters of Tiny Shakespeare."""
-    d = tmp_path_factory.mktemp("data")
-    src = d / "input.txt"
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        src.write_text(f.read()[:200_000], encoding="utf-8")
-    run("data/shakespeare_char/prepare.py", f"--input={src}", f"--out_dir={d}")
-    return str(d)
+from conftest import ROOT, SHAKESPEARE, TICK, TINY, assert_one_line_error, read_log, run, run_fake_clock, train_losses
 
 
 def test_prepare_train_sample_pipeline(char_data, tmp_path):
@@ -122,26 +61,6 @@ def test_resume_equals_uninterrupted_run(char_data, tmp_path):
     assert all(abs(x[1] - y[1]) < 1e-5 for x, y in zip(val_a, val_b))
 
 
-def test_ddp_two_processes_equal_one(char_data, tmp_path):
-    common = [*TINY, f"--data_dir={char_data}", "--max_iters=6", "--eval_interval=3",
-              "--gradient_accumulation_steps=4"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run("train.py", *common, f"--out_dir={one}")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *common, f"--out_dir={two}"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "rror" in line or "abort" in line.lower()]
-    assert proc.returncode == 0, "\n".join(errors[:20]) + proc.stderr[-2000:]
-    a, b = train_losses(one), train_losses(two)
-    assert sorted(a) == sorted(b) == list(range(6))
-    for it in a:
-        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
-    va = [r["val_loss"] for r in read_log(one) if "val_loss" in r]
-    vb = [r["val_loss"] for r in read_log(two) if "val_loss" in r]
-    assert len(va) == len(vb) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(va, vb))
-
-
 def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
     out = str(tmp_path / "out")
     run_fake_clock("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=1000000",
@@ -163,7 +82,7 @@ def test_cpu_recipes_train_until_their_time_budget(char_data, tmp_path, recipe):
     # the README's CPU recipes as shipped (architecture, Muon, measured precision, the time clock), with a
     # 2.5 s budget on the fake clock (81 steps on any machine): 'auto' does not compile so short a run,
     # the budget ends it, the lr decays to min_lr=0 on the time clock, and the model learns
-    from checkpoint import load_checkpoint
+    from nanoforge.checkpoint import load_checkpoint
     out = str(tmp_path / "out")
     proc = run_fake_clock("train.py", f"config/{recipe}", f"--data_dir={char_data}", f"--out_dir={out}",
                           "--time_budget=2.5", "--eval_iters=4", "--log_interval=1", "--plot=False")
@@ -221,10 +140,10 @@ def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
 
 def test_target_loss_stops_at_the_first_evaluation_below_it_on_the_whole_val_split(char_data, tmp_path):
     import torch
-    from checkpoint import load_model
-    from evaluation import score_split
-    from tokenizer import load_tokenizer
-    from tokens import read_meta
+    from nanoforge.checkpoint import load_model
+    from nanoforge.evaluation import score_split
+    from nanoforge.tokenizer import load_tokenizer
+    from nanoforge.tokens import read_meta
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=200", "--eval_interval=5",
         "--target_loss=3.0", "--eval_whole_val=True", "--always_save_checkpoint=False")
@@ -267,7 +186,7 @@ def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     assert proc.returncode == 0, stderr
     assert "stop requested" in stdout
     last = max(train_losses(out))
-    from checkpoint import load_checkpoint
+    from nanoforge.checkpoint import load_checkpoint
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["iter_num"] == last + 1
     run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", f"--max_iters={last + 3}",
         "--eval_interval=100000", "--init_from=resume")
@@ -326,7 +245,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
                "--grad_clip=0.0", "--decay_lr=False", check=False)
     assert_one_line_error(proc, "loss is", "at iteration 5", "last good checkpoint")
     assert open(ckpt, "rb").read() == good  # the checkpoint from iteration 4 is untouched
-    from checkpoint import load_checkpoint
+    from nanoforge.checkpoint import load_checkpoint
     assert load_checkpoint(ckpt)["meta"]["iter_num"] == 4
 
 
@@ -501,7 +420,7 @@ def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
         "--compile=False")
     evals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0]
-    from checkpoint import load_checkpoint
+    from nanoforge.checkpoint import load_checkpoint
     meta = load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]
     assert meta["model_args"]["block_size"] == 64 and meta["tokenizer"] == {"kind": "gpt2"}
     # the fine-tuned checkpoint samples through the same loader, decoding with GPT-2's BPE
@@ -510,11 +429,18 @@ def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
     assert proc.stdout.startswith("ROMEO:")
 
 
-def test_wandb_logging_honours_wandb_mode(char_data, tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled")
-    proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2",
-               "--eval_interval=2", "--wandb_log=True", env=env)
-    assert "val loss" in proc.stdout
+def test_wandb_logging_records_the_run_offline(char_data, tmp_path):
+    """wandb_log=True with WANDB_MODE=offline (no account, no network): the run's config and the same
+    records as log.jsonl go into wandb's local run folder, ready for `wandb sync`."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2",
+        "--eval_interval=2", "--wandb_log=True", "--wandb_run_name=tiny-run", env=env)
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1, os.listdir(tmp_path)
+    with open(runs[0], "rb") as f:
+        data = f.read()
+    for logged in (b"val_loss", b"tokens_per_s", b"tiny-run", b"n_embd"):  # metrics, the run's name, its config
+        assert logged in data, logged
 
 
 @pytest.mark.slow
@@ -522,7 +448,7 @@ def test_compiled_run_saves_plain_weights_and_resumes_eager(char_data, tmp_path)
     out = str(tmp_path / "out")
     common = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=2"]
     run("train.py", *common, "--max_iters=2", "--compile=True")
-    from checkpoint import load_checkpoint
+    from nanoforge.checkpoint import load_checkpoint
     keys = load_checkpoint(os.path.join(out, "ckpt.pt"))["model"].keys()
     assert not [k for k in keys if k.startswith(("_orig_mod.", "module."))]
     run("train.py", *common, "--max_iters=4", "--init_from=resume", "--compile=False")
@@ -559,9 +485,9 @@ def test_bf16_where_it_is_emulated_runs_and_says_how_slow(char_data, tmp_path):
 def test_sprint_recipe_picks_its_shape_by_the_machines_precision(isa_cap, expected):
     # where bf16 is emulated (here forced with oneDNN's cap), the sprint trains 2 layers for 20 s in fp32;
     # where it is native, 3 layers for 17 s; the config asks the same measurement dtype='auto' uses
-    code = ("import runtime; from configurator import configure, script_defaults; "
+    code = ("from nanoforge import hardware; from configurator import configure, script_defaults; "
             "c = configure(script_defaults('train.py'), ['config/train_shakespeare_char_cpu_sprint.py']); "
-            "print(c['n_layer'], c['time_budget'], runtime.resolve_dtype('auto', 'cpu', (1024, 128))[0])")
+            "print(c['n_layer'], c['time_budget'], hardware.resolve_dtype('auto', 'cpu', (1024, 128))[0])")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa_cap} if isa_cap else None
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     n_layer, budget, dtype = proc.stdout.split()

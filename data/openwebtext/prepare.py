@@ -40,11 +40,11 @@ from tqdm import tqdm
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
-import runtime  # noqa: E402
-import tokens  # noqa: E402
-from corpus import builder_of, curated_splits, find_files, input_error, load_hub, reason, text_column  # noqa: E402
-from runtime import UserError  # noqa: E402
-from tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
+from nanoforge import errors  # noqa: E402
+from nanoforge import tokens  # noqa: E402
+from nanoforge.corpus import builder_of, curated_splits, find_files, input_error, load_hub, reason, text_column  # noqa: E402
+from nanoforge.errors import UserError  # noqa: E402
+from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
 
 _loaded = {}
 
@@ -72,7 +72,7 @@ def sha256_files(paths):
 
 # the guard matters: datasets' worker processes may import this file (spawn), and must not rerun the work
 if __name__ == "__main__":
-    runtime.friendly_errors()
+    errors.friendly_errors()
     parser = argparse.ArgumentParser(description="Prepare a corpus of documents (default: OpenWebText) in GPT-2 BPE.")
     parser.add_argument("--input", nargs="+", action="extend",
                         help="local .txt/.jsonl/.jsonl.gz/.parquet files or folders (default: hub dataset --dataset)")

@@ -18,8 +18,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for the library modules
 
-import runtime  # noqa: E402
 from configurator import configure  # noqa: E402
+from nanoforge import errors, files  # noqa: E402
 
 NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
          "Mary", "Nick", "Olivia", "Paul", "Rose", "Sam", "Tom", "Una", "Victor", "Wendy", "Yusuf", "Zoe"]
@@ -70,12 +70,12 @@ def conversation(r):
 
 
 if __name__ == "__main__":
-    runtime.friendly_errors()
+    errors.friendly_errors()
     cfg = configure({"n_train": 2000, "n_val": 100, "seed": 1337, "out_dir": HERE}, sys.argv[1:])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     for split, n, seed in (("train", cfg["n_train"], cfg["seed"]), ("val", cfg["n_val"], cfg["seed"] + 1)):
         r = random.Random(seed)
         path = os.path.join(cfg["out_dir"], f"{split}.jsonl")
-        with runtime.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(conversation(r)) + "\n" for _ in range(n))
         print(f"wrote {n} conversations to {path}")

@@ -9,7 +9,7 @@ from collections import Counter
 
 import numpy as np
 
-from runtime import atomic_path, write_json
+from nanoforge.files import atomic_path, write_json
 
 SNIPPET = 160
 

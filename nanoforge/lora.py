@@ -9,11 +9,11 @@ loaded back onto the same base with load_adapter, or merged into the base weight
 which is what a fine-tuning run's ckpt.pt holds so sampling and export need no peft.
 """
 import os
-import shutil
 
 import torch
 
-from runtime import UserError
+from nanoforge.errors import UserError
+from nanoforge.files import atomic_folder
 
 DEFAULT_TARGETS = "c_attn,c_proj,c_fc"  # attention's qkv and output projections, the MLP's two Linears
 
@@ -47,13 +47,8 @@ def merged_state_dict(peft_model):
 
 def save_adapter(peft_model, folder):
     """Writes the adapter in peft's format; the new folder replaces the old only once it is complete."""
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder) as tmp:
+        peft_model.save_pretrained(tmp)
 
 
 def load_adapter(model, folder):

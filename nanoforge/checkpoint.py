@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
-from runtime import UserError, atomic_path, write_json
+from nanoforge.errors import UserError
+from nanoforge.files import atomic_path, replace_folder, write_json
 
 FORMAT, VERSION = "nanoforge-checkpoint", 1
 SHARDED_FORMAT = "nanoforge-sharded"
@@ -147,7 +148,7 @@ def save_sharded(out_dir, model, optimizer, meta):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final = sharded_path(out_dir)
-    tmp, old = final + ".tmp", final + ".old"
+    tmp = final + ".tmp"
     if _is_rank0() and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a crash mid-save
     _barrier()
@@ -156,10 +157,7 @@ def save_sharded(out_dir, model, optimizer, meta):
     if _is_rank0():
         meta = dict(meta, model_args=dataclasses.asdict(model.config))
         write_json(os.path.join(tmp, "meta.json"), {"format": SHARDED_FORMAT, "version": VERSION, "meta": meta})
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)
     _barrier()
 
 
@@ -209,3 +207,62 @@ def consolidate(path, out_path):
     load_sharded(path, model)
     save_checkpoint(out_path, model, meta)
     return out_path
+
+
+# -----------------------------------------------------------------------------------------------------
+# resuming a training run (train.py): one entry for full and sharded checkpoints
+
+def check_out_dir(out_dir, init_from, fsdp):
+    """Whether out_dir fits the run about to start: resuming needs the kind of checkpoint the run writes
+    (sharded under fsdp, ckpt.pt otherwise); a run that does not resume must not write over one. Returns
+    the checkpoint to resume (a file or folder), or None."""
+    full = ckpt_path(out_dir) if os.path.exists(ckpt_path(out_dir)) else None
+    sharded = find_sharded(out_dir)
+    if init_from == "resume" and not (sharded if fsdp else full):
+        hint = {(True, False): "it holds ckpt.pt from a run without fsdp: resume with --fsdp=False",
+                (False, True): "it holds a sharded checkpoint (ckpt_sharded/): resume with --fsdp=True under torchrun"}
+        raise UserError(f"--init_from=resume but {out_dir} holds no {'sharded checkpoint' if fsdp else 'ckpt.pt'}; "
+                        + hint.get((bool(full), bool(sharded)), "start with --init_from=scratch"))
+    if init_from != "resume" and (full or sharded):
+        raise UserError(f"{out_dir} already holds a run's checkpoint; resume it with --init_from=resume, "
+                        f"or pick another --out_dir")
+    return (sharded if fsdp else full) if init_from == "resume" else None
+
+
+class Resume:
+    """A stopped training run to go on with, from the checkpoint check_out_dir found. Two steps, because
+    under FSDP the weights can only load into the model once it is sharded: Resume(...) reads the
+    checkpoint and builds the model (.model, .iter_num, .best_val_loss, .train_time); restore() loads the
+    optimizer and GradScaler state (and a sharded checkpoint's weights) once those exist. Checkpoints from
+    before the time clock resume with train_time 0, from before Muon with optimizer_name 'adamw'."""
+
+    def __init__(self, path, fsdp, model_args):
+        self.path, self.fsdp, self.state = path, fsdp, None
+        if fsdp:
+            self.meta = read_sharded_meta(path)
+        else:
+            self.state = load_checkpoint(path)
+            self.meta = self.state["meta"]
+            if "optimizer" not in self.state:
+                raise UserError(f"{path} holds weights only (consolidated from a sharded run); resume that run "
+                                f"with --fsdp=True under torchrun")
+        check_compatible(self.meta["model_args"], model_args, f"the checkpoint in {os.path.dirname(path)}")
+        self.model = model_from_checkpoint(self.state) if self.state else GPT(GPTConfig(**self.meta["model_args"]))
+        self.iter_num, self.best_val_loss = self.meta["iter_num"], self.meta["best_val_loss"]
+        self.train_time = self.meta.get("train_time", 0.0)
+
+    def restore(self, model, optimizer, scaler, optimizer_name):
+        saved = self.meta["config"].get("optimizer_name", "adamw")
+        if saved != optimizer_name:
+            raise UserError(f"the checkpoint in {os.path.dirname(self.path)} holds "
+                            f"{'Muon + AdamW' if saved == 'muon' else 'AdamW'} state (optimizer_name={saved!r}); "
+                            f"resume with --optimizer_name={saved}")
+        if self.fsdp:
+            load_sharded(self.path, model, optimizer)
+            scaler_state = self.meta.get("scaler")
+        else:
+            optimizer.load_state_dict(self.state["optimizer"])
+            scaler_state = self.state.get("scaler")
+        if scaler_state:
+            scaler.load_state_dict(scaler_state)
+        self.state = None  # free the checkpoint's copy of the weights

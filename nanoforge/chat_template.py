@@ -18,8 +18,8 @@ import json
 
 import torch
 
-from runtime import UserError
-from tokenizer import SPECIAL_TOKENS, with_special_tokens
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import SPECIAL_TOKENS, with_special_tokens
 
 ROLES = ("system", "user", "assistant")
 CHAT_TOKENS = SPECIAL_TOKENS[1:]  # <|system|> <|user|> <|assistant|> <|end|>; <|endoftext|> is not needed

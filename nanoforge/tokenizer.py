@@ -28,9 +28,9 @@ import json
 import os
 import re
 
-from runtime import UserError, atomic_path, write_json
+from nanoforge.errors import UserError
+from nanoforge.files import REPO, atomic_path, write_json
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 class CharTokenizer:

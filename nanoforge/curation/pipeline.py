@@ -1,5 +1,5 @@
 """
-curate.py's machinery (corpus.load_documents reads the input): run the per-document stages of curation.py
+curate.py's machinery (corpus.load_documents reads the input): run the per-document stages of stages.py
 and pii.py in a parallel map, then the corpus-wide passes (deduplication, model scores, split) over compact
 keys, write the shards and the report. Every input document ends with one status: '' (kept) or the reason
 it was dropped; kept documents list what changed them.
@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import curation
-import pii
-import quality_classifier
-from corpus import shard_name
-from curation_report import SNIPPET, build_report
+from nanoforge.corpus import shard_name
+from nanoforge.curation import pii
+from nanoforge.curation import quality
+from nanoforge.curation import stages
+from nanoforge.curation.report import SNIPPET, build_report
 
 
 def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=None):
@@ -42,26 +42,26 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=
             raw, status = data.decode("utf-8", "replace"), "input:not_utf8"
         text = raw
         if cfg["cleanup"] and not status:
-            text, changes = curation.cleanup(text, repeated, cfg)
+            text, changes = stages.cleanup(text, repeated, cfg)
         if not status and not text.strip():
             status = "empty" if not raw.strip() else "cleanup:nothing_left"
         if not status and (cfg["language_filter"] or cfg["quality_filter"]):
-            lang, conf = curation.language(text)
+            lang, conf = stages.language(text)
             if cfg["language_filter"] and lang not in languages:
                 status = f"language:not_{'_'.join(sorted(languages))}"
             elif cfg["language_filter"] and conf < cfg["min_language_confidence"]:
                 status = "language:low_confidence"
         if not status and cfg["quality_filter"]:
-            status = curation.quality_reason(text, lang, cfg) or ""
+            status = stages.quality_reason(text, lang, cfg) or ""
         if not status and cfg["harmful_filter"]:
-            status = curation.harmful_reason(text, url, words, domains, cfg) or ""
+            status = stages.harmful_reason(text, url, words, domains, cfg) or ""
         exact, sig, final, score = 0, [], text, -1.0
         if not status:
             if classifier is not None:
-                score = quality_classifier.score(classifier, text)
-            exact = curation.dedup_key(text)
+                score = quality.score(classifier, text)
+            exact = stages.dedup_key(text)
             if cfg["near_dedup"]:
-                sig = curation.minhash(text, cfg["minhash_num_perm"], cfg["minhash_shingle_size"], cfg["minhash_seed"])
+                sig = stages.minhash(text, cfg["minhash_num_perm"], cfg["minhash_shingle_size"], cfg["minhash_seed"])
             if cfg["pii"]:
                 final, pii_counts = pii.redact(text, kinds)
         out["id"].append(doc_id or f"#{i}")
@@ -145,7 +145,7 @@ def sample_repeated_lines(dset, cfg):
     head = dset.select(range(min(len(dset), cfg["repeated_line_sample"]))).select_columns(["text"]).with_format("arrow")
     sample = (t.decode("utf-8", "replace") if t else "" for batch in head.iter(batch_size=1000)
               for t in pc.cast(batch.column("text"), pa.large_binary()).to_pylist())
-    return curation.repeated_lines(sample, cfg["repeated_line_min_docs"])
+    return stages.repeated_lines(sample, cfg["repeated_line_min_docs"])
 
 
 def train_classifier(reference, dset, cfg):
@@ -154,7 +154,7 @@ def train_classifier(reference, dset, cfg):
     def texts(d):
         head = d.select(range(min(len(d), cfg["classifier_train_docs"]))).select_columns(["text"])
         return [t or "" for batch in head.iter(batch_size=1000) for t in batch["text"]]
-    return in_child(lambda: quality_classifier.train(texts(reference), texts(dset)))
+    return in_child(lambda: quality.train(texts(reference), texts(dset)))
 
 
 def run(dset, cfg, out, num_proc, classifier=None):
@@ -171,8 +171,8 @@ def run(dset, cfg, out, num_proc, classifier=None):
     repeated = set()
     if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
         repeated = in_child(sample_repeated_lines, dset, cfg)
-    words = curation.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
-    domains = curation.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
+    words = stages.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
+    domains = stages.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
     # in chunks of map_chunk_docs: each chunk gets fresh worker processes, so the pages of the corpus a
     # worker has read (memory-mapped Arrow, counted in its memory) never add up past one chunk's share
     kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg,
@@ -254,12 +254,12 @@ def run(dset, cfg, out, num_proc, classifier=None):
 
     # stage 6: perplexity under a model of trusted text; keep the lowest model_keep_fraction
     if cfg["model_filter"]:
-        import checkpoint
-        from tokenizer import load_tokenizer
+        from nanoforge import checkpoint
+        from nanoforge.tokenizer import load_tokenizer
         model, spec, _ = checkpoint.load_model(cfg["model_source"])
         model.eval()
         tok = load_tokenizer(spec)
-        scores = {i: curation.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
+        scores = {i: stages.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
                   for i, row in columns(files, n=n, names=["text"]) if not status[i]}
         keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
@@ -281,7 +281,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
                 cut = scores[i][0]  # the lowest score kept
 
     # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
-    hashes = {i: curation.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(files, n=n, names=["text"]) if not status[i]}
+    hashes = {i: stages.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(files, n=n, names=["text"]) if not status[i]}
     val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
     if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
         val = {min(hashes, key=lambda i: (hashes[i], i))}

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from runtime import UserError
+from nanoforge.errors import UserError
 
 
 def param_groups(model, weight_decay):
@@ -115,7 +115,7 @@ class MuonAdamW:
 def build_optimizer(model, name, learning_rate, weight_decay, betas, device, muon_momentum=0.95,
                     ns_dtype=torch.bfloat16):
     """'adamw' (GPT-2's, nanoGPT's) or 'muon' (MuonAdamW above; ns_dtype: the precision of its
-    Newton-Schulz iterations, runtime.newton_schulz_dtype of the run's dtype)."""
+    Newton-Schulz iterations, hardware.newton_schulz_dtype of the run's dtype)."""
     fused = device.startswith("cuda")
     if name == "adamw":
         return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=fused)

@@ -16,15 +16,14 @@ target tokens, so models with different tokenizers (characters vs BPE) can be co
 Everything here is deterministic: the same model and data give the same numbers on every run.
 """
 import math
-import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-import tokens
-from tokens import read_batch
+from nanoforge import tokens
+from nanoforge.tokens import read_batch
 
 
 @torch.no_grad()
@@ -102,13 +101,13 @@ def split_windows(count, block_size, max_tokens=0):
     return np.arange(n, dtype=np.int64) * block_size
 
 
-def run_data_dir(meta, repo):
-    """The data folder a checkpoint's run trained on (its data_dir, else data/<dataset> beside train.py),
-    or '' when the checkpoint does not say (a Hugging Face model)."""
+def run_data_dir(meta):
+    """The data folder a checkpoint's run trained on (its data_dir, else data/<dataset>), or '' when the
+    checkpoint does not say (a Hugging Face model)."""
     config = meta.get("config", {})
-    if config.get("data_dir"):
-        return config["data_dir"]
-    return os.path.join(repo, "data", config["dataset"]) if config.get("dataset") else ""
+    if not (config.get("data_dir") or config.get("dataset")):
+        return ""
+    return tokens.dataset_dir(config.get("dataset", ""), config.get("data_dir", ""))
 
 
 def score_split(model, data_dir, split, token_bytes, batch_size, device, autocast_ctx, block_size=0, max_tokens=0,

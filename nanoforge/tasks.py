@@ -12,8 +12,8 @@ hub (`hellaswag` means Rowan/hellaswag; any hub dataset in HellaSwag's format wo
 """
 import os
 
-from corpus import jsonl_records
-from runtime import UserError
+from nanoforge.corpus import jsonl_records
+from nanoforge.errors import UserError
 
 HELLASWAG = "Rowan/hellaswag"
 

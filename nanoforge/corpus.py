@@ -11,8 +11,8 @@ import os
 import re
 import urllib.request
 
-import runtime
-from runtime import UserError
+from nanoforge import files
+from nanoforge.errors import UserError
 
 
 def jsonl_records(path):
@@ -41,7 +41,7 @@ def read_text(path, candidates, url, save_to):
                 raw = response.read()
         except OSError as e:  # urllib's URLError and timeouts are OSErrors
             raise UserError(f"could not download {url} ({e}); offline? pass --input=PATH to a local copy") from None
-        with runtime.atomic_path(save_to) as tmp, open(tmp, "wb") as f:
+        with files.atomic_path(save_to) as tmp, open(tmp, "wb") as f:
             f.write(raw)
     else:
         if not os.path.isfile(source):
@@ -56,6 +56,39 @@ def read_text(path, candidates, url, save_to):
     if not text:
         raise UserError(f"{source} is empty; pass --input=PATH to a text file")
     return text, raw, source
+
+def prepare_text_dataset(folder, what, default_tokenizer, url, shared_copy):
+    """The whole of a one-text data/<name>/prepare.py (Tiny Shakespeare by characters, or in BPE tokens):
+    reads --input, --out_dir (default `folder`) and --tokenizer (char, gpt2 or a folder of
+    train_tokenizer.py; default `default_tokenizer`), finds the text (--input, else folder/input.txt, else
+    `shared_copy`, else downloaded from `url` and kept as folder/input.txt), and writes its first 90% as
+    train, the rest as val (tokens.write_text_dataset). Returns the dataset's meta."""
+    import argparse
+    import hashlib
+
+    from nanoforge import tokens
+    from nanoforge.tokenizer import CharTokenizer, tokenizer_from_arg
+    parser = argparse.ArgumentParser(description=f"Prepare {what}.")
+    parser.add_argument("--input", help="path of the text (default: input.txt here, the shared copy, or download)")
+    parser.add_argument("--out_dir", default=folder, help="where train.bin, val.bin, meta.json go (default: %(default)s)")
+    parser.add_argument("--tokenizer", default=default_tokenizer,
+                        help="char, gpt2, or a folder written by train_tokenizer.py (default: %(default)s)")
+    args = parser.parse_args()
+    # first, so a missing BPE cache or tokenizer folder fails before any download
+    tok = None if args.tokenizer == "char" else tokenizer_from_arg(args.tokenizer)
+    local = os.path.join(folder, "input.txt")
+    text, raw, source = read_text(args.input, [local, os.path.normpath(shared_copy)], url, save_to=local)
+    if tok is None:  # a character vocabulary is built from the text
+        tok = CharTokenizer.from_text(text)
+    meta = tokens.write_text_dataset(args.out_dir, text, tok, source, hashlib.sha256(raw).hexdigest())
+    if tok.spec["kind"] == "char":
+        print(f"characters, vocab size {tok.vocab_size}: {''.join(tok.chars)!r}")
+    else:
+        print(f"{'GPT-2 BPE' if tok.spec['kind'] == 'gpt2' else 'trained BPE ' + tok.spec['path']}, vocab size "
+              f"{tok.vocab_size:,}")
+    print(f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens -> {args.out_dir}")
+    return meta
+
 
 # file suffix -> the datasets builder that reads it
 BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}

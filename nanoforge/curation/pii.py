@@ -5,7 +5,7 @@ ordinary numbers intact: card numbers must pass the Luhn check and carry a card 
 their mod-97 check, IP addresses must parse, and a phone number needs a phone's punctuation (a leading +,
 (area) code, or grouped digits), so dates, versions, prices, ISBNs and plain long numbers stay as written.
 
-    from pii import redact
+    from nanoforge.curation.pii import redact
     text, counts = redact("mail me at a@b.org")  # -> ("mail me at <EMAIL>", {"EMAIL": 1})
 """
 import ipaddress

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from runtime import UserError
+from nanoforge.errors import UserError
 
 # 2^18 hashed features: collisions are rare for the few thousand documents it is trained on, and the
 # weights stay 2 MB, cheap to send to every worker process

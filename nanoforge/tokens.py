@@ -22,7 +22,8 @@ import struct
 import numpy as np
 import torch
 
-from runtime import UserError, atomic_path, write_json
+from nanoforge.errors import UserError
+from nanoforge.files import REPO, atomic_path, write_json
 
 MAGIC = b"NFTOKENS"
 VERSION = 1
@@ -35,12 +36,16 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
+def dataset_dir(dataset, data_dir=""):
+    """Where a dataset's files are: `data_dir` when given, else data/<dataset> in the repository."""
+    return data_dir or os.path.join(REPO, "data", dataset)
+
+
 def prepare_hint(data_dir):
     """What to run to (re)make a data folder's token files, naming only scripts that exist: the folder's
     own prepare.py, else data/<name>/prepare.py of the repo, else the generic way."""
     data_dir = os.path.abspath(data_dir)
-    repo_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                               os.path.basename(data_dir), "prepare.py")
+    repo_script = os.path.join(dataset_dir(os.path.basename(data_dir)), "prepare.py")
     for script in (os.path.join(data_dir, "prepare.py"), repo_script):
         if os.path.exists(script):
             shown = os.path.relpath(script)

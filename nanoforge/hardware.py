@@ -1,11 +1,9 @@
 """
-What every script needs around the model: one-line errors, files written atomically, the device, the
-precision and compile choice (resolved after overrides and printed with the reason), torchrun/DDP setup,
-the device's peak FLOP/s for MFU, and a record of the run's environment.
+The machine a run is on: the device, the CPU's class, the precision and compile choice (resolved after
+overrides and printed with the reason, measured where it matters), malloc tuning, autocast, and the
+device's peak FLOP/s for MFU.
 """
 import contextlib
-import datetime
-import json
 import os
 import platform
 import subprocess
@@ -14,102 +12,8 @@ import time
 
 import torch
 
+from nanoforge.errors import UserError
 
-class UserError(Exception):
-    """Bad input a user can fix. Scripts print it as one line, without a traceback."""
-
-
-def friendly_errors():
-    """Make an uncaught UserError print `error: <message>` and exit with status 2 instead of a traceback;
-    Ctrl-C exits quietly. Scripts call this first."""
-    default_hook = sys.excepthook
-
-    def hook(kind, value, tb):
-        # sys.__stderr__: under torchrun, torch's own hook wraps this one with sys.stderr redirected to a
-        # buffer it prints afterwards, which sys.exit would skip, losing the message
-        if issubclass(kind, UserError):
-            print(f"error: {value}", file=sys.__stderr__, flush=True)
-            sys.exit(2)  # sys.exit inside the hook still sets the exit status
-        elif lost_peer(value):
-            first = str(value).strip().splitlines()[0][-200:]
-            print(f"error: rank {os.environ.get('RANK')} lost contact with the other ranks ({first}): one died "
-                  f"or hung; torchrun's summary names the first to fail. Resume with --init_from=resume",
-                  file=sys.__stderr__, flush=True)
-            sys.exit(1)
-        elif isinstance(value, torch.OutOfMemoryError) or (
-                isinstance(value, RuntimeError) and "can't allocate memory" in str(value)):
-            first = " ".join(str(value).split())[:160]
-            print(f"error: out of memory ({first}); lower batch_size or block_size, or try "
-                  f"gradient_checkpointing=True", file=sys.__stderr__, flush=True)
-            sys.exit(1)
-        elif issubclass(kind, KeyboardInterrupt):
-            print("", file=sys.stderr)
-            sys.exit(130)
-        else:
-            default_hook(kind, value, tb)
-
-    sys.excepthook = hook
-
-
-def lost_peer(error):
-    """Whether an exception in a torchrun worker means another rank died (connection reset) or hung
-    (a collective timed out), as gloo and nccl report it."""
-    if int(os.environ.get("WORLD_SIZE", 1)) < 2 or not isinstance(error, RuntimeError):
-        return False
-    text = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(s in text for s in (
-        "Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out", "NCCL"))
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary path beside `path`; on success it is renamed over `path` in one step, so a crash
-    or Ctrl-C mid-write never leaves a half-written file where a good one was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def lock_out_dir(out_dir):
-    """Claim `out_dir` for this process until it exits: a second run started on the same folder (train.py,
-    finetune.py, a sweep's trial) is refused in one line naming the holder, instead of both writing and
-    one's checkpoint and log silently winning. The lock is the OS's (flock), so a killed run's lock goes
-    with it and never blocks the next. Holding it, leftover `*.tmp<pid>` files of killed runs are removed.
-    Returns the open lock file (keep a reference: closing it releases the lock)."""
-    import fcntl
-    import glob
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        raise UserError(f"{out_dir} is in use by another run (process {holder}); wait for it, stop it, or pick "
-                        f"another --out_dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    for leftover in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp[0-9]*")):
-        if os.path.isfile(leftover):
-            os.remove(leftover)  # a half-written file from a run killed mid-save: the real one is intact
-    return lock
-
-
-def write_json(path, obj):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-
-# -----------------------------------------------------------------------------------------------------
-# device, precision, compile
 
 def resolve_device(device):
     """'auto' -> cuda if present, else mps, else cpu. Returns (device string, reason)."""
@@ -299,9 +203,9 @@ def malloc_policy(device, save_memory=False):
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     if save_memory:
         if libc.mallopt(m_mmap_threshold, 1 << 20):
-            return "cpu: freed blocks of 1 MiB or more go back to the system at once (runtime.malloc_policy, save_memory)"
+            return "cpu: freed blocks of 1 MiB or more go back to the system at once (hardware.malloc_policy, save_memory)"
     elif libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
-        return "cpu: freed memory is kept for reuse (malloc thresholds raised: runtime.malloc_policy)"
+        return "cpu: freed memory is kept for reuse (malloc thresholds raised: hardware.malloc_policy)"
     return None
 
 
@@ -332,68 +236,6 @@ def autocast(device, dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
-
-def gradient_checkpointing(model):
-    """Recompute each transformer block's activations in the backward pass instead of keeping them:
-    activation memory drops from one copy per layer to one per block boundary, for roughly one extra
-    forward pass of compute. Applied from outside: the model code stays unaware, and parameter names
-    (so checkpoints) do not change. Dropout masks are replayed exactly (the RNG state is saved)."""
-    from torch.utils.checkpoint import checkpoint
-    for block in model.transformer.h:
-        plain = block.forward
-
-        def checkpointed(x, kv_cache=None, plain=plain):
-            if kv_cache is not None or not torch.is_grad_enabled():
-                return plain(x, kv_cache)  # generation and evaluation keep nothing for backward anyway
-            return checkpoint(plain, x, use_reentrant=False)
-
-        block.forward = checkpointed
-    return model
-
-
-# -----------------------------------------------------------------------------------------------------
-# distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
-
-def setup_distributed(backend, device, timeout=600.0):
-    """Returns (ddp, rank, local_rank, world_size, device). Under torchrun, joins the process group
-    (nccl on CUDA, gloo on CPU unless configured) and gives each rank its own GPU. `timeout` seconds:
-    how long a collective waits for a rank that stopped answering before it fails."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-    # a rank that dies or hangs must not leave the others waiting forever on a collective: gloo fails a
-    # collective after `timeout`; nccl's watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING,
-    # on by default) after it, instead of blocking the GPU stream for good
-    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
-    return True, rank, local_rank, world_size, device
-
-
-def fully_shard_model(model, device, dtype, compile):
-    """FSDP2, applied from outside the model: each transformer block is one unit of sharding (its
-    parameters are gathered just before its forward and freed after it, and again for backward), then
-    the root takes what is left: wte (tied to lm_head, so one parameter in one unit), wpe and ln_f.
-    Gradients are reduce-scattered, so each rank keeps 1/world_size of the parameters, gradients and
-    optimizer state. In bf16/fp16 the gathered copies are in that dtype (half the traffic and memory)
-    and gradients are reduced in fp32; the sharded master weights stay fp32. Compile goes per block
-    (before sharding), the way FSDP2 composes with torch.compile. Returns the model, sharded in place."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
-    mp = MixedPrecisionPolicy()  # fp32: nothing cast
-    if dtype != "float32":
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        if compile:
-            block.compile()  # in place: parameter names (so checkpoints) do not change
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -461,36 +303,3 @@ def peak_flops(device, dtype):
                 return table[dtype], f"{gpu} data sheet, {dtype}"
     n = peak_probe_size(device, dtype)
     return measure_matmul_flops(device, dtype, (n, n, n)), f"measured {dtype} {n}x{n} matmul on {device}"
-
-
-# -----------------------------------------------------------------------------------------------------
-# run record
-
-def run_info(device):
-    """Git revision and environment, written beside every run's checkpoints."""
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    info = {
-        "git_revision": git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": cpu_info(),
-        "device": device,
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info

@@ -1,0 +1,88 @@
+"""
+Files that are never half-written: each output is built beside its place and renamed in, in one step, so
+a crash or Ctrl-C mid-write leaves the good old file (or folder) where it was. And the lock that keeps two
+runs out of one out_dir.
+"""
+import contextlib
+import json
+import os
+import shutil
+
+from nanoforge.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's root: data/, config/
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; on success it is renamed over `path` in one step, so a crash
+    or Ctrl-C mid-write never leaves a half-written file where a good one was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def lock_out_dir(out_dir):
+    """Claim `out_dir` for this process until it exits: a second run started on the same folder (train.py,
+    finetune.py, a sweep's trial) is refused in one line naming the holder, instead of both writing and
+    one's checkpoint and log silently winning. The lock is the OS's (flock), so a killed run's lock goes
+    with it and never blocks the next. Holding it, leftover `*.tmp<pid>` files of killed runs are removed.
+    Returns the open lock file (keep a reference: closing it releases the lock)."""
+    import fcntl
+    import glob
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise UserError(f"{out_dir} is in use by another run (process {holder}); wait for it, stop it, or pick "
+                        f"another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for leftover in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp[0-9]*")):
+        if os.path.isfile(leftover):
+            os.remove(leftover)  # a half-written file from a run killed mid-save: the real one is intact
+    return lock
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+
+def replace_folder(new, path):
+    """Moves the finished folder `new` to `path`. An old folder at `path` is moved aside to `path`.old for
+    the instant between the two renames and removed after, so `path` holds the old folder or the new one,
+    never a mix (a reader that finds no `path` may look at `path`.old)."""
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yields an empty temporary folder beside `path` to fill; on success it replaces `path`
+    (replace_folder). A crash or Ctrl-C mid-write leaves the old folder and removes the half-written one."""
+    path = os.path.normpath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

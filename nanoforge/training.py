@@ -1,0 +1,64 @@
+"""
+What train.py and finetune.py share around their loops: the start-up lines, fitting a loaded model's
+context, the check that a step's loss is finite, and setting the learning rate.
+"""
+import math
+
+from configurator import overrides
+from nanoforge import hardware
+from nanoforge.errors import UserError
+
+
+def startup_lines(log, device, device_why, dtype, dtype_why, defaults, config, save_memory):
+    """The lines a run starts with: the device and precision with the reason for each, how freed memory is
+    treated (hardware.malloc_policy), and what the config files and --key=value arguments changed."""
+    log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
+    if kept := hardware.malloc_policy(device, save_memory=save_memory):
+        log(kept)
+    changed = overrides(defaults, config)
+    log("overrides: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "none"))
+
+
+def fit_context(model, block_size, source):
+    """Crops a loaded model's context to block_size (its position table and masks); a block_size longer
+    than the model was trained with is an error, not a silent extrapolation."""
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than {source}'s context {model.config.block_size}")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+
+
+def check_finite(loss, iter_num, out_dir):
+    """A step whose loss is inf or nan stops the run before it saves anything: the last good checkpoint stays."""
+    if not math.isfinite(loss):
+        raise UserError(f"loss is {loss} at iteration {iter_num}; stopped without saving, so {out_dir} keeps the "
+                        f"last good checkpoint. Lower learning_rate, raise warmup_iters, or check grad_clip")
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def check_heads(n_embd, n_head, pos_emb):
+    """n_embd must split into n_head heads of equal size (an even size for rotary positions); the error
+    suggests the nearest head count that fits."""
+    if n_embd % n_head or (pos_emb == "rope" and (n_embd // n_head) % 2):
+        raise UserError(f"n_embd={n_embd} must split into n_head={n_head} heads of equal size"
+                        + (" (an even size, for rope)" if n_embd % n_head == 0 else "")
+                        + f"; try --n_head={next(h for h in range(min(n_head, n_embd), 0, -1) if n_embd % h == 0)}")
+
+
+def accumulation_steps(steps, total_batch_size, batch_size, block_size, world_size):
+    """Micro-steps per optimizer step over all ranks, and per rank: `steps`, or as many as make
+    total_batch_size tokens when that is set (> 0)."""
+    if total_batch_size > 0:
+        micro_tokens = batch_size * block_size
+        if total_batch_size % micro_tokens:
+            raise UserError(f"total_batch_size={total_batch_size} is not a multiple of batch_size * block_size = "
+                            f"{micro_tokens}; change one of them")
+        steps = total_batch_size // micro_tokens
+    if steps % world_size:
+        raise UserError(f"gradient_accumulation_steps={steps} does not split over {world_size} processes; make it "
+                        f"a multiple of {world_size}")
+    return steps, steps // world_size
