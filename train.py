@@ -163,10 +163,6 @@ train_len = tokens.split_length(data_dir, "train", block_size)
 val_len = tokens.split_length(data_dir, "val", block_size)
 tokenizer = load_tokenizer(meta["tokenizer"])
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)
-eval_sets = {split: (path, tokens.eval_starts(n, block_size, eval_iters * batch_size))
-             for split, path, n in (("train", train_path, train_len), ("val", val_path, val_len))}
-if eval_whole_val:
-    eval_sets["val"] = (val_path, split_windows(val_len, block_size))
 log(f"data: {data_dir}: {train_len:,} train and {val_len:,} val tokens, vocab {meta['vocab_size']:,}")
 if small := tokens.small_split_warning(val_len, "val", data_dir):
     log(small)
@@ -205,6 +201,18 @@ peak, peak_why = hardware.peak_flops(device, dtype)
 expected = (max_iters - iter_num) * model.flops_per_token() * tokens_per_iter / world_size / (0.3 * peak)
 compile, compile_why = hardware.resolve_compile(compile, device, min(expected, time_budget or expected))
 log(f"compile: {compile} ({compile_why})")
+# the fixed evaluation set: eval_iters * batch_size windows a split, fewer where evaluating would take more
+# than a bounded share of the run (the whole run's plan, and a resumed run keeps its checkpoint's size)
+planned = min(max_iters, time_budget * 0.3 * peak * world_size / (model.flops_per_token() * tokens_per_iter)) \
+    if time_budget else max_iters
+windows, eval_line = training.eval_windows(eval_iters, batch_size, block_size, eval_interval, int(planned),
+                                           tokens_per_iter)
+windows = resume.meta.get("eval_windows", eval_iters * batch_size) if resume else windows
+log(eval_line if not resume else f"evaluation: {windows:,} fixed windows of each split, as before the stop")
+eval_sets = {split: (path, tokens.eval_starts(n, block_size, windows))
+             for split, path, n in (("train", train_path, train_len), ("val", val_path, val_len))}
+if eval_whole_val:
+    eval_sets["val"] = (val_path, split_windows(val_len, block_size))
 if fsdp:  # before the optimizer is built: sharding replaces the parameters
     parallel.fully_shard_model(model, device, dtype, compile)
 
@@ -223,9 +231,8 @@ def warmup_step(m):
     optimizer.zero_grad(set_to_none=True)
 
 
-# three handles on one model: `model` is the GPT (what is saved and how FLOPs are counted; under fsdp it
-# is sharded in place), `eval_model` the same compiled (if compile), `step_model` what a training step
-# calls: eval_model inside DDP's wrapper, whose hooks average gradients (evaluation skips them)
+# three handles on one model: `model` the GPT (saved, its FLOPs counted; under fsdp sharded in place),
+# `eval_model` the same compiled, `step_model` what a step calls: eval_model in DDP's gradient-averaging wrapper
 eval_model = model
 if compile and not fsdp:  # fsdp compiled each block already
     log("compiling the model (a minute on a laptop; not counted in the training time)...")
@@ -263,7 +270,8 @@ record = run_log.record if master else (lambda entry: None)
 
 def save(reason):
     meta_out = dict(iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, config=config,
-                    dataset=dataset, tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num))
+                    dataset=dataset, tokenizer=meta["tokenizer"], data_position=dict(seed=seed, next_step=iter_num),
+                    eval_windows=windows)
     if fsdp:  # every rank writes its own shards
         if scaler.is_enabled():
             meta_out["scaler"] = scaler.state_dict()
@@ -351,8 +359,7 @@ while True:
                          torch.tensor(float(spent), device=device)])
     if ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    step_loss, stop_requested = stats[0].item() / world_size, stats[1].item() > 0
-    out_of_time = stats[2].item() > 0
+    step_loss, stop_requested, out_of_time = stats[0].item() / world_size, stats[1].item() > 0, stats[2].item() > 0
     training.check_finite(step_loss, iter_num, out_dir)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)

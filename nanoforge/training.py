@@ -62,3 +62,30 @@ def accumulation_steps(steps, total_batch_size, batch_size, block_size, world_si
         raise UserError(f"gradient_accumulation_steps={steps} does not split over {world_size} processes; make it "
                         f"a multiple of {world_size}")
     return steps, steps // world_size
+
+
+EVAL_SHARE = 1 / 3  # the most of a run's compute its fixed-set evaluations may take
+
+
+def eval_windows(eval_iters, batch_size, block_size, eval_interval, planned_iters, tokens_per_iter):
+    """How many windows of each split the fixed evaluation set holds: eval_iters * batch_size, or fewer
+    (whole batches) where the run's evaluations would otherwise cost more than EVAL_SHARE of its compute:
+    a short run on a big vocabulary can spend more on scoring than on learning. The evaluations of a run
+    of planned_iters: one at the start, one every eval_interval iterations, one at the end, of both splits;
+    each token scored costs a forward pass, a third of a training token's forward and backward.
+    Returns (windows, a line for the log saying the share)."""
+    evals = planned_iters // eval_interval + 2
+    train = 3 * planned_iters * tokens_per_iter  # in forward passes of one token
+
+    def share(windows):
+        scored = evals * 2 * windows * block_size
+        return scored / (train + scored)
+
+    windows = asked = eval_iters * batch_size
+    if share(windows) > EVAL_SHARE:  # scored <= share / (1 - share) * train
+        most = EVAL_SHARE / (1 - EVAL_SHARE) * train / (evals * 2 * block_size)
+        windows = max(1, int(most) // batch_size) * batch_size
+    capped = f" (eval_iters={eval_iters} capped to {windows // batch_size}: at most {EVAL_SHARE:.0%})" \
+        if windows < asked else ""
+    return windows, (f"evaluation: {windows:,} fixed windows of each split, ~{share(windows):.0%} of the run's "
+                     f"compute{capped}")

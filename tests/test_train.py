@@ -494,3 +494,19 @@ def test_sprint_recipe_picks_its_shape_by_the_machines_precision(isa_cap, expect
     if expected is None:  # this machine, whichever class it is: the shape agrees with its precision
         expected = (3, 17.0) if dtype == "bfloat16" else (2, 20.0)
     assert (int(n_layer), float(budget)) == expected and (dtype == "float32" or not isa_cap), proc.stderr
+
+
+def test_evaluations_take_a_bounded_share_of_a_short_run():
+    """A 60 s BPE run once spent 3x its training on its fixed evaluation set: the set shrinks (in whole
+    batches) until the run's evaluations take at most a third of its compute, and a run long enough
+    keeps eval_iters as asked."""
+    from nanoforge.training import EVAL_SHARE, eval_windows
+    # a long run: 5000 iterations of 64 x 256 tokens, 200 x 64 windows every 250 iterations
+    windows, line = eval_windows(200, 64, 256, 250, 5000, 64 * 256)
+    assert windows == 200 * 64 and "capped" not in line
+    # a short run: 100 iterations of 12 x 1024 tokens with two evaluations of 200 x 12 windows each
+    windows, line = eval_windows(200, 12, 1024, 2000, 100, 12 * 1024)
+    assert 0 < windows < 200 * 12 and windows % 12 == 0 and "capped" in line
+    scored = 2 * 2 * windows * 1024
+    assert scored / (3 * 100 * 12 * 1024 + scored) <= EVAL_SHARE
+    assert eval_windows(200, 12, 1024, 2000, 1, 12 * 1024)[0] == 12  # never below one batch
