@@ -501,9 +501,9 @@ def test_evaluations_take_a_bounded_share_of_a_short_run():
     batches) until the run's evaluations take at most a third of its compute, and a run long enough
     keeps eval_iters as asked."""
     from nanoforge.training import EVAL_SHARE, eval_windows
-    # a long run: 5000 iterations of 64 x 256 tokens, 200 x 64 windows every 250 iterations
-    windows, line = eval_windows(200, 64, 256, 250, 5000, 64 * 256)
-    assert windows == 200 * 64 and "capped" not in line
+    # GPT-2 124M on OpenWebText (config/train_gpt2.py): 200 x 12 windows every 1000 of 600,000 iterations
+    windows, line = eval_windows(200, 12, 1024, 1000, 600_000, 40 * 12 * 1024)
+    assert windows == 200 * 12 and "capped" not in line and "~0% of the run" in line
     # a short run: 100 iterations of 12 x 1024 tokens with two evaluations of 200 x 12 windows each
     windows, line = eval_windows(200, 12, 1024, 2000, 100, 12 * 1024)
     assert 0 < windows < 200 * 12 and windows % 12 == 0 and "capped" in line
