@@ -57,6 +57,7 @@ eval_only = False  # evaluate once and exit
 eval_whole_val = False  # score the whole val split (back-to-back windows) instead of the fixed sample
 target_loss = 0.0  # if > 0, stop (save) at the first evaluation whose val loss is at or below it
 always_save_checkpoint = True  # if False, save only when val loss improves (keeps the best model)
+keep_checkpoints = 0  # > 0: also keep the weights of the last N evaluations in out_dir/checkpoints/ (explain.py)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 name, a HF folder or a nanoforge out_dir
 plot = True  # loss-curve PNG in out_dir at the end
 # wandb logging (honours WANDB_MODE=offline/disabled)
@@ -123,7 +124,7 @@ check_ranges(config, {
     **{k: POSITIVE_INT for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
                                  "eval_iters", "log_interval", "gradient_accumulation_steps")},
     **{k: NON_NEGATIVE for k in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "time_budget",
-                                 "target_loss", "logit_softcap")},
+                                 "target_loss", "logit_softcap", "keep_checkpoints")},
     **{k: FRACTION for k in ("dropout", "beta1", "beta2", "muon_momentum")},
     "learning_rate": (lambda v: v > 0, "a number > 0"),
     "lr_decay_iters": (lambda v: v >= 1, "an int >= 1"),
@@ -409,6 +410,9 @@ while True:
             f"val bpb {scores['val']['bpb']:.4f}, train time {train_time:.1f}s")
         record(dict(iter=iter_num, val_loss=val_loss, val_bpb=scores["val"]["bpb"],
                     train_eval_loss=scores["train"]["loss"], train_time=round(train_time, 3)))
+        if keep_checkpoints > 0 and master and not fsdp and not eval_only:  # snapshots of the run as it learns
+            checkpoint.keep_checkpoint(out_dir, raw_model, dict(config=config, dataset=dataset, val_loss=val_loss,
+                                       tokenizer=meta["tokenizer"]), iter_num, keep_checkpoints)
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         reached = 0 < target_loss and val_loss <= target_loss
