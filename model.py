@@ -501,6 +501,13 @@ class GPT(nn.Module):
         """logits: (B, V) for the next token -> (B, 1) ids. temperature 0 or top_k 1 is greedy."""
         if temperature == 0 or top_k == 1:
             return logits.argmax(dim=-1, keepdim=True)
+        probs = GPT.sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+    @staticmethod
+    def sampling_probs(logits, temperature, top_k, top_p):
+        """logits: (B, V) -> the (B, V) distribution that sampling draws from at temperature > 0, after
+        top_k and top_p have cut the tail (explain.py shows it)."""
         logits = logits.float() / temperature
         if top_k is not None:
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted descending
@@ -513,8 +520,7 @@ class GPT(nn.Module):
             drop[:, 0] = False  # always keep the most likely token (top_p <= 0 would drop them all)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-        probs = F.softmax(logits, dim=-1)  # (B, V)
-        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        return F.softmax(logits, dim=-1)  # (B, V)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
