@@ -207,7 +207,7 @@ def surprise_view(model, tok, ids, source, n_hard=12):
     loss = F.cross_entropy(logits[0].float(), y[0], reduction="none")  # (T,)
     guess = logits[0].argmax(-1).tolist()
     hard = torch.argsort(loss, descending=True)[:n_hard].tolist()
-    return {"source": source, "first": piece_text(token_bytes_of(tok, ids[0])),
+    return {"source": source, "first": piece_text(token_bytes_of(tok, ids[0])), "first_id": ids[0],
             "texts": [piece_text(token_bytes_of(tok, j)) for j in ids[1:]], "ids": ids[1:], "loss": _r(loss, 4),
             "mean_loss": float(loss.double().mean()),
             "hardest": [{"pos": p, "text": piece_text(token_bytes_of(tok, ids[p + 1])), "loss": round(float(loss[p]), 4),

@@ -45,3 +45,23 @@ def small_char_data(tmp_path_factory):
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"),
                     f"--input={d / 'input.txt'}", f"--out_dir={d}"], check=True, capture_output=True)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def chrome():
+    """Headless chromium through selenium (a test dependency), logging the browser console and the
+    DevTools network events, so a test can check a page's errors and every request it made. Skips when
+    selenium, chromium or chromedriver is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    binary, driver_path = os.environ.get("CHROMIUM", "/usr/bin/chromium"), os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+    if not (os.path.exists(binary) and os.path.exists(driver_path)):
+        pytest.skip(f"needs {binary} and {driver_path}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
