@@ -301,3 +301,21 @@ def test_page_shows_a_right_to_left_prompt(tmp_path, chrome):
     xs = [c.location["x"] for c in chips[:4]]
     assert xs == sorted(xs, reverse=True)
     assert chrome.find_element(By.CSS_SELECTOR, "#lens-table tr th:nth-child(2) .tok").get_attribute("data-text") == prompt[0]
+
+
+def test_tinystories_prepare_ends_each_story(tmp_path):
+    from tokenizer import SPECIAL_TOKENS, save_bpe, train_bpe
+    sample = os.path.join(ROOT, "..", "shared", "data", "tinystories", "tinystories_sample_eot.txt")
+    with open(sample, encoding="utf-8") as f:
+        text = f.read()
+    ranks, _ = train_bpe([text], 300, progress=False)  # a tiny BPE trained here: the test needs no files
+    save_bpe(tmp_path / "tok", ranks, "gpt4", SPECIAL_TOKENS)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "tinystories", "prepare.py"), f"--input={sample}",
+                    f"--tokenizer={tmp_path / 'tok'}", f"--out_dir={tmp_path / 'data'}", "--val_fraction=0.2"],
+                   check=True, capture_output=True)
+    meta = tokens.read_meta(tmp_path / "data")
+    tok = load_tokenizer(meta["tokenizer"])
+    stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+    assert (meta["train_stories"], meta["val_stories"]) == (len(stories) - 1, 1)
+    val = np.asarray(tokens.open_tokens(tokens.split_files(tmp_path / "data", "val")[0])).tolist()
+    assert val == tok.encode(stories[-1]) + [tok.eot_id]
