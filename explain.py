@@ -25,7 +25,7 @@ import runtime
 from checkpoint import kept_checkpoints, load_model
 from configurator import configure
 from evaluation import run_data_dir
-from runtime import UserError, atomic_path, write_json
+from runtime import UserError, atomic_path
 from tokenizer import load_tokenizer
 
 runtime.friendly_errors()
@@ -110,7 +110,6 @@ views["learned"] = {"snapshots": snapshots, "curve": inspection.loss_curve(run_d
 
 header = {"source": source, "prompt": prompt, "iter_num": meta.get("iter_num"), "n_params": model.get_num_params(),
           "seconds": None}
-next_all = [round(v, 4) for v in logits[-1].tolist()]  # the real logits, all of them, for the JSON only
 
 # -----------------------------------------------------------------------------------------------------
 # write: the JSON, then the page with the data inline; each written beside its place and renamed in
@@ -118,11 +117,13 @@ next_all = [round(v, 4) for v in logits[-1].tolist()]  # the real logits, all of
 os.makedirs(out, exist_ok=True)
 header["seconds"] = round(time.time() - t0, 2)
 data = dict(header, views=views)
-write_json(os.path.join(out, "explain.json"), dict(data, next_logits=next_all))
+blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # compact: GPT-2's attention alone is 590k numbers
+with atomic_path(os.path.join(out, "explain.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(blob)
 with open(os.path.join(REPO, "explain_page.html"), encoding="utf-8") as f:
     page = f.read()
 # inside <script> only "</" could end the element early; "<\/" reads the same to JSON.parse
-blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+blob = blob.replace("</", "<\\/")
 page_path = os.path.join(out, "index.html")
 with atomic_path(page_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(page.replace("/*DATA*/{}", blob, 1))
@@ -141,7 +142,7 @@ if screenshots:
         raise UserError("--screenshots needs selenium (pip install selenium) and chromium with chromedriver") from None
     options = webdriver.ChromeOptions()
     options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1600",
                 "--force-device-scale-factor=1", "--hide-scrollbars"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")), options=options)

@@ -166,21 +166,21 @@ DECODING = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top
 
 
 @torch.no_grad()
-def next_token_view(tok, last_logits, k=20, ship=200):
+def next_token_view(tok, last_logits, k=20, ship_logits=True):
     """The next-token distribution at the end of the prompt: the top k, and how each sampling setting of
-    DECODING (the rule of model.GPT.sampling_probs, on all the logits) reshapes it. The page gets the top
-    `ship` logits to recompute from as its sliders move; the JSON keeps every logit."""
-    V = last_logits.numel()
+    DECODING (the rule of model.GPT.sampling_probs) reshapes it. With ship_logits every logit goes too,
+    for the page's sliders to recompute from exactly."""
     probs = F.softmax(last_logits, dim=-1)  # (V,)
-    top = torch.topk(last_logits, min(ship, V))
+    top = torch.topk(last_logits, min(k, last_logits.numel()))
     settings = []
     for s in DECODING:
         q = GPT.sampling_probs(last_logits[None], s["temperature"], s["top_k"] or None, s["top_p"])[0]  # (V,)
-        settings.append(dict(s, probs=_r(q[top.indices[:k]], 5), kept=int((q > 0).sum())))
-    return {"ids": top.indices[:k].tolist(), "texts": [piece_text(token_bytes_of(tok, int(j))) for j in top.indices[:k]],
-            "probs": _r(probs[top.indices[:k]], 5), "settings": settings,
-            "top_logits": _r(top.values, 4), "top_ids": top.indices.tolist(),
-            "top_texts": [piece_text(token_bytes_of(tok, int(j))) for j in top.indices]}
+        settings.append(dict(s, probs=_r(q[top.indices], 5), kept=int((q > 0).sum())))
+    out = {"ids": top.indices.tolist(), "texts": [piece_text(token_bytes_of(tok, int(j))) for j in top.indices],
+           "probs": _r(probs[top.indices], 5), "settings": settings}
+    if ship_logits:
+        out["logits"] = _r(last_logits, 4)  # (V,)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def loss_curve(out_dir):
 def snapshot_view(model, tok, ids, iter_num, val_loss):
     """Attention, logit lens and next-token table of one checkpoint on the prompt."""
     logits, resid, att = trace_prompt(model, ids)
-    nxt = next_token_view(tok, logits[-1], k=10, ship=10)
+    nxt = next_token_view(tok, logits[-1], k=10, ship_logits=False)
     return {"iter": iter_num, "val_loss": val_loss, "attention": attention_view(att)["weights"],
             "lens": logit_lens_view(model, tok, resid),
             "next": {k: nxt[k] for k in ("ids", "texts", "probs")}}

@@ -145,7 +145,7 @@ def test_attention_and_lens_are_the_models(tmp_path, char_tok, arch):
     assert len(lens["ids"]) == model.config.n_layer + 1
     assert lens["ids"][-1] == i.tolist()
     assert np.allclose(lens["probs"][-1], p.numpy(), atol=1e-4)
-    assert np.allclose(data["next_logits"], logits[0, -1].numpy(), atol=1e-3)
+    assert np.allclose(data["views"]["next"]["logits"], logits[0, -1].numpy(), atol=1e-3)
     assert data["views"]["next"]["ids"][0] == int(logits[0, -1].argmax())
 
 
