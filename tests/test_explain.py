@@ -285,22 +285,43 @@ def test_page_renders_every_view_offline(tmp_path, chrome, char_tok, small_char_
     assert not errors, errors
 
 
-def test_page_shows_a_right_to_left_prompt(tmp_path, chrome):
+PERSIAN = "سلام دنیا، این یک آزمایش است"
+
+
+def persian_tokenizer(kind, folder):
+    """A character vocabulary, or a byte-level BPE trained here on Persian text (its pieces are whole
+    letters and words, each several UTF-8 bytes)."""
+    if kind == "char":
+        return CharTokenizer.from_text(PERSIAN + " abc")
+    from tokenizer import SPECIAL_TOKENS, load_bpe, save_bpe, train_bpe
+    text = " ".join([PERSIAN, "دنیا بزرگ است", "این یک کتاب است", "سلام بر شما"] * 30)
+    ranks, _ = train_bpe([text], 400, progress=False)
+    return load_bpe(str(folder), save_bpe(folder, ranks, "gpt4", SPECIAL_TOKENS)["sha256"])
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_page_shows_a_right_to_left_prompt(tmp_path, chrome, kind):
     from selenium.webdriver.common.by import By
-    prompt = "سلام دنیا، این یک آزمایش است"
-    tok = CharTokenizer.from_text(prompt + " abc")
+    prompt = PERSIAN
+    tok = persian_tokenizer(kind, tmp_path / "tok")
     make_run(tmp_path, tok)
     run_explain(f"--out_dir={tmp_path}", f"--prompt={prompt}")
     open_page(chrome, tmp_path / "explain" / "index.html")
     assert chrome.find_element(By.ID, "prompt").text == prompt
     assert chrome.execute_script("return getComputedStyle(document.getElementById('tok-chips')).direction") == "rtl"
     chips = chrome.find_elements(By.CSS_SELECTOR, "#tok-chips .tok")
-    assert [c.get_attribute("data-text") for c in chips] == list(prompt)
-    assert [c.text for c in chips] == [ch.replace(" ", "\u00b7") for ch in prompt]
+    pieces = [tok.decode([i]) for i in tok.encode(prompt)]
+    assert "".join(pieces) == prompt  # every piece whole characters: nothing shown as \xNN
+    assert [c.get_attribute("data-text") for c in chips] == pieces
+    assert [c.text for c in chips] == [p.replace(" ", "\u00b7") for p in pieces]
+    if kind == "bpe":
+        assert max(len(p) for p in pieces) > 2  # merged into words, not letter by letter
+        rows = chrome.find_elements(By.CSS_SELECTOR, "#tok-table tr")
+        assert "+" in rows[1 + pieces.index(max(pieces, key=len))].text  # the merges that built it
     # the first token, the prompt's first letter, is drawn rightmost: the row reads right to left
     xs = [c.location["x"] for c in chips[:4]]
     assert xs == sorted(xs, reverse=True)
-    assert chrome.find_element(By.CSS_SELECTOR, "#lens-table tr th:nth-child(2) .tok").get_attribute("data-text") == prompt[0]
+    assert chrome.find_element(By.CSS_SELECTOR, "#lens-table tr th:nth-child(2) .tok").get_attribute("data-text") == pieces[0]
 
 
 def test_tinystories_prepare_ends_each_story(tmp_path):
@@ -319,3 +340,11 @@ def test_tinystories_prepare_ends_each_story(tmp_path):
     assert (meta["train_stories"], meta["val_stories"]) == (len(stories) - 1, 1)
     val = np.asarray(tokens.open_tokens(tokens.split_files(tmp_path / "data", "val")[0])).tolist()
     assert val == tok.encode(stories[-1]) + [tok.eot_id]
+
+
+def test_bad_prompts_fail_in_one_line(tmp_path, char_tok):
+    make_run(tmp_path, char_tok)
+    for prompt, said in (("x" * 65, "at most 64"), ("", "empty"), ("\u00e9t\u00e9", "not in this model's vocabulary")):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "explain.py"), f"--out_dir={tmp_path}",
+                              f"--prompt={prompt}"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode != 0 and said in out.stderr and "Traceback" not in out.stderr, out.stderr
