@@ -117,7 +117,11 @@ header = {"source": source, "prompt": prompt, "iter_num": meta.get("iter_num"), 
 os.makedirs(out, exist_ok=True)
 header["seconds"] = round(time.time() - t0, 2)
 data = dict(header, views=views)
-blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # compact: GPT-2's attention alone is 590k numbers
+try:  # compact: GPT-2's attention alone is 590k numbers
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+except ValueError:  # nan or inf, which JSON (and the page) cannot hold
+    raise UserError(f"the model in {source} computes nan or inf on this prompt: its weights are not finite "
+                    f"(a diverged run?); explain an earlier checkpoint") from None
 with atomic_path(os.path.join(out, "explain.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(blob)
 with open(os.path.join(REPO, "explain_page.html"), encoding="utf-8") as f:

@@ -7,6 +7,7 @@ surprise, snapshots of a run as it learned, the parameter budget. Every number c
 own modules (model.GPT.trace for the insides), so what the page shows is what the model computes.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -224,14 +225,16 @@ def loss_curve(out_dir):
         return {"train": [], "val": []}
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return {"train": [[r["iter"], round(r["loss"], 4)] for r in records if "loss" in r],
-            "val": [[r["iter"], round(r["val_loss"], 4)] for r in records if "val_loss" in r]}
+    # a diverged step logs nan or inf, which JSON cannot hold: the curve leaves it out
+    return {"train": [[r["iter"], round(r["loss"], 4)] for r in records if math.isfinite(r.get("loss", math.nan))],
+            "val": [[r["iter"], round(r["val_loss"], 4)] for r in records if math.isfinite(r.get("val_loss", math.nan))]}
 
 
 def snapshot_view(model, tok, ids, iter_num, val_loss):
     """Attention, logit lens and next-token table of one checkpoint on the prompt."""
     logits, resid, att = trace_prompt(model, ids)
     nxt = next_token_view(tok, logits[-1], k=10, ship_logits=False)
+    val_loss = val_loss if val_loss is not None and math.isfinite(val_loss) else None
     return {"iter": iter_num, "val_loss": val_loss, "attention": attention_view(att)["weights"],
             "lens": logit_lens_view(model, tok, resid),
             "next": {k: nxt[k] for k in ("ids", "texts", "probs")}}

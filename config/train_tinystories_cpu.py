@@ -1,6 +1,6 @@
 # The tour's model (docs/TOUR.md): a ~1M-parameter GPT on TinyStories with a 2,048-token BPE trained on
-# them, a few minutes on a laptop CPU. It keeps the weights of its last 8 evaluations so explain.py can
-# show the model as it learned.
+# them, a few minutes on a laptop CPU. It keeps the weights of its last 16 evaluations so explain.py can
+# show the model as it learned, from its random start.
 # $ python train_tokenizer.py --input=data/tinystories/input.txt --vocab_size=2048 --out=tokenizers/tinystories
 # $ python data/tinystories/prepare.py
 # $ python train.py config/train_tinystories_cpu.py
@@ -13,7 +13,7 @@ eval_interval = 40
 eval_iters = 10  # 10 x 16 fixed windows per split
 log_interval = 10
 always_save_checkpoint = True
-keep_checkpoints = 8
+keep_checkpoints = 16  # every evaluation of the 150 s run: explain.py shows 8 of them, from the random start on
 
 dataset = "tinystories"
 gradient_accumulation_steps = 1

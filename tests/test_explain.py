@@ -46,6 +46,7 @@ def make_run(folder, tok, data_dir="", snapshots=(), seed=0, **arch):
         for it in range(0, 31, 10):
             f.write(json.dumps({"iter": it, "loss": 4.0 - it / 20}) + "\n")
             f.write(json.dumps({"iter": it, "val_loss": 4.1 - it / 20}) + "\n")
+        f.write(json.dumps({"iter": 31, "loss": float("nan")}) + "\n")  # a diverged step: JSON has no nan
     for it in snapshots:
         with torch.no_grad():
             model.transformer.wte.weight.mul_(1.1)
