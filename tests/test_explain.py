@@ -21,7 +21,7 @@ import tokens
 from checkpoint import ckpt_path, keep_checkpoint, kept_checkpoints, load_model, save_checkpoint
 from evaluation import evaluate
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, load_tokenizer
+from tokenizer import SPECIAL_TOKENS, CharTokenizer, load_bpe, load_tokenizer, save_bpe, train_bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = {
@@ -294,7 +294,6 @@ def persian_tokenizer(kind, folder):
     letters and words, each several UTF-8 bytes)."""
     if kind == "char":
         return CharTokenizer.from_text(PERSIAN + " abc")
-    from tokenizer import SPECIAL_TOKENS, load_bpe, save_bpe, train_bpe
     text = " ".join([PERSIAN, "دنیا بزرگ است", "این یک کتاب است", "سلام بر شما"] * 30)
     ranks, _ = train_bpe([text], 400, progress=False)
     return load_bpe(str(folder), save_bpe(folder, ranks, "gpt4", SPECIAL_TOKENS)["sha256"])
@@ -326,7 +325,6 @@ def test_page_shows_a_right_to_left_prompt(tmp_path, chrome, kind):
 
 
 def test_tinystories_prepare_ends_each_story(tmp_path):
-    from tokenizer import SPECIAL_TOKENS, save_bpe, train_bpe
     sample = os.path.join(ROOT, "..", "shared", "data", "tinystories", "tinystories_sample_eot.txt")
     with open(sample, encoding="utf-8") as f:
         text = f.read()
