@@ -101,7 +101,9 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.pos_emb == "rope" else None
 
-    def forward(self, x, kv_cache=None):
+    def heads(self, x, pos=0):
+        """Queries, keys and values of x (B, T, C) whose first position is `pos`, split into heads, each
+        (B, nh, T, hs), with QK-norm and rotary applied: everything attention does before the scores."""
         B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
@@ -110,9 +112,24 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # unit-RMS queries and keys: the scores cannot blow up, so larger learning rates hold
             q, k = F.rms_norm(q, (hs,), eps=1e-5), F.rms_norm(k, (hs,), eps=1e-5)
-        pos = kv_cache.length if kv_cache is not None else 0
         if self.rotary is not None:
             q, k = self.rotary(q, pos), self.rotary(k, pos)
+        return q, k, v
+
+    def attention_weights(self, x):
+        """The causal softmax weights of x (B, T, C) attending to itself, (B, nh, T, T): what the fused
+        kernel computes inside and never returns. Row i says how much position i reads each j <= i.
+        For inspection (explain.py); forward does not use it."""
+        q, k, _ = self.heads(x)
+        T = q.size(2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return F.softmax(att.masked_fill(~mask, float("-inf")).float(), dim=-1)  # (B, nh, T, T)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
+        pos = kv_cache.length if kv_cache is not None else 0
+        q, k, v = self.heads(x, pos)  # (B, nh, T, hs) each
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
         dropout_p = self.attn_dropout_p if self.training else 0.0
@@ -388,6 +405,26 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
+    @torch.no_grad()
+    def trace(self, idx):
+        """forward's computation on idx (B, T), with what it passes through kept, for inspection (explain.py):
+        (logits (B, T, V) at every position, residual stream (L + 1, B, T, C) entering each block and leaving
+        the last (before ln_f), attention weights (L, B, nh, T, T)). Runs the same modules as forward; the
+        weights cost one extra softmax per layer."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C) + (T, C)
+        resid, att = [], []
+        for block in self.transformer.h:
+            resid.append(x)
+            att.append(block.attn.attention_weights(block.ln_1(x)))  # (B, nh, T, T)
+            x = block(x)
+        resid.append(x)
+        logits = self.soft_cap(self.lm_head(self.transformer.ln_f(x)))  # (B, T, V)
+        return logits, torch.stack(resid), torch.stack(att)
+
     def soft_cap(self, logits):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
@@ -464,6 +501,13 @@ class GPT(nn.Module):
         """logits: (B, V) for the next token -> (B, 1) ids. temperature 0 or top_k 1 is greedy."""
         if temperature == 0 or top_k == 1:
             return logits.argmax(dim=-1, keepdim=True)
+        probs = GPT.sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+    @staticmethod
+    def sampling_probs(logits, temperature, top_k, top_p):
+        """logits: (B, V) -> the (B, V) distribution that sampling draws from at temperature > 0, after
+        top_k and top_p have cut the tail (explain.py shows it)."""
         logits = logits.float() / temperature
         if top_k is not None:
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted descending
@@ -476,8 +520,7 @@ class GPT(nn.Module):
             drop[:, 0] = False  # always keep the most likely token (top_p <= 0 would drop them all)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-        probs = F.softmax(logits, dim=-1)  # (B, V)
-        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        return F.softmax(logits, dim=-1)  # (B, V)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

@@ -21,7 +21,6 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=
 Resume exactly where a run stopped (Ctrl-C and SIGTERM save a checkpoint first):
 $ python train.py config/train_shakespeare_char_cpu.py --init_from=resume
 """
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -51,6 +50,7 @@ eval_only = False  # evaluate once and exit
 eval_whole_val = False  # score the whole val split (back-to-back windows) instead of the fixed sample
 target_loss = 0.0  # if > 0, stop (save) at the first evaluation whose val loss is at or below it
 always_save_checkpoint = True  # if False, save only when val loss improves (keeps the best model)
+keep_checkpoints = 0  # > 0: keep the weights of the last N evaluations in out_dir/checkpoints/ (explain.py; no fsdp)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 name, a HF folder or a nanoforge out_dir
 plot = True  # loss-curve PNG in out_dir at the end
 # wandb logging (honours WANDB_MODE=offline/disabled)
@@ -117,7 +117,7 @@ check_ranges(config, {
     **{k: POSITIVE_INT for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
                                  "eval_iters", "log_interval", "gradient_accumulation_steps")},
     **{k: NON_NEGATIVE for k in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "time_budget",
-                                 "target_loss", "logit_softcap")},
+                                 "target_loss", "logit_softcap", "keep_checkpoints")},
     **{k: FRACTION for k in ("dropout", "beta1", "beta2", "muon_momentum")},
     "learning_rate": (lambda v: v > 0, "a number > 0"),
     "lr_decay_iters": (lambda v: v >= 1, "an int >= 1"),
@@ -281,22 +281,7 @@ def save(reason):
     log(f"saved {'sharded ' if fsdp else ''}checkpoint to {out_dir} at iteration {iter_num} ({reason})")
 
 
-# Ctrl-C / SIGTERM: finish the current iteration, save, exit (all ranks agree through the all-reduce below).
-# During an evaluation, or asked a second time, stop at once: an evaluation saves nothing, and on a big
-# eval set it could run for minutes after the user asked to stop
-stop_requested, evaluating = False, False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    if evaluating or stop_requested:
-        log(f"stopped at once; {out_dir} keeps its last checkpoint")
-        raise KeyboardInterrupt
-    stop_requested = True
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop = training.StopSignals(log, out_dir)  # Ctrl-C / SIGTERM: finish the iteration, save, exit
 
 # -----------------------------------------------------------------------------------------------------
 # training loop
@@ -307,15 +292,18 @@ while True:
     just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
     last = iter_num >= max_iters or out_of_time
     if (iter_num % eval_interval == 0 or last or eval_only) and not just_resumed:
-        evaluating = True
+        stop.at_once = True  # an evaluation saves nothing: a stop asked now stops at once
         scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
                                   autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
-        evaluating = False
+        stop.at_once = False
         val_loss = scores["val"]["loss"]
         log(f"step {iter_num}: train loss {scores['train']['loss']:.4f}, val loss {val_loss:.4f}, "
             f"val bpb {scores['val']['bpb']:.4f}, train time {train_time:.1f}s")
         record(dict(iter=iter_num, val_loss=val_loss, val_bpb=scores["val"]["bpb"],
                     train_eval_loss=scores["train"]["loss"], train_time=round(train_time, 3)))
+        if keep_checkpoints > 0 and master and not fsdp and not eval_only:  # snapshots of the run as it learns
+            checkpoint.keep_checkpoint(out_dir, model, dict(config=config, dataset=dataset, val_loss=val_loss,
+                                       tokenizer=meta["tokenizer"]), iter_num, keep_checkpoints)
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         reached = 0 < target_loss and val_loss <= target_loss
@@ -355,11 +343,11 @@ while True:
     # the loss of the whole global batch, and whether any rank was asked to stop or ran out of time
     # (counting this step's time so far), in one all-reduce
     spent = time_budget > 0 and train_time + time.perf_counter() - t0 >= time_budget
-    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=device),
+    stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device),
                          torch.tensor(float(spent), device=device)])
     if ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    step_loss, stop_requested, out_of_time = stats[0].item() / world_size, stats[1].item() > 0, stats[2].item() > 0
+    step_loss, stop.requested, out_of_time = stats[0].item() / world_size, stats[1].item() > 0, stats[2].item() > 0
     training.check_finite(step_loss, iter_num, out_dir)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
@@ -379,7 +367,7 @@ while True:
         record(dict(iter=iter_num, loss=step_loss, lr=lr, ms=round(dt * 1000, 2), tokens_per_s=round(tok_s),
                     mfu=mfu, train_time=round(train_time, 3)))
     iter_num += 1
-    if stop_requested:
+    if stop.requested:
         if always_save_checkpoint:
             save("stop requested")
         else:

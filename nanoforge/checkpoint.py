@@ -266,3 +266,36 @@ class Resume:
         if scaler_state:
             scaler.load_state_dict(scaler_state)
         self.state = None  # free the checkpoint's copy of the weights
+
+
+# kept checkpoints: snapshots of a run as it learned (train.py --keep_checkpoints=N), for explain.py
+
+KEPT_DIR = "checkpoints"
+
+
+def kept_path(out_dir, iter_num):
+    return os.path.join(out_dir, KEPT_DIR, f"ckpt_{iter_num:07d}.pt")
+
+
+def kept_checkpoints(out_dir):
+    """[(iteration, path)] of the kept checkpoints of a run, oldest first ([] when there are none)."""
+    folder = os.path.join(out_dir, KEPT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        stem = name[len("ckpt_"):-len(".pt")]
+        if name.startswith("ckpt_") and name.endswith(".pt") and stem.isdigit():
+            found.append((int(stem), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def keep_checkpoint(out_dir, model, meta, iter_num, keep):
+    """Saves the model's weights (no optimizer: a snapshot to look at, not to resume from) as
+    out_dir/checkpoints/ckpt_<iter>.pt and deletes all but the `keep` newest. Returns the path."""
+    path = kept_path(out_dir, iter_num)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint(path, model, dict(meta, iter_num=iter_num))
+    for _, old in kept_checkpoints(out_dir)[:-keep]:
+        os.remove(old)
+    return path

@@ -3,6 +3,7 @@ What train.py and finetune.py share around their loops: the start-up lines, fitt
 context, the check that a step's loss is finite, and setting the learning rate.
 """
 import math
+import signal
 
 from configurator import overrides
 from nanoforge import hardware
@@ -89,3 +90,21 @@ def eval_windows(eval_iters, batch_size, block_size, eval_interval, planned_iter
         if windows < asked else ""
     return windows, (f"evaluation: {windows:,} fixed windows of each split, ~{share(windows):.0%} of the run's "
                      f"compute{capped}")
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM ask a run to stop: the loop finishes its iteration, saves and exits (`requested`;
+    under torchrun all ranks agree through the loop's all-reduce). While `at_once` is set (an evaluation,
+    which saves nothing and on a big set could run for minutes), or when asked a second time, it stops
+    at once, keeping out_dir's last checkpoint."""
+
+    def __init__(self, log, out_dir):
+        self.requested, self.at_once, self.log, self.out_dir = False, False, log, out_dir
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.at_once or self.requested:
+            self.log(f"stopped at once; {self.out_dir} keeps its last checkpoint")
+            raise KeyboardInterrupt
+        self.requested = True

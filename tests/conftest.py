@@ -126,3 +126,24 @@ def sharded_char_data(char_data, tmp_path_factory):
         assert len(writer.paths) > 1
     shutil.copy(os.path.join(char_data, "meta.json"), d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def chrome():
+    """Headless Chromium through selenium, logging the browser console and the DevTools network events, so
+    a test can check a page's errors and every request it made. The browser is a test dependency, as
+    .ci/run installs it (apt-get install chromium chromium-driver): a missing one fails, never skips."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    binary = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    driver_path = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+    assert os.path.exists(binary) and os.path.exists(driver_path), \
+        f"the page tests need {binary} and {driver_path}: apt-get install chromium chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
