@@ -1,0 +1,390 @@
+"""
+Serves a model over HTTP: an OpenAI-compatible API and a chat page, decoding many clients together.
+
+$ python serve.py --out_dir=out-sft-shop                 # http://127.0.0.1:8000: the chat page, and /v1
+$ python serve.py --init_from=gpt2 --port=8080           # a GPT-2 name, a HF folder or a checkpoint file
+$ python serve.py --out_dir=out-sft-shop --host=0.0.0.0 --api_key=$(openssl rand -hex 16)   # exposed
+
+The official openai client works unchanged against it:
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}], stream=True)
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (messages rendered with chat.render, the
+template finetune.py trained on), GET /v1/models, GET /health (with the engine's slot counts), and GET / the
+chat page (static/chat.html, the only file served). Request fields: max_tokens (or max_completion_tokens),
+temperature (0: greedy, the tokens of sample.py --temperature=0), top_p, top_k (an extension; 0 = off),
+stop (a string or up to 4), seed, n, stream with stream_options.include_usage; `model` is ignored (one
+model is served). A completion ends at max_tokens, at the stop strings, at the end-of-text token (a chat
+reply: at any special token, as sample.py --chat), or when prompt and completion fill the model's context:
+finish_reason "length" then, as for max_tokens. Errors are OpenAI's {"error": {"message", "type", "code"}}.
+
+Requests are decoded together (engine.py: continuous batching over max_batch KV-cache slots); past that
+they wait, and past max_queue waiting they get 503 with Retry-After. Safe by default: it listens on
+127.0.0.1 only; with --host=0.0.0.0 give --api_key (checked as a Bearer token on /v1). No CORS unless
+--cors_origins="https://a.example,https://b.example" (or "*").
+"""
+import asyncio
+import hmac
+import json
+import os
+import sys
+import time
+import uuid
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+import runtime
+from chat import CHAT_TOKENS, render
+from checkpoint import load_model
+from configurator import configure
+from engine import Engine, QueueFull, Sequence, TextStream
+from runtime import UserError
+from tokenizer import load_tokenizer
+
+runtime.friendly_errors()
+
+# -----------------------------------------------------------------------------------------------------
+init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 name, a HF folder or a checkpoint file
+out_dir = "out"  # used when init_from='resume'
+model_name = ""  # the id /v1/models reports; '' = the out_dir or init_from
+host = "127.0.0.1"  # 0.0.0.0 listens on every interface: then set api_key
+port = 8000
+api_key = ""  # when set, /v1 requests need "Authorization: Bearer <api_key>"
+cors_origins = ""  # comma-separated origins allowed to call the API from a browser page; '' = none
+max_batch = 16  # sequences decoded together (KV-cache slots, all allocated at start)
+max_queue = 64  # sequences that may wait for a slot; past that: 503
+max_tokens_cap = 1024  # the largest max_tokens a request may ask for
+max_n = 8  # the most choices (n) a request may ask for
+max_body_bytes = 1_000_000  # a larger request body gets 413
+device = "auto"
+dtype = "auto"
+log_level = "info"  # uvicorn's: 'warning' hides the per-request lines
+# -----------------------------------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+globals().update(configure(defaults, sys.argv[1:]))
+
+device, _ = runtime.resolve_device(device)
+if min(max_batch, max_tokens_cap, max_n, max_body_bytes) < 1 or max_queue < 0:
+    raise UserError("max_batch, max_tokens_cap, max_n, max_body_bytes must be >= 1 and max_queue >= 0")
+if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    print(f"warning: listening on {host} with no api_key: anyone who can reach this port can use the model; "
+          f"pass --api_key=...", file=sys.stderr)
+
+source = out_dir if init_from == "resume" else init_from
+model, tok_spec, _ = load_model(source, map_location=device)
+model.eval().to(device)
+# decoding runs max_batch rows at a time at most: the precision is measured at that shape
+dtype, why = runtime.resolve_dtype(dtype, device, (max_batch, model.config.n_embd))
+tok = load_tokenizer(tok_spec)
+model_name = model_name or os.path.basename(os.path.normpath(source))
+has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
+engine = Engine(model, tok, device, dtype, max_batch=max_batch, max_queue=max_queue)
+CREATED = int(time.time())
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html"), "rb") as f:
+    CHAT_PAGE = f.read()
+print(f"model {model_name}: {model.get_num_params() / 1e6:.2f}M params, context {model.config.block_size}, "
+      f"{'chat template' if has_chat else 'no chat tokens: /v1/completions only'}; {device}, {dtype} ({why})")
+
+
+# -----------------------------------------------------------------------------------------------------
+# errors, in OpenAI's shape
+
+class ApiError(Exception):
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers
+
+
+def error_response(status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def on_api_error(request, e):
+    return error_response(e.status, str(e), e.param, e.code, e.kind, e.headers)
+
+
+async def on_http_error(request, e):  # 404, 405: Starlette's own, in the same shape
+    return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=str(e.status_code))
+
+
+def check_key(request):
+    if not api_key:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):  # constant time
+        raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+# -----------------------------------------------------------------------------------------------------
+# reading a request
+
+async def read_json(request):
+    if int(request.headers.get("content-length") or 0) > max_body_bytes:
+        raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes",
+                       code="request_too_large")
+    body = b""
+    async for chunk in request.stream():  # a chunked body has no length header: count as it comes
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes",
+                           code="request_too_large")
+    try:
+        obj = json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    return obj
+
+
+KINDS = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+         "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+         "boolean": lambda v: isinstance(v, bool), "string": lambda v: isinstance(v, str),
+         "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list)}
+ARTICLE = {"integer": "an ", "number": "a ", "boolean": "a ", "string": "a ", "object": "an ", "array": "an "}
+
+
+def field(body, name, kinds, default=None):
+    """body[name] if it is one of `kinds` (names in KINDS); absent or null gives the default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not any(KINDS[k](value) for k in kinds.split("|")):
+        raise ApiError(400, f"'{name}' must be {' or '.join(ARTICLE[k] + k for k in kinds.split('|'))}, got "
+                       f"{json_type(value)}: "
+                       f"{json.dumps(value)[:50]}", param=name, code="invalid_type")
+    return value
+
+
+def json_type(v):
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(v), "null")
+
+
+def in_range(name, value, ok, what):
+    if not ok:
+        raise ApiError(400, f"'{name}' must be {what}, got {value}", param=name, code="invalid_value")
+
+
+def sampling(body, default_max):
+    """The sampling settings of a request, checked."""
+    max_tokens = field(body, "max_completion_tokens", "integer", field(body, "max_tokens", "integer", default_max))
+    in_range("max_tokens", max_tokens, 1 <= max_tokens <= max_tokens_cap, f"between 1 and {max_tokens_cap}")
+    temperature = field(body, "temperature", "number", 1.0)
+    in_range("temperature", temperature, 0 <= temperature <= 2, "between 0 and 2")
+    top_p = field(body, "top_p", "number", 1.0)
+    in_range("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1")
+    top_k = field(body, "top_k", "integer", 0)
+    in_range("top_k", top_k, top_k >= 0, "0 (off) or more")
+    n = field(body, "n", "integer", 1)
+    in_range("n", n, 1 <= n <= max_n, f"between 1 and {max_n}")
+    stop = field(body, "stop", "string|array", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop", code="invalid_value")
+    options = field(body, "stream_options", "object", {})
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n, stop=stop,
+                seed=field(body, "seed", "integer"), stream=field(body, "stream", "boolean", False),
+                usage=bool(options.get("include_usage")))
+
+
+def encode(text, param):
+    try:
+        return tok.encode(text)
+    except UserError as e:  # a character a character-level model does not know: the message names it
+        raise ApiError(400, str(e), param=param, code="unknown_characters") from None
+
+
+def completion_prompts(body):
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if KINDS["array"](prompt) and prompt and all(KINDS["integer"](i) for i in prompt):
+        prompt = [prompt]  # token ids
+    if not KINDS["array"](prompt) or not prompt or not all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt",
+                       code="invalid_type")
+    out = []
+    for p in prompt:
+        if isinstance(p, list) and not all(KINDS["integer"](i) and 0 <= i < tok.vocab_size for i in p):
+            raise ApiError(400, f"token ids in 'prompt' must be integers from 0 to {tok.vocab_size - 1}", param="prompt")
+        ids = encode(p, "prompt") if isinstance(p, str) else p
+        if not ids and tok.eot_id is None:
+            raise ApiError(400, "The prompt is empty and this model's tokenizer has no end-of-text token to start "
+                           "from", param="prompt")
+        out.append(ids or [tok.eot_id])  # an empty prompt begins a fresh document
+    return out
+
+
+def chat_prompt(body):
+    if not has_chat:
+        raise ApiError(400, "This model has no chat tokens (<|user|>, <|assistant|>, ...): fine-tune it for chat "
+                       "with finetune.py, or use /v1/completions", param="messages", code="no_chat_template")
+    messages = field(body, "messages", "array")
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    plain = []
+    for n, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: the text ones, joined
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ApiError(400, f"messages[{n}] must have a role (system, user or assistant) and string content",
+                           param=f"messages[{n}]")
+        plain.append({"role": role, "content": content})
+    try:
+        ids, _ = render(tok, plain, add_generation_prompt=True)
+    except UserError as e:
+        raise ApiError(400, str(e), param="messages", code="unknown_characters") from None
+    return [ids]
+
+
+# -----------------------------------------------------------------------------------------------------
+# the two generation endpoints
+
+async def generate(request, chat):
+    check_key(request)
+    body = await read_json(request)
+    prompts = chat_prompt(body) if chat else completion_prompts(body)
+    context = model.config.block_size
+    opts = sampling(body, max_tokens_cap if chat else 16)  # OpenAI's defaults: chat to the end, completions 16
+    for ids in prompts:
+        if len(ids) >= context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens; your prompt has "
+                           f"{len(ids)} tokens (it must leave room for at least one more)", param="messages" if chat
+                           else "prompt", code="context_length_exceeded")
+    stop_ids = set(tok.special_tokens.values()) if chat else {tok.eot_id} - {None}
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    seqs = []
+    for p, ids in enumerate(prompts):
+        for j in range(opts["n"]):
+            index = p * opts["n"] + j  # OpenAI's numbering: the choices of prompt 0, then of prompt 1, ...
+            seed = None if opts["seed"] is None else opts["seed"] + j
+            sink = (lambda ev, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, ev)))
+            seqs.append(Sequence(ids, opts["max_tokens"], sink, opts["temperature"], opts["top_p"], opts["top_k"],
+                                 seed, stop_ids, TextStream(tok, opts["stop"])))
+    try:
+        engine.submit(seqs)
+    except QueueFull:
+        raise ApiError(503, "The server is busy: too many requests are waiting. Retry shortly", code="server_busy",
+                       kind="server_error", headers={"Retry-After": "1"}) from None
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()), model=model_name)
+    if opts["stream"]:
+        return StreamingResponse(stream(seqs, events, head, chat, prompt_tokens, opts["usage"]),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    texts, finish, used = [""] * len(seqs), [None] * len(seqs), 0
+    try:
+        while None in finish:
+            try:
+                index, ev = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():  # nobody to answer: free the slots
+                    return error_response(499, "client closed the request")
+                continue
+            if ev[0] == "text":
+                texts[index] += ev[1]
+            elif ev[0] == "done":
+                finish[index], used = ev[1], used + ev[2]
+            else:
+                raise ApiError(500, f"generation failed: {ev[1]}", kind="server_error")
+    finally:
+        for s in seqs:
+            engine.cancel(s)
+    usage = dict(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used)
+    if chat:
+        choices = [dict(index=i, message=dict(role="assistant", content=t), logprobs=None, finish_reason=r)
+                   for i, (t, r) in enumerate(zip(texts, finish))]
+    else:
+        choices = [dict(index=i, text=t, logprobs=None, finish_reason=r) for i, (t, r) in enumerate(zip(texts, finish))]
+    return JSONResponse(dict(head, object="chat.completion" if chat else "text_completion", choices=choices, usage=usage))
+
+
+async def stream(seqs, events, head, chat, prompt_tokens, include_usage):
+    """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason,
+    optionally the usage, then [DONE]. Leaving early (the client went away) cancels the sequences."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index, text=None, finish=None, first=False):
+        if chat:
+            delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            choice = dict(index=index, delta=delta, logprobs=None, finish_reason=finish)
+        else:
+            choice = dict(index=index, text=text or "", logprobs=None, finish_reason=finish)
+        obj = dict(head, object=kind, choices=[choice])
+        if include_usage:
+            obj["usage"] = None  # as OpenAI's: every chunk but the last carries a null usage
+        return f"data: {json.dumps(obj)}\n\n"
+
+    try:
+        if chat:
+            for i in range(len(seqs)):
+                yield chunk(i, first=True)
+        left, used = len(seqs), 0
+        while left:
+            index, ev = await events.get()
+            if ev[0] == "text":
+                yield chunk(index, ev[1])
+            elif ev[0] == "done":
+                yield chunk(index, finish=ev[1])
+                left, used = left - 1, used + ev[2]
+            else:
+                yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error', 'code': None}})}\n\n"
+                break
+        if include_usage:
+            usage = dict(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used)
+            yield f"data: {json.dumps(dict(head, object=kind, choices=[], usage=usage))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for s in seqs:
+            engine.cancel(s)
+
+
+async def completions(request):
+    return await generate(request, chat=False)
+
+
+async def chat_completions(request):
+    return await generate(request, chat=True)
+
+
+async def models(request):
+    check_key(request)
+    return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": CREATED,
+                                                     "owned_by": "nanoforge"}]})
+
+
+async def health(request):
+    return JSONResponse({"status": "ok", "model": model_name, "context": model.config.block_size,
+                         "chat": has_chat, **engine.stats()})
+
+
+async def page(request):
+    # the page runs its own inline script and talks to this origin only
+    csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+    return HTMLResponse(CHAT_PAGE, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
+
+
+# -----------------------------------------------------------------------------------------------------
+routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
+          Route("/v1/completions", completions, methods=["POST"]),
+          Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+middleware = []
+if cors_origins:
+    origins = [o.strip() for o in cors_origins.split(",") if o.strip()]
+    middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Content-Type"]))
+app = Starlette(routes=routes, middleware=middleware,
+                exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
+print(f"serving on http://{host}:{port} (chat page at /, OpenAI API at /v1)", flush=True)
+uvicorn.run(app, host=host, port=port, log_level=log_level)
+engine.close()
