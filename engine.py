@@ -20,6 +20,7 @@ Events a sink receives, from the engine thread (serve.py hands them over to its 
 """
 import collections
 import threading
+import time
 import traceback
 
 import torch
@@ -85,10 +86,11 @@ class Sequence:
 
 class Engine:
 
-    def __init__(self, model, tok, device="cpu", dtype="float32", max_batch=16, max_queue=64):
+    def __init__(self, model, tok, device="cpu", dtype="float32", max_batch=16, max_queue=64, step_delay=0.0):
         cfg = model.config
         self.model, self.tok, self.device, self.dtype = model, tok, device, dtype
         self.block_size, self.max_queue = cfg.block_size, max_queue
+        self.step_delay = step_delay  # seconds of sleep after each step: a slow model, to see queueing happen
         # every slot is allocated now, to block_size: memory stays flat however requests come and go
         hs = cfg.n_embd // cfg.n_head
         self.caches = [SlotKVCache(max_batch, cfg.n_head, cfg.block_size, hs, device, model.lm_head.weight.dtype)
@@ -98,7 +100,7 @@ class Engine:
         self.running = []
         self.wake = threading.Condition()
         self.stopping = False
-        self.steps = 0  # batched decode steps taken (stats)
+        self.steps, self.tokens = 0, 0  # batched decode steps taken, tokens sampled: for stats
         # a model whose vocabulary was padded past its tokenizer's (nanoGPT's 50304 for GPT-2's 50257) must
         # never sample a padding id: there is no text for it
         self.n_real = min(tok.vocab_size, cfg.vocab_size)
@@ -126,7 +128,7 @@ class Engine:
     def stats(self):
         with self.wake:
             return {"running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free),
-                    "steps": self.steps}
+                    "steps": self.steps, "tokens": self.tokens}
 
     def close(self):
         with self.wake:
@@ -159,6 +161,8 @@ class Engine:
                     if self.running:
                         self._decode()
                     self._retire()
+                if self.step_delay:
+                    time.sleep(self.step_delay)
             except Exception as e:  # a bug must not leave clients waiting forever: end theirs, loudly, go on
                 traceback.print_exc()
                 for seq in self.running + joining:
@@ -191,6 +195,7 @@ class Engine:
         """Samples seq's next token from its logits (V,), emits its text, and marks seq done when it ends."""
         logits = logits[:self.n_real].float().cpu()[None]  # (1, V)
         nxt = int(self.model._sample_next(logits, seq.temperature, seq.top_k or None, seq.top_p, seq.generator))
+        self.tokens += 1
         if nxt in seq.stop_ids:
             return self._finish(seq, "stop")
         seq.last, seq.n_generated = nxt, seq.n_generated + 1

@@ -66,6 +66,7 @@ max_body_bytes = 1_000_000  # a larger request body gets 413
 device = "auto"
 dtype = "auto"
 log_level = "info"  # uvicorn's: 'warning' hides the per-request lines
+step_delay = 0.0  # seconds to pause after each decode step: a slow model on purpose, to watch queueing and Stop
 # -----------------------------------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 globals().update(configure(defaults, sys.argv[1:]))
@@ -85,7 +86,7 @@ dtype, why = runtime.resolve_dtype(dtype, device, (max_batch, model.config.n_emb
 tok = load_tokenizer(tok_spec)
 model_name = model_name or os.path.basename(os.path.normpath(source))
 has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
-engine = Engine(model, tok, device, dtype, max_batch=max_batch, max_queue=max_queue)
+engine = Engine(model, tok, device, dtype, max_batch=max_batch, max_queue=max_queue, step_delay=step_delay)
 CREATED = int(time.time())
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html"), "rb") as f:
     CHAT_PAGE = f.read()

@@ -45,3 +45,23 @@ def small_char_data(tmp_path_factory):
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"),
                     f"--input={d / 'input.txt'}", f"--out_dir={d}"], check=True, capture_output=True)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by selenium, shared by the tests of web pages; it keeps the console log
+    (driver.get_log("browser")) so a test can check a page ran without errors. Skips where Chromium or
+    its driver is not installed."""
+    import shutil
+    if not (shutil.which("chromium") or os.path.exists("/usr/bin/chromium")) or not os.path.exists("/usr/bin/chromedriver"):
+        pytest.skip("needs chromium and chromium-driver (apt install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    yield driver
+    driver.quit()
