@@ -181,7 +181,7 @@ class Engine:
         self._take(seq, logits[0])
 
     def _decode(self):
-        seqs = self.running
+        seqs = sorted(self.running, key=lambda s: s.slot)  # ascending slots: usually a slice of the cache
         idx = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         pos = torch.tensor([s.pos for s in seqs], device=self.device)  # (B,)

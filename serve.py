@@ -177,8 +177,9 @@ def in_range(name, value, ok, what):
 
 def sampling(body, default_max):
     """The sampling settings of a request, checked."""
-    max_tokens = field(body, "max_completion_tokens", "integer", field(body, "max_tokens", "integer", default_max))
-    in_range("max_tokens", max_tokens, 1 <= max_tokens <= max_tokens_cap, f"between 1 and {max_tokens_cap}")
+    which = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"  # the newer name
+    max_tokens = field(body, which, "integer", default_max)
+    in_range(which, max_tokens, 1 <= max_tokens <= max_tokens_cap, f"between 1 and {max_tokens_cap}")
     temperature = field(body, "temperature", "number", 1.0)
     in_range("temperature", temperature, 0 <= temperature <= 2, "between 0 and 2")
     top_p = field(body, "top_p", "number", 1.0)
