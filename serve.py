@@ -3,7 +3,7 @@ Serves a model over HTTP: an OpenAI-compatible API and a chat page, decoding man
 
 $ python serve.py --out_dir=out-sft-shop                 # http://127.0.0.1:8000: the chat page, and /v1
 $ python serve.py --init_from=gpt2 --port=8080           # a GPT-2 name, a HF folder or a checkpoint file
-$ python serve.py --out_dir=out-sft-shop --host=0.0.0.0 --api_key=$(openssl rand -hex 16)   # exposed
+$ python serve.py --out_dir=out-sft-shop --host=0.0.0.0 --api_key=sk-$(openssl rand -hex 16)   # exposed
 
 The official openai client works unchanged against it:
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")

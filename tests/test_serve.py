@@ -443,3 +443,11 @@ def test_chat_page_stop_button_ends_the_generation(strict_server, browser):
     assert h["tokens"] - tokens_before < 1000
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_help_lists_the_knobs_without_loading_a_model():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "usage: python serve.py" in proc.stdout
+    for knob in ("--host='127.0.0.1'", "--api_key=''", "--max_batch=16", "--max_queue=64", "--cors_origins=''"):
+        assert knob in proc.stdout
