@@ -121,7 +121,8 @@ async def generate(request, chat):
     body = await read_json(request, max_body_bytes)
     prompts = chat_prompt(tok, body) if chat else completion_prompts(tok, body)
     context = model.config.block_size
-    opts = sampling(body, max_tokens_cap if chat else 16, max_tokens_cap, max_n)  # OpenAI's defaults: chat to the end, completions 16
+    # OpenAI's default max_tokens: a chat reply runs to its end, a completion is 16 tokens
+    opts = sampling(body, max_tokens_cap if chat else 16, max_tokens_cap, max_n)
     for ids in prompts:
         if len(ids) >= context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens; your prompt has "
@@ -143,7 +144,8 @@ async def generate(request, chat):
         raise ApiError(503, "The server is busy: too many requests are waiting. Retry shortly", code="server_busy",
                        kind="server_error", headers={"Retry-After": "1"}) from None
     prompt_tokens = sum(len(ids) for ids in prompts)
-    head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()), model=model_name)
+    head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
+                model=model_name)
     if opts["stream"]:
         return StreamingResponse(stream(seqs, events, head, chat, prompt_tokens, opts["usage"]),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -171,7 +173,8 @@ async def generate(request, chat):
                    for i, (t, r) in enumerate(zip(texts, finish))]
     else:
         choices = [dict(index=i, text=t, logprobs=None, finish_reason=r) for i, (t, r) in enumerate(zip(texts, finish))]
-    return JSONResponse(dict(head, object="chat.completion" if chat else "text_completion", choices=choices, usage=usage))
+    kind = "chat.completion" if chat else "text_completion"
+    return JSONResponse(dict(head, object=kind, choices=choices, usage=usage))
 
 
 async def stream(seqs, events, head, chat, prompt_tokens, include_usage):
