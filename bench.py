@@ -54,7 +54,7 @@ import torch
 
 import configurator
 import runtime
-from checkpoint import load_model
+from checkpoint import load_model, save_checkpoint
 from model import GPT, GPTConfig
 
 runtime.friendly_errors()
@@ -290,7 +290,6 @@ if mode == 'serve':
     import socket
     import threading
     import urllib.request
-    from checkpoint import save_checkpoint
     machine = machine_line(runtime.resolve_device(device)[0])
     levels = [int(c) for c in serve_clients.split()]
 
@@ -363,8 +362,8 @@ if mode == 'serve':
                 server.wait()
     print(f"\nserve.py, {serve_tokens} greedy tokens per request after {prompt_len} prompt tokens, streamed "
           f"(block_size {block_size}, vocab {vocab_size}):")
-    print(f"| shape (L x H x C) | clients | one at a time (tokens/s) | together (tokens/s) | speedup |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| shape (L x H x C) | clients | one at a time (tokens/s) | together (tokens/s) | speedup |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['shape']} | {r['clients']} | {r['one_at_a_time_tokens_per_s']:,.1f} | "
               f"{r['together_tokens_per_s']:,.1f} | {r['speedup']:.2f}x |")
