@@ -12,6 +12,7 @@ KV cache. Random weights and random tokens: how fast a shape runs does not depen
     python bench.py --mode=memory --batch_size=8 --repeats=3   # gradient checkpointing: peak memory, step time
     torchrun --standalone --nproc_per_node=2 bench.py --mode=fsdp --block_size=128   # memory per rank; also ddp
     python bench.py --mode=ttl                   # time to val loss 1.886: nanoGPT's CPU recipe vs the sprint, 3 seeds
+    python bench.py --mode=serve --vocab_size=50304   # serve.py: tokens/s at 1, 4, 16 streaming clients vs one at a time
     python bench.py --mode=ttl --ttl_target=1.55 --ttl_runs="nanogpt: config/bench_nanogpt_cpu.py --time_budget=300 \
         --lr_clock=time --max_iters=1000000 --eval_interval=1000; ours: config/train_shakespeare_char_cpu.py"   # 5 minutes
 
@@ -27,6 +28,11 @@ alternating (A B A B ...) so both see the same machine load, and reports the med
 step time of each and their ratios: a process's peak RSS only ever grows, so each variant needs its own.
 --mode=fsdp / --mode=ddp (under torchrun) take one AdamW step of batch_size x block_size tokens and report,
 per rank, the bytes of parameters, gradients and optimizer state that rank holds, and its peak memory.
+
+--mode=serve starts serve.py (random weights, GPT-2's tokenizer) for each shape of serve_shapes and sends it
+the same greedy streaming requests (serve_tokens tokens after a prompt_len-token prompt) twice per level of
+serve_clients: one at a time, then all at once; aggregate tokens/s is the completion tokens of all over the
+wall time from the first request to the last [DONE]. Together / one at a time is what continuous batching buys.
 
 Every mode first prints the machine line (its figures are in --json_out's "machine" too): the CPU's name
 and class (vector unit, native or emulated bf16), its measured fp32 and bf16 matmul GFLOP/s and memory
@@ -49,7 +55,7 @@ import torch
 import configurator
 from model import GPT, GPTConfig
 from nanoforge import errors, files, hardware, parallel, runlog
-from nanoforge.checkpoint import load_model
+from nanoforge.checkpoint import load_model, save_checkpoint
 
 errors.friendly_errors()
 
@@ -90,6 +96,10 @@ ttl_target = 1.886  # val loss (nats/char on shakespeare_char) whose first cross
 ttl_seeds = 3  # seeds 1337, 1338, ...
 ttl_extra = ''  # overrides given to every run, e.g. '--time_budget=300 --lr_clock=time'
 ttl_out = 'out-bench-ttl'  # the runs' out_dirs go here; must not exist yet
+# serve (mode='serve'): model shapes 'n_layer x n_head x n_embd' (block_size, vocab_size from the keys above)
+serve_shapes = '4x4x256,12x12x768'
+serve_clients = '1 4 16'  # concurrent streaming clients, space-separated; each level is also run one at a time
+serve_tokens = 32  # completion tokens per request
 # -----------------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -98,9 +108,9 @@ config = configurator.configure(defaults, sys.argv[1:])
 globals().update(config)
 print(f"overrides: {configurator.overrides(defaults, config) or 'none'}")
 
-if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl', 'machine'):
-    raise errors.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl' or 'machine', "
-                            f"got {mode!r}")
+if mode not in ('train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl', 'machine', 'serve'):
+    raise errors.UserError(f"mode must be 'train', 'generate', 'all', 'memory', 'fsdp', 'ddp', 'ttl', 'machine' or "
+                            f"'serve', got {mode!r}")
 if min(timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats) < 1 or warmup_steps < 0:
     raise errors.UserError("timed_steps, gen_tokens, gen_batch, prompt_len, batch_size, repeats must be >= 1; "
                             "warmup_steps >= 0")
@@ -268,6 +278,95 @@ if mode == 'ttl':
     if json_out:
         files.write_json(json_out, {'config': config, 'machine': machine, 'runs': runs, 'results': results,
                                       'ratios': ratios})
+        print(f"wrote {json_out}")
+    sys.exit(0)
+
+
+# -----------------------------------------------------------------------------------------------------
+# serve: serve.py's continuous batching, measured from outside as its clients see it
+if mode == 'serve':
+    import socket
+    import threading
+    import urllib.request
+    machine = machine_line(hardware.resolve_device(device)[0])
+    levels = [int(c) for c in serve_clients.split()]
+
+    def stream(url, prompt):
+        """One greedy streamed completion, read to [DONE]: its completion tokens (from the usage chunk)."""
+        body = json.dumps({'prompt': prompt, 'max_tokens': serve_tokens, 'temperature': 0, 'stream': True,
+                           'stream_options': {'include_usage': True}}).encode()
+        req = urllib.request.Request(url + '/v1/completions', body, {'Content-Type': 'application/json'})
+        used = 0
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if line.startswith(b'data: {'):
+                    used = (json.loads(line[6:]).get('usage') or {}).get('completion_tokens', used)
+        return used
+
+    def timed(url, prompts, together):
+        """(completion tokens of all, seconds from the first request to the last [DONE])."""
+        used = [0] * len(prompts)
+        t0 = time.perf_counter()
+        if together:
+            threads = [threading.Thread(target=lambda i=i: used.__setitem__(i, stream(url, prompts[i])))
+                       for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            used = [stream(url, p) for p in prompts]
+        return sum(used), time.perf_counter() - t0
+
+    rows = []
+    for shape in serve_shapes.split(','):
+        L, H, C = (int(x) for x in shape.split('x'))
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=block_size, vocab_size=vocab_size))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(os.path.join(tmp, 'ckpt.pt'), model, {'tokenizer': {'kind': 'gpt2'}})
+            del model
+            with socket.socket() as sock:
+                sock.bind(('127.0.0.1', 0))
+                port = sock.getsockname()[1]
+            server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.py'),
+                                       f'--out_dir={tmp}', f'--port={port}', f'--device={device}', f'--dtype={dtype}',
+                                       f'--max_batch={max(levels)}', '--log_level=warning'],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            url = f'http://127.0.0.1:{port}'
+            try:
+                while True:  # until /health answers
+                    if server.poll() is not None:
+                        sys.exit(f"error: serve.py exited:\n{server.stdout.read()[-2000:]}")
+                    try:
+                        urllib.request.urlopen(url + '/health', timeout=1).read()
+                        break
+                    except OSError:
+                        time.sleep(0.2)
+                g = torch.Generator().manual_seed(seed)
+                prompts = [torch.randint(50257, (prompt_len,), generator=g).tolist() for _ in range(max(levels))]
+                timed(url, prompts[:2], True)  # warm-up: first calls pay for allocation and kernel choice
+                for c in levels:
+                    one = timed(url, prompts[:c], False)
+                    together = timed(url, prompts[:c], True)
+                    rows.append(dict(shape=shape, clients=c, tokens=one[0], one_at_a_time_tokens_per_s=one[0] / one[1],
+                                     together_tokens_per_s=together[0] / together[1],
+                                     speedup=(together[0] / together[1]) / (one[0] / one[1])))
+                    r = rows[-1]
+                    print(f"serve: {shape} {c:>2} clients: one at a time {r['one_at_a_time_tokens_per_s']:,.1f} tokens/s, "
+                          f"together {r['together_tokens_per_s']:,.1f} tokens/s ({r['speedup']:.2f}x)", flush=True)
+            finally:
+                server.terminate()
+                server.wait()
+    print(f"\nserve.py, {serve_tokens} greedy tokens per request after {prompt_len} prompt tokens, streamed "
+          f"(block_size {block_size}, vocab {vocab_size}):")
+    print("| shape (L x H x C) | clients | one at a time (tokens/s) | together (tokens/s) | speedup |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['clients']} | {r['one_at_a_time_tokens_per_s']:,.1f} | "
+              f"{r['together_tokens_per_s']:,.1f} | {r['speedup']:.2f}x |")
+    if json_out:
+        files.write_json(json_out, {'config': config, 'machine': machine, 'serve': rows})
         print(f"wrote {json_out}")
     sys.exit(0)
 

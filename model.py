@@ -62,22 +62,31 @@ class Rotary(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, x, pos):
-        # x: (B, nh, T, hs), pos: first absolute position of x along T
+        # x: (B, nh, T, hs), pos: first absolute position of x along T; an int, or a (B,) tensor when each
+        # row sits at its own position (batched decoding of many sequences, SlotKVCache)
         T = x.size(2)
-        cos = self.cos[pos:pos + T].to(x.dtype)  # (T, hs/2)
-        sin = self.sin[pos:pos + T].to(x.dtype)
+        if torch.is_tensor(pos):
+            where = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+            cos = self.cos[where].to(x.dtype)[:, None]  # (B, 1, T, hs/2): broadcast over the heads
+            sin = self.sin[where].to(x.dtype)[:, None]
+        else:
+            cos = self.cos[pos:pos + T].to(x.dtype)  # (T, hs/2)
+            sin = self.sin[pos:pos + T].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2) each
         y1 = x1 * cos - x2 * sin
         y2 = x1 * sin + x2 * cos
         return torch.stack((y1, y2), dim=-1).flatten(-2)  # (B, nh, T, hs), pairs interleaved back
 
 
-def attention_reference(q, k, v, dropout_p=0.0, training=False):
+def attention_reference(q, k, v, dropout_p=0.0, training=False, mask=None):
     """Plain causal attention, the reference that the fused SDPA path is tested against.
-    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i."""
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i.
+    mask: a boolean (B, 1, Tq, Tk) of the keys each query may see, in place of that causal one (rows of a
+    batch that sit at different positions, SlotKVCache)."""
     Tq, Tk = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att, dim=-1)
     att = F.dropout(att, p=dropout_p, training=training)
@@ -132,6 +141,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.heads(x, pos)  # (B, nh, T, hs) each
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
+        # rows at different positions (SlotKVCache) are padded to the longest: each masks its own end
+        slot_mask = kv_cache.mask(T) if isinstance(kv_cache, SlotKVCache) else None  # (B, 1, T, Tk)
         dropout_p = self.attn_dropout_p if self.training else 0.0
         # PyTorch's CPU flash-attention kernel is ~5x slower than the plain path in bf16 (its backward;
         # dev/LOG.md), so bf16 training on a CPU takes the plain path, whose matmuls run in bf16; without a
@@ -140,7 +151,9 @@ class CausalSelfAttention(nn.Module):
         if self.use_sdpa and not cpu_bf16:
             # fused kernels (flash / memory-efficient on CUDA). With a cache the queries are the last T
             # positions of k, so the causal mask is offset; is_causal assumes aligned square masks.
-            if k.size(2) == T:
+            if slot_mask is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=slot_mask)
+            elif k.size(2) == T:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             elif T == 1:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # one query sees all keys
@@ -148,7 +161,7 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
-            y = attention_reference(q, k, v, dropout_p, self.training)
+            y = attention_reference(q, k, v, dropout_p, self.training, slot_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -237,6 +250,44 @@ class KVCache:
         self.v[:, :, self.length:self.length + T] = v
         self.length += T
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+class SlotKVCache:
+    """Keys and values of one layer for continuous batching: S slots, each holding one sequence of its own
+    length, preallocated to block_size. Before a forward the caller says which slots the batch rows
+    continue and where each row's new tokens start (set_rows); append then writes each row at its own
+    position and hands back the rows padded to the longest, and mask says which of those keys are real."""
+
+    def __init__(self, S, nh, max_len, hs, device, dtype):
+        self.k = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
+
+    def set_rows(self, rows, pos):
+        # rows: (B,) slot of each batch row; pos: (B,) its first new position. `length` is what attention
+        # reads as the position of its first query, a tensor here: rotary takes it per row
+        self.rows, self.length = rows, pos
+        # rows that are consecutive slots (the usual case) are read as a slice, a view; others are gathered,
+        # a copy of every cached key and value each step (a fifth of a 16-row step of the 124M shape)
+        first = int(rows[0])
+        self.span = slice(first, first + len(rows)) if rows.tolist() == list(range(first, first + len(rows))) else None
+
+    def append(self, k, v):
+        B, _, T, _ = k.size()  # (B, nh, T, hs)
+        where = self.length[:, None] + torch.arange(T, device=k.device)  # (B, T) positions written
+        # advanced indices around a slice put their dims first: the target is (B, T, nh, hs)
+        self.k[self.rows[:, None], :, where] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[self.rows[:, None], :, where] = v.transpose(1, 2).to(self.v.dtype)
+        L = int(where[:, -1].max()) + 1  # the longest row's length after this step
+        rows = self.span if self.span is not None else self.rows
+        return self.k[rows, :, :L], self.v[rows, :, :L]  # (B, nh, L, hs), short rows padded
+
+    def mask(self, T):
+        # query i of row b sits at position pos[b] + i and sees keys 0 .. pos[b] + i (causal, and never
+        # the padding past its own end)
+        L = int(self.length.max()) + T
+        seen = self.length[:, None] + torch.arange(T, device=self.length.device)  # (B, T)
+        keys = torch.arange(L, device=self.length.device)  # (L,)
+        return (keys[None, None, :] <= seen[:, :, None])[:, None]  # (B, 1, T, L)
 
 
 @dataclass
@@ -563,3 +614,23 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_kv_cache,
                                         stop_token, generator))
         return torch.cat([idx] + new, dim=1)
+
+    @torch.no_grad()
+    def forward_slots(self, idx, caches, rows, pos):
+        """One step of many sequences at once, for a server's continuous batching: row b of idx (B, T)
+        continues the sequence held in slot rows[b] of the SlotKVCaches (one per layer), its tokens at
+        positions pos[b] .. pos[b] + T - 1. Returns each row's next-token logits, (B, V). A prompt is one
+        row with T > 1 (prefill); a decode step is all running sequences with T = 1. Rows at different
+        positions give the same logits as each alone through forward with a KVCache (tested)."""
+        B, T = idx.size()
+        assert int(pos.max()) + T <= self.config.block_size, "a sequence would exceed block_size"
+        for cache in caches:
+            cache.set_rows(rows, pos)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "learned":
+            where = pos[:, None] + torch.arange(T, device=idx.device)  # (B, T): each row its own positions
+            x = x + self.transformer.wpe(where)  # (B, T, C)
+        for block, cache in zip(self.transformer.h, caches):
+            x = block(x, cache)
+        x = self.transformer.ln_f(x[:, -1, :])  # (B, C): only the last position is sampled from
+        return self.soft_cap(self.lm_head(x))  # (B, V)

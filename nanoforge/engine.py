@@ -1,0 +1,224 @@
+"""
+Continuous batching: the decoding loop behind serve.py. One background thread owns the model; requests
+join a queue, take a free slot of the KV cache when one opens, and from then on are decoded together with
+every other running sequence, one token each per step, until each stops on its own.
+
+    engine = Engine(model, tok, device="cpu", dtype="float32", max_batch=16, max_queue=64)
+    seq = Sequence(prompt_ids, max_new=50, temperature=0.0, sink=print)   # sink gets each event
+    engine.submit([seq])   # a request's sequences; QueueFull when more than max_queue would wait
+    engine.cancel(seq)   # e.g. the client went away: its slot is freed at the next step
+
+A step: the waiting sequences that fit are prefilled one at a time (one row, the whole prompt), then all
+running sequences advance one token in one forward (GPT.forward_slots over SlotKVCache: each row at its
+own position, shorter rows' padding masked). Sequences come and go between steps, so a long reply never
+holds a short one back, and B clients cost about one forward per step, not B.
+
+Events a sink receives, from the engine thread (serve.py hands them over to its event loop):
+    ("text", piece)                       text safe to show: whole UTF-8 characters, no part of a stop string
+    ("done", finish_reason, n_tokens)     "stop" (a stop token or string) or "length"; tokens generated
+    ("error", message)                    the engine failed on this step (a bug): the sequence is over
+"""
+import collections
+import threading
+import time
+import traceback
+
+import torch
+
+from model import SlotKVCache
+from nanoforge import hardware
+
+
+class QueueFull(Exception):
+    """max_queue sequences are already waiting for a slot."""
+
+
+class TextStream:
+    """Token ids in, text out, for one sequence: holds back byte-level BPE tokens until they decode to
+    whole characters (a character can span tokens; decoding half of one gives U+FFFD, as sample.py
+    knows), and holds back text that may be the start of a stop string, so no stop string is ever shown."""
+
+    MAX_PENDING = 8  # a UTF-8 character has at most 4 bytes: this many ids still undecodable are emitted as is
+
+    def __init__(self, tok, stop_strings=()):
+        self.tok, self.stops = tok, [s for s in stop_strings if s]
+        self.pending, self.held = [], ""  # ids not yet decoded; decoded text not yet shown
+
+    def feed(self, i):
+        """(text to show now, whether a stop string ended the sequence)."""
+        self.pending.append(i)
+        text = self.tok.decode(self.pending)
+        if "\ufffd" in text and len(self.pending) < self.MAX_PENDING:
+            return "", False
+        self.pending = []
+        self.held += text
+        hits = [h for h in (self.held.find(s) for s in self.stops) if h >= 0]
+        if hits:  # the text ends before the earliest stop string, which is not shown
+            out, self.held = self.held[:min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def flush(self):
+        """What is left when the sequence ends without a stop string: the held text and any partial bytes."""
+        out = self.held + (self.tok.decode(self.pending) if self.pending else "")
+        self.pending, self.held = [], ""
+        return out
+
+
+class Sequence:
+    """One completion being generated: its prompt, its sampling settings, and where its events go."""
+
+    def __init__(self, prompt, max_new, sink, temperature=1.0, top_p=1.0, top_k=0, seed=None,
+                 stop_ids=(), text=None):
+        self.prompt, self.max_new, self.sink = list(prompt), max_new, sink
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generator = torch.Generator()  # on the CPU: logits are sampled there, whatever the device
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.stop_ids, self.text = set(stop_ids), text  # text: a TextStream
+        self.slot, self.pos, self.last = None, 0, None  # cache slot, next position, last sampled id
+        self.n_generated, self.cancelled = 0, False
+
+
+class Engine:
+
+    def __init__(self, model, tok, device="cpu", dtype="float32", max_batch=16, max_queue=64, step_delay=0.0):
+        cfg = model.config
+        self.model, self.tok, self.device, self.dtype = model, tok, device, dtype
+        self.block_size, self.max_queue = cfg.block_size, max_queue
+        self.step_delay = step_delay  # seconds of sleep after each step: a slow model, to see queueing happen
+        # every slot is allocated now, to block_size: memory stays flat however requests come and go
+        hs = cfg.n_embd // cfg.n_head
+        self.caches = [SlotKVCache(max_batch, cfg.n_head, cfg.block_size, hs, device, model.lm_head.weight.dtype)
+                       for _ in range(cfg.n_layer)]
+        self.free = list(range(max_batch))  # lowest first
+        self.waiting = collections.deque()
+        self.running = []
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.steps, self.tokens = 0, 0  # batched decode steps taken, tokens sampled: for stats
+        # a model whose vocabulary was padded past its tokenizer's (nanoGPT's 50304 for GPT-2's 50257) must
+        # never sample a padding id: there is no text for it
+        self.n_real = min(tok.vocab_size, cfg.vocab_size)
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------------------------------------
+    # called from other threads
+
+    def submit(self, seqs):
+        """Queues the sequences of one request, all or none: QueueFull if more than max_queue would then
+        wait for a slot."""
+        assert all(0 < len(s.prompt) < self.block_size for s in seqs), "the caller checks that prompts fit"
+        with self.wake:
+            if len(self.waiting) + len(seqs) > self.max_queue + len(self.free):
+                raise QueueFull()
+            self.waiting.extend(seqs)
+            self.wake.notify()
+
+    def cancel(self, seq):
+        seq.cancelled = True  # read by the engine thread between steps; a bool assignment needs no lock
+        with self.wake:
+            self.wake.notify()
+
+    def stats(self):
+        with self.wake:
+            return {"running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free),
+                    "steps": self.steps, "tokens": self.tokens}
+
+    def close(self):
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    # ------------------------------------------------------------------------------------------------
+    # the engine thread
+
+    def _loop(self):
+        while True:
+            with self.wake:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                joining = []
+                while self.waiting and len(joining) < len(self.free):
+                    seq = self.waiting.popleft()
+                    if not seq.cancelled:
+                        joining.append(seq)
+                for seq in joining:
+                    seq.slot = self.free.pop(0)
+            try:
+                with hardware.autocast(self.device, self.dtype):
+                    for seq in joining:
+                        self._prefill(seq)
+                    self._retire()
+                    if self.running:
+                        self._decode()
+                    self._retire()
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+            except Exception as e:  # a bug must not leave clients waiting forever: end theirs, loudly, go on
+                traceback.print_exc()
+                for seq in self.running + joining:
+                    if not seq.cancelled:
+                        seq.sink(("error", f"{type(e).__name__}: {e}"))
+                    seq.cancelled = True
+                self.running = self.running + [s for s in joining if s not in self.running]
+                self._retire()
+
+    def _prefill(self, seq):
+        idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
+        rows = torch.tensor([seq.slot], device=self.device)
+        logits = self.model.forward_slots(idx, self.caches, rows, torch.zeros(1, dtype=torch.long, device=self.device))
+        seq.pos = len(seq.prompt)
+        self.running.append(seq)
+        self._take(seq, logits[0])
+
+    def _decode(self):
+        seqs = sorted(self.running, key=lambda s: s.slot)  # ascending slots: usually a slice of the cache
+        idx = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        pos = torch.tensor([s.pos for s in seqs], device=self.device)  # (B,)
+        logits = self.model.forward_slots(idx, self.caches, rows, pos)  # (B, V)
+        self.steps += 1
+        for s, row in zip(seqs, logits):
+            s.pos += 1
+            self._take(s, row)
+
+    def _take(self, seq, logits):
+        """Samples seq's next token from its logits (V,), emits its text, and marks seq done when it ends."""
+        logits = logits[:self.n_real].float().cpu()[None]  # (1, V)
+        nxt = int(self.model._sample_next(logits, seq.temperature, seq.top_k or None, seq.top_p, seq.generator))
+        self.tokens += 1
+        if nxt in seq.stop_ids:
+            return self._finish(seq, "stop")
+        seq.last, seq.n_generated = nxt, seq.n_generated + 1
+        piece, stopped = seq.text.feed(nxt)
+        if piece:
+            seq.sink(("text", piece))
+        if stopped:  # a stop string: the text before it is out, the rest is dropped
+            return self._finish(seq, "stop", flush=False)
+        # the context holds the prompt and the reply: a sequence ends when either is full
+        if seq.n_generated >= seq.max_new or len(seq.prompt) + seq.n_generated >= self.block_size:
+            self._finish(seq, "length")
+
+    def _finish(self, seq, reason, flush=True):
+        rest = seq.text.flush() if flush else ""  # text held back for a stop string that never came
+        if rest:
+            seq.sink(("text", rest))
+        seq.sink(("done", reason, seq.n_generated))
+        seq.cancelled = True  # nothing more for it: _retire frees its slot
+
+    def _retire(self):
+        gone = [s for s in self.running if s.cancelled]
+        if not gone:
+            return
+        self.running = [s for s in self.running if not s.cancelled]
+        with self.wake:
+            self.free = sorted(self.free + [s.slot for s in gone])

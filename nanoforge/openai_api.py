@@ -1,0 +1,156 @@
+"""
+The OpenAI API's request and error shapes, for serve.py: reading a JSON body within a size limit, checking
+each field's type and range with a message that names it, turning prompts and chat messages into token
+ids, and the error body {"error": {"message", "type", "param", "code"}} every 4xx and 5xx carries.
+Field names and defaults follow https://platform.openai.com/docs/api-reference (completions and chat).
+"""
+import json
+
+from starlette.responses import JSONResponse
+
+from nanoforge.chat_template import CHAT_TOKENS, render
+from nanoforge.errors import UserError
+
+
+# -----------------------------------------------------------------------------------------------------
+# errors, in OpenAI's shape
+
+class ApiError(Exception):
+    """A request refused: its HTTP status, and OpenAI's type, param and code for the body."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers
+
+
+def error_response(status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# -----------------------------------------------------------------------------------------------------
+# reading a request
+
+async def read_json(request, max_body_bytes):
+    if int(request.headers.get("content-length") or 0) > max_body_bytes:
+        raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes",
+                       code="request_too_large")
+    body = b""
+    async for chunk in request.stream():  # a chunked body has no length header: count as it comes
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes",
+                           code="request_too_large")
+    try:
+        obj = json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    return obj
+
+
+KINDS = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+         "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+         "boolean": lambda v: isinstance(v, bool), "string": lambda v: isinstance(v, str),
+         "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list)}
+ARTICLE = {"integer": "an ", "number": "a ", "boolean": "a ", "string": "a ", "object": "an ", "array": "an "}
+
+
+def field(body, name, kinds, default=None):
+    """body[name] if it is one of `kinds` (names in KINDS); absent or null gives the default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not any(KINDS[k](value) for k in kinds.split("|")):
+        raise ApiError(400, f"'{name}' must be {' or '.join(ARTICLE[k] + k for k in kinds.split('|'))}, got "
+                       f"{json_type(value)}: "
+                       f"{json.dumps(value)[:50]}", param=name, code="invalid_type")
+    return value
+
+
+def json_type(v):
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(v), "null")
+
+
+def in_range(name, value, ok, what):
+    if not ok:
+        raise ApiError(400, f"'{name}' must be {what}, got {value}", param=name, code="invalid_value")
+
+
+def sampling(body, default_max, max_tokens_cap, max_n):
+    """The sampling settings of a request, checked against the server's limits."""
+    which = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"  # the newer name
+    max_tokens = field(body, which, "integer", default_max)
+    in_range(which, max_tokens, 1 <= max_tokens <= max_tokens_cap, f"between 1 and {max_tokens_cap}")
+    temperature = field(body, "temperature", "number", 1.0)
+    in_range("temperature", temperature, 0 <= temperature <= 2, "between 0 and 2")
+    top_p = field(body, "top_p", "number", 1.0)
+    in_range("top_p", top_p, 0 < top_p <= 1, "above 0 and at most 1")
+    top_k = field(body, "top_k", "integer", 0)
+    in_range("top_k", top_k, top_k >= 0, "0 (off) or more")
+    n = field(body, "n", "integer", 1)
+    in_range("n", n, 1 <= n <= max_n, f"between 1 and {max_n}")
+    stop = field(body, "stop", "string|array", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop", code="invalid_value")
+    options = field(body, "stream_options", "object", {})
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n, stop=stop,
+                seed=field(body, "seed", "integer"), stream=field(body, "stream", "boolean", False),
+                usage=bool(options.get("include_usage")))
+
+
+def encode(tok, text, param):
+    try:
+        return tok.encode(text)
+    except UserError as e:  # a character a character-level model does not know: the message names it
+        raise ApiError(400, str(e), param=param, code="unknown_characters") from None
+
+
+def completion_prompts(tok, body):
+    """A completion request's prompts as token id lists."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if KINDS["array"](prompt) and prompt and all(KINDS["integer"](i) for i in prompt):
+        prompt = [prompt]  # token ids
+    if not KINDS["array"](prompt) or not prompt or not all(isinstance(p, (str, list)) for p in prompt):
+        raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt",
+                       code="invalid_type")
+    out = []
+    for p in prompt:
+        if isinstance(p, list) and not all(KINDS["integer"](i) and 0 <= i < tok.vocab_size for i in p):
+            raise ApiError(400, f"token ids in 'prompt' must be integers from 0 to {tok.vocab_size - 1}", param="prompt")
+        ids = encode(tok, p, "prompt") if isinstance(p, str) else p
+        if not ids and tok.eot_id is None:
+            raise ApiError(400, "The prompt is empty and this model's tokenizer has no end-of-text token to start "
+                           "from", param="prompt")
+        out.append(ids or [tok.eot_id])  # an empty prompt begins a fresh document
+    return out
+
+
+def chat_prompt(tok, body):
+    """A chat request's messages rendered with the chat template, as one token id list (in a list)."""
+    if not all(t in tok.special_tokens for t in CHAT_TOKENS):
+        raise ApiError(400, "This model has no chat tokens (<|user|>, <|assistant|>, ...): fine-tune it for chat "
+                       "with finetune.py, or use /v1/completions", param="messages", code="no_chat_template")
+    messages = field(body, "messages", "array")
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    plain = []
+    for n, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: the text ones, joined
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ApiError(400, f"messages[{n}] must have a role (system, user or assistant) and string content",
+                           param=f"messages[{n}]")
+        plain.append({"role": role, "content": content})
+    try:
+        ids, _ = render(tok, plain, add_generation_prompt=True)
+    except UserError as e:
+        raise ApiError(400, str(e), param="messages", code="unknown_characters") from None
+    return [ids]

@@ -1,0 +1,109 @@
+"""
+nanoforge/engine.py in-process: the continuous-batching loop gives every sequence the tokens it gets alone, slots
+are reused cleanly, and the text stream never splits a character or shows a stop string.
+"""
+import queue
+
+import torch
+
+from model import GPT, GPTConfig
+from nanoforge.engine import Engine, QueueFull, Sequence, TextStream
+from nanoforge.tokenizer import CharTokenizer, load_tokenizer
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+def test_text_stream_never_splits_a_utf8_character():
+    """GPT-2's byte-level BPE cuts some characters across tokens (each half alone decodes to U+FFFD):
+    every piece shown is whole characters, and the pieces add up to the text."""
+    tok = load_tokenizer({"kind": "gpt2"})
+    text = "h\u00e9llo w\u00f6rld \u2014 \u65e5\u672c\u8a9e \U0001F642 \u0645\u0631\u062d\u0628\u0627 \U0001F1EB\U0001F1F7!"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the text must contain a character split across tokens"
+    stream, pieces = TextStream(tok), []
+    for i in ids:
+        piece, stopped = stream.feed(i)
+        assert not stopped and "\ufffd" not in piece
+        pieces.append(piece)
+    assert "".join(pieces) + stream.flush() == text
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_cuts_before_it():
+    tok = CharTokenizer(CHARS)
+    stream = TextStream(tok, ["and so"])
+    shown = [stream.feed(i)[0] for i in tok.encode("band ")]
+    assert "".join(shown) == "b"  # "and " may be the start of "and so": held
+    piece, stopped = stream.feed(tok.encode("t")[0])
+    assert (piece, stopped) == ("and t", False)  # it was not
+    out = "".join(stream.feed(i)[0] for i in tok.encode(" and s"))
+    piece, stopped = stream.feed(tok.encode("o")[0])
+    assert stopped and out + piece == " "  # the stop string itself is never shown
+    # a stop string that never completes is flushed at the end
+    stream = TextStream(tok, ["and so"])
+    assert "".join(stream.feed(i)[0] for i in tok.encode("x an")) + stream.flush() == "x an"
+
+
+class Events(queue.Queue):
+    """Collects the events of numbered sequences, as serve.py's sinks do."""
+
+    def __init__(self, expected):
+        super().__init__()
+        self.expected, self.texts = expected, {}
+
+    def sink(self, i):
+        return lambda ev: self.put((i, ev))
+
+    def wait(self):
+        """Every sequence's (text, finish_reason, n_tokens), once all are done: {index: ...}."""
+        results = {}
+        while len(results) < self.expected:
+            i, ev = self.get(timeout=60)
+            assert ev[0] in ("text", "done"), ev
+            if ev[0] == "text":
+                self.texts[i] = self.texts.get(i, "") + ev[1]
+            else:
+                results[i] = (self.texts.get(i, ""), ev[1], ev[2])
+        return results
+
+
+def test_engine_decodes_more_sequences_than_slots_with_each_ones_own_tokens():
+    """Five greedy sequences of different prompt lengths and lengths on two slots: they join as slots
+    free up (a reused slot still holds its last sequence's keys, which its mask must hide) and each gets
+    exactly model.generate's tokens for its prompt alone."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
+    tok = CharTokenizer(CHARS)
+    engine = Engine(model, tok, max_batch=2, max_queue=8)
+    prompts = ["a", "the quick brown fox", "jumps", "over the lazy dog, and then", "z"]
+    lengths = [12, 5, 20, 9, 15]
+    events = Events(len(prompts))
+    seqs = [Sequence(tok.encode(p), n, events.sink(i), temperature=0.0, text=TextStream(tok))
+            for i, (p, n) in enumerate(zip(prompts, lengths))]
+    engine.submit(seqs)
+    results = events.wait()
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        ids = tok.encode(p)
+        expected = tok.decode(model.generate(torch.tensor([ids]), n, top_k=1)[0, len(ids):].tolist())
+        assert results[i] == (expected, "length", n)
+    assert engine.stats()["free_slots"] == 2
+    engine.close()
+
+
+def test_engine_refuses_past_its_queue_and_stops_at_the_context():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=len(CHARS))).eval()
+    tok = CharTokenizer(CHARS)
+    engine = Engine(model, tok, max_batch=1, max_queue=1, step_delay=0.05)
+    events = Events(2)
+    first = [Sequence(tok.encode("abc"), 50, events.sink(0), temperature=0.0, text=TextStream(tok)),
+             Sequence(tok.encode("abc"), 50, events.sink(1), temperature=0.0, text=TextStream(tok))]
+    engine.submit(first)  # one slot and one place in the queue: both fit
+    try:
+        engine.submit([Sequence(tok.encode("x"), 1, events.sink(2), text=TextStream(tok))])
+        raise AssertionError("a third sequence should not fit")
+    except QueueFull:
+        pass
+    results = events.wait()
+    # prompt and reply fill the 16-token context: 13 tokens after a 3-token prompt, not the 50 asked for
+    assert results[0][1:] == ("length", 13) and results[1][1:] == ("length", 13)
+    engine.close()
