@@ -9,7 +9,7 @@ The official openai client works unchanged against it:
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}], stream=True)
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (messages rendered with chat.render, the
+Endpoints: POST /v1/completions, POST /v1/chat/completions (messages rendered with chat_template.render, the
 template finetune.py trained on), GET /v1/models, GET /health (with the engine's slot counts), and GET / the
 chat page (nanoforge/pages/chat.html, the only file served). Request fields: max_tokens (or max_completion_tokens),
 temperature (0: greedy, the tokens of sample.py --temperature=0), top_p, top_k (an extension; 0 = off),

@@ -27,11 +27,11 @@ CONTEXT = 1024  # long enough that a 1000-token reply is still running when a te
 
 
 @pytest.fixture(scope="module")
-def chat_ckpt(small_char_data, tmp_path_factory):
+def chat_ckpt(char_data, tmp_path_factory):
     """out_dir of a random 2-layer GPT over Tiny Shakespeare's characters plus the chat tokens. The chat
     rows are added by resize_vocab (the mean of the others), so greedy decoding never picks one: replies
     run to max_tokens, whatever the random weights."""
-    with open(os.path.join(small_char_data, "meta.json")) as f:
+    with open(os.path.join(char_data, "meta.json")) as f:
         spec = json.load(f)["tokenizer"]
     tok = chat_tokenizer(CharTokenizer(spec["chars"]))
     torch.manual_seed(0)
