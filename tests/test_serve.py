@@ -11,18 +11,17 @@ import sys
 import threading
 import time
 
+import httpx
+import openai
 import pytest
 import torch
 
+from conftest import ROOT
 from model import GPT, GPTConfig
 from nanoforge.chat_template import chat_tokenizer, render
 from nanoforge.checkpoint import save_checkpoint
 from nanoforge.tokenizer import CharTokenizer
 
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-
-from conftest import ROOT  # noqa: E402
 CONTEXT = 1024  # long enough that a 1000-token reply is still running when a test acts on it
 
 
