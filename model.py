@@ -422,12 +422,13 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_caches=None, chunked_loss=False):
+    def forward(self, idx, targets=None, kv_caches=None, chunked_loss=False, head_t=None):
         """idx: (B, T) token ids. Returns (logits, loss). With targets: logits (B, T, V) and the mean
         cross-entropy over targets != -1. Without targets, only the last position's logits (B, 1, V)
         are computed, which is all that sampling needs. chunked_loss=True (with targets: training, and
         evaluation under no_grad): the LM head and loss run chunk by chunk (ChunkedLMHeadLoss), the (B, T, V)
-        logits are never made and None comes back in their place; the plain path stays the reference."""
+        logits are never made and None comes back in their place; the plain path stays the reference.
+        head_t: lm_head's weight as a contiguous (C, V) copy, for decoding (generate_stream makes it)."""
         B, T = idx.size()
         pos0 = kv_caches[0].length if kv_caches is not None else 0
         assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} exceeds block_size {self.config.block_size}"
@@ -452,7 +453,8 @@ class GPT(nn.Module):
             logits = self.soft_cap(self.lm_head(x))  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.soft_cap(self.lm_head(x[:, [-1], :]))  # (B, 1, V): list index keeps the time dim
+            last = x[:, [-1], :]  # (B, 1, C): the list index keeps the time dim
+            logits = self.soft_cap(self.lm_head(last) if head_t is None else last @ head_t)  # (B, 1, V)
             loss = None
         return logits, loss
 
@@ -585,18 +587,22 @@ class GPT(nn.Module):
         context each step from then on, exactly as the reference does."""
         cfg = self.config
         caches, seen = None, idx
+        # one row times lm_head's (V, C) weight reads it row by row, a dot product per token of the
+        # vocabulary; a (C, V) copy streams it as one matrix product, the biggest cost of a cached token
+        # (dev/LOG.md). It costs a copy of the head's weight for the length of the generation
+        head_t = self.lm_head.weight.t().contiguous() if use_kv_cache else None
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             ctx = seen[:, -cfg.block_size:]
             if not use_kv_cache:
                 logits, _ = self(ctx)
             elif caches is not None and caches[0].length < cfg.block_size:
-                logits, _ = self(seen[:, -1:], kv_caches=caches)  # one new token
+                logits, _ = self(seen[:, -1:], kv_caches=caches, head_t=head_t)  # one new token
             else:
                 B, C, nh = ctx.size(0), cfg.n_embd, cfg.n_head
                 dtype = self.lm_head.weight.dtype
                 caches = [KVCache(B, nh, cfg.block_size, C // nh, idx.device, dtype) for _ in range(cfg.n_layer)]
-                logits, _ = self(ctx, kv_caches=caches)  # prefill
+                logits, _ = self(ctx, kv_caches=caches, head_t=head_t)  # prefill
             nxt = self._sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)

@@ -358,3 +358,14 @@ def test_num_params_and_flops(pos_emb):
     assert m.flops_per_token(8) == 6 * N + 12 * cfg.n_layer * cfg.n_embd * 8
     assert m.flops_per_token() == m.flops_per_token(cfg.block_size)
     assert m.estimate_mfu(tokens_per_second=1000, peak_flops=1000 * m.flops_per_token()) == pytest.approx(1.0)
+
+
+def test_decoding_head_copy_gives_the_lm_heads_logits():
+    """generate_stream multiplies by a (C, V) copy of lm_head's weight: the same logits as lm_head."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=False)).eval()
+    idx = torch.randint(50, (3, 7))
+    plain, _ = model(idx)
+    copied, _ = model(idx, head_t=model.lm_head.weight.t().contiguous())
+    assert copied.shape == plain.shape == (3, 1, 50)
+    torch.testing.assert_close(copied, plain, rtol=1e-5, atol=1e-6)
