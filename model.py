@@ -372,6 +372,14 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
+# torch.compile leaves the chunked head eager: inductor's kernels for its in-place steps corrupted the heap at
+# one CPU thread (torch 2.13: "malloc(): unaligned tcache chunk detected", or nan losses; dev/LOG.md), and
+# the chunked head is matmuls, which gain nothing from compiling
+@torch.compiler.disable
+def chunked_lm_head_loss(h, weight, targets, chunk_rows, compute_dtype, with_grads):
+    return ChunkedLMHeadLoss.apply(h, weight, targets, chunk_rows, compute_dtype, with_grads)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -446,8 +454,8 @@ class GPT(nn.Module):
             compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             with torch.autocast(dev, enabled=False):  # the dtypes are handled inside, explicitly
                 # no gradients wanted (evaluation): the loss alone (needs_input_grad says True there too)
-                loss = ChunkedLMHeadLoss.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                               LOSS_CHUNK_ROWS, compute_dtype, torch.is_grad_enabled())
+                loss = chunked_lm_head_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            LOSS_CHUNK_ROWS, compute_dtype, torch.is_grad_enabled())
             logits = None  # lm_head has no bias (it is tied to wte), so the weight is all it needs
         elif targets is not None:
             logits = self.soft_cap(self.lm_head(x))  # (B, T, V)
