@@ -224,11 +224,14 @@ if resume:
 
 
 def warmup_step(m):
-    """One forward and backward of a training batch, gradients discarded: what makes torch.compile compile."""
+    """One forward and backward of a training batch, gradients discarded: what makes torch.compile compile.
+    Returns its loss."""
     x, y = tokens.read_batch(train_path, tokens.train_starts(seed, 0, batch_size, train_len, block_size), block_size)
     with autocast_ctx:
-        m(x.to(device), y.to(device), chunked_loss=chunked_loss)[1].backward()
+        loss = m(x.to(device), y.to(device), chunked_loss=chunked_loss)[1]
+    loss.backward()
     optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 # three handles on one model: `model` the GPT (saved, its FLOPs counted; under fsdp sharded in place),

@@ -4,6 +4,7 @@ overrides and printed with the reason, measured where it matters), malloc tuning
 device's peak FLOP/s for MFU.
 """
 import contextlib
+import math
 import os
 import platform
 import subprocess
@@ -170,17 +171,22 @@ def cpp_compiler():
 
 
 def compile_model(model, warmup, log=print):
-    """torch.compile(model), compiled now: inductor compiles lazily at the first call, so `warmup(compiled)`
-    runs one representative step (a forward and backward) at once. Returns (the model to use, seconds the
-    compile took). If compiling fails (no working C++ compiler, an unsupported op), says so in one line
-    and returns the eager model: a run is never lost to a compile error."""
+    """torch.compile(model), compiled now: inductor compiles lazily at the first call, so `warmup(m)` runs
+    one representative step (a forward and backward) at once and returns its loss. Returns (the model to
+    use, seconds the compile took). If compiling fails (no working C++ compiler, an unsupported op), or the
+    compiled step's loss is not finite where the eager model's is (torch 2.13's AVX2 kernels at one CPU
+    thread gave nan), says so in one line and returns the eager model: a run is never lost to compiling."""
     t0 = time.perf_counter()
     compiled = torch.compile(model)
     try:
-        warmup(compiled)
+        loss = float(warmup(compiled))
     except Exception as e:  # inductor's errors have many types; any of them means: run eager
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         log(f"torch.compile failed ({type(e).__name__}: {first}); training eager instead")
+        torch._dynamo.reset()
+        return model, time.perf_counter() - t0
+    if not math.isfinite(loss) and math.isfinite(eager := float(warmup(model))):
+        log(f"torch.compile gave a loss of {loss} where eager gives {eager:.4f}; training eager instead")
         torch._dynamo.reset()
         return model, time.perf_counter() - t0
     return compiled, time.perf_counter() - t0

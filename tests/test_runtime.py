@@ -122,8 +122,19 @@ def test_failed_compile_falls_back_to_eager():
 
     used, _ = hardware.compile_model(model, warmup, lines.append)
     assert used is model and len(lines) == 1 and "training eager" in lines[0] and "CppCompileError" in lines[0]
-    ok, _ = hardware.compile_model(model, lambda m: m(torch.ones(1, 4)), lines.append)
+    ok, _ = hardware.compile_model(model, lambda m: m(torch.ones(1, 4)).sum(), lines.append)
     assert ok is not model and len(lines) == 1
+
+
+def test_compile_whose_loss_is_not_finite_falls_back_to_eager():
+    # torch 2.13's AVX2 kernels at one CPU thread gave a nan loss where eager gave a finite one
+    model, lines = torch.nn.Linear(4, 4), []
+    used, _ = hardware.compile_model(model, lambda m: 2.5 if m is model else float("nan"), lines.append)
+    assert used is model and len(lines) == 1 and "nan where eager gives 2.5000" in lines[0]
+    # a loss that is not finite eagerly either is the run's problem (train.py stops on it), not compile's
+    lines.clear()
+    used, _ = hardware.compile_model(model, lambda m: float("inf"), lines.append)
+    assert used is not model and lines == []
 
 
 def run_python(code):
