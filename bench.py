@@ -53,6 +53,7 @@ import time
 import torch
 
 import configurator
+import model as model_module
 from model import GPT, GPTConfig
 from nanoforge import errors, files, hardware, parallel, runlog
 from nanoforge.checkpoint import load_model, save_checkpoint
@@ -506,6 +507,8 @@ if mode in ('fsdp', 'ddp'):
 # -----------------------------------------------------------------------------------------------------
 # train: forward + backward on random batches; no optimizer and no data loading, only the model's work
 if mode in ('train', 'all'):
+    if compile:
+        model_module.keep_chunked_head_eager()  # as hardware.compile_model does
     step_model = torch.compile(model) if compile else model
     model.train()
     B, T = batch_size, mc.block_size

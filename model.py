@@ -372,12 +372,20 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
-# torch.compile leaves the chunked head eager: inductor's kernels for its in-place steps corrupted the heap at
-# one CPU thread (torch 2.13: "malloc(): unaligned tcache chunk detected", or nan losses; dev/LOG.md), and
-# the chunked head is matmuls, which gain nothing from compiling
-@torch.compiler.disable
 def chunked_lm_head_loss(h, weight, targets, chunk_rows, compute_dtype, with_grads):
     return ChunkedLMHeadLoss.apply(h, weight, targets, chunk_rows, compute_dtype, with_grads)
+
+
+def keep_chunked_head_eager():
+    """Makes torch.compile leave the chunked head eager: inductor's kernels for its in-place steps corrupted
+    the heap at one CPU thread (torch 2.13: "malloc(): unaligned tcache chunk detected", or nan losses;
+    dev/LOG.md), and the chunked head is matmuls, which gain nothing from compiling. Called before
+    compiling (hardware.compile_model), not at import: torch.compiler.disable imports torch's compiler,
+    2-3 s of every script's start."""
+    global chunked_lm_head_loss
+    if not getattr(chunked_lm_head_loss, "eager_under_compile", False):
+        chunked_lm_head_loss = torch.compiler.disable(chunked_lm_head_loss)
+        chunked_lm_head_loss.eager_under_compile = True
 
 
 class GPT(nn.Module):

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import model as model_module
 from nanoforge.errors import UserError
 
 
@@ -177,6 +178,7 @@ def compile_model(model, warmup, log=print):
     compiled step's loss is not finite where the eager model's is (torch 2.13's AVX2 kernels at one CPU
     thread gave nan), says so in one line and returns the eager model: a run is never lost to compiling."""
     t0 = time.perf_counter()
+    model_module.keep_chunked_head_eager()
     compiled = torch.compile(model)
     try:
         loss = float(warmup(compiled))

@@ -141,6 +141,19 @@ def run_python(code):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+def test_scripts_start_without_loading_the_compiler():
+    # importing torch's compiler (torch._dynamo) doubled every script's start on a laptop: 3 s of 6 on
+    # 2 Zen 3 cores, paid by each sample.py or evaluate.py that never compiles; it loads only to compile
+    modules = [name[:-3] for name in os.listdir(os.path.join(ROOT, "nanoforge")) if name.endswith(".py")]
+    proc = run_python("import sys, model, configurator\n" + "".join(f"import nanoforge.{m}\n" for m in modules) +
+                      "print('torch._dynamo' in sys.modules)\n"
+                      "import torch\nfrom nanoforge import hardware\n"
+                      "hardware.compile_model(torch.nn.Linear(2, 2), lambda m: 0.0, print)\n"
+                      "print('torch._dynamo' in sys.modules, model.chunked_lm_head_loss.eager_under_compile)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "True"]
+
+
 KEEP_PROBE = """
 from nanoforge import errors, files, hardware, parallel
 def rss_mib():
