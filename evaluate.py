@@ -11,6 +11,9 @@ Multiple-choice tasks (HellaSwag from the hub or a .jsonl file; or your own prom
 $ python evaluate.py --init_from=gpt2 --task=hellaswag --out_dir=eval-gpt2
 $ python evaluate.py --out_dir=out-x --task=my_questions.jsonl
 
+Chat questions with known answers (a chat fine-tune's greedy replies, right when they state the facts):
+$ python evaluate.py --out_dir=out-sft-shop --chat_task=data/shop_chat/facts.jsonl
+
 Every rank of torchrun takes part, and the sums are reduced over them:
 $ torchrun --standalone --nproc_per_node=2 evaluate.py --out_dir=out-shakespeare-char-cpu
 
@@ -28,8 +31,8 @@ from configurator import configure, knobs
 from nanoforge import errors, files, hardware, parallel, runlog, tokens
 from nanoforge.checkpoint import load_model
 from nanoforge.errors import UserError
-from nanoforge.evaluation import evaluate, generalisation, multiple_choice, run_data_dir, score_split
-from nanoforge.tasks import load_task
+from nanoforge.evaluation import chat_questions, evaluate, generalisation, multiple_choice, run_data_dir, score_split
+from nanoforge.tasks import load_chat_task, load_task
 from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
@@ -47,6 +50,8 @@ gap_warning = 0.1  # warn when held-out loss exceeds train loss by more than thi
 task = ""  # a multiple-choice task: a .jsonl file, 'hellaswag' (Rowan/hellaswag) or a hub dataset name
 task_split = "validation"  # hub split of the task
 max_examples = 0  # 0 = every question
+chat_task = ""  # chat questions with known answers, scored by greedy reply: a .jsonl of {messages, expect} lines
+max_new_tokens = 160  # chat_task: the longest reply
 compare_plot = ""  # --compare writes its plot here; '' = compare.png inside the first run's folder
 record = True  # append the result to out_dir/eval.jsonl
 device = "auto"
@@ -143,12 +148,14 @@ if block_size > model.config.block_size:
     raise UserError(f"block_size={block_size} is longer than the model's context {model.config.block_size}")
 if dataset == "auto":
     data_dir = data_dir or run_data_dir(meta)
-    if not data_dir and not task:
+    if data_dir and not os.path.exists(os.path.join(data_dir, "meta.json")) and (task or chat_task):
+        data_dir = ""  # a chat fine-tune's data is conversations, not token files: score the tasks only
+    if not data_dir and not (task or chat_task):
         raise UserError(f"{source} does not say which data it was trained on; pass --dataset or --data_dir")
 elif dataset and not data_dir:
     data_dir = tokens.dataset_dir(dataset)
-if not data_dir and not task:
-    raise UserError("nothing to score: pass --dataset/--data_dir (held-out text) and/or --task")
+if not data_dir and not (task or chat_task):
+    raise UserError("nothing to score: pass --dataset/--data_dir (held-out text), --task and/or --chat_task")
 log(f"model: {source}, {model.get_num_params() / 1e6:.2f}M parameters, context {model.config.block_size}; "
     f"device {device}, {dtype}, {world_size} process(es)")
 
@@ -208,6 +215,24 @@ if task:
                     [["summed log-likelihood", f"{scores['acc']:.4f}", "{:.3f}-{:.3f}".format(*scores["acc_ci"]), scores["n"]],
                      ["per-token (length-norm.)", f"{scores['acc_norm']:.4f}",
                       "{:.3f}-{:.3f}".format(*scores["acc_norm_ci"]), scores["n"]]])
+
+# -----------------------------------------------------------------------------------------------------
+# chat questions with known answers, by greedy reply
+
+if chat_task and master:  # one process: a few hundred short greedy replies
+    questions = load_chat_task(chat_task, max_examples)
+    try:
+        scores = chat_questions(model, tok, questions, device, dtype, max_new_tokens)
+    except UserError as e:  # e.g. a model without chat tokens, or a character a char model lacks
+        raise UserError(f"chat task {chat_task}: {e}") from None
+    wrong = [r for r in scores["results"] if not r["right"]]
+    for r in wrong[:5]:
+        print(f"wrong: {r['question']!r} -> {r['reply']!r} (expected {' and '.join(map(repr, r['expect']))})")
+    print_table(["chat task " + os.path.basename(chat_task), "accuracy", "95% interval", "questions"],
+                [["greedy reply states the facts", f"{scores['acc']:.4f}", "{:.3f}-{:.3f}".format(*scores["acc_ci"]),
+                  scores["n"]]])
+    result["chat_task"] = dict(name=chat_task, n=scores["n"], correct=scores["correct"], acc=scores["acc"],
+                               acc_ci=scores["acc_ci"], wrong=wrong)
 
 # -----------------------------------------------------------------------------------------------------
 # the record: eval.jsonl gets one more line, written beside it and renamed into place

@@ -509,6 +509,16 @@ class GPT(nn.Module):
                 block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
                 block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
 
+    def grow_block_size(self, block_size):
+        """Lengthen a rotary model's context: it has no position table to grow, only the rotation angles,
+        a function of the position. Distances it never saw it learns when trained at the new length."""
+        assert self.config.pos_emb == "rope" and block_size >= self.config.block_size
+        self.config.block_size = block_size
+        for block in self.transformer.h:
+            rotary = block.attn.rotary
+            longer = Rotary(2 * rotary.cos.size(1), block_size).to(rotary.cos.device)
+            rotary.cos, rotary.sin = longer.cos, longer.sin
+
     def resize_vocab(self, vocab_size):
         """Grow the token embedding (and the output layer, tied or not) to vocab_size rows, for special
         tokens a fine-tuning adds. New rows start at the mean of the old ones: their logits start near the

@@ -189,7 +189,7 @@ else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
         raise UserError(f"{init_from} uses tokenizer {tok_spec['kind']} with vocab {model.config.vocab_size}, but "
                         f"{data_dir} was prepared with {meta['tokenizer']['kind']}, vocab {meta['vocab_size']}; "
                         f"prepare the data with the model's tokenizer")
-    training.fit_context(model, block_size, init_from)
+    training.fit_context(model, block_size, init_from, log)
     log(f"initialised from {init_from}: {model.config}")
 model.to(device)
 if gradient_checkpointing:

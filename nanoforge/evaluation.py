@@ -10,12 +10,15 @@ numbers can never disagree.
 - generalisation(): the gap between held-out and train loss, and whether it says the model memorises.
 - multiple_choice(): accuracy on a multiple-choice task by the log-likelihood of each ending given the
   context, summed and length-normalised, with Wilson confidence intervals.
+- chat_questions(): accuracy of a chat model's greedy replies on questions whose answers are known: a
+  reply is right when it contains every expected string.
 
 Bits per byte (bpb) divides the summed loss (converted from nats to bits) by the UTF-8 bytes of the
 target tokens, so models with different tokenizers (characters vs BPE) can be compared on one scale.
 Everything here is deterministic: the same model and data give the same numbers on every run.
 """
 import math
+import threading
 
 import numpy as np
 import torch
@@ -23,6 +26,8 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from nanoforge import tokens
+from nanoforge.chat_template import render
+from nanoforge.errors import UserError
 from nanoforge.tokens import read_batch
 
 
@@ -206,3 +211,73 @@ def multiple_choice(model, examples, tok, device, autocast_ctx, rank=0, world_si
     return {"n": n, "correct": right, "correct_norm": right_norm,
             "acc": right / n if n else float("nan"), "acc_norm": right_norm / n if n else float("nan"),
             "acc_ci": wilson_interval(right, n), "acc_norm_ci": wilson_interval(right_norm, n)}
+
+
+# -----------------------------------------------------------------------------------------------------
+# chat questions with known answers
+
+def normalise(text):
+    """Lower case, runs of spaces as one: a right fact is right however it is capitalised or spaced."""
+    return " ".join(text.lower().split())
+
+
+def greedy_reply(model, tok, ids, device, max_new_tokens):
+    """The reference: one question at a time, decoded by GPT.generate_stream; ends at any special token."""
+    stops, reply = set(tok.special_tokens.values()), []
+    for nxt in model.generate_stream(torch.tensor([ids], dtype=torch.long, device=device), max_new_tokens,
+                                     temperature=0.0):
+        if nxt.item() in stops:
+            break
+        reply.append(nxt.item())
+    return tok.decode(reply)
+
+
+def greedy_replies(model, tok, prompts, device, dtype, max_new_tokens, max_batch=16):
+    """Every prompt's greedy reply, decoded together by serve.py's continuous batching (engine.py): up to
+    max_batch sequences a forward instead of one. The same replies as greedy_reply() (a test holds them
+    equal), except that a reply stops when prompt and reply fill the context, where greedy_reply slides."""
+    from nanoforge.engine import Engine, Sequence, TextStream
+    texts, finished = [[] for _ in prompts], threading.Semaphore(0)
+
+    def sink(i):
+        def take(event):
+            if event[0] == "text":
+                texts[i].append(event[1])
+            else:  # "done", or "error" (a bug, printed by the engine): this reply is over either way
+                finished.release()
+        return take
+
+    engine = Engine(model, tok, device, dtype, max_batch=max_batch, max_queue=len(prompts))
+    try:
+        engine.submit([Sequence(ids, max_new_tokens, sink(i), temperature=0.0, stop_ids=tok.special_tokens.values(),
+                                text=TextStream(tok)) for i, ids in enumerate(prompts)])
+        for _ in prompts:
+            finished.acquire()
+    finally:
+        engine.close()
+    return ["".join(t) for t in texts]
+
+
+@torch.no_grad()
+def chat_questions(model, tok, examples, device, dtype="float32", max_new_tokens=160, batched=True):
+    """Greedy replies to `examples` ({messages, expect}), rendered with the chat template the model was
+    fine-tuned on; a reply ends at any special token (<|end|>, or a weak model's new turn). A question
+    is right when its reply contains every expected string (normalise()). Returns counts, accuracy, its
+    95% Wilson interval, and each question's reply and verdict."""
+    model.eval()
+    prompts = [render(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+    for ex, ids in zip(examples, prompts):
+        if len(ids) >= model.config.block_size:
+            raise UserError(f"the question {ex['messages'][-1]['content'][:40]!r} is {len(ids)} tokens with its "
+                            f"conversation; the model's context is {model.config.block_size}")
+    if batched:
+        replies = greedy_replies(model, tok, prompts, device, dtype, max_new_tokens)
+    else:
+        replies = [greedy_reply(model, tok, ids, device, max_new_tokens) for ids in prompts]
+    results = []
+    for ex, text in zip(examples, replies):
+        right = all(normalise(e) in normalise(text) for e in ex["expect"])
+        results.append({"question": ex["messages"][-1]["content"], "reply": text, "expect": ex["expect"], "right": right})
+    n, right = len(results), sum(r["right"] for r in results)
+    return {"n": n, "correct": right, "acc": right / n if n else float("nan"), "acc_ci": wilson_interval(right, n),
+            "results": results}

@@ -1,5 +1,6 @@
 """
-Multiple-choice tasks for evaluate.py: loading them, checked, as a list of {context, choices, label}.
+Tasks for evaluate.py, loaded and checked: multiple-choice ones as a list of {context, choices, label},
+and chat questions with known answers as a list of {messages, expect}.
 
 Two formats, one JSON object per line of a .jsonl file:
 
@@ -9,6 +10,10 @@ Two formats, one JSON object per line of a .jsonl file:
 `label` is the index of the right ending (a digit string is fine, as the hub's HellaSwag has it);
 `answer` is the index of the right choice or its text. HellaSwag itself comes from the Hugging Face
 hub (`hellaswag` means Rowan/hellaswag; any hub dataset in HellaSwag's format works by its name).
+
+A chat task is a conversation ending in the user's turn, and the strings a right reply must contain:
+
+    chat         {"messages": [{"role": "user", "content": "Are you open on Sunday?"}], "expect": ["closed"]}
 """
 import os
 
@@ -77,3 +82,38 @@ def load_task(spec, split="validation", max_examples=0):
     if spec == "hellaswag" or ("/" in spec and not spec.endswith(".jsonl")):
         return load_hub(HELLASWAG if spec == "hellaswag" else spec, split, max_examples)
     raise UserError(f"task '{spec}' is neither a file nor a hub dataset; give a .jsonl file or 'hellaswag'")
+
+
+# -----------------------------------------------------------------------------------------------------
+# chat questions with known answers
+
+def parse_chat_question(record, where):
+    """One chat-task record as {messages, expect}; UserError naming `where` if malformed."""
+    if not isinstance(record, dict) or "messages" not in record or "expect" not in record:
+        raise UserError(f"{where}: a chat task line needs 'messages' (ending in a user turn) and 'expect' "
+                        f"(the strings a right reply contains)")
+    messages, expect = record["messages"], record["expect"]
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages):
+        raise UserError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: text}}")
+    if messages[-1]["role"] != "user":
+        raise UserError(f"{where}: the last message must be the user's question, not {messages[-1]['role']}'s")
+    if isinstance(expect, str):
+        expect = [expect]
+    if not isinstance(expect, list) or not expect or not all(isinstance(e, str) and e.strip() for e in expect):
+        raise UserError(f"{where}: 'expect' must be a non-empty string or a list of them")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "expect": expect}
+
+
+def load_chat_task(path, max_examples=0):
+    if not os.path.isfile(path):
+        raise UserError(f"chat task {path} does not exist; give a .jsonl file of {{messages, expect}} lines")
+    examples = []
+    for lineno, record in jsonl_records(path):
+        examples.append(parse_chat_question(record, f"{path} line {lineno}"))
+        if max_examples and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise UserError(f"{path} holds no questions")
+    return examples

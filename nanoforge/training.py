@@ -20,12 +20,19 @@ def startup_lines(log, device, device_why, dtype, dtype_why, defaults, config, s
     log("overrides: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "none"))
 
 
-def fit_context(model, block_size, source):
-    """Crops a loaded model's context to block_size (its position table and masks); a block_size longer
-    than the model was trained with is an error, not a silent extrapolation."""
-    if block_size > model.config.block_size:
-        raise UserError(f"block_size={block_size} is longer than {source}'s context {model.config.block_size}")
-    if block_size < model.config.block_size:
+def fit_context(model, block_size, source, log=print):
+    """Fits a loaded model's context to block_size: cropped (its position table and masks), or, for a
+    rotary model, lengthened, said in one line (it learns the longer distances as it trains at them). A
+    learned position table cannot grow: a longer block_size is then an error, not a silent extrapolation."""
+    if block_size > model.config.block_size and model.config.pos_emb == "rope":
+        log(f"context: {source} was trained on {model.config.block_size} tokens; training at {block_size} "
+            f"(rotary positions have no table to grow)")
+        model.grow_block_size(block_size)
+    elif block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than {source}'s context {model.config.block_size} "
+                        f"(learned positions: there are no rows for the rest); use block_size <= "
+                        f"{model.config.block_size}, or a base trained longer or with pos_emb=rope")
+    elif block_size < model.config.block_size:
         model.crop_block_size(block_size)
 
 

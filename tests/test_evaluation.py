@@ -19,7 +19,7 @@ from nanoforge.evaluation import (choice_logprobs, evaluate, generalisation, joi
                         split_windows, wilson_interval)
 from model import GPT, GPTConfig
 from nanoforge.errors import UserError
-from nanoforge.tasks import load_task, parse_example
+from nanoforge.tasks import load_chat_task, load_task, parse_example
 from nanoforge.tokenizer import CharTokenizer
 
 
@@ -222,6 +222,29 @@ def test_task_formats_and_errors(tmp_path):
         load_task(str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserError, match="offline, pass a local JSONL file"):  # HF_HUB_OFFLINE=1 in conftest
         load_task("hellaswag", max_examples=2)
+
+
+def test_chat_task_format_and_errors(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    ask = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hours?"}]}
+    path.write_text("\ufeff" + json.dumps(dict(ask, expect="nine")) + "\n\n" + json.dumps(dict(ask, expect=["a", "b"])) + "\n")
+    assert [q["expect"] for q in load_chat_task(str(path))] == [["nine"], ["a", "b"]]
+    assert load_chat_task(str(path))[0]["messages"] == ask["messages"]
+    bad = [(ask, "line 2: a chat task line needs 'messages'"),
+           (dict(ask, expect=[]), "line 2: 'expect' must be a non-empty string"),
+           (dict(ask, expect=["ok", " "]), "line 2: 'expect' must be a non-empty string"),
+           ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "expect": "x"},
+            "line 2: the last message must be the user's question, not assistant's"),
+           ({"messages": [{"role": "clerk", "content": "Hi"}], "expect": "x"}, "line 2: 'messages' must be a list")]
+    for record, message in bad:
+        path.write_text(json.dumps(dict(ask, expect="x")) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(UserError, match=message):
+            load_chat_task(str(path))
+    path.write_text("\n")
+    with pytest.raises(UserError, match="holds no questions"):
+        load_chat_task(str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        load_chat_task(str(tmp_path / "missing.jsonl"))
 
 
 # -----------------------------------------------------------------------------------------------------

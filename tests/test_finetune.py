@@ -19,7 +19,7 @@ CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 @pytest.fixture(scope="module")
 def shop_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("shop")
-    run("data/shop_chat/prepare.py", "--n_train=200", "--n_val=20", f"--out_dir={d}")
+    run("data/shop_chat/prepare.py", "--n_train=200", "--n_val=20", "--n_facts=100", f"--out_dir={d}")
     return d
 
 
@@ -171,3 +171,67 @@ def test_continued_pretraining_from_a_nanoforge_run(char_base, tmp_path):
     assert len(evals) == 3 and evals[-1] < evals[0]
     state = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert state["meta"]["model_args"]["block_size"] == 32 and state["meta"]["tokenizer"]["chars"] == CHARS
+
+
+@pytest.mark.slow
+def test_chat_task_scores_greedy_replies_by_the_facts_they_state(char_base, tmp_path):
+    """A model tuned to give one reply to every question is right exactly where that reply states the
+    expected facts (case and spacing aside), and evaluate.py shows what it got wrong."""
+    data = tmp_path / "d.jsonl"
+    questions = ["Are you open on Sunday?", "Where is my lamp?", "Can I return a hat?"]
+    data.write_text("".join(json.dumps({"prompt": q, "completion": "On Sunday we are closed."}) + "\n"
+                            for q in questions * 10))
+    out = tmp_path / "o"
+    run("finetune.py", f"--init_from={char_base}", f"--train_file={data}", f"--val_file={data}", f"--out_dir={out}",
+        "--max_iters=120", "--eval_interval=120", "--batch_size=4", "--block_size=64", "--learning_rate=1e-2",
+        "--warmup_iters=5", "--device=cpu")
+    task = tmp_path / "facts.jsonl"
+    task.write_text(json.dumps({"messages": [{"role": "user", "content": "Are you open on Sunday?"}],
+                                "expect": ["sunday", "we are  CLOSED"]}) + "\n" +
+                    json.dumps({"messages": [{"role": "user", "content": "Where is my lamp?"}],
+                                "expect": ["lamp", "three days"]}) + "\n")
+    proc = run("evaluate.py", f"--out_dir={out}", f"--chat_task={task}", "--device=cpu")
+    record = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])["chat_task"]
+    assert (record["n"], record["correct"], record["acc"]) == (2, 1, 0.5)
+    assert [r["reply"] for r in record["wrong"]] == ["On Sunday we are closed."]
+    assert "wrong: 'Where is my lamp?' -> 'On Sunday we are closed.'" in proc.stdout
+    assert "0.5000" in proc.stdout
+    # the batched decoding evaluate.py uses gives the replies of the one-at-a-time reference
+    from nanoforge.evaluation import chat_questions
+    from nanoforge.tasks import load_chat_task
+    from nanoforge.tokenizer import load_tokenizer
+    model, spec, _ = load_model(str(out))
+    asks = load_chat_task(str(task)) + [{"messages": [{"role": "user", "content": q}], "expect": ["x"]}
+                                        for q in questions + ["Hi", "When do you open on Friday?"] * 10]
+    batched, alone = (chat_questions(model, load_tokenizer(spec), asks, "cpu", max_new_tokens=30, batched=b)
+                      for b in (True, False))
+    assert [r["reply"] for r in batched["results"]] == [r["reply"] for r in alone["results"]]
+    # a model that was never tuned for chat
+    assert_one_line_error(run("evaluate.py", f"--out_dir={char_base}", f"--chat_task={task}", "--dataset=",
+                              check=False), "lacks the chat tokens")
+
+
+def test_shop_chat_fits_its_config_and_its_questions_are_held_out(shop_data):
+    import runpy
+    from nanoforge.evaluation import normalise
+    from nanoforge.tasks import load_chat_task
+    from nanoforge.tokenizer import CharTokenizer
+    block_size = runpy.run_path(os.path.join(ROOT, "config", "sft_shop_chat.py"))["block_size"]
+    tok = chat_template.chat_tokenizer(CharTokenizer(CHARS))
+    train = [chat_template.to_messages(json.loads(line)) for line in open(shop_data / "train.jsonl")]
+    val = [chat_template.to_messages(json.loads(line)) for line in open(shop_data / "val.jsonl")]
+    facts = load_chat_task(str(shop_data / "facts.jsonl"))
+    reworded = load_chat_task(str(shop_data / "facts_reworded.jsonl"))
+    # nothing is skipped as too long: every conversation, rendered, fits the fine-tune's rows
+    assert max(len(chat_template.render(tok, m)[0]) - 1 for m in train + val) <= block_size
+    # a question asked in training got the reply whose facts the questions expect
+    replies = {u["content"]: a["content"] for m in train for u, a in zip(m, m[1:]) if u["role"] == "user"}
+    seen = [q for q in facts if q["messages"][-1]["content"] in replies]
+    assert len(seen) >= len(facts) // 4
+    for q in seen:
+        assert all(normalise(e) in normalise(replies[q["messages"][-1]["content"]]) for e in q["expect"]), q
+    # the reworded questions use wordings training never does; the others are new conversations
+    assert not [q for q in reworded if q["messages"][-1]["content"] in replies]
+    conversations = {json.dumps(m) for m in train}
+    assert not [q for q in facts if json.dumps(q["messages"]) in conversations]
+    assert {e for q in facts for e in q["expect"]} >= {"closed", "three days", "thirty days", "free of charge"}

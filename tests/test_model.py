@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from conftest import ROOT
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache
 import model as model_module
+from nanoforge import training
+from nanoforge.errors import UserError
 
 
 def tiny(pos_emb="learned", block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, seed=0):
@@ -345,6 +347,23 @@ def test_crop_block_size_keeps_logits_of_first_positions(pos_emb):
     prompt = idx[:, :4]
     cached = m.generate(prompt, 20, top_k=1)
     assert torch.equal(cached, m.generate(prompt, 20, top_k=1, use_kv_cache=False))
+
+
+def test_fit_context_grows_a_rotary_model_and_refuses_learned_positions():
+    m = tiny("rope", block_size=16)
+    idx = torch.randint(0, 64, (2, 40))
+    before, _ = m(idx[:, :16], targets=idx[:, :16])
+    lines = []
+    training.fit_context(m, 40, "base", lines.append)
+    assert m.config.block_size == 40 and "trained on 16 tokens; training at 40" in lines[0]
+    after, _ = m(idx, targets=idx)  # (2, 40, V): the first 16 positions are rotated as before
+    torch.testing.assert_close(after[:, :16], before)
+    # what was computed at a distance it never saw equals the plain rotation of those positions
+    torch.testing.assert_close(m.transformer.h[0].attn.rotary.cos, tiny("rope", block_size=40).transformer.h[0].attn.rotary.cos)
+    cached = m.generate(idx[:, :4], 44, top_k=1)
+    assert torch.equal(cached, m.generate(idx[:, :4], 44, top_k=1, use_kv_cache=False))
+    with pytest.raises(UserError, match="learned positions: there are no rows"):
+        training.fit_context(tiny("learned", block_size=16), 40, "base", lines.append)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
