@@ -200,7 +200,6 @@ if mode == 'machine':
 # -----------------------------------------------------------------------------------------------------
 # ttl: whole training runs of train.py, timed to a target val loss
 if mode == 'ttl':
-    machine = machine_line(hardware.resolve_device(device)[0])  # train.py's runs pick the device the same way
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}  # name -> train.py arguments
     for spec in filter(str.strip, ttl_runs.split(';')):
@@ -208,8 +207,9 @@ if mode == 'ttl':
         if not sep or not args.split():
             raise errors.UserError(f"ttl_runs: {spec.strip()!r} is not 'name: config.py [--key=value ...]'")
         runs[name.strip()] = args.split() + ttl_extra.split()
-    if os.path.exists(ttl_out):
+    if os.path.exists(ttl_out):  # both checked before anything runs
         raise errors.UserError(f"{ttl_out} exists (an earlier comparison); remove it or pick another --ttl_out")
+    machine = machine_line(hardware.resolve_device(device)[0])  # train.py's runs pick the device the same way
 
     def summarise(out):
         records = runlog.read_log(out)

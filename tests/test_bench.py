@@ -52,6 +52,7 @@ def test_bench_machine_mode_names_the_cpu_and_its_figures(tmp_path):
     assert m["threads"] == int(os.environ["OMP_NUM_THREADS"]) and f"{m['threads']} thread" in m["line"]
 
 
+@pytest.mark.slow
 def test_bench_tiny_model_both_modes(tmp_path):
     # gen_tokens 40 > block_size 32 with a 16-token prompt: the cached path also crosses block_size
     out_json = tmp_path / "bench.json"
@@ -72,6 +73,7 @@ def test_bench_tiny_model_both_modes(tmp_path):
     assert m["name"] == hardware.describe_cpu() and m["memory_gb_s"] > 0 and m["matmul_gflops"]["float32"] > 0
 
 
+@pytest.mark.slow
 def test_bench_generate_reports_the_bandwidth_bound_and_progress(tmp_path):
     # block_size 256: the cached path stays inside its cache, where the bound holds
     out_json = tmp_path / "gen.json"
@@ -112,6 +114,7 @@ def test_bench_bad_mode_is_one_line_error():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error: mode must be" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_memory_mode_compares_gradient_checkpointing(tmp_path):
     out_json = tmp_path / "memory.json"
     r = run_bench(*TINY, "--mode=memory", "--repeats=1", f"--json_out={out_json}")
@@ -178,3 +181,4 @@ def test_bench_ttl_mode_times_each_run_to_the_target_and_compares(char_data, tmp
     # the runs are kept; a second comparison into the same folder is refused
     again = run_bench(*args)
     assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert "machine:" not in again.stdout  # refused before anything runs

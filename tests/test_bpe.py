@@ -251,6 +251,7 @@ def test_uint32_tokens_end_to_end(tmp_path):
     assert tok.decode(np.concatenate(ids).tolist()) == text
 
 
+@pytest.mark.slow
 def test_checkpoint_decodes_with_its_trained_tokenizer(tmp_path):
     """prepare with a trained BPE -> train -> sample: sample.py finds the tokenizer from the checkpoint."""
     tok, _, _ = train_and_save(tmp_path / "tok", 300)

@@ -413,6 +413,7 @@ def run_curate(*args, cwd=None):
                           timeout=300, cwd=cwd, env=dict(os.environ, HF_DATASETS_OFFLINE="1"))
 
 
+@pytest.mark.slow
 def test_cli_deterministic_and_careful(planted, tmp_path):
     folder, rows, _ = planted
     args = [os.path.join(ROOT, "config", "curate_web.py"), f"--input={folder}", "--num_proc=2"]

@@ -158,6 +158,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_run(char_data, tmp_path):
     assert "error: rank 0 lost contact with the other ranks" in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_fsdp_errors_say_how_to_launch_and_resume(char_data, one, tmp_path):
     proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'x'}", "--fsdp=True", check=False)
     assert proc.returncode == 2 and "error: fsdp=True shards over torchrun's processes" in proc.stderr

@@ -303,6 +303,7 @@ def test_evaluate_script_agrees_with_training_and_is_deterministic(trained, tmp_
     assert cmp.stdout.count(out) >= 2 and os.path.getsize(plot) > 1000
 
 
+@pytest.mark.slow
 def test_evaluate_script_scores_a_sharded_dataset_as_the_same_tokens_in_one_file(trained, sharded_char_data):
     """A dataset prepared with --shard_tokens (what train.py trains on) scores in evaluate.py: the same
     windows over the same tokens, so the same numbers as the one-file layout."""
@@ -317,6 +318,7 @@ def test_evaluate_script_scores_a_sharded_dataset_as_the_same_tokens_in_one_file
     assert sharded["train_loss"] == pytest.approx(one_file["train_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_script_errors(tmp_path, hf_gpt2_dir):
     proc = run("evaluate.py", f"--out_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

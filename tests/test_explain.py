@@ -146,6 +146,7 @@ def test_attention_and_lens_are_the_models(tmp_path, char_tok, arch):
     assert data["views"]["next"]["ids"][0] == int(logits[0, -1].argmax())
 
 
+@pytest.mark.slow
 def test_gpt2_attention_matches_transformers(tmp_path, hf_gpt2_dir):
     from transformers import GPT2LMHeadModel
     folder, _ = hf_gpt2_dir
@@ -166,6 +167,7 @@ def test_gpt2_attention_matches_transformers(tmp_path, hf_gpt2_dir):
     assert data["views"]["tokens"]["tokens"][1]["merges"] == []  # "," is a single byte: nothing merged
 
 
+@pytest.mark.slow
 def test_surprise_averages_to_evaluation_loss(tmp_path, char_tok, char_data):
     model = make_run(tmp_path / "run", char_tok, data_dir=char_data).eval()
     with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
@@ -213,6 +215,7 @@ def test_bpe_merges_rebuild_each_token():
     assert "".join(view["tokens"][1]["merges"][-1]) == " world" and all(t["rare"] for t in view["tokens"])
 
 
+@pytest.mark.slow
 def test_train_keeps_the_last_checkpoints(tmp_path, char_data):
     out = tmp_path / "run"
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={char_data}", f"--out_dir={out}",
@@ -243,6 +246,7 @@ def open_page(chrome, path):
     assert not errors, errors
 
 
+@pytest.mark.slow
 def test_page_renders_every_view_offline(tmp_path, chrome, char_tok, char_data):
     from selenium.webdriver.common.by import By
     make_run(tmp_path, char_tok, data_dir=char_data, snapshots=(10, 20, 30), **ARCHS["rope_rmsnorm_qknorm"])
@@ -337,6 +341,7 @@ def test_tinystories_prepare_ends_each_story(tmp_path):
     assert val == tok.encode(stories[-1]) + [tok.eot_id]
 
 
+@pytest.mark.slow
 def test_bad_prompts_fail_in_one_line(tmp_path, char_tok):
     make_run(tmp_path, char_tok)
     for prompt, said in (("x" * 65, "at most 64"), ("", "empty"), ("\u00e9t\u00e9", "not in this model's vocabulary")):

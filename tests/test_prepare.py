@@ -129,6 +129,7 @@ def test_openwebtext_jsonl(tmp_path, suffix):
     assert meta["source"] == str(path)
 
 
+@pytest.mark.slow
 def test_openwebtext_val_split_is_big_enough_to_score(tmp_path):
     # 300 documents of ~60 tokens: --val_fraction's 0.05% would be 1 document (what a 697-document web
     # sample once got: 2 val tokens); val takes enough documents for --min_val_tokens instead, and no more
@@ -183,6 +184,7 @@ def test_openwebtext_bad_input_is_a_one_line_error(tmp_path):
     assert_one_line_error(run("openwebtext", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no .txt")
 
 
+@pytest.mark.slow
 def test_curated_shards_keep_their_split(tmp_path):
     """curate.py's output (train-NNNNN / val-NNNNN shards) keeps its held-out split instead of a random one."""
     corpus = tmp_path / "curated"
@@ -226,6 +228,7 @@ def test_read_text_order_download_and_errors(tmp_path):
         read_text(str(bad), [], "unused", str(saved))
 
 
+@pytest.mark.slow
 def test_openwebtext_shards_give_the_batches_of_one_file(tmp_path):
     # the same corpus as one train.bin and as shards of 50 tokens: the same tokens, the same batches
     path = tmp_path / "docs.jsonl"

@@ -184,6 +184,7 @@ def test_malloc_policy_keeps_a_freed_block_in_the_process_for_reuse():
     assert hardware.malloc_policy("cuda") is None  # a GPU's activations are not malloc's: nothing to keep
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds; a no-op elsewhere")
 def test_malloc_policy_to_save_memory_hands_freed_blocks_back():
     # under gradient checkpointing 2 MiB blocks (glibc's default threshold has moved past them once a bigger

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, SHAKESPEARE, TICK, TINY, assert_one_line_error, read_log, run, run_fake_clock, train_losses
 
 
+@pytest.mark.slow
 def test_prepare_train_sample_pipeline(char_data, tmp_path):
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=15",
@@ -44,6 +45,7 @@ def test_prepare_train_sample_pipeline(char_data, tmp_path):
     assert again.stdout == sample.stdout
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(char_data, tmp_path):
     # dropout on: the resumed run must also draw the same dropout masks
     common = [*TINY, f"--data_dir={char_data}", "--dropout=0.1", "--eval_interval=5"]
@@ -99,6 +101,7 @@ def test_cpu_recipes_train_until_their_time_budget(char_data, tmp_path, recipe):
     assert (cfg["optimizer_name"], cfg["pos_emb"], cfg["mlp"], cfg["dtype"]) == ("muon", "rope", "relu2", "auto")
 
 
+@pytest.mark.slow
 def test_resume_goes_on_from_the_time_already_spent(char_data, tmp_path):
     # a time_budget (and the lr's time clock) counts the training time before the stop: the resumed run
     # starts its clock where the checkpoint left it, and stops at the new budget, not a whole budget later
@@ -117,6 +120,7 @@ def test_resume_goes_on_from_the_time_already_spent(char_data, tmp_path):
     assert after[0]["lr"] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * (3e-3 - 3e-4))
 
 
+@pytest.mark.slow
 def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
     # Muon + AdamW save and resume as one optimizer; the options are rebuilt from the checkpoint
     common = [*TINY, f"--data_dir={char_data}", "--eval_interval=4", "--optimizer_name=muon", "--mlp=relu2",
@@ -138,6 +142,7 @@ def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
     assert_one_line_error(proc, "Muon", "--optimizer")
 
 
+@pytest.mark.slow
 def test_target_loss_stops_at_the_first_evaluation_below_it_on_the_whole_val_split(char_data, tmp_path):
     import torch
     from nanoforge.checkpoint import load_model
@@ -162,6 +167,7 @@ def test_error_time_clock_without_a_time_budget(char_data, tmp_path):
     assert_one_line_error(proc, "lr_clock='time'", "--time_budget")
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same(char_data, tmp_path):
     common = [*TINY, f"--data_dir={char_data}", "--max_iters=5", "--eval_interval=5", "--dropout=0.1"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -172,6 +178,7 @@ def test_gradient_checkpointing_trains_the_same(char_data, tmp_path):
     assert all(abs(la[i] - lb[i]) < 1e-5 for i in la)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
@@ -210,6 +217,7 @@ def test_sigterm_during_a_long_evaluation_stops_at_once(char_data, tmp_path):
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing was saved half way
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_out_dir_the_second_is_refused(char_data, tmp_path):
     # two train.py on the same --out_dir: the second stops in one line naming the first's process id
     # (before, both ran and one's checkpoint and log silently replaced the other's); once the first is
@@ -234,6 +242,7 @@ def test_two_runs_on_one_out_dir_the_second_is_refused(char_data, tmp_path):
     assert not os.path.exists(leftover)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(char_data, tmp_path):
     out = str(tmp_path / "out")
     common = [*TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=2"]
@@ -266,6 +275,7 @@ def test_error_dataset_shorter_than_block(tmp_path):
     assert_one_line_error(proc, "fewer than block_size")
 
 
+@pytest.mark.slow
 def test_error_config_typo_key_and_value(char_data, tmp_path):
     proc = run("train.py", *TINY, f"--data_dir={char_data}", "--batch_sise=4", check=False)
     assert_one_line_error(proc, "batch_sise", "did you mean 'batch_size'")
@@ -397,6 +407,7 @@ def hf_gpt2_full_vocab(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_sample_from_hf_folder(hf_gpt2_full_vocab):
     proc = run("sample.py", f"--init_from={hf_gpt2_full_vocab}", "--start=Hello world", "--num_samples=1",
                "--max_new_tokens=20", "--device=cpu", "--stop_at_eot=False")
@@ -407,6 +418,7 @@ def test_sample_from_hf_folder(hf_gpt2_full_vocab):
     assert proc.stdout == cached
 
 
+@pytest.mark.slow
 def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
     d = tmp_path / "d"
     d.mkdir()
