@@ -27,12 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_collection_modifyitems(items):
-    """Slow tests first (each file's in their order): with -n auto the last tests to start are then short
-    ones, and the workers finish together instead of one waiting on a minute-long test started last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def hf_gpt2_dir(tmp_path_factory):
     """A tiny randomly initialised Hugging Face GPT-2, written by save_pretrained. Returns (folder, model)."""
