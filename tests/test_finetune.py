@@ -196,6 +196,8 @@ def test_chat_task_scores_greedy_replies_by_the_facts_they_state(char_base, tmp_
     assert [r["reply"] for r in record["wrong"]] == ["On Sunday we are closed."]
     assert "wrong: 'Where is my lamp?' -> 'On Sunday we are closed.'" in proc.stdout
     assert "0.5000" in proc.stdout
+    compared = run("evaluate.py", "--compare", str(out), f"--compare_plot={tmp_path / 'cmp.png'}").stdout
+    assert "chat acc" in compared and "0.500" in compared.splitlines()[-2]  # the run's row
     # the batched decoding evaluate.py uses gives the replies of the one-at-a-time reference
     from nanoforge.evaluation import chat_questions
     from nanoforge.tasks import load_chat_task
