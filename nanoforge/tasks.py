@@ -48,14 +48,15 @@ def parse_example(record, where):
     return {"context": context, "choices": choices, "label": label}
 
 
-def read_jsonl(path, max_examples=0):
+def read_jsonl(path, max_examples=0, parse=parse_example, what="examples"):
+    """The first max_examples records of a .jsonl file (0: all), each checked by `parse`."""
     examples = []
     for lineno, record in jsonl_records(path):
-        examples.append(parse_example(record, f"{path} line {lineno}"))
+        examples.append(parse(record, f"{path} line {lineno}"))
         if max_examples and len(examples) >= max_examples:
             break
     if not examples:
-        raise UserError(f"{path} holds no examples")
+        raise UserError(f"{path} holds no {what}")
     return examples
 
 
@@ -109,11 +110,4 @@ def parse_chat_question(record, where):
 def load_chat_task(path, max_examples=0):
     if not os.path.isfile(path):
         raise UserError(f"chat task {path} does not exist; give a .jsonl file of {{messages, expect}} lines")
-    examples = []
-    for lineno, record in jsonl_records(path):
-        examples.append(parse_chat_question(record, f"{path} line {lineno}"))
-        if max_examples and len(examples) >= max_examples:
-            break
-    if not examples:
-        raise UserError(f"{path} holds no questions")
-    return examples
+    return read_jsonl(path, max_examples, parse_chat_question, "questions")
