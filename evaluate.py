@@ -102,7 +102,8 @@ if runs:
         acc, chat = r.get("task", {}).get("acc_norm"), r.get("chat_task", {}).get("acc")
         rows.append([run, r.get("iter", "-"), fmt(r.get("train_time"), ".1f"), fmt(r.get("loss")), fmt(r.get("perplexity"), ".3f"),
                      fmt(r.get("bpb")), fmt(r.get("train_loss")), fmt(r.get("gap")), fmt(acc, ".3f"), fmt(chat, ".3f")])
-    print_table(["run", "iter", "train s", f"{split} loss", "ppl", "bpb", "train loss", "gap", "acc_norm", "chat acc"], rows)
+    print_table(["run", "iter", "train s", f"{split} loss", "ppl", "bpb", "train loss", "gap", "acc_norm",
+                 "chat acc"], rows)
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt

@@ -277,7 +277,8 @@ def chat_questions(model, tok, examples, device, dtype="float32", max_new_tokens
     results = []
     for ex, text in zip(examples, replies):
         right = all(normalise(e) in normalise(text) for e in ex["expect"])
-        results.append({"question": ex["messages"][-1]["content"], "reply": text, "expect": ex["expect"], "right": right})
+        results.append({"question": ex["messages"][-1]["content"], "reply": text, "expect": ex["expect"],
+                        "right": right})
     n, right = len(results), sum(r["right"] for r in results)
     return {"n": n, "correct": right, "acc": right / n if n else float("nan"), "acc_ci": wilson_interval(right, n),
             "results": results}

@@ -94,9 +94,9 @@ def parse_chat_question(record, where):
         raise UserError(f"{where}: a chat task line needs 'messages' (ending in a user turn) and 'expect' "
                         f"(the strings a right reply contains)")
     messages, expect = record["messages"], record["expect"]
+    roles = ("system", "user", "assistant")
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in messages):
+            isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages):
         raise UserError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: text}}")
     if messages[-1]["role"] != "user":
         raise UserError(f"{where}: the last message must be the user's question, not {messages[-1]['role']}'s")
