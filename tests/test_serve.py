@@ -431,10 +431,15 @@ def test_chat_page_stop_button_ends_the_generation(strict_server, chrome):
     chrome.find_element(By.ID, "api-key").send_keys("s3cret")
     chrome.find_element(By.ID, "max-tokens").clear()
     chrome.find_element(By.ID, "max-tokens").send_keys("1000")
+    # greedy: the fixture's model then never picks a chat token, so the reply runs until stopped (sampled,
+    # it could end at once on <|end|>, or show only spaces, and never begin visibly)
+    chrome.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+                          "t.dispatchEvent(new Event('input'));")
     tokens_before = health(url)["tokens"]
     chrome.find_element(By.ID, "input").send_keys("Speak on")
     chrome.find_element(By.ID, "send").click()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant .text").text)  # it has begun
+    wait.until(lambda d: d.execute_script(  # it has begun: any character, spaces too
+        "const e = document.querySelector('.msg.assistant .text'); return e && e.textContent.length > 0;"))
     chrome.find_element(By.ID, "stop").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]"))
     assert chrome.find_element(By.ID, "send").is_enabled() and not chrome.find_element(By.ID, "stop").is_enabled()
