@@ -5,7 +5,7 @@ cleanup -> language -> quality -> harmful -> exact dedup -> near dedup (MinHash 
 perplexity and/or a reference-vs-web classifier (optional) -> held-out split.
 
     python curate.py config/curate_web.py --input=raw/ --output=data/mycorpus/curated
-    python data/openwebtext/prepare.py --input=data/mycorpus/curated --out_dir=data/mycorpus
+    python data/your_text/prepare.py --input=data/mycorpus/curated --out_dir=data/mycorpus
 
 The output folder holds train-00000.jsonl.gz, ..., val-00000.jsonl.gz (one JSON object a line: id, text,
 url), report.json, report.md and lengths.png. It is written beside its final place and renamed into it

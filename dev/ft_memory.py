@@ -7,19 +7,15 @@ like chat data (the loss counts the second half of each row).
 
 $ /usr/bin/time -v python dev/ft_memory.py --mode=full       # also: model (load + forward only), lora, lora_ckpt, full_ckpt
 """
-import os
 import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import torch  # noqa: E402
+import torch
 
-from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from nanoforge import lora  # noqa: E402
-from nanoforge import optim  # noqa: E402
-from nanoforge import parallel  # noqa: E402
+from configurator import configure
+from model import GPT, GPTConfig
+from nanoforge import lora, optim, parallel
 
 cfg = configure(dict(mode="full", batch_size=4, block_size=512, steps=3, lora_rank=8, seed=0), sys.argv[1:])
 torch.manual_seed(cfg["seed"])

@@ -1,5 +1,5 @@
 """
-Reading a corpus of documents, shared by the scripts that take one (data/openwebtext/prepare.py,
+Reading a corpus of documents, shared by the scripts that take one (data/your_text/prepare.py,
 curate.py, train_tokenizer.py, evaluate.py's task files): JSONL lines with their numbers, which files
 count, how a folder is searched, how the text field is checked, how a Hugging Face dataset is loaded
 (load_hub), and how a `datasets` read error becomes one line; curate.py's reader (load_documents, with

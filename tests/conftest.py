@@ -1,8 +1,11 @@
 """
-What the tests share: the repository root on sys.path (the scripts' own view: model.py, configurator.py
-and the nanoforge package), running a script as a user does, the one-line-error check, reading a run's
+What the tests share: running a script as a user does, the one-line-error check, reading a run's
 log, and the data fixtures. Test modules import the helpers from here (`from conftest import run`); no
 test module imports another.
+
+The repository root is on the import path through pytest.ini (`pythonpath = .`): the scripts' own view
+of model.py, configurator.py and the nanoforge package. Scripts run in subprocesses find them through the
+editable install (pip install -e .), as a user's do.
 
 Tests never touch the network: tiktoken reads GPT-2's BPE from the shared cache beside the repo, and
 Hugging Face is told to stay offline (its GPT-2s are built randomly and saved to tmp_path instead).
@@ -17,8 +20,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, "..", "shared", "assets", "tiktoken_cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

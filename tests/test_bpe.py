@@ -203,13 +203,13 @@ def test_train_tokenizer_bad_input(tmp_path):
 
 
 def test_documents_corpus_with_trained_tokenizer(trained, tmp_path):
-    """data/openwebtext/prepare.py: documents end in the trained vocabulary's end-of-text token."""
+    """data/your_text/prepare.py: documents end in the trained vocabulary's end-of-text token."""
     tok = trained[0]
     docs = ["First document.", "سلام دنیا", "a literal <|endoftext|> stays text", "🦊\tcode  here\n"] * 3
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     env_args = (f"--input={path}", f"--tokenizer={tok.spec['path']}", "--num_proc=1", f"--out_dir={tmp_path / 'out'}")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "openwebtext", "prepare.py"), *env_args],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "your_text", "prepare.py"), *env_args],
                           capture_output=True, text=True, env=dict(ENV, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                                                                     HF_HOME=str(tmp_path / "hf")), timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -222,7 +222,7 @@ def test_documents_corpus_with_trained_tokenizer(trained, tmp_path):
         assert ends[-1] == len(ids) - 1
         found += [tok.decode(d[:-1].tolist()) for d in np.split(ids, ends + 1)[:-1]]
     assert sorted(found) == sorted(docs)
-    proc = run_script("data/openwebtext/prepare.py", f"--input={path}", "--tokenizer=char", f"--out_dir={tmp_path / 'x'}")
+    proc = run_script("data/your_text/prepare.py", f"--input={path}", "--tokenizer=char", f"--out_dir={tmp_path / 'x'}")
     assert_one_line_error(proc, "end-of-text")
 
 

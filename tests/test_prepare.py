@@ -116,21 +116,21 @@ def test_shakespeare_empty_or_missing_input_is_a_clear_error(tmp_path, script, n
 
 
 # ------------------------------------------------------------------------------------------------------
-# documents: OpenWebText's script on local files
+# documents: your own text (data/your_text, also OpenWebText's script) from local files
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
-def test_openwebtext_jsonl(tmp_path, suffix):
+def test_your_text_jsonl(tmp_path, suffix):
     path = tmp_path / f"docs{suffix}"
     with (gzip.open if suffix.endswith(".gz") else open)(path, "wt", encoding="utf-8") as f:
         for i, doc in enumerate(DOCS):
             f.write(json.dumps({"id": i, "body": doc}) + "\n")
-    out, meta = prepare("openwebtext", f"--input={path}", "--text_field=body", "--num_proc=2", tmp_path=tmp_path)
+    out, meta = prepare("your_text", f"--input={path}", "--text_field=body", "--num_proc=2", tmp_path=tmp_path)
     check_documents(out, meta, DOCS, load_tokenizer(meta["tokenizer"]))
     assert meta["source"] == str(path)
 
 
 @pytest.mark.slow
-def test_openwebtext_val_split_is_big_enough_to_score(tmp_path):
+def test_your_text_val_split_is_big_enough_to_score(tmp_path):
     # 300 documents of ~60 tokens: --val_fraction's 0.05% would be 1 document (what a 697-document web
     # sample once got: 2 val tokens); val takes enough documents for --min_val_tokens instead, and no more
     # than a tenth of the corpus, saying so when that is not enough
@@ -139,10 +139,10 @@ def test_openwebtext_val_split_is_big_enough_to_score(tmp_path):
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
                      for i in range(300))
-    out, meta = prepare("openwebtext", f"--input={path}", "--num_proc=1", "--min_val_tokens=1000",
+    out, meta = prepare("your_text", f"--input={path}", "--num_proc=1", "--min_val_tokens=1000",
                         tmp_path=tmp_path / "a")
     assert 1000 <= meta["val_tokens"] < 1200 and meta["val_documents"] + meta["train_documents"] == 300
-    result = run("openwebtext", f"--input={path}", "--num_proc=1", "--min_val_tokens=100000",
+    result = run("your_text", f"--input={path}", "--num_proc=1", "--min_val_tokens=100000",
                  f"--out_dir={tmp_path / 'b'}", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert tokens.read_meta(str(tmp_path / "b"))["val_documents"] == 30  # a tenth, and a warning
@@ -150,7 +150,7 @@ def test_openwebtext_val_split_is_big_enough_to_score(tmp_path):
 
 
 @pytest.mark.slow  # two or three runs of the script
-def test_openwebtext_txt_folder_and_blank_line_split(tmp_path):
+def test_your_text_txt_folder_and_blank_line_split(tmp_path):
     folder = tmp_path / "corpus"
     (folder / "sub").mkdir(parents=True)
     docs = [d for d in DOCS if d]  # an empty file holds no document
@@ -160,28 +160,34 @@ def test_openwebtext_txt_folder_and_blank_line_split(tmp_path):
     blank = tmp_path / "stories.txt"
     stories = ["Once upon a time.\nThe end.", "Another story.", "A third, 🦊."]
     blank.write_text("\n\n".join(stories) + "\n\n\n" + "\n", encoding="utf-8")
-    out, meta = prepare("openwebtext", "--input", str(folder), str(blank), "--txt_split=blank", "--num_proc=1",
+    out, meta = prepare("your_text", "--input", str(folder), str(blank), "--txt_split=blank", "--num_proc=1",
                         tmp_path=tmp_path)
     tok = load_tokenizer(meta["tokenizer"])
     # --txt_split=blank splits .txt files on blank lines, the folder's files too
     expected = [p.strip("\n") for d in docs for p in d.split("\n\n") if p.strip("\n")] + stories
     check_documents(out, meta, expected, tok)
 
-    out, meta = prepare("openwebtext", f"--input={folder}", "--val_fraction=0.2", tmp_path=tmp_path / "whole")
+    out, meta = prepare("your_text", f"--input={folder}", "--val_fraction=0.2", tmp_path=tmp_path / "whole")
     check_documents(out, meta, docs, tok)
     assert meta["val_documents"] == math.ceil(0.2 * len(docs))
 
 
 @pytest.mark.slow  # two or three runs of the script
-def test_openwebtext_bad_input_is_a_one_line_error(tmp_path):
+def test_your_text_bad_input_is_a_one_line_error(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(DOCS)))
     out = f"--out_dir={tmp_path / 'out'}"
-    assert_one_line_error(run("openwebtext", f"--input={path}", out, tmp_path=tmp_path), "'text'", "id, body")
-    assert_one_line_error(run("openwebtext", f"--input={tmp_path / 'nope.jsonl'}", out, tmp_path=tmp_path),
+    assert_one_line_error(run("your_text", f"--input={path}", out, tmp_path=tmp_path), "'text'", "id, body")
+    assert_one_line_error(run("your_text", f"--input={tmp_path / 'nope.jsonl'}", out, tmp_path=tmp_path),
                           "not found")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run("openwebtext", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no .txt")
+    assert_one_line_error(run("your_text", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no .txt")
+    # nothing to read, or two sources; OpenWebText by name, offline here
+    assert_one_line_error(run("your_text", out, tmp_path=tmp_path), "nothing to prepare", "--dataset=openwebtext")
+    assert_one_line_error(run("your_text", f"--input={path}", "--dataset=openwebtext", out, tmp_path=tmp_path),
+                          "not both")
+    assert_one_line_error(run("your_text", "--dataset=openwebtext", out, tmp_path=tmp_path),
+                          "could not load the Hugging Face dataset openwebtext")
 
 
 @pytest.mark.slow
@@ -193,7 +199,7 @@ def test_curated_shards_keep_their_split(tmp_path):
         with gzip.open(corpus / f"{name}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(docs))
     (corpus / "report.json").write_text("{}")  # beside the shards, not a corpus file
-    out, meta = prepare("openwebtext", f"--input={corpus}", tmp_path=tmp_path)
+    out, meta = prepare("your_text", f"--input={corpus}", tmp_path=tmp_path)
     assert (meta["train_documents"], meta["val_documents"]) == (12, 2)
     tok = load_tokenizer({"kind": "gpt2"})
     val = split_ids(out, "val").tolist()
@@ -229,14 +235,14 @@ def test_read_text_order_download_and_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_openwebtext_shards_give_the_batches_of_one_file(tmp_path):
+def test_your_text_shards_give_the_batches_of_one_file(tmp_path):
     # the same corpus as one train.bin and as shards of 50 tokens: the same tokens, the same batches
     path = tmp_path / "docs.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": doc}) + "\n" for doc in DOCS * 3)
-    one, meta = prepare("openwebtext", f"--input={path}", "--num_proc=1", tmp_path=tmp_path)
+    one, meta = prepare("your_text", f"--input={path}", "--num_proc=1", tmp_path=tmp_path)
     sharded = tmp_path / "sharded"
-    result = run("openwebtext", f"--input={path}", "--num_proc=1", "--shard_tokens=50", f"--out_dir={sharded}",
+    result = run("your_text", f"--input={path}", "--num_proc=1", "--shard_tokens=50", f"--out_dir={sharded}",
                  tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     shards = tokens.split_files(str(sharded), "train")

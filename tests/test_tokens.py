@@ -191,3 +191,12 @@ def test_meta_round_trip(data_dir):
 def test_read_meta_missing(data_dir):
     with pytest.raises(UserError, match="meta.json not found.*prepare.py"):
         tokens.read_meta(str(data_dir))
+
+
+def test_prepare_hint_names_the_script_that_makes_the_folder(tmp_path):
+    """A repo dataset names its own prepare.py; OpenWebText (train.py's default dataset) names the generic
+    script with the flag that fetches it, as data/openwebtext holds no script of its own."""
+    assert tokens.prepare_hint(tokens.dataset_dir("shakespeare_char")).endswith("data/shakespeare_char/prepare.py")
+    assert tokens.prepare_hint(tokens.dataset_dir("openwebtext")).endswith(
+        "data/your_text/prepare.py --dataset=openwebtext")
+    assert "--out_dir=" in tokens.prepare_hint(str(tmp_path / "mine"))

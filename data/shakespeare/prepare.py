@@ -15,15 +15,13 @@ GPT-2 BPE files need TIKTOKEN_CACHE_DIR=../shared/assets/tiktoken_cache. Writes 
 meta.json (see tokens.py). Expected: 301,966 train and 36,059 val tokens, nanoGPT's numbers.
 """
 import os
-import sys
 
-here = os.path.dirname(os.path.abspath(__file__))
-repo = os.path.dirname(os.path.dirname(here))
-sys.path.insert(0, repo)  # run from anywhere: the nanoforge package lives at the repo root
-from nanoforge import errors  # noqa: E402
-from nanoforge.corpus import prepare_text_dataset  # noqa: E402
+from nanoforge import errors
+from nanoforge.corpus import prepare_text_dataset
 
 errors.friendly_errors()
+here = os.path.dirname(os.path.abspath(__file__))
+repo = os.path.dirname(os.path.dirname(here))
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 prepare_text_dataset(here, "Tiny Shakespeare in GPT-2 BPE tokens", "gpt2", URL,
                      os.path.join(repo, "..", "shared", "data", "tinyshakespeare", "input.txt"))

@@ -15,15 +15,13 @@ train.bin, val.bin and meta.json (see tokens.py). Expected: vocab 65, 1,003,854 
 tokens, nanoGPT's numbers.
 """
 import os
-import sys
 
-here = os.path.dirname(os.path.abspath(__file__))
-repo = os.path.dirname(os.path.dirname(here))
-sys.path.insert(0, repo)  # run from anywhere: the nanoforge package lives at the repo root
-from nanoforge import errors  # noqa: E402
-from nanoforge.corpus import prepare_text_dataset  # noqa: E402
+from nanoforge import errors
+from nanoforge.corpus import prepare_text_dataset
 
 errors.friendly_errors()
+here = os.path.dirname(os.path.abspath(__file__))
+repo = os.path.dirname(os.path.dirname(here))
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 prepare_text_dataset(here, "character-level Tiny Shakespeare", "char", URL,
                      os.path.join(repo, "..", "shared", "data", "tinyshakespeare", "input.txt"))

@@ -19,18 +19,15 @@ import argparse
 import hashlib
 import os
 import re
-import sys
 
-here = os.path.dirname(os.path.abspath(__file__))
-repo = os.path.dirname(os.path.dirname(here))
-sys.path.insert(0, repo)  # run from anywhere: the library modules live at the repo root
-from nanoforge import errors  # noqa: E402
-from nanoforge import tokens  # noqa: E402
-from nanoforge.corpus import read_text  # noqa: E402
-from nanoforge.errors import UserError  # noqa: E402
-from nanoforge.tokenizer import tokenizer_from_arg  # noqa: E402
+from nanoforge import errors, tokens
+from nanoforge.corpus import read_text
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import tokenizer_from_arg
 
 errors.friendly_errors()
+here = os.path.dirname(os.path.abspath(__file__))
+repo = os.path.dirname(os.path.dirname(here))
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt"
 parser = argparse.ArgumentParser(description="Prepare TinyStories in BPE tokens, one end-of-text after each story.")
 parser.add_argument("--input", help="path of the text (default: input.txt here, the shared head, or download)")

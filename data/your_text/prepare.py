@@ -1,14 +1,17 @@
 """
-OpenWebText, or any corpus of documents, in GPT-2's BPE, as in nanoGPT's data/openwebtext: each document
-is encoded as ordinary text followed by the end-of-text token (50256), so documents stay apart; a random
---val_fraction of the documents (fixed --seed; at least enough for --min_val_tokens, at most a tenth) is val,
-the rest train.
+Your own text as a dataset, in GPT-2's BPE (or a tokenizer you trained): files or folders of .txt, .jsonl,
+.jsonl.gz or .parquet, one document each (or one a line, or a row). Each document is encoded as ordinary
+text followed by the end-of-text token (50256), so documents stay apart; a random --val_fraction of the
+documents (fixed --seed; at least enough for --min_val_tokens, at most a tenth) is val, the rest train.
+A Hugging Face hub dataset works the same by --dataset, OpenWebText among them, as in nanoGPT's
+data/openwebtext (written to data/openwebtext, which train.py reads by default).
 
-    python data/openwebtext/prepare.py                                 # OpenWebText from the Hugging Face hub
-    python data/openwebtext/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
-    python data/openwebtext/prepare.py --input=stories/ --txt_split=blank --out_dir=data/stories
-    python data/openwebtext/prepare.py --input=web.jsonl.gz --tokenizer=tokenizers/mytok --out_dir=data/web_mytok
-    python data/openwebtext/prepare.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT \
+    python data/your_text/prepare.py --input=my_corpus/     # -> data/your_text: train.py --dataset=your_text
+    python data/your_text/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
+    python data/your_text/prepare.py --input=stories/ --txt_split=blank --out_dir=data/stories
+    python data/your_text/prepare.py --input=web.jsonl.gz --tokenizer=tokenizers/mytok --out_dir=data/web_mytok
+    python data/your_text/prepare.py --dataset=openwebtext             # OpenWebText from the hub -> data/openwebtext
+    python data/your_text/prepare.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT \
         --shard_tokens=100000000 --out_dir=data/fineweb10B      # shards of 100M tokens, FineWeb-style
 
 --tokenizer is gpt2 (default) or a folder written by train_tokenizer.py; char is refused here, as a
@@ -22,6 +25,7 @@ Hugging Face `datasets` turns the input into memory-mapped Arrow files on disk a
 --num_proc processes; the token files are then written a batch of documents at a time. Memory stays
 flat however large the corpus. Local inputs are cached in a temporary folder inside --out_dir, removed
 at the end; the hub download goes to Hugging Face's cache (or --cache_dir), so a rerun reuses it.
+Without --out_dir, --input writes to data/your_text and --dataset=NAME to data/<NAME's last part>.
 With --shard_tokens=N the splits are written as shards of N tokens (train_000000.bin, ...), which
 train.py reads as one split; the single-file layout is the default.
 OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens from it.
@@ -31,21 +35,18 @@ import hashlib
 import json
 import math
 import os
-import sys
 import tempfile
 
 import numpy as np
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # run from anywhere: the library is at the repo root
-from nanoforge import errors  # noqa: E402
-from nanoforge import tokens  # noqa: E402
-from nanoforge.corpus import builder_of, curated_splits, find_files, input_error, load_hub, reason, text_column  # noqa: E402
-from nanoforge.errors import UserError  # noqa: E402
-from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg  # noqa: E402
+from nanoforge import errors, tokens
+from nanoforge.corpus import builder_of, curated_splits, find_files, input_error, load_hub, reason, text_column
+from nanoforge.errors import UserError
+from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg
 
+here = os.path.dirname(os.path.abspath(__file__))
 _loaded = {}
 
 
@@ -73,10 +74,12 @@ def sha256_files(paths):
 # the guard matters: datasets' worker processes may import this file (spawn), and must not rerun the work
 if __name__ == "__main__":
     errors.friendly_errors()
-    parser = argparse.ArgumentParser(description="Prepare a corpus of documents (default: OpenWebText) in GPT-2 BPE.")
+    parser = argparse.ArgumentParser(description="Prepare your own text (or a hub dataset such as OpenWebText) in "
+                                     "GPT-2 BPE.")
     parser.add_argument("--input", nargs="+", action="extend",
-                        help="local .txt/.jsonl/.jsonl.gz/.parquet files or folders (default: hub dataset --dataset)")
-    parser.add_argument("--dataset", default="openwebtext", help="hub dataset read without --input (%(default)s)")
+                        help="your .txt/.jsonl/.jsonl.gz/.parquet files or folders")
+    parser.add_argument("--dataset", help="instead of --input, a Hugging Face hub dataset: openwebtext (nanoGPT's), "
+                        "HuggingFaceFW/fineweb, ...")
     parser.add_argument("--name", help="the hub dataset's configuration (e.g. sample-10BT for fineweb)")
     parser.add_argument("--shard_tokens", type=int, default=0,
                         help="write shards of this many tokens (train_000000.bin, ...); 0: one train.bin (%(default)s)")
@@ -90,10 +93,19 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split (nanoGPT's: %(default)s)")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or a folder written by train_tokenizer.py")
     parser.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
-    parser.add_argument("--out_dir", default=here, help="where train.bin, val.bin, meta.json go (%(default)s)")
+    parser.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default: data/your_text for "
+                        "--input, data/<name> for --dataset)")
     parser.add_argument("--cache_dir", help="Hugging Face datasets cache (default: a temporary folder in --out_dir "
                         "for --input, Hugging Face's own cache for the hub)")
     args = parser.parse_args()
+    if args.input and args.dataset:
+        raise UserError("give your text (--input) or a hub dataset (--dataset), not both")
+    if not args.input and not args.dataset:
+        raise UserError("nothing to prepare: give your text with --input=FILES_OR_FOLDERS, or a hub dataset with "
+                        "--dataset=NAME (OpenWebText: --dataset=openwebtext)")
+    if not args.out_dir:  # a hub dataset gets its own folder: data/openwebtext is what train.py reads by default
+        args.out_dir = here if args.input else os.path.join(os.path.dirname(here),
+                                                            os.path.basename(args.dataset.rstrip("/")))
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.shard_tokens < 0:
