@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from configurator import configure, knobs
+from configurator import configure, knobs, overrides
 from nanoforge import chat_template, checkpoint, errors, files, hardware, lora, optim, parallel, runlog, tokens, training
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import load_tokenizer
@@ -114,7 +114,8 @@ print(f"train: {train_counts['rows']} rows of {block_size}, {train_counts['learn
 
 optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2))
 dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_size, model.config.n_embd))
-training.startup_lines(print, device, device_why, dtype, dtype_why, defaults, config, gradient_checkpointing)
+training.startup_lines(print, device, device_why, dtype, dtype_why, overrides(defaults, config),
+                       gradient_checkpointing)
 autocast_ctx = hardware.autocast(device, dtype)
 
 # -----------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, knobs
+from configurator import FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, knobs, overrides
 from model import GPT, GPTConfig
 from nanoforge import checkpoint, errors, files, hardware, optim, parallel, runlog, tokens, training
 from nanoforge.errors import UserError
@@ -149,7 +149,8 @@ if fsdp and not ddp:
 out_dir_lock = files.lock_out_dir(out_dir) if master else None  # before looking: two runs must not both start
 resume_from = checkpoint.check_out_dir(out_dir, init_from, fsdp)  # fsdp runs resume sharded checkpoints
 
-training.startup_lines(log, device, device_why, dtype, dtype_why, defaults, config, gradient_checkpointing)
+training.startup_lines(log, device, device_why, dtype, dtype_why, overrides(defaults, config),
+                       gradient_checkpointing)
 log(f"world size {world_size}, {gradient_accumulation_steps} micro-steps of {batch_size} x {block_size} "
     f"({local_accum} per rank): {tokens_per_iter:,} tokens per iteration")
 

@@ -5,18 +5,17 @@ context, the check that a step's loss is finite, and setting the learning rate.
 import math
 import signal
 
-from configurator import overrides
 from nanoforge import hardware
 from nanoforge.errors import UserError
 
 
-def startup_lines(log, device, device_why, dtype, dtype_why, defaults, config, save_memory):
+def startup_lines(log, device, device_why, dtype, dtype_why, changed, save_memory):
     """The lines a run starts with: the device and precision with the reason for each, how freed memory is
-    treated (hardware.malloc_policy), and what the config files and --key=value arguments changed."""
+    treated (hardware.malloc_policy), and what the config files and --key=value arguments changed (the
+    script's configurator.overrides)."""
     log(f"device: {device} ({device_why}); dtype: {dtype} ({dtype_why})")
     if kept := hardware.malloc_policy(device, save_memory=save_memory):
         log(kept)
-    changed = overrides(defaults, config)
     log("overrides: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "none"))
 
 

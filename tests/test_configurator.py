@@ -149,7 +149,7 @@ def test_bare_flag_turns_a_boolean_on_and_is_an_error_otherwise():
 
 
 SCRIPTS = ["train.py", "sample.py", "evaluate.py", "finetune.py", "bench.py", "sweep.py", "export.py", "curate.py",
-           "train_tokenizer.py", "data/shop_chat/prepare.py"]
+           "train_tokenizer.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -162,9 +162,7 @@ def test_help_lists_every_knob_with_its_default(script):
                           cwd=root, timeout=120)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     assert f"usage: python {os.path.basename(script)}" in proc.stdout
-    knobs = script_defaults(os.path.join(root, script))  # a script's config block...
-    if script.startswith("data/"):  # ...or, in this small one, the dict it passes to configure
-        knobs = {"n_train": 2000, "n_val": 100, "seed": 1337}
+    knobs = script_defaults(os.path.join(root, script))  # a script's config block
     for key, value in knobs.items():
         assert f"  --{key}={value!r}" in proc.stdout, key
     if script == "train.py":  # the comment beside a knob, and the config files that fit

@@ -237,3 +237,14 @@ def test_shop_chat_fits_its_config_and_its_questions_are_held_out(shop_data):
     conversations = {json.dumps(m) for m in train}
     assert not [q for q in facts if json.dumps(q["messages"]) in conversations]
     assert {e for q in facts for e in q["expect"]} >= {"closed", "three days", "thirty days", "free of charge"}
+
+
+def test_shop_chat_help_lists_every_knob_with_its_default_and_bad_counts_are_one_line():
+    import re
+    proc = run("data/shop_chat/prepare.py", "--help")
+    assert not proc.stderr.strip(), proc.stderr
+    options = [" ".join(o.split()) for o in re.split(r"\n  (?=--)", proc.stdout)]  # one entry per option
+    for key, value in {"n_train": 2000, "n_val": 100, "n_facts": 200, "block_size": 384, "seed": 1337}.items():
+        shown = next(o for o in options if o.startswith(f"--{key} "))
+        assert f"({value}" in shown, shown
+    assert_one_line_error(run("data/shop_chat/prepare.py", "--n_train=0", check=False), "--n_train", "at least 1")

@@ -13,17 +13,15 @@ learn it, and every conversation fits in block_size characters with its chat mar
 $ python data/shop_chat/prepare.py                       # 2,000 train, 100 val, 200 + 200 questions
 $ python data/shop_chat/prepare.py --n_train=5000 --seed=7
 """
+import argparse
 import json
 import os
 import random
-import sys
+
+from nanoforge import errors, files
+from nanoforge.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for the library modules
-
-from configurator import configure  # noqa: E402
-from nanoforge import errors, files  # noqa: E402
-from nanoforge.errors import UserError  # noqa: E402
 
 NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
          "Mary", "Nick", "Olivia", "Paul", "Rose", "Sam", "Tom", "Una", "Victor", "Wendy", "Yusuf", "Zoe"]
@@ -104,8 +102,19 @@ def length(record):
 
 if __name__ == "__main__":
     errors.friendly_errors()
-    cfg = configure({"n_train": 2000, "n_val": 100, "n_facts": 200, "block_size": 384, "seed": 1337,
-                     "out_dir": HERE}, sys.argv[1:])
+    parser = argparse.ArgumentParser(description="Generate the shop's chat dataset, offline.")
+    parser.add_argument("--n_train", type=int, default=2000, help="training conversations (%(default)s)")
+    parser.add_argument("--n_val", type=int, default=100, help="held-out conversations (%(default)s)")
+    parser.add_argument("--n_facts", type=int, default=200,
+                        help="questions to score, in the training wordings and again reworded (%(default)s each)")
+    parser.add_argument("--block_size", type=int, default=384,
+                        help="no conversation, with its chat markers, may be longer (%(default)s characters)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the draws (%(default)s)")
+    parser.add_argument("--out_dir", default=HERE, help="where the .jsonl files go (%(default)s)")
+    cfg = vars(parser.parse_args())
+    for key, least in (("n_train", 1), ("n_val", 1), ("n_facts", 0), ("block_size", 1)):
+        if cfg[key] < least:
+            raise UserError(f"--{key} must be at least {least}, got {cfg[key]}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     outputs = (("train", cfg["n_train"], lambda r: conversation(r)), ("val", cfg["n_val"], conversation),
                ("facts", cfg["n_facts"], lambda r: fact_question(r, False)),
