@@ -30,6 +30,7 @@ import torch
 from configurator import configure, knobs
 from nanoforge import errors, files, hardware, parallel, runlog, tokens
 from nanoforge.checkpoint import load_model
+from nanoforge.corpus import jsonl_records
 from nanoforge.errors import UserError
 from nanoforge.evaluation import chat_questions, evaluate, generalisation, multiple_choice, run_data_dir, score_split
 from nanoforge.tasks import load_chat_task, load_task
@@ -70,11 +71,6 @@ config = configure(defaults, argv)
 globals().update(config)
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def print_table(header, rows):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
@@ -94,7 +90,7 @@ if runs:
         path = os.path.join(run, "eval.jsonl")
         if not os.path.exists(path):
             raise UserError(f"{run} has no eval.jsonl; run: python evaluate.py --out_dir={run}")
-        latest.append((run, read_jsonl(path)[-1]))
+        latest.append((run, [record for _, record in jsonl_records(path)][-1]))
         if evals := runlog.evaluations(runlog.read_log(run)):
             curves.append((run, [(r.get("train_time", r["iter"]), r["val_loss"]) for r in evals]))
     rows = []

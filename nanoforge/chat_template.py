@@ -14,10 +14,11 @@ The loss counts only what the model must learn to say: each assistant turn's con
 that closes it. Everything else (system and user turns, the <|assistant|> opener) gets target -1, which
 GPT.forward ignores.
 """
-import json
+import os
 
 import torch
 
+from nanoforge.corpus import jsonl_records
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import SPECIAL_TOKENS, with_special_tokens
 
@@ -58,24 +59,17 @@ def to_messages(obj):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_jsonl(path):
+def read_examples(path):
     """(examples, problems): examples [(line number, messages)], problems [(line number, reason)] for the
     lines that are skipped. A bad line never stops the reading; the caller reports the problems."""
+    if not os.path.exists(path):
+        raise UserError(f"cannot read {path}: no such file; make it with the dataset's prepare.py")
     examples, problems = [], []
-    try:
-        f = open(path, encoding="utf-8-sig")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}; make it with the dataset's prepare.py") from None
-    with f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                examples.append((line_no, to_messages(json.loads(line))))
-            except json.JSONDecodeError as e:
-                problems.append((line_no, f"malformed JSON ({e.msg} at column {e.colno})"))
-            except ValueError as e:
-                problems.append((line_no, str(e)))
+    for line_no, record in jsonl_records(path, problems):  # lines that are not JSON go to problems
+        try:
+            examples.append((line_no, to_messages(record)))
+        except ValueError as e:
+            problems.append((line_no, str(e)))
     return examples, problems
 
 
@@ -157,7 +151,7 @@ def pack(pairs, block_size):
 
 def load_split(path, tok, block_size):
     """Reads, checks, renders and packs one JSONL file: (X, Y, report text, counts)."""
-    examples, problems = read_jsonl(path)
+    examples, problems = read_examples(path)
     pairs, too_long = encode_examples(tok, examples, block_size)
     problems = sorted(problems + too_long)
     X, Y = pack(pairs, block_size)

@@ -1,9 +1,11 @@
 """
 Reading a corpus of documents, shared by the scripts that take one (data/your_text/prepare.py,
-curate.py, train_tokenizer.py, evaluate.py's task files): JSONL lines with their numbers, which files
+curate.py, train_tokenizer.py, evaluate.py's task files): JSONL lines with their numbers (jsonl_records,
+the one JSONL reader: chat data, task files and evaluation records go through it too), which files
 count, how a folder is searched, how the text field is checked, how a Hugging Face dataset is loaded
-(load_hub), and how a `datasets` read error becomes one line; curate.py's reader (load_documents, with
-ids and URLs). Also one whole text (read_text), for the Shakespeare scripts.
+(load_hub, also for evaluate.py's hub tasks), and how a `datasets` read error becomes one line;
+curate.py's reader (load_documents, with ids and URLs). Also one whole text (read_text), for the
+Shakespeare scripts.
 """
 import gzip
 import json
@@ -15,18 +17,32 @@ from nanoforge import files
 from nanoforge.errors import UserError
 
 
-def jsonl_records(path):
-    """(line number, parsed JSON) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is not
-    JSON is a one-line error naming the file and line."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:  # -sig: a BOM is not text
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not JSON ({e})") from None
-            yield n, record
+def jsonl_records(path, problems=None):
+    """(line number, parsed JSON) for each non-blank line of a .jsonl or .jsonl.gz file. A line that is not
+    JSON is a one-line error naming the file and line; given a `problems` list, it is noted there as (line
+    number, reason) instead and the reading goes on. A file that cannot be opened, or is not UTF-8, is a
+    one-line error too."""
+    try:
+        f = (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig")  # -sig: a BOM is not text
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if problems is None:
+                        raise UserError(f"{path} line {n} is not JSON ({e})") from None
+                    problems.append((n, f"malformed JSON ({e.msg} at column {e.colno})"))
+                    continue
+                yield n, record
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e})") from None
+        except (OSError, EOFError) as e:  # a .gz file that is not gzip, or cut short
+            raise UserError(f"cannot read {path} ({e})") from None
 
 
 def read_text(path, candidates, url, save_to):
@@ -132,21 +148,35 @@ def text_column(dset, field, where):
     return dset if field == "text" else dset.rename_column(field, "text")
 
 
-def load_hub(path, config, split, cache_dir, num_proc, max_documents=0):
+def load_hub(path, config=None, split="train", cache_dir=None, num_proc=None, max_documents=0,
+             advice="offline, or a misspelt name? pass --input=PATH to local files"):
     """A Hugging Face dataset (a hub name, or any folder load_dataset reads) as Arrow on disk. Whole, it is
     downloaded once and converted in the cache, so it may be bigger than memory; with max_documents > 0,
-    only that many are streamed (nothing else is downloaded). Offline or misspelt: one UserError line."""
+    only that many are streamed (nothing else is downloaded). A hub repository that still holds a loading
+    script (HellaSwag's), which datasets >= 4 refuses, is read from the hub's parquet copy instead.
+    Offline, misspelt, or a split it lacks: one UserError line ending in `advice` (what to do instead)."""
     import datasets
-    try:
+
+    def load(**revision):
         if max_documents > 0:
-            stream = datasets.load_dataset(path, config or None, split=split, streaming=True)
+            stream = datasets.load_dataset(path, config or None, split=split, streaming=True, **revision)
             return datasets.Dataset.from_generator(_first, gen_kwargs={"stream": stream, "n": max_documents},
                                                    cache_dir=cache_dir)
-        return datasets.load_dataset(path, config or None, split=split, cache_dir=cache_dir, num_proc=num_proc)
-    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
+        return datasets.load_dataset(path, config or None, split=split, cache_dir=cache_dir, num_proc=num_proc,
+                                     **revision)
+
+    try:
+        try:
+            return load()
+        except RuntimeError:  # "Dataset scripts are no longer supported": the hub keeps a parquet copy of each
+            if os.path.exists(path):
+                raise
+            return load(revision="refs/convert/parquet")
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError, RuntimeError,
+            ValueError) as e:  # ValueError: a split or configuration the dataset lacks
         local = "" if os.path.exists(path) or "/" not in path else f"{path} is no local path, and "
-        raise UserError(f"{local}could not load the Hugging Face dataset {path} ({' '.join(str(e).split())[:200]}); "
-                        f"offline, or a misspelt name? pass --input=PATH to local files") from None
+        raise UserError(f"{local}could not load the Hugging Face dataset {path} ({split}: "
+                        f"{' '.join(str(e).split())[:200]}); {advice}") from None
 
 
 def _first(stream, n):
@@ -195,23 +225,18 @@ def first_bad_file(paths):
     which file: 'FILE line N' for a line of JSON that does not parse, 'FILE' for bytes that are not UTF-8
     or an empty compressed file; '' if each reads on its own (then the files disagree with one another)."""
     for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
         try:
-            with opener(path, "rt", encoding="utf-8-sig") as f:
-                if builder_of(path) != "json":
+            if builder_of(path) != "json":
+                with open(path, encoding="utf-8-sig") as f:
                     f.read()
-                    continue
-                seen = False
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        seen = True
-                        try:
-                            json.loads(line)
-                        except json.JSONDecodeError:
-                            return f"{path} line {n}"
-                if not seen and path.endswith(".gz"):
-                    return path
-        except (UnicodeDecodeError, OSError, EOFError):
+                continue
+            problems = []
+            found = sum(1 for _ in jsonl_records(path, problems))
+            if problems:
+                return f"{path} line {problems[0][0]}"
+            if not found and path.endswith(".gz"):
+                return path
+        except (UnicodeDecodeError, OSError, UserError):
             return path
     return ""
 

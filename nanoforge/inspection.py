@@ -6,16 +6,14 @@ The order is the order of the page: tokens, embeddings, attention, logit lens, t
 surprise, snapshots of a run as it learned, the parameter budget. Every number comes from the model's
 own modules (model.GPT.trace for the insides), so what the page shows is what the model computes.
 """
-import json
 import math
-import os
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from model import GPT
-from nanoforge import tokens
+from nanoforge import runlog, tokens
 
 COUNT_LIMIT = 50_000_000  # tokens of a training split counted for rarity: enough to tell rare from common
 
@@ -220,11 +218,7 @@ def surprise_view(model, tok, ids, source, n_hard=12):
 
 def loss_curve(out_dir):
     """[(iter, train loss)] and [(iter, val loss)] from a run's log.jsonl ([] without one)."""
-    path = os.path.join(out_dir, "log.jsonl") if out_dir else ""
-    if not path or not os.path.exists(path):
-        return {"train": [], "val": []}
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = runlog.read_log(out_dir) if out_dir else []
     # a diverged step logs nan or inf, which JSON cannot hold: the curve leaves it out
     return {"train": [[r["iter"], round(r["loss"], 4)] for r in records if math.isfinite(r.get("loss", math.nan))],
             "val": [[r["iter"], round(r["val_loss"], 4)] for r in records if math.isfinite(r.get("val_loss", math.nan))]}

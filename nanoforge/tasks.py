@@ -17,7 +17,7 @@ A chat task is a conversation ending in the user's turn, and the strings a right
 """
 import os
 
-from nanoforge.corpus import jsonl_records
+from nanoforge.corpus import jsonl_records, load_hub
 from nanoforge.errors import UserError
 
 HELLASWAG = "Rowan/hellaswag"
@@ -48,7 +48,7 @@ def parse_example(record, where):
     return {"context": context, "choices": choices, "label": label}
 
 
-def read_jsonl(path, max_examples=0, parse=parse_example, what="examples"):
+def read_task_file(path, max_examples=0, parse=parse_example, what="examples"):
     """The first max_examples records of a .jsonl file (0: all), each checked by `parse`."""
     examples = []
     for lineno, record in jsonl_records(path):
@@ -60,17 +60,9 @@ def read_jsonl(path, max_examples=0, parse=parse_example, what="examples"):
     return examples
 
 
-def load_hub(name, split, max_examples=0):
+def read_hub_task(name, split, max_examples=0):
     """A HellaSwag-format dataset from the Hugging Face hub, through `datasets`."""
-    from datasets import load_dataset
-    try:
-        try:
-            data = load_dataset(name, split=split)
-        except Exception:  # datasets >= 4 refuses repos that still hold a loading script: take the hub's parquet copy
-            data = load_dataset(name, split=split, revision="refs/convert/parquet")
-    except Exception as e:  # offline, unknown name, unknown split: all end here
-        raise UserError(f"could not load {name} ({split}) from the Hugging Face hub ({type(e).__name__}); "
-                        f"offline, pass a local JSONL file: --task=path/to/hellaswag_val.jsonl") from None
+    data = load_hub(name, split=split, advice="offline, pass a local JSONL file: --task=path/to/hellaswag_val.jsonl")
     if max_examples:
         data = data.select(range(min(max_examples, len(data))))
     return [parse_example(dict(r), f"{name} ({split}) row {i}") for i, r in enumerate(data)]
@@ -79,9 +71,9 @@ def load_hub(name, split, max_examples=0):
 def load_task(spec, split="validation", max_examples=0):
     """Examples from a local .jsonl file, or 'hellaswag' / a hub dataset name."""
     if os.path.isfile(spec):
-        return read_jsonl(spec, max_examples)
+        return read_task_file(spec, max_examples)
     if spec == "hellaswag" or ("/" in spec and not spec.endswith(".jsonl")):
-        return load_hub(HELLASWAG if spec == "hellaswag" else spec, split, max_examples)
+        return read_hub_task(HELLASWAG if spec == "hellaswag" else spec, split, max_examples)
     raise UserError(f"task '{spec}' is neither a file nor a hub dataset; give a .jsonl file or 'hellaswag'")
 
 
@@ -110,4 +102,4 @@ def parse_chat_question(record, where):
 def load_chat_task(path, max_examples=0):
     if not os.path.isfile(path):
         raise UserError(f"chat task {path} does not exist; give a .jsonl file of {{messages, expect}} lines")
-    return read_jsonl(path, max_examples, parse_chat_question, "questions")
+    return read_task_file(path, max_examples, parse_chat_question, "questions")
