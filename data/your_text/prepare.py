@@ -186,7 +186,7 @@ if __name__ == "__main__":
             raise UserError(f"only {len(dset)} document(s): too few to hold out {n_val} for val and train on the rest")
         splits = {"train": dset.select(np.sort(order[n_val:])), "test": dset.select(np.sort(order[:n_val]))}
     id_type = datasets.Value(np.dtype(tokens.token_dtype(tok.vocab_size)).name)  # uint16 for GPT-2: a small cache
-    # Sequence, not List: List is new in datasets 4, requirements.txt allows 2.19
+    # Sequence, not List: List is new in datasets 4, pyproject.toml allows 2.19
     features = datasets.Features({"ids": datasets.Sequence(id_type), "bytes": datasets.Value("int64")})
     meta = {"tokenizer": tok.spec, "vocab_size": tok.vocab_size, "source": source, "sha256": sha256}
     for split, part in (("train", splits["train"]), ("val", splits["test"])):
