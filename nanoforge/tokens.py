@@ -41,19 +41,14 @@ def dataset_dir(dataset, data_dir=""):
     return data_dir or os.path.join(REPO, "data", dataset)
 
 
-# data folders that data/your_text/prepare.py fills from the Hugging Face hub (train.py's default dataset)
-HUB_FOLDERS = {"openwebtext": "--dataset=openwebtext"}
-
-
 def prepare_hint(data_dir):
     """What to run to (re)make a data folder's token files, naming only scripts that exist: the folder's
-    own prepare.py, else data/<name>/prepare.py of the repo (data/your_text/prepare.py --dataset=NAME for a
-    hub dataset's folder), else the generic way."""
+    own prepare.py, else data/<name>/prepare.py of the repo, else the generic way."""
     data_dir = os.path.abspath(data_dir)
     name = os.path.basename(data_dir)
     candidates = [(os.path.join(data_dir, "prepare.py"), ""), (os.path.join(dataset_dir(name), "prepare.py"), "")]
-    if name in HUB_FOLDERS:
-        candidates.append((os.path.join(dataset_dir("your_text"), "prepare.py"), " " + HUB_FOLDERS[name]))
+    if name == "openwebtext":  # train.py's default dataset, fetched from the hub by the generic script
+        candidates.append((os.path.join(dataset_dir("your_text"), "prepare.py"), " --dataset=openwebtext"))
     for script, args in candidates:
         if os.path.exists(script):
             shown = os.path.relpath(script)
