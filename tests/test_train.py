@@ -419,6 +419,31 @@ def test_sample_from_hf_folder(hf_gpt2_full_vocab):
 
 
 @pytest.mark.slow
+def test_gpt2_eval_commands_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
+    # the README's commands for GPT-2's own held-out loss (they replaced one config file per GPT-2 size), with a
+    # local save_pretrained folder for the hub name and a small GPT-2 BPE dataset for openwebtext's
+    d = tmp_path / "d"
+    d.mkdir()
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        (d / "input.txt").write_text(f.read()[:50_000], encoding="utf-8")
+    run("data/shakespeare/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
+    # python evaluate.py --init_from=gpt2 --dataset=openwebtext --out_dir=eval-gpt2
+    run("evaluate.py", f"--init_from={hf_gpt2_full_vocab}", "--dataset=openwebtext", f"--out_dir={tmp_path / 'ev'}",
+        f"--data_dir={d}", "--block_size=64", "--device=cpu")
+    whole = json.loads((tmp_path / "ev" / "eval.jsonl").read_text().splitlines()[-1])
+    # python train.py --init_from=gpt2 --eval_only=True --dataset=openwebtext --batch_size=8 --eval_iters=500
+    #     --out_dir=out-eval-gpt2   (the deleted files' exact settings: 500 x 8 fixed windows a split)
+    run("train.py", f"--init_from={hf_gpt2_full_vocab}", "--eval_only=True", "--dataset=openwebtext",
+        "--batch_size=8", "--eval_iters=2", f"--out_dir={tmp_path / 'tr'}", f"--data_dir={d}", "--block_size=64",
+        "--device=cpu", "--compile=False")
+    log = read_log(tmp_path / "tr")
+    assert len(log) == 1 and log[0]["iter"] == 0 and not os.path.exists(tmp_path / "tr" / "ckpt.pt")  # no training
+    # a random GPT-2 predicts about uniformly over its 50,257 tokens, by either count
+    for loss in (log[0]["val_loss"], whole["loss"]):
+        assert abs(loss - math.log(50257)) < 0.05, (loss, whole)
+
+
+@pytest.mark.slow
 def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
     d = tmp_path / "d"
     d.mkdir()
