@@ -216,16 +216,26 @@ def help_text(script, defaults):
     name = os.path.basename(script) if script else "this script"
     out = [doc, "", f"usage: python {name} [config/FILE.py ...] [--key=value ...]", "", "knobs (default, then what it does):"]
     out += lines
-    fits = matching_configs(os.path.join(os.path.dirname(os.path.abspath(script or ".")), "config"), defaults)
+    fits = matching_configs(os.path.join(os.path.dirname(os.path.abspath(script or ".")), "config"), defaults,
+                            os.path.abspath(script) if script else None)
     if fits:
         out += ["", "config files for it: " + ", ".join(fits)]
     return "\n".join(out).strip("\n")
 
 
-def matching_configs(folder, defaults):
-    """Config files in `folder` whose top-level names are all keys of `defaults`: the ones a script accepts."""
+def matching_configs(folder, defaults, script=None):
+    """Config files in `folder` whose top-level names are all keys of `defaults`: the ones a script accepts.
+    With `script` (its path), also only those named for it: a config's name starts with the name of the
+    script that takes it (config/train_gpt2.py is train.py's), the longest such script name in the script's
+    folder deciding (train_tokenizer_x.py would be train_tokenizer.py's)."""
+    stems = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(script), "*.py"))} \
+        if script else set()
     found = []
     for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+        name = os.path.basename(path)[:-3]
+        owner = max((s for s in stems if name.startswith(s + "_")), key=len, default=None)
+        if owner is not None and owner != os.path.basename(script)[:-3]:
+            continue
         names = _config_names(path)
         if names and names <= defaults.keys():
             found.append(os.path.join("config", os.path.basename(path)))

@@ -170,6 +170,13 @@ def test_help_lists_every_knob_with_its_default(script):
     if script == "train.py":  # the comment beside a knob, and the config files that fit
         assert "--eval_iters=200  the fixed eval set is eval_iters * batch_size windows" in proc.stdout
         assert "config/train_shakespeare_char_cpu.py" in proc.stdout and "config/curate_web.py" not in proc.stdout
+        # recipes that start from the quick start fit through it
+        assert all(f"config/{name}.py" in proc.stdout
+                   for name in ("train_shakespeare_char_cpu_sprint", "train_tinystories_cpu"))
+    # a config file's name says which script takes it: --help lists only those named for this script
+    listed = next((line for line in proc.stdout.splitlines() if line.startswith("config files for it: ")), "")
+    for name in listed.split(": ", 1)[-1].split(", ") if listed else []:
+        assert name.startswith(f"config/{os.path.basename(script)[:-3]}_"), name
 
 
 def test_configurator_and_user_error_load_without_torch():
@@ -204,6 +211,20 @@ def test_matching_configs_follow_a_base_import(tmp_path):
     write(tmp_path, "from base import *  # noqa: F403\nbatch_size = 8\n", "child.py")
     assert matching_configs(str(tmp_path), DEFAULTS) == ["config/base.py", "config/child.py"]
     assert matching_configs(str(tmp_path), {"batch_size": 1}) == []  # the child sets device too, through its base
+
+
+def test_matching_configs_named_for_another_script_are_not_listed(tmp_path):
+    from configurator import matching_configs
+    for script in ("train.py", "train_tokenizer.py", "finetune.py"):
+        (tmp_path / script).write_text("")
+    (tmp_path / "config").mkdir()
+    for name in ("train_a", "train_tokenizer_b", "finetune_c", "recipe_d"):  # all fit the keys
+        write(tmp_path / "config", "batch_size = 2\n", f"{name}.py")
+    folder = str(tmp_path / "config")
+    assert matching_configs(folder, DEFAULTS, str(tmp_path / "train.py")) == ["config/recipe_d.py", "config/train_a.py"]
+    assert matching_configs(folder, DEFAULTS, str(tmp_path / "train_tokenizer.py")) == [
+        "config/recipe_d.py", "config/train_tokenizer_b.py"]
+    assert len(matching_configs(folder, DEFAULTS)) == 4  # no script: the keys alone decide
 
 
 def test_conditional_overrides_are_checked_and_yield_to_the_command_line():
