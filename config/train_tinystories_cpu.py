@@ -8,7 +8,7 @@
 # Offline, point --input of both at ../shared/data/tinystories/tinystories_valid_head.txt (~190K train
 # tokens: the model sees it a few times over, so dropout is on; the hub's validation file is 25x larger).
 # The quick start's CPU recipe (config/train_shakespeare_char_cpu.py: batch, context, the time clock,
-# measured dtype) with GPT-2's architecture and AdamW, which explain.py's attention views assume.
+# measured dtype) with GPT-2's architecture and AdamW.
 from train_shakespeare_char_cpu import *  # noqa: F403 (the quick start's values; what differs follows)
 
 out_dir = "out-tinystories-cpu"
