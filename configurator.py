@@ -4,16 +4,17 @@ Config overrides for the scripts, as an importable, tested function (not nanoGPT
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
 Positional arguments are config files: plain Python executed in a scratch namespace, whose top-level
-names override the script's defaults. A config file runs the way Python runs a script, with its own
-folder first on the import path, so a recipe that varies another starts from it by importing it:
-
-    from train_shakespeare_char_cpu import *  # the quick start; below, only what this recipe changes
-    time_budget = 17.0
- `--key=value` arguments override the same way; the value is read
+names override the script's defaults. `--key=value` arguments override the same way; the value is read
 as a Python literal when it parses as one (32, 3e-4, False, None, 'x') and as a plain string otherwise.
 Everything applies in the order given, so later arguments win. Unknown keys are errors that name the
 closest known key, and values must keep the default's type (an int is fine where a float is expected;
 a default of None or 'auto' takes anything, and the script checks it when it resolves it).
+
+A config file runs the way Python runs a script, with its own folder first on the import path, so a
+recipe that varies another starts from it by importing it, then sets what differs:
+
+    from train_shakespeare_char_cpu import *  # the quick start's values
+    time_budget = 17.0
 """
 import ast
 import difflib
