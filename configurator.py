@@ -9,11 +9,18 @@ as a Python literal when it parses as one (32, 3e-4, False, None, 'x') and as a 
 Everything applies in the order given, so later arguments win. Unknown keys are errors that name the
 closest known key, and values must keep the default's type (an int is fine where a float is expected;
 a default of None or 'auto' takes anything, and the script checks it when it resolves it).
+
+A config file runs the way Python runs a script, with its own folder first on the import path, so a
+recipe that varies another starts from it by importing it, then sets what differs:
+
+    from train_shakespeare_char_cpu import *  # the quick start's values
+    time_budget = 17.0
 """
 import ast
 import difflib
 import glob
 import os
+import sys
 import types
 
 from nanoforge.errors import UserError
@@ -74,10 +81,7 @@ def configure(defaults, argv, script=None):
             if not os.path.isfile(arg):
                 raise UserError(f"config file '{arg}' not found (positional arguments are config files; "
                                 f"overrides are written --key=value)")
-            scope = {}
-            with open(arg) as f:
-                code = compile(f.read(), arg, "exec")
-            exec(code, scope)  # a config file is plain Python, run in its own namespace
+            scope = run_config_file(arg)
             for key, value in scope.items():
                 # imports and helpers (import math, from math import sqrt, def f) are not config keys
                 if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType,
@@ -87,6 +91,38 @@ def configure(defaults, argv, script=None):
                     raise _unknown_key(key, defaults, f"config file '{arg}'")
                 config[key] = _check_type(key, value, defaults[key], f"config file '{arg}'")
     return config
+
+
+def run_config_file(path):
+    """Executes a config file in a new namespace, its folder first on sys.path (as `python path` would
+    have it), and returns the namespace. Config files imported from that folder are forgotten afterwards:
+    a config is read fresh each time, never a module cached from an earlier read."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        code = compile(f.read(), path, "exec")
+    scope, loaded = {}, set(sys.modules)
+    sys.path.insert(0, folder)
+    try:
+        exec(code, scope)  # a config file is plain Python, run in its own namespace
+    finally:
+        sys.path.remove(folder)
+        for name in set(sys.modules) - loaded:
+            if os.path.dirname(os.path.abspath(getattr(sys.modules[name], "__file__", None) or "")) == folder:
+                del sys.modules[name]
+    return scope
+
+
+def conditional_overrides(defaults, argv, text, where):
+    """A recipe's values for a condition known only once the script runs (train.py's float32_overrides):
+    `text`'s --key=value pairs, checked as the command line's are, without the keys argv's own --key=value
+    arguments set, which still win. Returns {key: value}."""
+    args = text.split()
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"{where} holds '{arg}'; write --key=value pairs separated by spaces")
+    values = configure(defaults, args)
+    given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return {key: values[key] for key in (arg[2:].split("=", 1)[0] for arg in args) if key not in given}
 
 
 def check_ranges(config, rules):
@@ -181,23 +217,46 @@ def help_text(script, defaults):
     name = os.path.basename(script) if script else "this script"
     out = [doc, "", f"usage: python {name} [config/FILE.py ...] [--key=value ...]", "", "knobs (default, then what it does):"]
     out += lines
-    fits = matching_configs(os.path.join(os.path.dirname(os.path.abspath(script or ".")), "config"), defaults)
+    fits = matching_configs(os.path.join(os.path.dirname(os.path.abspath(script or ".")), "config"), defaults,
+                            os.path.abspath(script) if script else None)
     if fits:
         out += ["", "config files for it: " + ", ".join(fits)]
     return "\n".join(out).strip("\n")
 
 
-def matching_configs(folder, defaults):
-    """Config files in `folder` whose top-level names are all keys of `defaults`: the ones a script accepts."""
+def matching_configs(folder, defaults, script=None):
+    """Config files in `folder` whose top-level names are all keys of `defaults`: the ones a script accepts.
+    With `script` (its path), also only those named for it: a config's name starts with the name of the
+    script that takes it (config/train_gpt2.py is train.py's), the longest such script name in the script's
+    folder deciding (train_tokenizer_x.py would be train_tokenizer.py's)."""
+    stems = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(script), "*.py"))} \
+        if script else set()
     found = []
     for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
-        with open(path, encoding="utf-8") as f:
-            try:
-                tree = ast.parse(f.read())
-            except SyntaxError:
-                continue
-        names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
-                 if isinstance(t, ast.Name) and not t.id.startswith("_")}
+        name = os.path.basename(path)[:-3]
+        owner = max((s for s in stems if name.startswith(s + "_")), key=len, default=None)
+        if owner is not None and owner != os.path.basename(script)[:-3]:
+            continue
+        names = _config_names(path)
         if names and names <= defaults.keys():
             found.append(os.path.join("config", os.path.basename(path)))
     return found
+
+
+def _config_names(path, seen=()):
+    """The keys a config file sets, read without running it: its top-level assignments and those of the
+    config files beside it that it star-imports (its base recipe). None if it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return None
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")}
+        elif isinstance(node, ast.ImportFrom) and node.module and any(a.name == "*" for a in node.names):
+            base = os.path.join(os.path.dirname(path), node.module.replace(".", os.sep) + ".py")
+            if base not in seen and os.path.isfile(base):
+                names |= _config_names(base, (*seen, path)) or set()
+    return names

@@ -5,7 +5,7 @@ only the assistant's tokens (chat_template.py); held-out conversations are score
 The example domain (offline, 2 CPU cores, minutes): a character-level Shakespeare model learns to be a shop's
 customer-service assistant:
 $ python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char_cpu.py
-$ python data/shop_chat/prepare.py && python finetune.py config/sft_shop_chat.py
+$ python data/shop_chat/prepare.py && python finetune.py config/finetune_shop_chat.py
 $ python sample.py --out_dir=out-sft-shop --chat
 
 From GPT-2 (a hub name online, a save_pretrained folder offline), with LoRA on attention and MLP:

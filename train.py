@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, knobs, overrides
+from configurator import (FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, conditional_overrides, configure, knobs,
+                          overrides)
 from model import GPT, GPTConfig
 from nanoforge import checkpoint, errors, files, hardware, optim, parallel, runlog, tokens, training
 from nanoforge.errors import UserError
@@ -101,6 +102,8 @@ min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
 backend = "auto"  # 'nccl' on CUDA, 'gloo' on CPU
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (measured: bf16 where this device runs it faster), 'float32', 'bfloat16', 'float16' (CUDA)
+float32_overrides = ""  # '--key=value ...' applied when the run trains in float32 (the command line's own win):
+# a CPU recipe's other shape for machines where bf16 is emulated, chosen once dtype is resolved
 compile = "auto"  # torch.compile: 'auto' is on for CUDA, and on a CPU for runs long enough to repay the compile
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
 chunked_loss = True  # LM head + loss in row chunks (model.ChunkedLMHeadLoss): the (B, T, V) logits, 1.57 GiB
@@ -132,6 +135,13 @@ ddp, rank, local_rank, world_size, device = parallel.setup_distributed(backend, 
 master = rank == 0  # logs, checkpoints, plots
 dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_size, n_embd))
 log = print if master else (lambda *a, **k: None)
+if float32_overrides and dtype == "float32":  # the recipe's fp32 shape, now that the precision is known
+    fp32 = conditional_overrides(defaults, sys.argv[1:], float32_overrides, "float32_overrides")
+    if {"device", "dtype"} & fp32.keys():
+        raise UserError("float32_overrides may not set device or dtype: they decide whether it applies")
+    config.update(fp32)
+    globals().update(fp32)
+    log(f"float32 training: the recipe's float32_overrides apply: {fp32}")
 
 # micro-steps per optimizer step: all ranks' (from total_batch_size, if set), and each rank's
 gradient_accumulation_steps, local_accum = training.accumulation_steps(

@@ -1,4 +1,4 @@
-# Curate raw Common Crawl text (the JSONL that ../shared/data/cc_web holds) into an English corpus:
+# curate.py: curate raw Common Crawl text (the JSONL that ../shared/data/cc_web holds) into an English corpus:
 #   python curate.py config/curate_web.py --input=../shared/data/cc_web --output=data/ccweb/curated
 #   python data/openwebtext/prepare.py --input=data/ccweb/curated --out_dir=data/ccweb
 # A Hugging Face dataset instead (online): --input=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT

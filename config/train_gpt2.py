@@ -1,4 +1,4 @@
-# GPT-2 (124M) on OpenWebText, as nanoGPT trains it: ~2.85 val loss after ~400k iterations, about
+# train.py: GPT-2 (124M) on OpenWebText, as nanoGPT trains it: ~2.85 val loss after ~400k iterations, about
 # 4 days on 8 x A100 40GB.
 # $ python data/openwebtext/prepare.py
 # $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py

@@ -1,4 +1,4 @@
-# A character-level Shakespeare model on one GPU: nanoGPT's baby GPT (6 layers, 6 heads, 384 wide,
+# train.py: a character-level Shakespeare model on one GPU: nanoGPT's baby GPT (6 layers, 6 heads, 384 wide,
 # context 256), about 10M parameters; ~1.47 val loss after 5000 iterations.
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char.py

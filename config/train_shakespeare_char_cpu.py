@@ -1,4 +1,4 @@
-# The quick start: the best character-level Shakespeare model 5 minutes of training on a laptop CPU
+# train.py, the quick start: the best character-level Shakespeare model 5 minutes of training on a laptop CPU
 # can make. Val loss ~1.47 on the whole val split after 300 s on 2 cores (median of 3 seeds; nanoGPT's
 # CPU recipe: 1.63 in the same time); it passes nanoGPT's 2000-iteration result, 1.886, within its first
 # 90 s (README, "Fast on a CPU"; every choice below was measured in dev/LOG.md).
@@ -8,7 +8,8 @@
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu.py
 # $ python sample.py --out_dir=out-shakespeare-char-cpu
-# A shorter run: --time_budget=60. Under 20 s: config/train_shakespeare_char_cpu_sprint.py.
+# A shorter run: --time_budget=60. Under 20 s: config/train_shakespeare_char_cpu_sprint.py. That and
+# config/train_tinystories_cpu.py start from this file (they import it) and set only what differs.
 
 out_dir = "out-shakespeare-char-cpu"
 eval_interval = 500

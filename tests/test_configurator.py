@@ -168,6 +168,13 @@ def test_help_lists_every_knob_with_its_default(script):
     if script == "train.py":  # the comment beside a knob, and the config files that fit
         assert "--eval_iters=200  the fixed eval set is eval_iters * batch_size windows" in proc.stdout
         assert "config/train_shakespeare_char_cpu.py" in proc.stdout and "config/curate_web.py" not in proc.stdout
+        # recipes that start from the quick start fit through it
+        assert all(f"config/{name}.py" in proc.stdout
+                   for name in ("train_shakespeare_char_cpu_sprint", "train_tinystories_cpu"))
+    # a config file's name says which script takes it: --help lists only those named for this script
+    listed = next((line for line in proc.stdout.splitlines() if line.startswith("config files for it: ")), "")
+    for name in listed.split(": ", 1)[-1].split(", ") if listed else []:
+        assert name.startswith(f"config/{os.path.basename(script)[:-3]}_"), name
 
 
 def test_configurator_and_user_error_load_without_torch():
@@ -177,3 +184,93 @@ def test_configurator_and_user_error_load_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_config_file_starts_from_another_by_importing_it(tmp_path):
+    # a config runs with its folder first on the import path, as `python cfg.py` would: a recipe that varies
+    # another imports it and sets what differs
+    write(tmp_path, "import math\nbatch_size = 32\nlearning_rate = 1e-3 * math.sqrt(4)\n_private = 1\n", "base.py")
+    child = write(tmp_path, "from base import *  # noqa: F403\nbatch_size = 8\n", "child.py")
+    config = configure(DEFAULTS, [child, "--dataset=x"])
+    assert (config["batch_size"], config["learning_rate"], config["dataset"]) == (8, pytest.approx(2e-3), "x")
+    assert str(tmp_path) not in sys.path and "base" not in sys.modules  # nothing stays behind
+    # the base is read fresh each time, never a module cached from an earlier read
+    write(tmp_path, "batch_size = 32\nlearning_rate = 5e-4\n", "base.py")
+    assert configure(DEFAULTS, [child])["learning_rate"] == 5e-4
+    # a base's unknown key is an error that names the file being loaded
+    write(tmp_path, "batch_sise = 32\n", "base.py")
+    with pytest.raises(UserError, match="unknown config key 'batch_sise' in config file .*child.py.*batch_size"):
+        configure(DEFAULTS, [child])
+
+
+def test_matching_configs_follow_a_base_import(tmp_path):
+    from configurator import matching_configs
+    write(tmp_path, "batch_size = 32\ndevice = 'cpu'\n", "base.py")
+    write(tmp_path, "from base import *  # noqa: F403\nbatch_size = 8\n", "child.py")
+    assert matching_configs(str(tmp_path), DEFAULTS) == ["config/base.py", "config/child.py"]
+    assert matching_configs(str(tmp_path), {"batch_size": 1}) == []  # the child sets device too, through its base
+
+
+def test_matching_configs_named_for_another_script_are_not_listed(tmp_path):
+    from configurator import matching_configs
+    for script in ("train.py", "train_tokenizer.py", "finetune.py"):
+        (tmp_path / script).write_text("")
+    (tmp_path / "config").mkdir()
+    for name in ("train_a", "train_tokenizer_b", "finetune_c", "recipe_d"):  # all fit the keys
+        write(tmp_path / "config", "batch_size = 2\n", f"{name}.py")
+    folder = str(tmp_path / "config")
+    assert matching_configs(folder, DEFAULTS, str(tmp_path / "train.py")) == ["config/recipe_d.py", "config/train_a.py"]
+    assert matching_configs(folder, DEFAULTS, str(tmp_path / "train_tokenizer.py")) == [
+        "config/recipe_d.py", "config/train_tokenizer_b.py"]
+    assert len(matching_configs(folder, DEFAULTS)) == 4  # no script: the keys alone decide
+
+
+def test_conditional_overrides_are_checked_and_yield_to_the_command_line():
+    from configurator import conditional_overrides
+    assert conditional_overrides(DEFAULTS, [], "--batch_size=2 --compile=True", "x") == {"batch_size": 2,
+                                                                                         "compile": True}
+    # a key the command line sets keeps the command line's value; a config file's does not count
+    assert conditional_overrides(DEFAULTS, ["cfg.py", "--batch_size=5"], "--batch_size=2 --compile=True",
+                                 "x") == {"compile": True}
+    with pytest.raises(UserError, match="unknown config key 'batch_sise'.*batch_size"):
+        conditional_overrides(DEFAULTS, [], "--batch_sise=2", "x")
+    with pytest.raises(UserError, match="expects int"):
+        conditional_overrides(DEFAULTS, [], "--batch_size=two", "x")
+    with pytest.raises(UserError, match="float32_overrides holds 'batch_size=2'; write --key=value"):
+        conditional_overrides(DEFAULTS, [], "batch_size=2", "float32_overrides")
+
+
+# what each CPU recipe resolved to before the sprint and TinyStories configs started from the quick start's
+# (the keys that differ from train.py's defaults; the sprint's fp32 shape is its float32_overrides)
+QUICK_START = dict(
+    batch_size=16, beta2=0.99, block_size=128, dataset='shakespeare_char', device='cpu', eval_interval=500,
+    eval_iters=50, gradient_accumulation_steps=1, learning_rate=0.004, log_interval=50, lr_clock='time',
+    lr_decay_iters=1000000, max_iters=1000000, min_lr=0.0, mlp='relu2', n_embd=192, n_head=3, n_layer=4,
+    norm='rmsnorm', optimizer_name='muon', out_dir='out-shakespeare-char-cpu', pos_emb='rope', qk_norm=True,
+    time_budget=300.0, warmup_iters=20)
+SPRINT = dict(
+    batch_size=16, beta2=0.99, block_size=64, compile=False, dataset='shakespeare_char', device='cpu',
+    eval_interval=100000, eval_iters=50, gradient_accumulation_steps=1, learning_rate=0.004, log_interval=50,
+    lr_clock='time', lr_decay_iters=1000000, max_iters=1000000, min_lr=0.0, mlp='relu2', n_embd=128, n_head=2,
+    n_layer=3, norm='rmsnorm', optimizer_name='muon', out_dir='out-shakespeare-char-cpu-sprint', pos_emb='rope',
+    qk_norm=True, time_budget=17.0, warmup_iters=20)
+TINYSTORIES = dict(
+    batch_size=16, beta2=0.99, block_size=128, compile=False, dataset='tinystories', device='cpu', dropout=0.1,
+    eval_interval=40, eval_iters=10, gradient_accumulation_steps=1, keep_checkpoints=16, learning_rate=0.002,
+    log_interval=10, lr_clock='time', lr_decay_iters=1000000, max_iters=1000000, min_lr=0.0002, n_embd=128,
+    n_head=4, n_layer=4, out_dir='out-tinystories-cpu', time_budget=150.0, warmup_iters=50)
+
+
+@pytest.mark.parametrize("name, expected", [("train_shakespeare_char_cpu.py", QUICK_START),
+                                            ("train_shakespeare_char_cpu_sprint.py", SPRINT),
+                                            ("train_tinystories_cpu.py", TINYSTORIES)])
+def test_cpu_recipes_resolve_as_before_they_shared_the_quick_start(name, expected):
+    from configurator import conditional_overrides, script_defaults
+    defaults = script_defaults(os.path.join(ROOT, "train.py"))
+    config = configure(defaults, [os.path.join(ROOT, "config", name)])
+    fp32 = config.pop("float32_overrides")
+    assert overrides(defaults, config) == expected
+    assert fp32 == ("--n_layer=2 --time_budget=20.0" if expected is SPRINT else "")
+    if fp32:  # where bf16 is emulated: 2 layers for 20 s, the rest as in bf16
+        config.update(conditional_overrides(defaults, [], fp32, "float32_overrides"))
+        assert overrides(defaults, config) == {**SPRINT, "n_layer": 2, "time_budget": 20.0}

@@ -163,7 +163,9 @@ def test_continued_pretraining_from_a_nanoforge_run(char_base, tmp_path):
     d = tmp_path / "d"
     run("data/shakespeare_char/prepare.py", f"--input={SHAKESPEARE}", f"--out_dir={d}")
     out = str(tmp_path / "cont")
-    run("train.py", "config/train_shakespeare_char_cpu_gpt2.py", f"--init_from={char_base}", f"--data_dir={d}",
+    # one micro-step an iteration and a warmup longer than the run: a small, steady learning rate
+    run("train.py", f"--init_from={char_base}", f"--data_dir={d}", "--dataset=shakespeare_char", "--device=cpu",
+        "--compile=False", "--gradient_accumulation_steps=1", "--warmup_iters=100", "--beta2=0.99",
         f"--out_dir={out}", "--block_size=32", "--batch_size=4", "--max_iters=20", "--eval_interval=10",
         "--eval_iters=2", "--n_layer=1", "--n_head=2", "--n_embd=32", "--bias=False", "--learning_rate=3e-3",
         "--decay_lr=False", "--plot=False")
@@ -218,7 +220,7 @@ def test_shop_chat_fits_its_config_and_its_questions_are_held_out(shop_data):
     from nanoforge.evaluation import normalise
     from nanoforge.tasks import load_chat_task
     from nanoforge.tokenizer import CharTokenizer
-    block_size = runpy.run_path(os.path.join(ROOT, "config", "sft_shop_chat.py"))["block_size"]
+    block_size = runpy.run_path(os.path.join(ROOT, "config", "finetune_shop_chat.py"))["block_size"]
     tok = chat_template.chat_tokenizer(CharTokenizer(CHARS))
     train = [chat_template.to_messages(json.loads(line)) for line in open(shop_data / "train.jsonl")]
     val = [chat_template.to_messages(json.loads(line)) for line in open(shop_data / "val.jsonl")]

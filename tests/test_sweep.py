@@ -145,3 +145,18 @@ def test_script_defaults_reads_train_py_keys_without_running_it():
     assert keys["learning_rate"] == 6e-4 and keys["time_budget"] == 0.0 and keys["init_from"] == "scratch"
     assert keys["gradient_accumulation_steps"] == 5 * 8  # arithmetic on constants counts
     assert "defaults" not in keys and "config" not in keys and "ddp" not in keys  # nothing after the defaults
+
+
+def test_the_shipped_sweep_starts_from_the_quick_start_inside_its_space():
+    # config/sweep_shakespeare_char.py: its baseline (trial 0) is the quick start at the sweep's budget, and
+    # every setting it can draw is a model train.py builds (n_head stays the quick start's)
+    from configurator import configure, run_config_file, script_defaults
+    sweep = run_config_file(os.path.join(ROOT, "config", "sweep_shakespeare_char.py"))
+    assert sweep["train_config"] == "config/train_shakespeare_char_cpu.py" and "best_config" not in sweep
+    defaults = script_defaults(os.path.join(ROOT, "train.py"))
+    fixed = [f"--{k}={v!r}" for k, v in {**sweep["fixed"], "time_budget": sweep["time_budget"]}.items()]
+    base = configure(defaults, [os.path.join(ROOT, sweep["train_config"]), *fixed])
+    assert base["lr_clock"] == "time" and base["time_budget"] == 60.0 and base["n_head"] == 3
+    for key, (kind, *rest) in sweep["space"].items():
+        assert key in defaults and (base[key] in rest[0] if kind == "choice" else rest[0] <= base[key] <= rest[1]), key
+    assert all(w % base["n_head"] == 0 and (w // base["n_head"]) % 2 == 0 for w in sweep["space"]["n_embd"][1])

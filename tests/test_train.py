@@ -419,6 +419,31 @@ def test_sample_from_hf_folder(hf_gpt2_full_vocab):
 
 
 @pytest.mark.slow
+def test_gpt2_eval_commands_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
+    # the README's commands for GPT-2's own held-out loss (they replaced one config file per GPT-2 size), with a
+    # local save_pretrained folder for the hub name and a small GPT-2 BPE dataset for openwebtext's
+    d = tmp_path / "d"
+    d.mkdir()
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        (d / "input.txt").write_text(f.read()[:50_000], encoding="utf-8")
+    run("data/shakespeare/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
+    # python evaluate.py --init_from=gpt2 --dataset=openwebtext --out_dir=eval-gpt2
+    run("evaluate.py", f"--init_from={hf_gpt2_full_vocab}", "--dataset=openwebtext", f"--out_dir={tmp_path / 'ev'}",
+        f"--data_dir={d}", "--block_size=64", "--device=cpu")
+    whole = json.loads((tmp_path / "ev" / "eval.jsonl").read_text().splitlines()[-1])
+    # python train.py --init_from=gpt2 --eval_only=True --dataset=openwebtext --batch_size=8 --eval_iters=500
+    #     --out_dir=out-eval-gpt2   (the deleted files' exact settings: 500 x 8 fixed windows a split)
+    run("train.py", f"--init_from={hf_gpt2_full_vocab}", "--eval_only=True", "--dataset=openwebtext",
+        "--batch_size=8", "--eval_iters=2", f"--out_dir={tmp_path / 'tr'}", f"--data_dir={d}", "--block_size=64",
+        "--device=cpu", "--compile=False")
+    log = read_log(tmp_path / "tr")
+    assert len(log) == 1 and log[0]["iter"] == 0 and not os.path.exists(tmp_path / "tr" / "ckpt.pt")  # no training
+    # a random GPT-2 predicts about uniformly over its 50,257 tokens, by either count
+    for loss in (log[0]["val_loss"], whole["loss"]):
+        assert abs(loss - math.log(50257)) < 0.05, (loss, whole)
+
+
+@pytest.mark.slow
 def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -426,7 +451,7 @@ def test_finetune_from_hf_folder(hf_gpt2_full_vocab, tmp_path):
         (d / "input.txt").write_text(f.read()[:50_000], encoding="utf-8")
     run("data/shakespeare/prepare.py", f"--input={d / 'input.txt'}", f"--out_dir={d}")
     out = str(tmp_path / "ft")
-    run("train.py", "config/finetune_shakespeare.py", f"--init_from={hf_gpt2_full_vocab}", f"--data_dir={d}",
+    run("train.py", "config/train_shakespeare_from_gpt2.py", f"--init_from={hf_gpt2_full_vocab}", f"--data_dir={d}",
         f"--out_dir={out}", "--block_size=64", "--gradient_accumulation_steps=2", "--batch_size=4",
         "--max_iters=6", "--eval_interval=3", "--eval_iters=2", "--learning_rate=1e-3", "--device=cpu",
         "--compile=False")
@@ -493,19 +518,44 @@ def test_bf16_where_it_is_emulated_runs_and_says_how_slow(char_data, tmp_path):
     assert "MFU against 0.00" not in proc.stdout and "GFLOP/s (measured bfloat16" in proc.stdout
 
 
-@pytest.mark.parametrize("isa_cap, expected", [("", None), ("AVX2", (2, 20.0))])
-def test_sprint_recipe_picks_its_shape_by_the_machines_precision(isa_cap, expected):
-    # where bf16 is emulated (here forced with oneDNN's cap), the sprint trains 2 layers for 20 s in fp32;
-    # where it is native, 3 layers for 17 s; the config asks the same measurement dtype='auto' uses
-    code = ("from nanoforge import hardware; from configurator import configure, script_defaults; "
-            "c = configure(script_defaults('train.py'), ['config/train_shakespeare_char_cpu_sprint.py']); "
-            "print(c['n_layer'], c['time_budget'], hardware.resolve_dtype('auto', 'cpu', (1024, 128))[0])")
+def test_loading_the_sprint_recipe_measures_nothing(monkeypatch):
+    # a config is read, never run against the machine: its fp32 shape waits for train.py's resolved dtype
+    from configurator import configure, script_defaults
+    from nanoforge import hardware
+
+    def probe(*args, **kwargs):
+        raise AssertionError("loading a config measured the machine")
+    monkeypatch.setattr(hardware, "resolve_dtype", probe)
+    monkeypatch.setattr(hardware, "measure_matmul_flops", probe)
+    c = configure(script_defaults(os.path.join(ROOT, "train.py")),
+                  [os.path.join(ROOT, "config", "train_shakespeare_char_cpu_sprint.py")])
+    assert (c["n_layer"], c["time_budget"], c["dtype"]) == (3, 17.0, "auto")
+    assert c["float32_overrides"] == "--n_layer=2 --time_budget=20.0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa_cap, args, expected", [
+    ("", [], None),  # this machine, whichever class it is: the shape agrees with its precision
+    ("AVX2", [], (2, 20.0, "float32")),  # bf16 emulated (oneDNN's cap): dtype auto picks fp32
+    ("", ["--dtype=float32"], (2, 20.0, "float32")),
+    ("", ["--dtype=float32", "--n_layer=4"], (4, 20.0, "float32")),  # the command line still wins
+    ("", ["--dtype=bfloat16"], (3, 17.0, "bfloat16"))])
+def test_sprint_recipe_picks_its_shape_by_the_runs_precision(char_data, tmp_path, isa_cap, args, expected):
+    # where training runs in fp32 (bf16 emulated), the sprint trains 2 layers for 20 s; in bf16, 3 layers
+    # for 17 s: train.py applies the recipe's float32_overrides once dtype is resolved, and says so
+    from nanoforge.checkpoint import load_checkpoint
+    out = tmp_path / "out"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa_cap} if isa_cap else None
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    n_layer, budget, dtype = proc.stdout.split()
-    if expected is None:  # this machine, whichever class it is: the shape agrees with its precision
-        expected = (3, 17.0) if dtype == "bfloat16" else (2, 20.0)
-    assert (int(n_layer), float(budget)) == expected and (dtype == "float32" or not isa_cap), proc.stderr
+    proc = run("train.py", "config/train_shakespeare_char_cpu_sprint.py", f"--data_dir={char_data}",
+               f"--out_dir={out}", "--max_iters=1", "--eval_iters=1", "--plot=False", *args,
+               env=env)
+    cfg = json.load(open(out / "run.json"))["config"]
+    got = (cfg["n_layer"], cfg["time_budget"], "bfloat16" if "dtype: bfloat16" in proc.stdout else "float32")
+    if expected is None:
+        expected = (3, 17.0, "bfloat16") if got[2] == "bfloat16" else (2, 20.0, "float32")
+    assert got == expected, proc.stdout
+    assert ("float32_overrides apply" in proc.stdout) == (expected[2] == "float32")
+    assert load_checkpoint(str(out / "ckpt.pt"))["meta"]["model_args"]["n_layer"] == expected[0]
 
 
 def test_evaluations_take_a_bounded_share_of_a_short_run():

@@ -1,6 +1,7 @@
-# Fine-tune GPT-2 on Tiny Shakespeare (GPT-2 BPE), starting from the pretrained weights.
+# train.py: GPT-2's pretraining continued on Tiny Shakespeare (GPT-2 BPE), from the pretrained weights;
+# a plain-text fine-tune (finetune.py is chat fine-tuning: config/finetune_shop_chat.py).
 # $ python data/shakespeare/prepare.py
-# $ python train.py config/finetune_shakespeare.py
+# $ python train.py config/train_shakespeare_from_gpt2.py
 # $ python sample.py --out_dir=out-shakespeare
 # init_from takes a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) when online, or a local folder
 # written by transformers' save_pretrained:  --init_from=path/to/gpt2

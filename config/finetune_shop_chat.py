@@ -1,8 +1,9 @@
-# Chat fine-tuning of the quick start's character-level Shakespeare model into a shop's customer-service
-# assistant: offline, 2 CPU cores, ~11 minutes in all, the base included (README, "Fine-tune for a domain").
+# finetune.py: chat fine-tuning of the quick start's character-level Shakespeare model into a shop's
+# customer-service assistant: offline, 2 CPU cores, ~11 minutes in all, the base included (README,
+# "Fine-tune for a domain").
 # $ python data/shakespeare_char/prepare.py && python train.py config/train_shakespeare_char_cpu.py   # the base, 5 min
 # $ python data/shop_chat/prepare.py
-# $ python finetune.py config/sft_shop_chat.py
+# $ python finetune.py config/finetune_shop_chat.py
 # $ python evaluate.py --out_dir=out-sft-shop --chat_task=data/shop_chat/facts.jsonl   # facts right, of 200
 # $ python sample.py --out_dir=out-sft-shop --chat
 # LoRA instead of full fine-tuning: --lora_rank=8 --learning_rate=3e-3 --out_dir=out-sft-shop-lora
