@@ -167,7 +167,7 @@ def train_step(m):
     with hardware.autocast(device, dtype):
         loss = m(x, y, chunked_loss=chunked_loss)[1]  # as train.py; plain path: logits not kept
     loss.backward()
-    return loss
+    return loss.detach()
 
 
 # fsdp / ddp: what one rank holds after an optimizer step, sharded (FSDP) or replicated (DDP)
