@@ -132,3 +132,15 @@ def test_bench_fsdp_mode_shards_the_state(tmp_path):
     assert sum(r["params"] for r in ranks) == sum(r["grads"] for r in ranks) == whole
     assert all(r["params"] < whole * 0.6 for r in ranks)  # each rank holds about half
     assert sum(r["optimizer"] for r in ranks) >= 2 * whole  # Adam's two moments, sharded the same way
+
+
+def test_synchronize_and_peak_memory_on_cpu():
+    # a CPU has no queue to wait for; its peak memory is this process's peak RSS, in bytes (KiB on Linux x 1024)
+    import resource
+
+    import torch
+    hardware.synchronize("cpu")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak, source = hardware.peak_memory("cpu")
+    assert source == "peak RSS of this process"
+    assert peak >= before * (1 if sys.platform == "darwin" else 1024) and peak > torch.ones(1).nbytes
