@@ -369,8 +369,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    hardware.synchronize(device)
     dt = time.perf_counter() - t0
     train_time += dt
 

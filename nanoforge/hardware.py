@@ -1,9 +1,11 @@
 """
 The machine a run is on: the device, the CPU's class, the precision and compile choice (resolved after
-overrides and printed with the reason, measured where it matters), malloc tuning, autocast, and the
-device's peak FLOP/s for MFU.
+overrides and printed with the reason, measured where it matters), malloc tuning, autocast, waiting for
+the device before a clock is read, the device's peak FLOP/s for MFU, and the machine line every
+benchmark prints first.
 """
 import contextlib
+import json
 import math
 import os
 import platform
@@ -245,6 +247,14 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def synchronize(device):
+    """Waits for the work queued on `device`, so a clock read after it measures the work and not only
+    its launch: CUDA and MPS run asynchronously; on a CPU the work is done when the call returns."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
 
 # -----------------------------------------------------------------------------------------------------
 # peak FLOP/s, for MFU
@@ -274,18 +284,17 @@ def measure_matmul_flops(device, dtype, shape=(1024, 1024, 1024), seconds=0.15):
     if key not in _measured:
         a = torch.randn(M, K, device=device).to(getattr(torch, dtype))
         b = torch.randn(K, N, device=device).to(getattr(torch, dtype))
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         t0 = time.perf_counter()
         a @ b  # warm-up: allocation and kernel choice
-        sync()
+        synchronize(device)
         runs, t1 = 0, time.perf_counter()
         if t1 - t0 < seconds:  # a second warm-up only where it is cheap
             a @ b
-            sync()
+            synchronize(device)
             t1 = time.perf_counter()
         while runs == 0 or time.perf_counter() - t1 < seconds:
             a @ b
-            sync()
+            synchronize(device)
             runs += 1
         _measured[key] = 2 * M * K * N * runs / (time.perf_counter() - t1)
     return _measured[key]
@@ -311,3 +320,76 @@ def peak_flops(device, dtype):
                 return table[dtype], f"{gpu} data sheet, {dtype}"
     n = peak_probe_size(device, dtype)
     return measure_matmul_flops(device, dtype, (n, n, n)), f"measured {dtype} {n}x{n} matmul on {device}"
+
+
+# -----------------------------------------------------------------------------------------------------
+# the machine line: a tokens/s figure means nothing without the CPU (or GPU) it came from, so every
+# benchmark prints this line before its results and puts its figures in its JSON
+
+def measure_memory_bandwidth(device, mib=256, repeats=10):
+    """Bytes/s between `device` and its memory: the best of `repeats` copies of a `mib` MiB float32
+    tensor into another, far bigger than any cache, so every byte comes from and goes to DRAM. Counted:
+    what the copy asks for, the mib MiB read plus the mib MiB written, as STREAM's copy counts them; the
+    line a CPU may read before overwriting it (write-allocate) is not counted. The best and not the median:
+    a busy neighbour only ever lowers it."""
+    src = torch.ones(mib * 2**20 // 4, device=device)  # (n,) float32
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: the first copy also faults dst's pages in, which is not bandwidth
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def measure_machine(device):
+    """The machine's name, class and measured figures, in this process (about a second), as a dict whose
+    'line' is the one-line summary. A CPU: its matmul GFLOP/s at 1024^3, but 256^3 for bf16 where it is
+    emulated (0.2-2 GFLOP/s: a 1024^3 one takes seconds; peak_probe_size). On CUDA the GPU is what runs,
+    so its name and figures stand in place of the CPU's; on MPS the CPU's are given."""
+    info = cpu_info()
+    probe = device if device.startswith("cuda") else "cpu"
+    if probe == "cpu":
+        name = describe_cpu(info)
+        sizes = {dt: peak_probe_size("cpu", dt) for dt in ("float32", "bfloat16")}
+    else:
+        name = f"{torch.cuda.get_device_name(probe)} ({probe})"
+        sizes = {"float32": 1024, "bfloat16" if torch.cuda.is_bf16_supported() else "float16": 1024}
+    gflops = {dt: measure_matmul_flops(probe, dt, (n, n, n)) / 1e9 for dt, n in sizes.items()}
+    gb_s = measure_memory_bandwidth(probe) / 1e9
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    rates = ", ".join(f"{short[dt]} {format_flops(gflops[dt] * 1e9)}"
+                      + ("" if n == 1024 else f" ({n}^3, emulated)") for dt, n in sizes.items())
+    threads = torch.get_num_threads()  # 1 under torchrun and in the tests (OMP_NUM_THREADS=1): one core's figures
+    line = (f"machine: {name} | {threads} thread{'s' if threads > 1 else ''}, matmul 1024^3: {rates} | "
+            f"memory {gb_s:.1f} GB/s (copy)")
+    return {"line": line, "device": probe, "name": name, "cpu": info, "threads": threads,
+            "matmul_gflops": gflops, "matmul_n": sizes, "memory_gb_s": gb_s}
+
+
+def machine_line(device):
+    """measure_machine(device) in a fresh process, printed, and its dict: the bandwidth probe holds
+    512 MiB, which would stay in the caller's peak memory (a peak RSS only ever grows), and benchmarks
+    report that peak."""
+    code = ("import json, sys; from nanoforge.hardware import measure_machine; "
+            "print(json.dumps(measure_machine(sys.argv[1])))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `nanoforge` imports from
+    proc = subprocess.run([sys.executable, "-c", code, device], capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        raise UserError(f"measuring the machine failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(m["line"], flush=True)
+    return m
+
+
+def peak_memory(device):
+    """(bytes, what was measured): the device's peak allocation on CUDA, else this process's peak RSS
+    (ru_maxrss: KiB on Linux, bytes on macOS; the whole process's peak since it started)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    import resource  # not on Windows; only needed here
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024), \
+        "peak RSS of this process"

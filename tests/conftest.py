@@ -89,6 +89,18 @@ def assert_one_line_error(proc, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def machine_of(stdout, results):
+    """A benchmark's machine line (asserted to come once, before any result) and its JSON's machine figures."""
+    lines = stdout.splitlines()
+    machine = [i for i, ln in enumerate(lines) if ln.startswith("machine:")]
+    assert len(machine) == 1, stdout
+    first_result = min(i for i, ln in enumerate(lines) if any(u in ln for u in ("tokens/s", "tok/s", "ms/step", "MiB")))
+    assert machine[0] < first_result, stdout
+    m = results["machine"]
+    assert m["line"] == lines[machine[0]]
+    return m
+
+
 def read_log(out_dir):
     """A run's log.jsonl, read here independently of nanoforge.runlog."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:

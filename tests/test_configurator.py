@@ -149,7 +149,7 @@ def test_bare_flag_turns_a_boolean_on_and_is_an_error_otherwise():
 
 
 SCRIPTS = ["train.py", "sample.py", "evaluate.py", "finetune.py", "bench.py", "sweep.py", "export.py", "curate.py",
-           "train_tokenizer.py"]
+           "train_tokenizer.py", "bench_time_to_loss.py", "bench_serve.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

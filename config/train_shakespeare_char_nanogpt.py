@@ -1,10 +1,10 @@
-# The baseline of bench.py --mode=ttl: nanoGPT's documented laptop-CPU recipe for shakespeare_char, in
+# For train.py, the baseline of bench_time_to_loss.py: nanoGPT's documented laptop-CPU recipe for shakespeare_char, in
 # nanoforge: GPT-2's architecture (learned positions, LayerNorm, GELU, tied embeddings), AdamW, no biases,
 # nanoGPT's hyperparameters. nanoGPT reports val ~1.88 after these 2000 iterations (~90 s on 2 cores).
 # $ python data/shakespeare_char/prepare.py
-# $ python train.py config/bench_nanogpt_cpu.py
+# $ python train.py config/train_shakespeare_char_nanogpt.py
 out_dir = "out-bench-nanogpt-cpu"
-eval_interval = 100  # often, so bench.py can time when the val loss first crosses its target
+eval_interval = 100  # often, so bench_time_to_loss.py can time when the val loss first crosses its target
 eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False
