@@ -281,10 +281,12 @@ def save(reason):
         checkpoint.save_sharded(out_dir, model, optimizer, meta_out)
     elif master:
         checkpoint.save_checkpoint(checkpoint.ckpt_path(out_dir), model, meta_out, optimizer, scaler)
+    stop.saved_iter = iter_num
     log(f"saved {'sharded ' if fsdp else ''}checkpoint to {out_dir} at iteration {iter_num} ({reason})")
 
 
-stop = training.StopSignals(log, out_dir)  # Ctrl-C / SIGTERM: finish the iteration, save, exit
+# Ctrl-C / SIGTERM: finish the step (or drop the evaluation), save, exit
+stop = training.StopSignals(log, out_dir, saved_iter=iter_num if resume else None, interrupt_evaluations=not ddp)
 
 # -----------------------------------------------------------------------------------------------------
 # training loop
@@ -295,10 +297,15 @@ while True:
     just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
     last = iter_num >= max_iters or out_of_time
     if (iter_num % eval_interval == 0 or last or eval_only) and not just_resumed:
-        stop.at_once = True  # an evaluation saves nothing: a stop asked now stops at once
-        scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
-                                  autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
-        stop.at_once = False
+        try:  # a stop asked during an evaluation drops it (single process): the training so far is saved below
+            stop.in_eval = True
+            scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
+                                      autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
+        except training.Stopped:
+            log(f"stop requested during the evaluation at iteration {iter_num}: dropped it")
+            break
+        finally:
+            stop.in_eval = False
         val_loss = scores["val"]["loss"]
         log(f"step {iter_num}: train loss {scores['train']['loss']:.4f}, val loss {val_loss:.4f}, "
             f"val bpb {scores['val']['bpb']:.4f}, train time {train_time:.1f}s")
@@ -371,11 +378,20 @@ while True:
                     mfu=mfu, train_time=round(train_time, 3)))
     iter_num += 1
     if stop.requested:
-        if always_save_checkpoint:
-            save("stop requested")
-        else:
-            log(f"stop requested; {out_dir} keeps its best checkpoint (always_save_checkpoint=False)")
         break
+
+# a stop keeps the training done so far: the model as of its last finished step, unless out_dir already holds
+# it, or holds the best model and always_save_checkpoint=False asked to keep only that
+if stop.requested and not eval_only:
+    if iter_num == start_iter and stop.saved_iter is None:
+        log(f"stop requested before the first training step; nothing to save, {stop.kept()}")
+    elif stop.saved_iter == iter_num:
+        log(f"stop requested; {stop.kept()}, the last finished step")
+    elif always_save_checkpoint or stop.saved_iter is None:
+        save("stop requested")
+    else:
+        log(f"stop requested; {stop.kept()}, the best val loss (always_save_checkpoint=False): "
+            f"the {iter_num - stop.saved_iter} iterations since are not saved")
 
 if fsdp and fsdp_consolidate and master and checkpoint.find_sharded(out_dir):
     checkpoint.consolidate(checkpoint.find_sharded(out_dir), checkpoint.ckpt_path(out_dir))

@@ -99,19 +99,34 @@ def eval_windows(eval_iters, batch_size, block_size, eval_interval, planned_iter
                      f"compute{capped}")
 
 
-class StopSignals:
-    """Ctrl-C and SIGTERM ask a run to stop: the loop finishes its iteration, saves and exits (`requested`;
-    under torchrun all ranks agree through the loop's all-reduce). While `at_once` is set (an evaluation,
-    which saves nothing and on a big set could run for minutes), or when asked a second time, it stops
-    at once, keeping out_dir's last checkpoint."""
+class Stopped(Exception):
+    """Raised inside an evaluation when a stop is asked for: the evaluation is dropped, the training is kept."""
 
-    def __init__(self, log, out_dir):
-        self.requested, self.at_once, self.log, self.out_dir = False, False, log, out_dir
+
+class StopSignals:
+    """Ctrl-C and SIGTERM ask a run to stop (`requested`): a training step is finished first, an evaluation
+    (which on a big set could run for minutes) is dropped at once by raising Stopped where `in_eval` is set;
+    either way the loop then saves the model as of its last finished step. Under torchrun all ranks agree
+    through the loop's all-reduce, and an evaluation there runs to its end (a rank that left it would leave the
+    others waiting in its all-reduce). Asked a second time, it stops at once, saying what out_dir holds:
+    `saved_iter`, the iteration of the last checkpoint written or found (None: no checkpoint)."""
+
+    def __init__(self, log, out_dir, saved_iter=None, interrupt_evaluations=True):
+        self.requested, self.in_eval, self.log, self.out_dir = False, False, log, out_dir
+        self.saved_iter, self.interrupt_evaluations = saved_iter, interrupt_evaluations
         signal.signal(signal.SIGINT, self.handle)
         signal.signal(signal.SIGTERM, self.handle)
 
+    def kept(self):
+        if self.saved_iter is None:
+            return f"nothing was saved to {self.out_dir}"
+        return f"{self.out_dir} keeps the checkpoint of iteration {self.saved_iter}"
+
     def handle(self, signum, frame):
-        if self.at_once or self.requested:
-            self.log(f"stopped at once; {self.out_dir} keeps its last checkpoint")
+        if self.requested:  # a save is atomic: stopping in the middle of one keeps the previous file whole
+            self.log(f"stopped at once; {self.kept()}")
             raise KeyboardInterrupt
         self.requested = True
+        if self.in_eval and self.interrupt_evaluations:
+            self.in_eval = False
+            raise Stopped

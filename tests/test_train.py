@@ -7,13 +7,16 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from nanoforge import tokens
 from conftest import ROOT, SHAKESPEARE, TICK, TINY, assert_one_line_error, read_log, run, run_fake_clock, train_losses
 
 
@@ -200,8 +203,9 @@ def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     assert sorted(train_losses(out)) == list(range(last + 3))
 
 
-def test_sigterm_during_a_long_evaluation_stops_at_once(char_data, tmp_path):
-    # an evaluation saves nothing: a stop asked for during one ends the run there, not minutes later
+def test_sigterm_during_the_first_evaluation_stops_at_once_and_claims_no_file(char_data, tmp_path):
+    # an evaluation is dropped when a stop is asked for during it: the run ends there, not minutes later,
+    # and with no training done yet it saves nothing and says so (it used to claim a checkpoint it never wrote)
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
                              f"--out_dir={out}", "--eval_iters=20000"],
@@ -212,9 +216,41 @@ def test_sigterm_during_a_long_evaluation_stops_at_once(char_data, tmp_path):
     time.sleep(1.0)  # into the first evaluation: 2 x 80,000 windows, far longer than this test waits
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert f"stopped at once; {out} keeps its last checkpoint" in stdout
-    assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing was saved half way
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stop requested during the evaluation at iteration 0" in stdout
+    assert f"nothing to save, nothing was saved to {out}" in stdout
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_later_evaluation_saves_the_training_done(char_data, tmp_path):
+    # a stop during a long evaluation keeps every finished step: ckpt.pt holds the model as of the last one,
+    # it loads and resumes, and the log says what was saved
+    data = tmp_path / "big_val"  # char_data with a val split of ~4M tokens, so evaluating it takes seconds
+    data.mkdir()
+    for name in ("train.bin", "meta.json"):
+        shutil.copy(os.path.join(char_data, name), data / name)
+    train = np.asarray(tokens.open_tokens(os.path.join(char_data, "train.bin")))
+    tokens.write_tokens(str(data / "val.bin"), np.tile(train, 24), tokens.read_meta(char_data)["vocab_size"])
+    out = str(tmp_path / "out")
+    args = [*TINY, f"--data_dir={data}", f"--out_dir={out}"]
+    run("train.py", *args, "--max_iters=3", "--eval_interval=3")  # a checkpoint at iteration 3
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--init_from=resume",
+                             "--max_iters=100000", "--eval_interval=5", "--eval_whole_val=True"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and 4 not in train_losses(out):
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the evaluation at iteration 5, of the whole ~4M-token val split
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stop requested during the evaluation at iteration 5" in stdout
+    assert f"saved checkpoint to {out} at iteration 5 (stop requested)" in stdout
+    from nanoforge.checkpoint import load_checkpoint
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["iter_num"] == 5
+    run("train.py", *args, "--init_from=resume", "--max_iters=7", "--eval_interval=5")
+    assert sorted(train_losses(out)) == list(range(7))
 
 
 @pytest.mark.slow
