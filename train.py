@@ -105,6 +105,7 @@ compile = "auto"  # torch.compile: 'auto' is on for CUDA, and on a CPU for runs 
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
 chunked_loss = True  # LM head + loss in row chunks (model.ChunkedLMHeadLoss): the (B, T, V) logits, 1.57 GiB
 # a copy at 8 x 1024 x 50,257 in fp32, never exist whole; same FLOPs, same loss; False is the plain reference
+memory_check = True  # refuse a run whose training step is estimated to need more memory than the device has
 fsdp = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2) instead of DDP's copies
 fsdp_consolidate = True  # fsdp: at the end, also write an ordinary ckpt.pt (for sample.py, evaluation, export)
 dist_timeout = 600.0  # seconds a collective waits for a silent rank before the run fails (rather than hang)
@@ -191,6 +192,11 @@ else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
                         f"prepare the data with the model's tokenizer")
     training.fit_context(model, block_size, init_from, log)
     log(f"initialised from {init_from}: {model.config}")
+# refused before any step allocates: a step that cannot fit would thrash the machine for minutes, then fail
+if memory_check and (too_big := hardware.step_memory_error(model.config, model.get_num_params(), batch_size, dtype,
+                                                           chunked_loss, gradient_checkpointing, device,
+                                                           world_size if fsdp else 1)):
+    raise UserError(too_big)
 model.to(device)
 if gradient_checkpointing:
     parallel.gradient_checkpointing(model)
@@ -246,9 +252,6 @@ if compile and not fsdp:  # fsdp compiled each block already
 step_model = DDP(eval_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
     if ddp and not fsdp else eval_model
 log(f"model: {model.get_num_params() / 1e6:.2f}M parameters; MFU against {hardware.format_flops(peak)} ({peak_why})")
-if too_big := hardware.step_memory_warning(model.config, model.get_num_params(), batch_size, dtype,
-                                          chunked_loss, gradient_checkpointing):
-    log(too_big)
 
 # -----------------------------------------------------------------------------------------------------
 # run record and logs

@@ -93,8 +93,12 @@ def eval_windows(eval_iters, batch_size, block_size, eval_interval, planned_iter
     if share(windows) > EVAL_SHARE:  # scored <= share / (1 - share) * train
         most = EVAL_SHARE / (1 - EVAL_SHARE) * train / (evals * 2 * block_size)
         windows = max(1, int(most) // batch_size) * batch_size
-    capped = f" (eval_iters={eval_iters} capped to {windows // batch_size}: at most {EVAL_SHARE:.0%})" \
-        if windows < asked else ""
+    capped = ""
+    if windows < asked and share(windows) <= EVAL_SHARE:
+        capped = f" (eval_iters={eval_iters} capped to {windows // batch_size}: at most {EVAL_SHARE:.0%})"
+    elif windows < asked:  # even one batch is more than the share: say so, never "at most" beside a bigger figure
+        capped = (f" (eval_iters={eval_iters} capped to 1, the fewest, still over the {EVAL_SHARE:.0%} aimed at: "
+                  f"raise eval_interval, or train longer)")
     return windows, (f"evaluation: {windows:,} fixed windows of each split, ~{share(windows):.0%} of the run's "
                      f"compute{capped}")
 

@@ -283,13 +283,15 @@ def test_lost_peer_recognises_a_dead_or_hung_rank(monkeypatch):
     assert not errors.lost_peer(RuntimeError("shape mismatch")) and not errors.lost_peer(KeyError("x"))
 
 
-def test_step_memory_warning_for_a_context_no_machine_holds():
+def test_step_memory_check_for_a_context_no_machine_holds(monkeypatch):
     from model import GPTConfig
+    monkeypatch.setattr(hardware, "device_memory", lambda device: 24 * 2**30)  # a 24 GiB machine, whatever this is
     small = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65)
-    assert hardware.step_memory_warning(small, 10**6, 12, "float32", True, False) is None
+    assert hardware.step_memory_error(small, 10**6, 12, "float32", True, False, "cpu") is None
     huge = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=100_000, vocab_size=65)
-    line = hardware.step_memory_warning(huge, 10**7, 12, "bfloat16", True, False)
-    assert line.startswith("warning: a step of 12 x 100000 tokens") and "lower batch_size or block_size" in line
+    line = hardware.step_memory_error(huge, 10**7, 12, "bfloat16", True, False, "cpu")
+    assert line.startswith("a step of 12 x 100000 tokens is estimated to need ") and "more than the 24 GiB of cpu" in line
+    assert "lower batch_size or block_size" in line and "memory_check=False" in line
 
 
 def test_out_of_memory_is_one_line():

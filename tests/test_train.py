@@ -408,6 +408,17 @@ def test_error_knob_out_of_range(char_data, tmp_path, bad, fragment):
     assert not os.path.exists(tmp_path / "o")  # checked before anything ran
 
 
+def test_a_step_no_machine_can_hold_is_refused_before_it_runs(char_data, tmp_path):
+    # estimated at petabytes: refused in one line with the estimate and what to lower, before any step
+    # allocates (it used to warn, then thrash the machine for minutes); nothing is left behind
+    args = [*TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--block_size=16000",
+            "--batch_size=100000", "--dtype=float32"]
+    proc = run("train.py", *args, check=False)
+    assert_one_line_error(proc, "a step of 100000 x 16000 tokens is estimated to need", "lower batch_size or block_size",
+                          "memory_check=False")
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_error_prompt_outside_vocabulary(trained):
     proc = run("sample.py", f"--out_dir={trained}", "--start=Ωmega", "--device=cpu", check=False)
     assert_one_line_error(proc, "not in this model's vocabulary", "Ω")
@@ -557,4 +568,7 @@ def test_evaluations_take_a_bounded_share_of_a_short_run():
     assert 0 < windows < 200 * 12 and windows % 12 == 0 and "capped" in line
     scored = 2 * 2 * windows * 1024
     assert scored / (3 * 100 * 12 * 1024 + scored) <= EVAL_SHARE
-    assert eval_windows(200, 12, 1024, 2000, 1, 12 * 1024)[0] == 12  # never below one batch
+    windows, line = eval_windows(200, 12, 1024, 2000, 1, 12 * 1024)
+    assert windows == 12  # never below one batch
+    # where even one batch is over the share the line says so: no "at most 33%" beside a bigger figure
+    assert "capped to 1, the fewest, still over the 33% aimed at" in line and "at most" not in line
