@@ -112,7 +112,11 @@ dist_timeout = 600.0  # seconds a collective waits for a silent rank before the 
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
 defaults = knobs(globals())
-config = configure(defaults, sys.argv[1:])
+given = set()
+config = configure(defaults, sys.argv[1:], given=given)
+resume_line = None
+if config["init_from"] == "resume":  # the run's own settings, from its out_dir: no config file needed
+    config, resume_line = training.resume_config(config, given, config["out_dir"])
 globals().update(config)
 check_ranges(config, {
     **{k: POSITIVE_INT for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
@@ -147,6 +151,8 @@ if fsdp and optimizer_name == "muon":
 if fsdp and not ddp:
     raise UserError("fsdp=True shards over torchrun's processes; launch with torchrun --standalone "
                     "--nproc_per_node=N train.py ... (N=1 works too)")
+if resume_line:
+    log(resume_line)
 out_dir_lock = files.lock_out_dir(out_dir) if master else None  # before looking: two runs must not both start
 resume_from = checkpoint.check_out_dir(out_dir, init_from, fsdp)  # fsdp runs resume sharded checkpoints
 

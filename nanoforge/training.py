@@ -6,7 +6,7 @@ import math
 import signal
 
 from configurator import overrides
-from nanoforge import hardware
+from nanoforge import hardware, runlog
 from nanoforge.errors import UserError
 
 
@@ -18,6 +18,36 @@ def startup_lines(log, device, device_why, dtype, dtype_why, defaults, config, s
         log(kept)
     changed = overrides(defaults, config)
     log("overrides: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "none"))
+
+
+# what a resumed run may not change: the batches each step draws, the model's shape, the optimizer's state (the
+# data may move: dataset and data_dir may change, and a vocabulary that differs is refused by the checkpoint)
+CONTINUATION_KEYS = ("batch_size", "gradient_accumulation_steps", "total_batch_size", "seed",
+                     "optimizer_name", "n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp",
+                     "qk_norm", "tie_embeddings", "zero_init", "logit_softcap")
+
+
+def resume_config(config, given, out_dir):
+    """The config of a resumed run: the run's own, as its run.json recorded it, with the knobs given on this
+    command line on top, so `--init_from=resume --out_dir=X` alone goes on where X stopped. Returns (config, a
+    line naming what the command changes, or None); a change that would not continue the run exactly is refused."""
+    try:
+        saved = runlog.read_run_json(out_dir)["config"]
+    except FileNotFoundError:
+        return config, None  # no run there: the checkpoint check that follows says so
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"--init_from=resume: {out_dir}/run.json is unreadable, so the run's settings are unknown; "
+                        f"give its config file and --key=value arguments as it was started") from None
+    changed = {k: config[k] for k in sorted(given) if k != "init_from" and k in saved and saved[k] != config[k]}
+    for key in changed:
+        if key in CONTINUATION_KEYS:
+            raise UserError(f"--init_from=resume: {key}={saved[key]!r} there, {config[key]!r} here: the run in "
+                            f"{out_dir} would not continue as it was; drop --{key}, or start a new run in another "
+                            f"--out_dir")
+    resumed = {**config, **{k: v for k, v in saved.items() if k in config and k not in given}, "init_from": "resume"}
+    line = ("resume: the run's settings, except " + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items())
+            if changed else None)
+    return resumed, line
 
 
 def fit_context(model, block_size, source, log=print):

@@ -66,6 +66,22 @@ def test_resume_equals_uninterrupted_run(char_data, tmp_path):
     assert all(abs(x[1] - y[1]) < 1e-5 for x, y in zip(val_a, val_b))
 
 
+def test_resume_needs_only_the_out_dir_and_names_what_it_changes(char_data, tmp_path):
+    # the run's own settings come from its out_dir: no config file, no arguments repeated; a knob given on
+    # resume that differs from the run is said, or refused where the run would not continue as it was
+    common = [*TINY, f"--data_dir={char_data}", "--dropout=0.1", "--eval_interval=5"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run("train.py", *common, f"--out_dir={full}", "--max_iters=12")
+    run("train.py", *common, f"--out_dir={part}", "--max_iters=6")
+    proc = run("train.py", "--init_from=resume", f"--out_dir={part}", "--max_iters=12")
+    assert "resume: the run's settings, except max_iters=12 (was 6)" in proc.stdout
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(12))
+    assert all(abs(a[it] - b[it]) < 1e-5 for it in a), (a, b)
+    refused = run("train.py", "--init_from=resume", f"--out_dir={part}", "--max_iters=20", "--batch_size=8", check=False)
+    assert_one_line_error(refused, "--init_from=resume: batch_size=4 there, 8 here", "drop --batch_size")
+
+
 def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
     out = str(tmp_path / "out")
     run_fake_clock("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=1000000",
@@ -139,10 +155,11 @@ def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
     lrs = {r["iter"]: r["lr"] for r in read_log(full) if "lr" in r}
     assert lrs[2] == lrs[5] == 3e-3 and lrs[7] < lrs[6] < 3e-3  # wsd: flat, then down over the last half
     assert a[7] < a[0] - 0.2  # and it learns
-    # resuming with the other optimizer is refused in one line
+    # resuming with the other optimizer is refused in one line (left out, the run's own is taken)
     adamw = [a for a in common if a != "--optimizer_name=muon"]
-    proc = run("train.py", *adamw, f"--out_dir={part}", "--max_iters=9", "--init_from=resume", check=False)
-    assert_one_line_error(proc, "Muon", "--optimizer")
+    proc = run("train.py", *adamw, "--optimizer_name=adamw", f"--out_dir={part}", "--max_iters=9",
+               "--init_from=resume", check=False)
+    assert_one_line_error(proc, "optimizer_name='muon' there, 'adamw' here", "--optimizer")
 
 
 @pytest.mark.slow
