@@ -301,6 +301,10 @@ stop = training.StopSignals(log, out_dir, saved_iter=iter_num if resume else Non
 # training loop
 
 out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
+busy = hardware.busy_line(device)  # other work on the cores slows every step: said at start, or once it shows
+if busy:
+    log(busy)
+busy_said = busy is not None
 while True:
     # evaluate on the fixed sets (not where a resumed run starts: the stopped run evaluated there)
     just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
@@ -380,6 +384,9 @@ while True:
     train_time += dt
 
     if iter_num % log_interval == 0:
+        if not busy_said and iter_num >= start_iter + 2 and (busy := hardware.busy_line(device, running=True)):
+            log(busy)  # said once: a run that slows to a crawl halfway, and why, is the one to notice
+            busy_said = True
         tok_s = tokens_per_iter / dt
         mfu = model.estimate_mfu(tok_s / world_size, peak)
         log(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.2f}%")

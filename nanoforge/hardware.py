@@ -249,6 +249,23 @@ def step_memory_error(cfg, n_params, batch_size, dtype, chunked_loss, checkpoint
             f"or memory_check=False to run it anyway")
 
 
+def busy_line(device, running=False):
+    """A warning line when other work holds the CPU cores this process's threads need, else None. torch's
+    threads wait for each other at every operation, so one thread on a busy core holds back the rest: with
+    another job on 2 cores, 2 threads ran 5x slower than 1 (sample.py 40.9 s against 8.2 s). The other work is
+    the 1-minute load average, less this process's own threads when it is `running` (computing flat out)."""
+    if not device.startswith("cpu") or not hasattr(os, "getloadavg"):
+        return None
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    other = os.getloadavg()[0] - (threads if running else 0)
+    free = max(1, round(cores - other))  # the cores the other work leaves
+    if threads < 2 or other < 0.75 or threads <= free:
+        return None
+    return (f"warning: this machine is busy (other work keeps ~{other:.1f} of its {cores} cores loaded), and {threads} "
+            f"threads that wait for each other run several times slower on it; stop the other work, or rerun with "
+            f"OMP_NUM_THREADS={free}")
+
+
 def autocast(device, dtype):
     """The mixed-precision context for forward passes; a no-op for float32."""
     if dtype == "float32":

@@ -294,6 +294,24 @@ def test_step_memory_check_for_a_context_no_machine_holds(monkeypatch):
     assert "lower batch_size or block_size" in line and "memory_check=False" in line
 
 
+@pytest.mark.parametrize("load,threads,running,fix", [
+    (0.2, 2, False, None),  # idle
+    (1.1, 2, False, "OMP_NUM_THREADS=1"),  # another job on one of the 2 cores
+    (3.0, 2, True, "OMP_NUM_THREADS=1"),  # the same, seen while this process's 2 threads run
+    (2.0, 2, True, None),  # only this process's own threads
+    (1.9, 1, False, None),  # one thread already: nothing to wait for
+])
+def test_busy_machine_line_names_the_fix(monkeypatch, load, threads, running, fix):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    line = hardware.busy_line("cpu", running=running)
+    assert (line is None) == (fix is None), line
+    if fix:
+        assert line.startswith("warning: this machine is busy") and line.endswith(fix)
+    assert hardware.busy_line("cuda", running=running) is None
+
+
 def test_out_of_memory_is_one_line():
     proc = run_python("from nanoforge import errors, files, hardware, parallel; errors.friendly_errors(); raise RuntimeError('[enforce fail at "
                       "alloc_cpu.cpp:127] DefaultCPUAllocator: can\\'t allocate memory: you tried to allocate 10 bytes')")

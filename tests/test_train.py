@@ -82,6 +82,23 @@ def test_resume_needs_only_the_out_dir_and_names_what_it_changes(char_data, tmp_
     assert_one_line_error(refused, "--init_from=resume: batch_size=4 there, 8 here", "drop --batch_size")
 
 
+BUSY = """
+import os, runpy, sys, torch
+os.getloadavg = lambda: (3.0, 3.0, 3.0)  # another job keeps one of the 2 cores busy
+os.cpu_count = lambda: 2
+torch.set_num_threads(2)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_busy_machine_is_said_with_its_fix(char_data, tmp_path):
+    proc = run("-c", BUSY, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
+               f"--out_dir={tmp_path / 'o'}", "--max_iters=4")
+    assert proc.stdout.count("warning: this machine is busy") == 1, proc.stdout
+    assert "rerun with OMP_NUM_THREADS=1" in proc.stdout
+
+
 def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
     out = str(tmp_path / "out")
     run_fake_clock("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=1000000",
