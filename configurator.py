@@ -58,9 +58,10 @@ def parse_value(text):
         return text
 
 
-def configure(defaults, argv, script=None):
+def configure(defaults, argv, script=None, given=None):
     """Returns a new dict: `defaults` with the config files and --key=value arguments in argv applied.
-    --help (or -h) prints the script's knobs instead and exits (script: its path, default the running one)."""
+    --help (or -h) prints the script's knobs instead and exits (script: its path, default the running one).
+    given: a set that receives every key a config file or argument set, even to its default's value."""
     if "--help" in argv or "-h" in argv:
         import __main__
         print(help_text(script or getattr(__main__, "__file__", ""), defaults))
@@ -77,6 +78,8 @@ def configure(defaults, argv, script=None):
             if key not in defaults:
                 raise _unknown_key(key, defaults, where)
             config[key] = _check_type(key, parse_value(text), defaults[key], where)
+            if given is not None:
+                given.add(key)
         else:
             if not os.path.isfile(arg):
                 raise UserError(f"config file '{arg}' not found (positional arguments are config files; "
@@ -90,6 +93,8 @@ def configure(defaults, argv, script=None):
                 if key not in defaults:
                     raise _unknown_key(key, defaults, f"config file '{arg}'")
                 config[key] = _check_type(key, value, defaults[key], f"config file '{arg}'")
+                if given is not None:
+                    given.add(key)
     return config
 
 

@@ -129,6 +129,8 @@ if len(start_ids) > model.config.block_size:
     print(f"note: the prompt is {len(start_ids)} tokens; the model sees its last {model.config.block_size}",
           file=sys.stderr)
 
+if busy := hardware.busy_line(device):
+    print(busy, file=sys.stderr)
 for k in range(num_samples):
     sys.stdout.write(start)
     stream(start_ids, {tok.eot_id} if stop_at_eot else set())

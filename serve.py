@@ -105,6 +105,11 @@ async def on_http_error(request, e):  # 404, 405: Starlette's own, in the same s
     return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=str(e.status_code))
 
 
+async def on_server_error(request, e):  # a bug of ours: still OpenAI's shape, and the server goes on
+    print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return error_response(500, f"The server failed on this request ({type(e).__name__})", kind="server_error")
+
+
 def check_key(request):
     if not api_key:
         return
@@ -128,6 +133,9 @@ async def generate(request, chat):
             raise ApiError(400, f"This model's maximum context length is {context} tokens; your prompt has "
                            f"{len(ids)} tokens (it must leave room for at least one more)", param="messages" if chat
                            else "prompt", code="context_length_exceeded")
+    if len(prompts) * opts["n"] > max_batch + max_queue:  # more than this server ever holds at once: never a 503
+        raise ApiError(400, f"This request asks for {len(prompts) * opts['n']} sequences (prompts x n); this server "
+                       f"holds at most {max_batch + max_queue} at once", param="n", code="too_many_sequences")
     stop_ids = set(tok.special_tokens.values()) if chat else {tok.eot_id} - {None}
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     seqs = []
@@ -252,7 +260,7 @@ if cors_origins:
     middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                  allow_headers=["Authorization", "Content-Type"]))
 app = Starlette(routes=routes, middleware=middleware,
-                exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
+                exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_server_error})
 print(f"serving on http://{host}:{port} (chat page at /, OpenAI API at /v1)", flush=True)
 uvicorn.run(app, host=host, port=port, log_level=log_level)
 engine.close()

@@ -108,13 +108,18 @@ compile = "auto"  # torch.compile: 'auto' is on for CUDA, and on a CPU for runs 
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
 chunked_loss = True  # LM head + loss in row chunks (model.ChunkedLMHeadLoss): the (B, T, V) logits, 1.57 GiB
 # a copy at 8 x 1024 x 50,257 in fp32, never exist whole; same FLOPs, same loss; False is the plain reference
+memory_check = True  # refuse a run whose training step is estimated to need more memory than the device has
 fsdp = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2) instead of DDP's copies
 fsdp_consolidate = True  # fsdp: at the end, also write an ordinary ckpt.pt (for sample.py, evaluation, export)
 dist_timeout = 600.0  # seconds a collective waits for a silent rank before the run fails (rather than hang)
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
 defaults = knobs(globals())
-config = configure(defaults, sys.argv[1:])
+given = set()
+config = configure(defaults, sys.argv[1:], given=given)
+resume_line = None
+if config["init_from"] == "resume":  # the run's own settings, from its out_dir: no config file needed
+    config, resume_line = training.resume_config(config, given, config["out_dir"])
 globals().update(config)
 check_ranges(config, {
     **{k: POSITIVE_INT for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
@@ -156,6 +161,8 @@ if fsdp and optimizer_name == "muon":
 if fsdp and not ddp:
     raise UserError("fsdp=True shards over torchrun's processes; launch with torchrun --standalone "
                     "--nproc_per_node=N train.py ... (N=1 works too)")
+if resume_line:
+    log(resume_line)
 out_dir_lock = files.lock_out_dir(out_dir) if master else None  # before looking: two runs must not both start
 resume_from = checkpoint.check_out_dir(out_dir, init_from, fsdp)  # fsdp runs resume sharded checkpoints
 
@@ -202,6 +209,11 @@ else:  # fine-tuning: weights from GPT-2 or another run; the shape is theirs
                         f"prepare the data with the model's tokenizer")
     training.fit_context(model, block_size, init_from, log)
     log(f"initialised from {init_from}: {model.config}")
+# refused before any step allocates: a step that cannot fit would thrash the machine for minutes, then fail
+if memory_check and (too_big := hardware.step_memory_error(model.config, model.get_num_params(), batch_size, dtype,
+                                                           chunked_loss, gradient_checkpointing, device,
+                                                           world_size if fsdp else 1)):
+    raise UserError(too_big)
 model.to(device)
 if gradient_checkpointing:
     parallel.gradient_checkpointing(model)
@@ -257,9 +269,6 @@ if compile and not fsdp:  # fsdp compiled each block already
 step_model = DDP(eval_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
     if ddp and not fsdp else eval_model
 log(f"model: {model.get_num_params() / 1e6:.2f}M parameters; MFU against {hardware.format_flops(peak)} ({peak_why})")
-if too_big := hardware.step_memory_warning(model.config, model.get_num_params(), batch_size, dtype,
-                                          chunked_loss, gradient_checkpointing):
-    log(too_big)
 
 # -----------------------------------------------------------------------------------------------------
 # run record and logs
@@ -292,24 +301,35 @@ def save(reason):
         checkpoint.save_sharded(out_dir, model, optimizer, meta_out)
     elif master:
         checkpoint.save_checkpoint(checkpoint.ckpt_path(out_dir), model, meta_out, optimizer, scaler)
+    stop.saved_iter = iter_num
     log(f"saved {'sharded ' if fsdp else ''}checkpoint to {out_dir} at iteration {iter_num} ({reason})")
 
 
-stop = training.StopSignals(log, out_dir)  # Ctrl-C / SIGTERM: finish the iteration, save, exit
+# Ctrl-C / SIGTERM: finish the step (or drop the evaluation), save, exit
+stop = training.StopSignals(log, out_dir, saved_iter=iter_num if resume else None, interrupt_evaluations=not ddp)
 
 # -----------------------------------------------------------------------------------------------------
 # training loop
 
 out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
+busy = hardware.busy_line(device)  # other work on the cores slows every step: said at start, or once it shows
+if busy:
+    log(busy)
+busy_said = busy is not None
 while True:
     # evaluate on the fixed sets (not where a resumed run starts: the stopped run evaluated there)
     just_resumed = init_from == "resume" and iter_num == start_iter and not eval_only
     last = iter_num >= max_iters or out_of_time
     if (iter_num % eval_interval == 0 or last or eval_only) and not just_resumed:
-        stop.at_once = True  # an evaluation saves nothing: a stop asked now stops at once
-        scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
-                                  autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
-        stop.at_once = False
+        try:  # a stop asked during an evaluation drops it (single process): the training so far is saved below
+            stop.in_eval = True
+            scores = {split: evaluate(eval_model, path, starts, block_size, batch_size, token_bytes, device,
+                                      autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
+        except training.Stopped:
+            log(f"stop requested during the evaluation at iteration {iter_num}: dropped it")
+            break
+        finally:
+            stop.in_eval = False
         val_loss = scores["val"]["loss"]
         log(f"step {iter_num}: train loss {scores['train']['loss']:.4f}, val loss {val_loss:.4f}, "
             f"val bpb {scores['val']['bpb']:.4f}, train time {train_time:.1f}s")
@@ -374,6 +394,9 @@ while True:
     train_time += dt
 
     if iter_num % log_interval == 0:
+        if not busy_said and iter_num >= start_iter + 2 and (busy := hardware.busy_line(device, running=True)):
+            log(busy)  # said once: a run that slows to a crawl halfway, and why, is the one to notice
+            busy_said = True
         tok_s = tokens_per_iter / dt
         mfu = model.estimate_mfu(tok_s / world_size, peak)
         log(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s:,.0f} tok/s, mfu {mfu * 100:.2f}%")
@@ -381,11 +404,20 @@ while True:
                     mfu=mfu, train_time=round(train_time, 3)))
     iter_num += 1
     if stop.requested:
-        if always_save_checkpoint:
-            save("stop requested")
-        else:
-            log(f"stop requested; {out_dir} keeps its best checkpoint (always_save_checkpoint=False)")
         break
+
+# a stop keeps the training done so far: the model as of its last finished step, unless out_dir already holds
+# it, or holds the best model and always_save_checkpoint=False asked to keep only that
+if stop.requested and not eval_only:
+    if iter_num == start_iter and stop.saved_iter is None:
+        log(f"stop requested before the first training step; nothing to save, {stop.kept()}")
+    elif stop.saved_iter == iter_num:
+        log(f"stop requested; {stop.kept()}, the last finished step")
+    elif always_save_checkpoint or stop.saved_iter is None:
+        save("stop requested")
+    else:
+        log(f"stop requested; {stop.kept()}, the best val loss (always_save_checkpoint=False): "
+            f"the {iter_num - stop.saved_iter} iterations since are not saved")
 
 if fsdp and fsdp_consolidate and master and checkpoint.find_sharded(out_dir):
     checkpoint.consolidate(checkpoint.find_sharded(out_dir), checkpoint.ckpt_path(out_dir))

@@ -9,6 +9,8 @@ torch.load(weights_only=True) and nothing is unpickled:
     meta        a JSON string: model_args (GPTConfig), tokenizer (see tokenizer.py), iter_num,
                 best_val_loss, config (the run's resolved config), dataset
     model       the state_dict of the bare model (never DDP's "module." or compile's "_orig_mod.")
+    checksums   a JSON string: the CRC-32 of each weight tensor's bytes, checked on every load, so a
+                flipped or zeroed byte inside the file is an error, not a model that serves gibberish
     optimizer   the optimizer state_dict (training checkpoints only)
     scaler      the fp16 GradScaler state_dict, when one is used
 
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import warnings
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -50,13 +53,38 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+def checksums(weights):
+    """{name: CRC-32 of the tensor's bytes} of a state_dict. CRC-32 runs near memory speed (0.14 s for
+    GPT-2 124M's 500 MB on one core) and catches every burst of flipped or zeroed bits up to 32 long, and all
+    but 1 in 4 billion of the rest."""
+    sums = {}
+    for name, t in weights.items():
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # the bytes as stored, any dtype
+        sums[name] = zlib.crc32(raw.numpy())
+    return sums
+
+
+def verify_checksums(state, path):
+    """Raises a one-line error naming the file and the first tensor whose bytes differ from when it was saved.
+    Checkpoints written before checksums were recorded have none and load as they are."""
+    if "checksums" not in state:
+        return
+    saved, now = json.loads(state["checksums"]), checksums(state["model"])
+    bad = [name for name in saved if now.get(name) != saved[name]] + sorted(set(now) - set(saved))
+    if bad:
+        raise UserError(f"checkpoint {path} is corrupt: the bytes of {bad[0]}"
+                        f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''} differ from when it was "
+                        f"saved (a bad disk or copy?); restore it from a backup or train again")
+
+
 def save_checkpoint(path, model, meta, optimizer=None, scaler=None, weights=None):
     """Writes atomically: a crash mid-save leaves the previous checkpoint intact. weights: a state_dict
     to save instead of the model's own (LoRA saves the base with its adapters merged in)."""
     model = unwrap(model)
     meta = dict(meta, model_args=dataclasses.asdict(model.config))
     weights = model.state_dict() if weights is None else weights
-    state = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta), "model": weights}
+    state = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta), "model": weights,
+             "checksums": json.dumps(checksums(weights))}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scaler is not None and scaler.is_enabled():
@@ -81,6 +109,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} is not a nanoforge checkpoint (a nanoGPT or other file?)")
     if state.get("version") != VERSION:
         raise UserError(f"{path} is checkpoint version {state.get('version')}; this code reads version {VERSION}")
+    verify_checksums(state, path)
     state["meta"] = json.loads(state["meta"])
     return state
 

@@ -31,9 +31,14 @@ def lock_out_dir(out_dir):
     finetune.py, a sweep's trial) is refused in one line naming the holder, instead of both writing and
     one's checkpoint and log silently winning. The lock is the OS's (flock), so a killed run's lock goes
     with it and never blocks the next. Holding it, leftover `*.tmp<pid>` files of killed runs are removed.
+    A folder this call made is removed again at exit if the run wrote nothing into it (refused by a later
+    check): a refused run leaves no out_dir holding only a lock.
     Returns the open lock file (keep a reference: closing it releases the lock)."""
+    import atexit
     import fcntl
     import glob
+    if not os.path.isdir(out_dir):
+        atexit.register(_remove_if_unused, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, ".lock"), "a+")
     try:
@@ -51,6 +56,14 @@ def lock_out_dir(out_dir):
         if os.path.isfile(leftover):
             os.remove(leftover)  # a half-written file from a run killed mid-save: the real one is intact
     return lock
+
+
+def _remove_if_unused(out_dir):
+    try:
+        if set(os.listdir(out_dir)) <= {".lock"}:
+            shutil.rmtree(out_dir)
+    except OSError:
+        pass  # gone already, or not ours to remove: leave it
 
 
 def write_json(path, obj):

@@ -219,25 +219,53 @@ def malloc_policy(device, save_memory=False):
     return None
 
 
-def step_memory_warning(cfg, n_params, batch_size, dtype, chunked_loss, checkpointing):
-    """A warning line when one training step of this model at this batch is estimated to need more memory
-    than the machine has, else None: a context of 100,000 on a laptop otherwise grows for minutes and
-    then fails. The estimate: weights, gradients and AdamW's two moments in fp32, plus activations of
-    ~68 C bytes a token a layer in fp32 (half that in bf16; one layer's worth with checkpointing), the
-    (T, T) attention weights of each head where the plain attention runs (bf16 on a CPU), and the
-    (B, T, V) logits three times over where the loss is not chunked."""
+def device_memory(device):
+    """Bytes of memory a run on `device` can use: the GPU's own on CUDA, the machine's RAM on a CPU; None
+    where it cannot be told (MPS shares memory with the system, a platform without sysconf)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if device.startswith("mps"):
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def step_memory_error(cfg, n_params, batch_size, dtype, chunked_loss, checkpointing, device, shards=1):
+    """A one-line reason when one training step of this model at this batch is estimated to need more memory
+    than the device has, else None: a context of 100,000 on a laptop otherwise grows for minutes, thrashing,
+    and then fails. The estimate: weights, gradients and AdamW's two moments in fp32 (over `shards` ranks
+    under FSDP), plus activations of ~68 C bytes a token a layer in fp32 (half that in bf16; one layer's worth
+    with checkpointing), the (T, T) attention weights of each head where the plain attention runs (bf16 on a
+    CPU), and the (B, T, V) logits three times over where the loss is not chunked."""
     B, T, C, L, nh, V = batch_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
     width = 4 if dtype == "float32" else 2
     per_layer = B * T * (17 * C * width + (nh * T * width * 2 if dtype != "float32" else 0))
-    need = 16 * n_params + per_layer * (1 if checkpointing else L) + (0 if chunked_loss else 3 * 4 * B * T * V)
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    need = 16 * n_params / shards + per_layer * (1 if checkpointing else L) + (0 if chunked_loss else 3 * 4 * B * T * V)
+    have = device_memory(device)
+    if have is None or need <= have:
         return None
-    if need <= ram:
+    return (f"a step of {B} x {T} tokens is estimated to need {need / 2**30:,.0f} GiB, more than the "
+            f"{have / 2**30:.0f} GiB of {device}; lower batch_size or block_size (or gradient_checkpointing=True), "
+            f"or memory_check=False to run it anyway")
+
+
+def busy_line(device, running=False):
+    """A warning line when other work holds the CPU cores this process's threads need, else None. torch's
+    threads wait for each other at every operation, so one thread on a busy core holds back the rest: with
+    another job on 2 cores, 2 threads ran 5x slower than 1 (sample.py 40.9 s against 8.2 s). The other work is
+    the 1-minute load average, less this process's own threads when it is `running` (computing flat out)."""
+    if not device.startswith("cpu") or not hasattr(os, "getloadavg"):
         return None
-    return (f"warning: a step of {B} x {T} tokens is estimated to need {need / 2**30:,.0f} GiB, more than this "
-            f"machine's {ram / 2**30:.0f} GiB; lower batch_size or block_size (or gradient_checkpointing=True)")
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    other = os.getloadavg()[0] - (threads if running else 0)
+    free = max(1, round(cores - other))  # the cores the other work leaves
+    if threads < 2 or other < 0.75 or threads <= free:
+        return None
+    return (f"warning: this machine is busy (other work keeps ~{other:.1f} of its {cores} cores loaded), and {threads} "
+            f"threads that wait for each other run several times slower on it; stop the other work, or rerun with "
+            f"OMP_NUM_THREADS={free}")
 
 
 def autocast(device, dtype):

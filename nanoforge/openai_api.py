@@ -45,6 +45,8 @@ async def read_json(request, max_body_bytes):
         obj = json.loads(body)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise ApiError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    except RecursionError:  # [[[[...]]]] thousands deep: Python's parser gives up before the body ends
+        raise ApiError(400, "The JSON body of your request is nested too deeply", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
     return obj
@@ -96,10 +98,20 @@ def sampling(body, default_max, max_tokens_cap, max_n):
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop", code="invalid_value")
+    # every token is checked against the stop strings as it is decoded: a bound keeps that work small
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"each 'stop' string must be at most {MAX_STOP_CHARS} characters", param="stop",
+                       code="invalid_value")
+    seed = field(body, "seed", "integer")
+    # a choice j draws with seed + j on a 64-bit generator
+    in_range("seed", seed, seed is None or -2**63 <= seed <= 2**63 - 1 - max_n, "a 64-bit integer")
     options = field(body, "stream_options", "object", {})
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n, stop=stop,
-                seed=field(body, "seed", "integer"), stream=field(body, "stream", "boolean", False),
+                seed=seed, stream=field(body, "stream", "boolean", False),
                 usage=bool(options.get("include_usage")))
+
+
+MAX_STOP_CHARS = 256  # the longest stop string a request may give
 
 
 def encode(tok, text, param):
@@ -141,13 +153,20 @@ def chat_prompt(tok, body):
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     plain = []
     for n, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # content parts: the text ones, joined
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ApiError(400, f"messages[{n}] must have a role (system, user or assistant) and string content",
-                           param=f"messages[{n}]")
+        where = f"messages[{n}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        role = "system" if role == "developer" else role  # the newer name of the system role
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{where} must have a role (system, user or assistant)", param=where)
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text ones only, joined
+            for k, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"{where}.content[{k}] must be a text part, {{\"type\": \"text\", \"text\": "
+                                   f"\"...\"}}: this model reads text only", param=f"{where}.content[{k}]")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
         plain.append({"role": role, "content": content})
     try:
         ids, _ = render(tok, plain, add_generation_prompt=True)

@@ -5,7 +5,7 @@ context, the check that a step's loss is finite, and setting the learning rate.
 import math
 import signal
 
-from nanoforge import hardware
+from nanoforge import hardware, runlog
 from nanoforge.errors import UserError
 
 
@@ -17,6 +17,36 @@ def startup_lines(log, device, device_why, dtype, dtype_why, changed, save_memor
     if kept := hardware.malloc_policy(device, save_memory=save_memory):
         log(kept)
     log("overrides: " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "none"))
+
+
+# what a resumed run may not change: the batches each step draws, the model's shape, the optimizer's state (the
+# data may move: dataset and data_dir may change, and a vocabulary that differs is refused by the checkpoint)
+CONTINUATION_KEYS = ("batch_size", "gradient_accumulation_steps", "total_batch_size", "seed",
+                     "optimizer_name", "n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "norm", "mlp",
+                     "qk_norm", "tie_embeddings", "zero_init", "logit_softcap")
+
+
+def resume_config(config, given, out_dir):
+    """The config of a resumed run: the run's own, as its run.json recorded it, with the knobs given on this
+    command line on top, so `--init_from=resume --out_dir=X` alone goes on where X stopped. Returns (config, a
+    line naming what the command changes, or None); a change that would not continue the run exactly is refused."""
+    try:
+        saved = runlog.read_run_json(out_dir)["config"]
+    except FileNotFoundError:
+        return config, None  # no run there: the checkpoint check that follows says so
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"--init_from=resume: {out_dir}/run.json is unreadable, so the run's settings are unknown; "
+                        f"give its config file and --key=value arguments as it was started") from None
+    changed = {k: config[k] for k in sorted(given) if k != "init_from" and k in saved and saved[k] != config[k]}
+    for key in changed:
+        if key in CONTINUATION_KEYS:
+            raise UserError(f"--init_from=resume: {key}={saved[key]!r} there, {config[key]!r} here: the run in "
+                            f"{out_dir} would not continue as it was; drop --{key}, or start a new run in another "
+                            f"--out_dir")
+    resumed = {**config, **{k: v for k, v in saved.items() if k in config and k not in given}, "init_from": "resume"}
+    line = ("resume: the run's settings, except " + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items())
+            if changed else None)
+    return resumed, line
 
 
 def fit_context(model, block_size, source, log=print):
@@ -92,25 +122,44 @@ def eval_windows(eval_iters, batch_size, block_size, eval_interval, planned_iter
     if share(windows) > EVAL_SHARE:  # scored <= share / (1 - share) * train
         most = EVAL_SHARE / (1 - EVAL_SHARE) * train / (evals * 2 * block_size)
         windows = max(1, int(most) // batch_size) * batch_size
-    capped = f" (eval_iters={eval_iters} capped to {windows // batch_size}: at most {EVAL_SHARE:.0%})" \
-        if windows < asked else ""
+    capped = ""
+    if windows < asked and share(windows) <= EVAL_SHARE:
+        capped = f" (eval_iters={eval_iters} capped to {windows // batch_size}: at most {EVAL_SHARE:.0%})"
+    elif windows < asked:  # even one batch is more than the share: say so, never "at most" beside a bigger figure
+        capped = (f" (eval_iters={eval_iters} capped to 1, the fewest, still over the {EVAL_SHARE:.0%} aimed at: "
+                  f"raise eval_interval, or train longer)")
     return windows, (f"evaluation: {windows:,} fixed windows of each split, ~{share(windows):.0%} of the run's "
                      f"compute{capped}")
 
 
-class StopSignals:
-    """Ctrl-C and SIGTERM ask a run to stop: the loop finishes its iteration, saves and exits (`requested`;
-    under torchrun all ranks agree through the loop's all-reduce). While `at_once` is set (an evaluation,
-    which saves nothing and on a big set could run for minutes), or when asked a second time, it stops
-    at once, keeping out_dir's last checkpoint."""
+class Stopped(Exception):
+    """Raised inside an evaluation when a stop is asked for: the evaluation is dropped, the training is kept."""
 
-    def __init__(self, log, out_dir):
-        self.requested, self.at_once, self.log, self.out_dir = False, False, log, out_dir
+
+class StopSignals:
+    """Ctrl-C and SIGTERM ask a run to stop (`requested`): a training step is finished first, an evaluation
+    (which on a big set could run for minutes) is dropped at once by raising Stopped where `in_eval` is set;
+    either way the loop then saves the model as of its last finished step. Under torchrun all ranks agree
+    through the loop's all-reduce, and an evaluation there runs to its end (a rank that left it would leave the
+    others waiting in its all-reduce). Asked a second time, it stops at once, saying what out_dir holds:
+    `saved_iter`, the iteration of the last checkpoint written or found (None: no checkpoint)."""
+
+    def __init__(self, log, out_dir, saved_iter=None, interrupt_evaluations=True):
+        self.requested, self.in_eval, self.log, self.out_dir = False, False, log, out_dir
+        self.saved_iter, self.interrupt_evaluations = saved_iter, interrupt_evaluations
         signal.signal(signal.SIGINT, self.handle)
         signal.signal(signal.SIGTERM, self.handle)
 
+    def kept(self):
+        if self.saved_iter is None:
+            return f"nothing was saved to {self.out_dir}"
+        return f"{self.out_dir} keeps the checkpoint of iteration {self.saved_iter}"
+
     def handle(self, signum, frame):
-        if self.at_once or self.requested:
-            self.log(f"stopped at once; {self.out_dir} keeps its last checkpoint")
+        if self.requested:  # a save is atomic: stopping in the middle of one keeps the previous file whole
+            self.log(f"stopped at once; {self.kept()}")
             raise KeyboardInterrupt
         self.requested = True
+        if self.in_eval and self.interrupt_evaluations:
+            self.in_eval = False
+            raise Stopped

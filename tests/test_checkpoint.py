@@ -5,6 +5,9 @@ takes every kind of source, and a crash mid-save keeps the previous checkpoint.
 """
 import os
 import random
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from nanoforge.checkpoint import (check_compatible, ckpt_path, load_checkpoint, 
                         save_checkpoint)
 from model import GPT, GPTConfig
 from nanoforge.errors import UserError
+from conftest import assert_one_line_error, run
 
 META = {"tokenizer": {"kind": "char", "chars": "abcdefgh"}, "iter_num": 7, "best_val_loss": 1.5,
         "config": {"batch_size": 4}, "dataset": "tiny"}
@@ -126,6 +130,44 @@ def test_random_bytes(tmp_path):
     path.write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_checkpoint(str(path))
+
+
+def damage_a_weight(path, how):
+    """Flips or zeroes bytes in the middle of the largest tensor's data inside a checkpoint file, leaving the
+    zip's structure whole: what a bad disk or an interrupted copy does, and what torch.load does not notice."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2  # the local header, then the data
+    if how == "flip":
+        data[start] ^= 0x10
+    else:
+        data[start:start + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "zero"])
+def test_damaged_weight_bytes_are_refused_naming_the_file(tmp_path, how):
+    path = tmp_path / "ckpt.pt"
+    m = tiny()
+    torch.nn.init.normal_(m.transformer.h[0].mlp.c_fc.weight)  # no run of zeros where the damage goes
+    save_checkpoint(str(path), m, META)
+    damage_a_weight(path, how)
+    # the file still loads as a zip of tensors: the damage is invisible to torch.load
+    assert torch.load(str(path), weights_only=True)["format"] == "nanoforge-checkpoint"
+    with pytest.raises(UserError, match=f"checkpoint {re.escape(str(path))} is corrupt: the bytes of "):
+        load_checkpoint(str(path))
+
+
+def test_every_script_that_loads_a_checkpoint_refuses_a_damaged_one(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint(ckpt_path(str(out)), tiny(), dict(META, config={"batch_size": 4, "optimizer_name": "adamw"}))
+    damage_a_weight(out / "ckpt.pt", "flip")
+    for script, args in [("sample.py", ["--num_samples=1", "--max_new_tokens=2"]), ("export.py", [f"--dest={tmp_path / 'hf'}"]),
+                         ("evaluate.py", [])]:
+        assert_one_line_error(run(script, f"--out_dir={out}", *args, check=False), "ckpt.pt is corrupt")
 
 
 def test_not_a_nanoforge_checkpoint(tmp_path):

@@ -283,13 +283,33 @@ def test_lost_peer_recognises_a_dead_or_hung_rank(monkeypatch):
     assert not errors.lost_peer(RuntimeError("shape mismatch")) and not errors.lost_peer(KeyError("x"))
 
 
-def test_step_memory_warning_for_a_context_no_machine_holds():
+def test_step_memory_check_for_a_context_no_machine_holds(monkeypatch):
     from model import GPTConfig
+    monkeypatch.setattr(hardware, "device_memory", lambda device: 24 * 2**30)  # a 24 GiB machine, whatever this is
     small = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65)
-    assert hardware.step_memory_warning(small, 10**6, 12, "float32", True, False) is None
+    assert hardware.step_memory_error(small, 10**6, 12, "float32", True, False, "cpu") is None
     huge = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=100_000, vocab_size=65)
-    line = hardware.step_memory_warning(huge, 10**7, 12, "bfloat16", True, False)
-    assert line.startswith("warning: a step of 12 x 100000 tokens") and "lower batch_size or block_size" in line
+    line = hardware.step_memory_error(huge, 10**7, 12, "bfloat16", True, False, "cpu")
+    assert line.startswith("a step of 12 x 100000 tokens is estimated to need ") and "more than the 24 GiB of cpu" in line
+    assert "lower batch_size or block_size" in line and "memory_check=False" in line
+
+
+@pytest.mark.parametrize("load,threads,running,fix", [
+    (0.2, 2, False, None),  # idle
+    (1.1, 2, False, "OMP_NUM_THREADS=1"),  # another job on one of the 2 cores
+    (3.0, 2, True, "OMP_NUM_THREADS=1"),  # the same, seen while this process's 2 threads run
+    (2.0, 2, True, None),  # only this process's own threads
+    (1.9, 1, False, None),  # one thread already: nothing to wait for
+])
+def test_busy_machine_line_names_the_fix(monkeypatch, load, threads, running, fix):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    line = hardware.busy_line("cpu", running=running)
+    assert (line is None) == (fix is None), line
+    if fix:
+        assert line.startswith("warning: this machine is busy") and line.endswith(fix)
+    assert hardware.busy_line("cuda", running=running) is None
 
 
 def test_out_of_memory_is_one_line():

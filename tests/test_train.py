@@ -7,13 +7,16 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from nanoforge import tokens
 from conftest import ROOT, SHAKESPEARE, TICK, TINY, assert_one_line_error, read_log, run, run_fake_clock, train_losses
 
 
@@ -61,6 +64,39 @@ def test_resume_equals_uninterrupted_run(char_data, tmp_path):
     val_b = [(r["iter"], r["val_loss"]) for r in read_log(part) if "val_loss" in r]
     assert [i for i, _ in val_a] == [i for i, _ in val_b] == [0, 5, 10, 15, 16]
     assert all(abs(x[1] - y[1]) < 1e-5 for x, y in zip(val_a, val_b))
+
+
+def test_resume_needs_only_the_out_dir_and_names_what_it_changes(char_data, tmp_path):
+    # the run's own settings come from its out_dir: no config file, no arguments repeated; a knob given on
+    # resume that differs from the run is said, or refused where the run would not continue as it was
+    common = [*TINY, f"--data_dir={char_data}", "--dropout=0.1", "--eval_interval=5"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run("train.py", *common, f"--out_dir={full}", "--max_iters=12")
+    run("train.py", *common, f"--out_dir={part}", "--max_iters=6")
+    proc = run("train.py", "--init_from=resume", f"--out_dir={part}", "--max_iters=12")
+    assert "resume: the run's settings, except max_iters=12 (was 6)" in proc.stdout
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(12))
+    assert all(abs(a[it] - b[it]) < 1e-5 for it in a), (a, b)
+    refused = run("train.py", "--init_from=resume", f"--out_dir={part}", "--max_iters=20", "--batch_size=8", check=False)
+    assert_one_line_error(refused, "--init_from=resume: batch_size=4 there, 8 here", "drop --batch_size")
+
+
+BUSY = """
+import os, runpy, sys, torch
+os.getloadavg = lambda: (3.0, 3.0, 3.0)  # another job keeps one of the 2 cores busy
+os.cpu_count = lambda: 2
+torch.set_num_threads(2)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_busy_machine_is_said_with_its_fix(char_data, tmp_path):
+    proc = run("-c", BUSY, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
+               f"--out_dir={tmp_path / 'o'}", "--max_iters=4")
+    assert proc.stdout.count("warning: this machine is busy") == 1, proc.stdout
+    assert "rerun with OMP_NUM_THREADS=1" in proc.stdout
 
 
 def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
@@ -136,10 +172,11 @@ def test_muon_and_architecture_options_resume_exactly(char_data, tmp_path):
     lrs = {r["iter"]: r["lr"] for r in read_log(full) if "lr" in r}
     assert lrs[2] == lrs[5] == 3e-3 and lrs[7] < lrs[6] < 3e-3  # wsd: flat, then down over the last half
     assert a[7] < a[0] - 0.2  # and it learns
-    # resuming with the other optimizer is refused in one line
+    # resuming with the other optimizer is refused in one line (left out, the run's own is taken)
     adamw = [a for a in common if a != "--optimizer_name=muon"]
-    proc = run("train.py", *adamw, f"--out_dir={part}", "--max_iters=9", "--init_from=resume", check=False)
-    assert_one_line_error(proc, "Muon", "--optimizer")
+    proc = run("train.py", *adamw, "--optimizer_name=adamw", f"--out_dir={part}", "--max_iters=9",
+               "--init_from=resume", check=False)
+    assert_one_line_error(proc, "optimizer_name='muon' there, 'adamw' here", "--optimizer")
 
 
 @pytest.mark.slow
@@ -200,8 +237,9 @@ def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     assert sorted(train_losses(out)) == list(range(last + 3))
 
 
-def test_sigterm_during_a_long_evaluation_stops_at_once(char_data, tmp_path):
-    # an evaluation saves nothing: a stop asked for during one ends the run there, not minutes later
+def test_sigterm_during_the_first_evaluation_stops_at_once_and_claims_no_file(char_data, tmp_path):
+    # an evaluation is dropped when a stop is asked for during it: the run ends there, not minutes later,
+    # and with no training done yet it saves nothing and says so (it used to claim a checkpoint it never wrote)
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}",
                              f"--out_dir={out}", "--eval_iters=20000"],
@@ -212,9 +250,41 @@ def test_sigterm_during_a_long_evaluation_stops_at_once(char_data, tmp_path):
     time.sleep(1.0)  # into the first evaluation: 2 x 80,000 windows, far longer than this test waits
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert f"stopped at once; {out} keeps its last checkpoint" in stdout
-    assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing was saved half way
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stop requested during the evaluation at iteration 0" in stdout
+    assert f"nothing to save, nothing was saved to {out}" in stdout
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_later_evaluation_saves_the_training_done(char_data, tmp_path):
+    # a stop during a long evaluation keeps every finished step: ckpt.pt holds the model as of the last one,
+    # it loads and resumes, and the log says what was saved
+    data = tmp_path / "big_val"  # char_data with a val split of ~4M tokens, so evaluating it takes seconds
+    data.mkdir()
+    for name in ("train.bin", "meta.json"):
+        shutil.copy(os.path.join(char_data, name), data / name)
+    train = np.asarray(tokens.open_tokens(os.path.join(char_data, "train.bin")))
+    tokens.write_tokens(str(data / "val.bin"), np.tile(train, 24), tokens.read_meta(char_data)["vocab_size"])
+    out = str(tmp_path / "out")
+    args = [*TINY, f"--data_dir={data}", f"--out_dir={out}"]
+    run("train.py", *args, "--max_iters=3", "--eval_interval=3")  # a checkpoint at iteration 3
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--init_from=resume",
+                             "--max_iters=100000", "--eval_interval=5", "--eval_whole_val=True"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and 4 not in train_losses(out):
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the evaluation at iteration 5, of the whole ~4M-token val split
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stop requested during the evaluation at iteration 5" in stdout
+    assert f"saved checkpoint to {out} at iteration 5 (stop requested)" in stdout
+    from nanoforge.checkpoint import load_checkpoint
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["iter_num"] == 5
+    run("train.py", *args, "--init_from=resume", "--max_iters=7", "--eval_interval=5")
+    assert sorted(train_losses(out)) == list(range(7))
 
 
 @pytest.mark.slow
@@ -370,6 +440,17 @@ def test_error_knob_out_of_range(char_data, tmp_path, bad, fragment):
     proc = run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", bad, check=False)
     assert_one_line_error(proc, fragment)
     assert not os.path.exists(tmp_path / "o")  # checked before anything ran
+
+
+def test_a_step_no_machine_can_hold_is_refused_before_it_runs(char_data, tmp_path):
+    # estimated at petabytes: refused in one line with the estimate and what to lower, before any step
+    # allocates (it used to warn, then thrash the machine for minutes); nothing is left behind
+    args = [*TINY, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'o'}", "--block_size=16000",
+            "--batch_size=100000", "--dtype=float32"]
+    proc = run("train.py", *args, check=False)
+    assert_one_line_error(proc, "a step of 100000 x 16000 tokens is estimated to need", "lower batch_size or block_size",
+                          "memory_check=False")
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_error_prompt_outside_vocabulary(trained):
@@ -571,4 +652,7 @@ def test_evaluations_take_a_bounded_share_of_a_short_run():
     assert 0 < windows < 200 * 12 and windows % 12 == 0 and "capped" in line
     scored = 2 * 2 * windows * 1024
     assert scored / (3 * 100 * 12 * 1024 + scored) <= EVAL_SHARE
-    assert eval_windows(200, 12, 1024, 2000, 1, 12 * 1024)[0] == 12  # never below one batch
+    windows, line = eval_windows(200, 12, 1024, 2000, 1, 12 * 1024)
+    assert windows == 12  # never below one batch
+    # where even one batch is over the share the line says so: no "at most 33%" beside a bigger figure
+    assert "capped to 1, the fewest, still over the 33% aimed at" in line and "at most" not in line
