@@ -17,10 +17,10 @@ recipe that varies another starts from it by importing it, then sets what differ
     time_budget = 17.0
 """
 import ast
+import builtins
 import difflib
 import glob
 import os
-import sys
 import types
 
 from nanoforge.errors import UserError
@@ -99,21 +99,24 @@ def configure(defaults, argv, script=None, given=None):
 
 
 def run_config_file(path):
-    """Executes a config file in a new namespace, its folder first on sys.path (as `python path` would
-    have it), and returns the namespace. Config files imported from that folder are forgotten afterwards:
-    a config is read fresh each time, never a module cached from an earlier read."""
+    """Executes a config file in a new namespace and returns the namespace. A config may start from another
+    in its folder as Python would import it, `from train_shakespeare_char_cpu import *`: such an import of a
+    sibling file runs that file here the same way (read fresh each time, never a cached module); every other
+    import is Python's own."""
     folder = os.path.dirname(os.path.abspath(path))
+
+    def config_import(name, globals=None, locals=None, fromlist=(), level=0):
+        sibling = os.path.join(folder, name + ".py")
+        if level == 0 and os.path.isfile(sibling):
+            base = types.ModuleType(name)
+            base.__dict__.update({k: v for k, v in run_config_file(sibling).items() if not k.startswith("__")})
+            return base
+        return builtins.__import__(name, globals, locals, fromlist, level)
+
     with open(path) as f:
         code = compile(f.read(), path, "exec")
-    scope, loaded = {}, set(sys.modules)
-    sys.path.insert(0, folder)
-    try:
-        exec(code, scope)  # a config file is plain Python, run in its own namespace
-    finally:
-        sys.path.remove(folder)
-        for name in set(sys.modules) - loaded:
-            if os.path.dirname(os.path.abspath(getattr(sys.modules[name], "__file__", None) or "")) == folder:
-                del sys.modules[name]
+    scope = {"__builtins__": dict(vars(builtins), __import__=config_import)}
+    exec(code, scope)  # a config file is plain Python, run in its own namespace
     return scope
 
 
