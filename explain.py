@@ -47,16 +47,6 @@ defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
 
 
-def read_arg(value, what):
-    if not value.startswith("FILE:"):
-        return value
-    try:
-        with open(value[5:], encoding="utf-8-sig") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read the {what} file {value[5:]}: {e.strerror}") from None
-
-
 t0 = time.time()
 torch.manual_seed(seed)
 source = out_dir if init_from == "resume" else init_from
@@ -65,7 +55,7 @@ model.eval()
 tok = load_tokenizer(tok_spec)
 cfg = model.config
 out = out or os.path.join(out_dir if init_from == "resume" else ".", "explain")
-prompt = read_arg(prompt, "prompt")
+prompt = files.text_arg(prompt, "prompt")
 ids = tok.encode(prompt)
 if not ids:
     raise UserError("the prompt is empty: pass --prompt=\"some text\"")
@@ -90,7 +80,7 @@ views = {
 }
 n = min(surprise_tokens, cfg.block_size) + 1
 if text:
-    held, where = tok.encode(read_arg(text, "text"))[:n], "--text"
+    held, where = tok.encode(files.text_arg(text, "text"))[:n], "--text"
 else:
     held, where = inspection.val_ids(data_dir, n), f"the val split of {data_dir}"
 if not held or len(held) < 2:

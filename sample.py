@@ -17,7 +17,7 @@ import sys
 import torch
 
 from configurator import configure, knobs
-from nanoforge import errors, hardware
+from nanoforge import errors, files, hardware
 from nanoforge.chat_template import CHAT_TOKENS, render
 from nanoforge.checkpoint import load_model
 from nanoforge.errors import UserError
@@ -114,12 +114,7 @@ if chat:
         sys.stdout.write("\n")
     sys.exit(0)
 
-if start.startswith("FILE:"):
-    try:
-        with open(start[5:], encoding="utf-8-sig") as f:
-            start = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+start = files.text_arg(start, "prompt")
 start_ids = tok.encode(start)
 if not start_ids:  # an empty prompt: begin a fresh document
     if tok.eot_id is None:

@@ -58,6 +58,24 @@ def lock_out_dir(out_dir):
     return lock
 
 
+def read_text(path, what="text"):
+    """A text file's contents as a str, a byte-order mark dropped; a file that cannot be read, or is not
+    UTF-8, is a one-line error naming it and the fix."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the {what} file {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                        f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > utf8.txt") from None
+
+
+def text_arg(value, what):
+    """A --key=value text argument: the value itself, or with FILE:path the file's contents (read_text)."""
+    return read_text(value[5:], what) if value.startswith("FILE:") else value
+
+
 def _remove_if_unused(out_dir):
     try:
         if set(os.listdir(out_dir)) <= {".lock"}:

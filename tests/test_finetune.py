@@ -155,6 +155,13 @@ def test_finetune_from_hf_gpt2_adds_chat_tokens(hf_gpt2_full_vocab_dir, tmp_path
 def test_finetune_without_data_is_a_one_line_error(char_base, tmp_path):
     proc = run("finetune.py", f"--init_from={char_base}", f"--out_dir={tmp_path / 'o'}", check=False)
     assert_one_line_error(proc, "no data")
+    # data that is not UTF-8 (a file saved as Latin-1): one line naming the file, no traceback
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    proc = run("finetune.py", f"--init_from={char_base}", f"--out_dir={tmp_path / 'o'}", f"--train_file={latin1}",
+               f"--val_file={latin1}", check=False)
+    assert_one_line_error(proc, f"{latin1} is not UTF-8 text")
+    assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.slow

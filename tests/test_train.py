@@ -471,6 +471,10 @@ def test_sample_prompt_from_file(trained, tmp_path):
     assert proc.stdout.startswith("KING:")
     proc = run("sample.py", f"--out_dir={trained}", f"--start=FILE:{tmp_path / 'missing.txt'}", check=False)
     assert_one_line_error(proc, "cannot read the prompt file")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("KING: caf\u00e9".encode("latin-1"))
+    proc = run("sample.py", f"--out_dir={trained}", f"--start=FILE:{latin1}", check=False)
+    assert_one_line_error(proc, f"the prompt file {latin1} is not UTF-8 text (byte 9 is 0xe9)", "iconv")
 
 
 # ---------------------------------------------------------------------------------------------------
