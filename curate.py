@@ -127,7 +127,8 @@ if __name__ == "__main__":
     from nanoforge.curation import pipeline  # the per-document map and the corpus-wide passes
     from nanoforge.curation.report import write_report
 
-    inputs = find_files([p for p in entries if p not in hub])
+    inputs, found = find_files([p for p in entries if p not in hub])
+    print(found)
     if not inputs and not hub:
         raise UserError(f"no documents found in {input}: the files are empty")
     parent = os.path.dirname(os.path.abspath(output))
@@ -142,7 +143,7 @@ if __name__ == "__main__":
               f"in {time.time() - t0:.1f} s")
         classifier = None
         if classifier_reference:  # stage 6's classifier is trained once, up front, then scores each document
-            ref_files = find_files([p for p in classifier_reference.split(",") if p])
+            ref_files, _ = find_files([p for p in classifier_reference.split(",") if p])
             if not ref_files:
                 raise UserError(f"classifier_reference {classifier_reference} holds no documents: its files are empty")
             reference = load_documents(ref_files, dict(config, txt_split=classifier_reference_split, id_field="", url_field=""),

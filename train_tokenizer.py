@@ -7,7 +7,7 @@ $ python train_tokenizer.py --input=corpus.txt --vocab_size=8192 --out=tokenizer
 $ python train_tokenizer.py --input=web.jsonl.gz --text_field=text --pattern=gpt2 --out=tokenizers/web
 $ python data/shakespeare/prepare.py --tokenizer=tokenizers/mytok --out_dir=data/shakespeare_mytok
 
---input is a .txt file (one unit per line), a .jsonl / .jsonl.gz / .parquet file (one document per
+--input is a text file (.txt, .md, .py, ...: one unit per line), a .jsonl / .jsonl.gz / .parquet file (one document per
 record, in --text_field), or a folder searched recursively for them. Files are streamed, twice (count,
 then train), so the corpus is never held in memory whole; the held-out part is. vocab_size counts the
 256 single bytes, the merges and the special tokens (tokenizer.SPECIAL_TOKENS). Training is the Hugging
@@ -19,14 +19,15 @@ import time
 
 from configurator import configure, knobs
 from nanoforge import errors
-from nanoforge.corpus import jsonl_records
+from nanoforge.corpus import builder_of, find_files, jsonl_records, parse_ext
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import PATTERNS, SPECIAL_TOKENS, gpt2_encoding, load_bpe, save_bpe, train_bpe
 
 errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
-input = ""  # a file or folder (.txt, .jsonl, .jsonl.gz, .parquet)
+input = ""  # a file or folder: text, code or markup files (.txt, .md, .py, ...), .jsonl, .jsonl.gz, .parquet
+ext = ""  # the kinds of file taken from a folder, e.g. '.py,.md'; '' takes every kind
 text_field = "text"  # the field holding the document in JSON lines / parquet
 vocab_size = 8192  # single bytes + merges + special tokens
 pattern = "gpt4"  # pre-tokenization split: 'gpt2', 'gpt4' (cl100k's), or a regex of your own
@@ -36,9 +37,8 @@ progress = True
 # -----------------------------------------------------------------------------------------------------
 defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 if not input:
-    raise UserError("no corpus: pass --input=FILE or FOLDER (.txt, .jsonl, .jsonl.gz, .parquet)")
+    raise UserError("no corpus: pass --input=FILE or FOLDER (text, code or markup files, .jsonl, .jsonl.gz, .parquet)")
 if not 0 <= heldout_fraction < 1:
     raise UserError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
 if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -51,22 +51,9 @@ if pattern not in PATTERNS and "(" not in pattern and "\\" not in pattern:  # a 
 # the corpus: files, then their units (a line of a .txt file, a document of the others), streamed
 
 
-def find_files(path):
-    if os.path.isdir(path):
-        found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(SUFFIXES))
-        if not found:
-            raise UserError(f"no {', '.join(SUFFIXES)} files in folder {path}")
-        return found
-    if not os.path.isfile(path):
-        raise UserError(f"input path {path} not found")
-    if not path.endswith(SUFFIXES):
-        raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(SUFFIXES)} files, or folders")
-    return [path]
-
-
 def units(path):
     """The strings of one file, in order."""
-    if path.endswith(".txt"):
+    if builder_of(path) == "text":
         with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": \r\n stays as written
             yield from f
     elif path.endswith(".parquet"):
@@ -99,7 +86,8 @@ def corpus():
             raise UserError(f"{path} is not UTF-8 text ({e})") from None
 
 
-files = [os.path.abspath(f) for f in find_files(input)]
+files, found = find_files([input], parse_ext(ext))
+print(found)
 n_units = sum(1 for _ in corpus())  # a first pass, to know where the held-out tail begins
 n_train = n_units - int(n_units * heldout_fraction)
 t0 = time.time()
@@ -127,7 +115,7 @@ def training_texts(group=1 << 20):
         yield "".join(piece) if input_is_lines else piece
 
 
-input_is_lines = all(f.endswith(".txt") for f in files)
+input_is_lines = all(builder_of(f) == "text" for f in files)
 print(f"training a {vocab_size:,}-token byte-level BPE ({pattern} split) on {n_train:,} of {n_units:,} "
       f"{'lines' if input_is_lines else 'documents'} in {len(files)} file(s)")
 ranks, _ = train_bpe(training_texts(), vocab_size, pattern, SPECIAL_TOKENS, progress=progress)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import urllib.request
+from collections import Counter
 
 from nanoforge import files
 from nanoforge.errors import UserError
@@ -107,30 +108,75 @@ def prepare_text_dataset(folder, what, default_tokenizer, url, shared_copy):
 
 
 # file suffix -> the datasets builder that reads it
-BUILDERS = {".txt": "text", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+# the kinds of file --input takes: text (one document a file; code and markup are text too), JSON lines, parquet
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".tex", ".html", ".css", ".py", ".js", ".ts", ".c", ".h",
+                 ".cc", ".cpp", ".hpp", ".java", ".go", ".rs", ".rb", ".sh", ".sql", ".yaml", ".yml", ".toml")
+BUILDERS = {**{suffix: "text" for suffix in TEXT_SUFFIXES}, ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 
 
-def builder_of(path):
-    return next((b for suffix, b in BUILDERS.items() if path.endswith(suffix)), None)
+def builder_of(path, suffixes=None):
+    """The datasets builder that reads `path` by its ending ('text', 'json', 'parquet'), or None; suffixes
+    limits the endings taken (parse_ext)."""
+    return next((b for suffix, b in BUILDERS.items() if path.endswith(suffix) and (not suffixes or suffix in suffixes)),
+                None)
 
 
-def find_files(inputs):
-    """The input files, in order: each --input is a file, or a folder searched recursively. Empty files hold
-    no documents and are left out (datasets' JSON reader fails on them)."""
-    files = []
+def parse_ext(text):
+    """--ext=.py,.md -> ('.py', '.md'): the kinds of file taken from folders; '' takes every kind in BUILDERS."""
+    suffixes = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip() for e in text.split(",") if e.strip())
+    unknown = [e for e in suffixes if e not in BUILDERS]
+    if unknown:
+        raise UserError(f"--ext={text}: {', '.join(unknown)} is not a kind this reads; choose from {', '.join(BUILDERS)}")
+    return suffixes
+
+
+def is_binary(path):
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def find_files(inputs, suffixes=None):
+    """The input files, in order, and a line saying how many were taken and skipped, by reason: each input
+    is a file, or a folder searched recursively for the kinds in `suffixes` (default: every kind in BUILDERS).
+    Skipped: other kinds, hidden files and folders (.git, .venv), binary files (a NUL byte in the first 8 KiB),
+    empty files (no documents; datasets' JSON reader fails on them)."""
+    files, skipped, kinds = [], Counter(), Counter()
     for path in inputs:
         if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if builder_of(f))
-            if not found:
-                raise UserError(f"no {', '.join(BUILDERS)} files in folder {path}")
-            files += found
+            for folder, dirs, names in os.walk(path):
+                skipped["hidden"] += sum(d.startswith(".") for d in dirs) + sum(n.startswith(".") for n in names)
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(n for n in names if not n.startswith(".")):
+                    if builder_of(name, suffixes):
+                        files.append(os.path.join(folder, name))
+                    else:
+                        kinds[os.path.splitext(name)[1] or "no ending"] += 1
         elif os.path.isfile(path):
             if not builder_of(path):
                 raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(BUILDERS)} files, or folders")
             files.append(path)
         else:
             raise UserError(f"input path {path} not found")
-    return [os.path.abspath(f) for f in files if os.path.getsize(f) > 0]
+    taken = []
+    for f in files:
+        if os.path.getsize(f) == 0:
+            skipped["empty"] += 1
+        elif builder_of(f) == "text" and is_binary(f):
+            skipped["binary"] += 1
+        else:
+            taken.append(os.path.abspath(f))
+    if kinds:
+        skipped["other kinds (" + ", ".join(f"{k} {n}" for k, n in kinds.most_common(5)) + \
+                (", ..." if len(kinds) > 5 else "") + ")"] = sum(kinds.values())
+    by_kind = Counter(next(x for x in BUILDERS if f.endswith(x)) for f in taken)
+    line = (f"input: {len(taken):,} files read ({', '.join(f'{k} {n}' for k, n in by_kind.most_common())})"
+            + (f"; skipped {sum(skipped.values()):,}: " + ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
+               if sum(skipped.values()) else ""))
+    if inputs and not taken and not any(os.path.isfile(p) for p in inputs):
+        why = ", ".join(f"{n} {why}" for why, n in skipped.items() if n) or "it is empty"
+        raise UserError(f"no files to read in {', '.join(inputs)} (skipped: {why}); the kinds read, chosen by --ext: "
+                        f"{', '.join(BUILDERS)}")
+    return taken, line
 
 
 def check_text_field(dset, field, where):

@@ -178,7 +178,7 @@ def test_train_tokenizer_script_on_a_folder_with_parquet(tmp_path):
     (folder / "sub").mkdir(parents=True)
     pq.write_table(pa.table({"text": HARD * 3}), folder / "sub" / "docs.parquet")
     (folder / "lines.txt").write_text("".join(corpus_lines()[:200]), encoding="utf-8")
-    (folder / "notes.md").write_text("not a corpus file")
+    (folder / "logo.png").write_bytes(b"\x89PNG\0")  # not a kind of text: skipped
     proc = run_script("train_tokenizer.py", f"--input={folder}", "--vocab_size=300", f"--out={tmp_path / 'tok'}",
                "--progress=False")
     assert proc.returncode == 0, proc.stderr

@@ -156,7 +156,7 @@ def test_your_text_txt_folder_and_blank_line_split(tmp_path):
     docs = [d for d in DOCS if d]  # an empty file holds no document
     for i, doc in enumerate(docs):
         (folder / ("sub" if i % 2 else "") / f"{i}.txt").write_text(doc, encoding="utf-8")
-    (folder / "notes.md").write_text("not a document")
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # not a kind of text: skipped
     blank = tmp_path / "stories.txt"
     stories = ["Once upon a time.\nThe end.", "Another story.", "A third, 🦊."]
     blank.write_text("\n\n".join(stories) + "\n\n\n" + "\n", encoding="utf-8")
@@ -172,6 +172,46 @@ def test_your_text_txt_folder_and_blank_line_split(tmp_path):
     assert meta["val_documents"] == math.ceil(0.2 * len(docs))
 
 
+@pytest.mark.slow  # three runs of the script
+def test_your_text_reads_a_folder_of_code_as_given_and_says_what_it_skipped(tmp_path):
+    folder = tmp_path / "project"
+    (folder / "pkg").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]")
+    code = {"pkg/a.py": "def f(x):\n    return x * 2\n", "pkg/b.py": "import os\nprint(os.sep)\n",
+            "README.md": "# A project\n\nIt doubles numbers.\n"}
+    for name, text in code.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "pkg" / "empty.py").write_text("")
+    (folder / "weird.txt").write_bytes(b"text\0with a NUL")
+    (folder / "logo.png").write_bytes(b"\x89PNG\0")
+    (folder / "data.bin").write_bytes(b"\0\1")
+    proc = run("your_text", f"--input={folder}", f"--out_dir={tmp_path / 'all'}", "--val_fraction=0.34",
+               "--min_val_tokens=1", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("input: 3 files read (.py 2, .md 1); skipped 5: 1 hidden, 1 binary, 1 empty, 2 other kinds (.bin 1, "
+            ".png 1)") in proc.stdout
+    meta = tokens.read_meta(str(tmp_path / "all"))
+    check_documents(str(tmp_path / "all"), meta, list(code.values()), load_tokenizer(meta["tokenizer"]))
+    proc = run("your_text", f"--input={folder}", f"--out_dir={tmp_path / 'py'}", "--ext=.py", "--val_fraction=0.5",
+               "--min_val_tokens=1", tmp_path=tmp_path)
+    assert proc.returncode == 0 and "input: 2 files read (.py 2); skipped" in proc.stdout, proc.stderr
+    # an existing dataset is not replaced unless asked
+    again = run("your_text", f"--input={folder}", f"--out_dir={tmp_path / 'py'}", tmp_path=tmp_path)
+    assert_one_line_error(again, "already holds a prepared dataset; pass --overwrite")
+    assert_one_line_error(run("your_text", f"--input={folder}", "--ext=.docx", tmp_path=tmp_path), "--ext=.docx")
+
+
+@pytest.mark.slow
+def test_one_file_of_your_own_text_gets_a_held_out_split_by_paragraph(tmp_path):
+    book = tmp_path / "book.txt"
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        book.write_text(f.read()[:200_000], encoding="utf-8")
+    out, meta = prepare("your_text", f"--input={book}", "--num_proc=1", tmp_path=tmp_path)
+    # one file is one document: its paragraphs are held out instead, enough to score (not a 13-token val)
+    assert meta["val_documents"] > 20 and meta["val_tokens"] >= 5000 and meta["train_tokens"] > 8 * meta["val_tokens"]
+
+
 @pytest.mark.slow  # two or three runs of the script
 def test_your_text_bad_input_is_a_one_line_error(tmp_path):
     path = tmp_path / "docs.jsonl"
@@ -181,7 +221,8 @@ def test_your_text_bad_input_is_a_one_line_error(tmp_path):
     assert_one_line_error(run("your_text", f"--input={tmp_path / 'nope.jsonl'}", out, tmp_path=tmp_path),
                           "not found")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run("your_text", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no .txt")
+    assert_one_line_error(run("your_text", f"--input={tmp_path / 'empty'}", out, tmp_path=tmp_path), "no files to read")
+    assert not os.path.exists(tmp_path / "out")  # a refused or failed run leaves no folder behind
     # nothing to read, or two sources; OpenWebText by name, offline here
     assert_one_line_error(run("your_text", out, tmp_path=tmp_path), "nothing to prepare", "--dataset=openwebtext")
     assert_one_line_error(run("your_text", f"--input={path}", "--dataset=openwebtext", out, tmp_path=tmp_path),

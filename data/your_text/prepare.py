@@ -6,7 +6,8 @@ documents (fixed --seed; at least enough for --min_val_tokens, at most a tenth) 
 A Hugging Face hub dataset works the same by --dataset, OpenWebText among them, as in nanoGPT's
 data/openwebtext (written to data/openwebtext, which train.py reads by default).
 
-    python data/your_text/prepare.py --input=my_corpus/     # -> data/your_text: train.py --dataset=your_text
+    python data/your_text/prepare.py --input=book.txt        # -> data/book: train.py --dataset=book
+    python data/your_text/prepare.py --input=my_code/ --ext=.py,.md   # only these kinds from the folder
     python data/your_text/prepare.py --input=web.jsonl.gz --text_field=text --out_dir=data/web
     python data/your_text/prepare.py --input=stories/ --txt_split=blank --out_dir=data/stories
     python data/your_text/prepare.py --input=web.jsonl.gz --tokenizer=tokenizers/mytok --out_dir=data/web_mytok
@@ -18,23 +19,28 @@ data/openwebtext (written to data/openwebtext, which train.py reads by default).
 character vocabulary has no end-of-text token to keep documents apart.
 
 --input takes files, or folders searched recursively for them:
-    .txt                one document per file; with --txt_split=blank, documents separated by blank lines
+    .txt, .md, .py, ... text, markup and code (corpus.TEXT_SUFFIXES): one document per file, or with
+                        --txt_split=blank documents separated by blank lines (the default for one file alone)
     .jsonl, .jsonl.gz   one JSON object a line, the document in its --text_field
     .parquet            the document in column --text_field
 Hugging Face `datasets` turns the input into memory-mapped Arrow files on disk and tokenizes them in
 --num_proc processes; the token files are then written a batch of documents at a time. Memory stays
 flat however large the corpus. Local inputs are cached in a temporary folder inside --out_dir, removed
 at the end; the hub download goes to Hugging Face's cache (or --cache_dir), so a rerun reuses it.
-Without --out_dir, --input writes to data/your_text and --dataset=NAME to data/<NAME's last part>.
+Without --out_dir, --input=book.txt writes to data/book and --dataset=NAME to data/<NAME's last part>. The
+folder is built beside its place and renamed in when whole: a failed run leaves none, and an existing dataset
+is replaced only with --overwrite.
 With --shard_tokens=N the splits are written as shards of N tokens (train_000000.bin, ...), which
 train.py reads as one split; the single-file layout is the default.
 OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens from it.
 """
 import argparse
+import atexit
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -42,8 +48,10 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from nanoforge import errors, tokens
-from nanoforge.corpus import builder_of, curated_splits, find_files, input_error, load_hub, reason, text_column
+from nanoforge.corpus import (builder_of, curated_splits, find_files, input_error, load_hub, parse_ext, reason,
+                              text_column)
 from nanoforge.errors import UserError
+from nanoforge.files import replace_folder
 from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -84,8 +92,11 @@ if __name__ == "__main__":
     parser.add_argument("--shard_tokens", type=int, default=0,
                         help="write shards of this many tokens (train_000000.bin, ...); 0: one train.bin (%(default)s)")
     parser.add_argument("--text_field", default="text", help="field holding the document in JSON lines / parquet")
-    parser.add_argument("--txt_split", choices=["file", "blank"], default="file",
-                        help="a .txt file is one document (file) or documents separated by blank lines (blank)")
+    parser.add_argument("--ext", default="", help="the kinds of file taken from folders, e.g. .py,.md (default: "
+                        "every kind: text, code and markup, .jsonl, .jsonl.gz, .parquet)")
+    parser.add_argument("--txt_split", choices=["auto", "file", "blank"], default="auto",
+                        help="a text file is one document (file), or documents separated by blank lines (blank); "
+                        "auto: blank for a single text file (a book, an article), file otherwise")
     parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out (%(default)s)")
     parser.add_argument("--min_val_tokens", type=int, default=20000,
                         help="hold out more documents than --val_fraction where needed to reach about this many val "
@@ -95,6 +106,7 @@ if __name__ == "__main__":
     parser.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
     parser.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default: data/your_text for "
                         "--input, data/<name> for --dataset)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out_dir")
     parser.add_argument("--cache_dir", help="Hugging Face datasets cache (default: a temporary folder in --out_dir "
                         "for --input, Hugging Face's own cache for the hub)")
     args = parser.parse_args()
@@ -103,9 +115,12 @@ if __name__ == "__main__":
     if not args.input and not args.dataset:
         raise UserError("nothing to prepare: give your text with --input=FILES_OR_FOLDERS, or a hub dataset with "
                         "--dataset=NAME (OpenWebText: --dataset=openwebtext)")
-    if not args.out_dir:  # a hub dataset gets its own folder: data/openwebtext is what train.py reads by default
-        args.out_dir = here if args.input else os.path.join(os.path.dirname(here),
-                                                            os.path.basename(args.dataset.rstrip("/")))
+    if not args.out_dir:  # data/<name>: data/openwebtext is what train.py reads by default, data/book for book.txt
+        name = os.path.basename(os.path.normpath(args.input[0] if args.input else args.dataset))
+        args.out_dir = os.path.join(os.path.dirname(here), name.split(".")[0] or "your_text")
+    if os.path.exists(os.path.join(args.out_dir, "meta.json")) and not args.overwrite:
+        raise UserError(f"{args.out_dir} already holds a prepared dataset; pass --overwrite to replace it (it is "
+                        f"replaced only once the new one is whole), or another --out_dir")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.shard_tokens < 0:
@@ -116,9 +131,14 @@ if __name__ == "__main__":
         raise UserError("--tokenizer=char: a character vocabulary has no end-of-text token to keep documents "
                         "apart; use gpt2 or a folder written by train_tokenizer.py")
     tok = tokenizer_from_arg(args.tokenizer)
-    files = find_files(args.input) if args.input else None
-    if files == []:
-        raise UserError(f"no documents found in {', '.join(args.input)}: the files are empty")
+    files = None
+    if args.input:
+        files, found = find_files(args.input, parse_ext(args.ext))
+        print(found)
+        if not files:
+            raise UserError(f"no documents found in {', '.join(args.input)}: the files are empty")
+        if args.txt_split == "auto":  # one text file: its paragraphs are the documents, so some can be held out
+            args.txt_split = "blank" if len(files) == 1 and builder_of(files[0]) == "text" else "file"
     if files:
         os.environ["HF_HUB_OFFLINE"] = "1"  # local files need no network; read by datasets at import
     import datasets
@@ -126,7 +146,10 @@ if __name__ == "__main__":
     # --------------------------------------------------------------------------------------------------
     # the documents, as one Arrow-backed dataset with a 'text' column
 
-    os.makedirs(args.out_dir, exist_ok=True)
+    # built beside its place and renamed in when whole: a run that fails or is stopped leaves no half a dataset
+    final, args.out_dir = args.out_dir, f"{os.path.normpath(args.out_dir)}.tmp{os.getpid()}"
+    atexit.register(shutil.rmtree, args.out_dir, ignore_errors=True)
+    os.makedirs(args.out_dir)
     temp_cache = None
     if files and not args.cache_dir:  # a name .gitignore's data/*/*.tmp* covers
         temp_cache = tempfile.TemporaryDirectory(prefix="hf_cache.tmp", dir=args.out_dir)
@@ -208,6 +231,8 @@ if __name__ == "__main__":
               f"of the {len(dset):,} documents): its loss is noisy. A bigger corpus, or --min_val_tokens lower to say it is fine")
     if temp_cache:
         temp_cache.cleanup()
+    replace_folder(args.out_dir, final)
+    args.out_dir = final
     print(f"{'GPT-2 BPE' if tok.spec['kind'] == 'gpt2' else 'trained BPE ' + tok.spec['path']}, vocab size {tok.vocab_size:,}")
     for split in ("train", "val"):
         print(f"{split}: {meta[f'{split}_documents']:,} documents, {meta[f'{split}_tokens']:,} tokens, "
