@@ -57,6 +57,7 @@ import model as model_module
 from model import GPT, GPTConfig
 from nanoforge import errors, files, hardware, parallel, runlog
 from nanoforge.checkpoint import load_model, save_checkpoint
+from nanoforge.lm_head_loss import chunked_lm_head_loss
 
 errors.friendly_errors()
 
@@ -76,7 +77,7 @@ init_from = None  # None: random weights of the shape above; else an out_dir, ck
 mode = 'all'  # 'train' (forward + backward), 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp',
 # 'ttl', 'machine' (only the machine line)
 gradient_checkpointing = False  # train: recompute block activations in backward (parallel.gradient_checkpointing)
-chunked_loss = True  # train: LM head + loss in row chunks (model.ChunkedLMHeadLoss), as train.py; False: plain
+chunked_loss = True  # train: LM head + loss in row chunks (nanoforge/lm_head_loss.py), as train.py; False: plain
 repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
 warmup_steps = 2  # untimed: the first steps pay for allocation, kernel choice and compilation
@@ -422,6 +423,7 @@ print(f"device: {device} ({why})")
 rows = gen_batch if mode == 'generate' else batch_size * block_size
 dtype, why = hardware.resolve_dtype(dtype, device, (rows, n_embd))
 print(f"dtype: {dtype} ({why})")
+model_module.CausalSelfAttention.sdpa_backward = hardware.sdpa_backward(device, dtype)  # as train.py
 compile, why = hardware.resolve_compile(compile, device)
 print(f"compile: {compile} ({why})")
 env = runlog.run_info(device)
@@ -484,7 +486,7 @@ if mode in ('fsdp', 'ddp'):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
     x = torch.randint(mc.vocab_size, (batch_size, mc.block_size), device=device)  # (B, T)
     with hardware.autocast(device, dtype):
-        _, loss = step_model(x, x, chunked_loss=chunked_loss)
+        _, loss = step_model(x, x, head_loss=chunked_lm_head_loss if chunked_loss else None)
     loss.backward()
     optimizer.step()
     held = {'params': local_bytes(model.parameters()), 'grads': local_bytes(p.grad for p in model.parameters()),
@@ -508,7 +510,7 @@ if mode in ('fsdp', 'ddp'):
 # train: forward + backward on random batches; no optimizer and no data loading, only the model's work
 if mode in ('train', 'all'):
     if compile:
-        model_module.keep_chunked_head_eager()  # as hardware.compile_model does
+        hardware.prepare_to_compile(model)  # as hardware.compile_model does
     step_model = torch.compile(model) if compile else model
     model.train()
     B, T = batch_size, mc.block_size
@@ -522,7 +524,7 @@ if mode in ('train', 'all'):
         t0, c0 = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
         with hardware.autocast(device, dtype):
-            loss = step_model(x, y, chunked_loss=chunked_loss)[1]  # as train.py; plain path: logits not kept
+            loss = step_model(x, y, head_loss=chunked_lm_head_loss if chunked_loss else None)[1]  # as train.py
         loss.backward()
         sync()
         if i >= warmup_steps:

@@ -23,6 +23,7 @@ import time
 import torch
 
 from configurator import configure, knobs
+from model import CausalSelfAttention
 from nanoforge import chat_template, checkpoint, errors, files, hardware, lora, optim, parallel, runlog, tokens, training
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import load_tokenizer
@@ -116,6 +117,7 @@ optimizer = torch.optim.AdamW(optim.param_groups(model, weight_decay), lr=learni
 dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_size, model.config.n_embd))
 training.startup_lines(print, device, device_why, dtype, dtype_why, defaults, config, gradient_checkpointing)
 autocast_ctx = hardware.autocast(device, dtype)
+CausalSelfAttention.sdpa_backward = hardware.sdpa_backward(device, dtype)  # the attention path training takes
 
 # -----------------------------------------------------------------------------------------------------
 # logs and checkpoints
