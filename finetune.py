@@ -88,7 +88,7 @@ if model.config.vocab_size not in (base_tok.vocab_size, tok.vocab_size):
                     f"({base_spec['kind']}) has {base_tok.vocab_size} tokens; cannot tell which rows are which")
 if tok.vocab_size > model.config.vocab_size:
     print(f"adding {tok.vocab_size - model.config.vocab_size} chat tokens to the tokenizer and embedding")
-    model.resize_vocab(tok.vocab_size)
+    training.grow_vocab(model, tok.vocab_size)
 training.fit_context(model, block_size, init_from)
 model.to(device)
 if gradient_checkpointing:

@@ -1,14 +1,12 @@
 """
-The whole GPT language model, in one file, in reading order:
-LayerNorm, RMSNorm -> Rotary -> attention (fused, and attention_reference) -> MLP -> Block -> KVCache ->
-GPTConfig -> GPT (weight init, forward, GPT-2 import, FLOPs, generate with its uncached reference).
+The whole GPT language model, in one file, in reading order: LayerNorm, RMSNorm -> Rotary -> attention (fused,
+and attention_reference) -> MLP -> Block -> KVCache -> GPTConfig -> GPT (weight init, forward, GPT-2 import,
+FLOPs, generate beside its uncached reference).
 
-Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face
-GPT-2 weights load by key. This file is modelling only: no devices, no DDP, no checkpoint files. What
-depends on the machine is applied from outside (nanoforge/hardware.py: which attention path trains, the
-GELU form compiled code takes); serving's batched cache is nanoforge/engine.py's, the look inside the
-model explain.py shows is nanoforge/inspection.py's, the chunked LM head and loss nanoforge/lm_head_loss.py's,
-and the choice of the next token nanoforge/sampling.py's.
+Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face GPT-2
+weights load by key. Modelling only: no devices, no DDP, no files. What depends on the machine is set from
+outside (nanoforge/hardware.py); beside it in nanoforge/: the serving cache (engine.py), the look inside
+(inspection.py), the chunked LM head and loss (lm_head_loss.py), the next-token choice (sampling.py).
 References:
 1) GPT-2: "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019)
 2) the Hugging Face transformers GPT-2 implementation (weights layout, tanh GELU)
@@ -62,8 +60,7 @@ class Rotary(nn.Module):
     def __init__(self, head_size, max_len, base=10000.0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))  # (hs/2,)
-        t = torch.arange(max_len).float()
-        freqs = torch.outer(t, inv_freq)  # (max_len, hs/2)
+        freqs = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hs/2): position x frequency
         # not saved in checkpoints: it is a pure function of the config
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
@@ -71,14 +68,8 @@ class Rotary(nn.Module):
     def forward(self, x, pos):
         # x: (B, nh, T, hs), pos: first absolute position of x along T; an int, or a (B,) tensor when each
         # row sits at its own position (a server decoding many sequences at once, nanoforge/engine.py)
-        T = x.size(2)
-        if torch.is_tensor(pos):
-            where = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
-            cos = self.cos[where].to(x.dtype)[:, None]  # (B, 1, T, hs/2): broadcast over the heads
-            sin = self.sin[where].to(x.dtype)[:, None]
-        else:
-            cos = self.cos[pos:pos + T].to(x.dtype)  # (T, hs/2)
-            sin = self.sin[pos:pos + T].to(x.dtype)
+        where = torch.arange(x.size(2), device=x.device) + (pos[:, None, None] if torch.is_tensor(pos) else pos)
+        cos, sin = self.cos[where].to(x.dtype), self.sin[where].to(x.dtype)  # (T, hs/2), or (B, 1, T, hs/2)
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2) each
         y1 = x1 * cos - x2 * sin
         y2 = x1 * sin + x2 * cos
@@ -86,10 +77,9 @@ class Rotary(nn.Module):
 
 
 def attention_reference(q, k, v, dropout_p=0.0, training=False, mask=None):
-    """Plain causal attention, the reference that the fused SDPA path is tested against.
-    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i.
-    mask: a boolean (Tq, Tk) or (B, 1, Tq, Tk) of the keys each query may see, in place of that causal one
-    (a cache's mask: rows of a batch that sit at different positions)."""
+    """Plain causal attention, the reference that the fused SDPA path is tested against. q: (B, nh, Tq, hs);
+    k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i. mask: a cache's boolean
+    (Tq, Tk) or (B, 1, Tq, Tk) of the keys each query may see, in place of that causal one."""
     Tq, Tk = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
     if mask is None:
@@ -102,9 +92,8 @@ def attention_reference(q, k, v, dropout_p=0.0, training=False, mask=None):
 
 class CausalSelfAttention(nn.Module):
 
-    # Which path runs, set from outside (the model knows no devices): use_sdpa=False runs attention_reference
-    # everywhere; sdpa_backward=False only where a backward follows (training), keeping the fused kernel for
-    # decoding and evaluation (hardware.sdpa_backward: PyTorch's CPU kernel is slow in bf16 backward)
+    # Which path runs, set from outside: use_sdpa=False runs attention_reference everywhere; sdpa_backward=False
+    # only where a backward follows (training; hardware.sdpa_backward: the CPU kernel's bf16 backward is slow)
     use_sdpa = True
     sdpa_backward = True
 
@@ -146,9 +135,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
         dropout_p = self.attn_dropout_p if self.training else 0.0
         if self.use_sdpa and (self.sdpa_backward or not torch.is_grad_enabled()):
-            # fused kernels (flash / memory-efficient on CUDA). is_causal assumes an aligned square mask: a
-            # cache that holds keys before the queries gives its own mask, except for one query, which
-            # sees every key and needs none
+            # fused kernels (flash / memory-efficient on CUDA). is_causal assumes an aligned square mask: a cache
+            # holding keys before the queries gives its own, except for one query, which sees every key
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                is_causal=mask is None and T > 1)
         else:
@@ -158,9 +146,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class ReLUSquared(torch.autograd.Function):
-    """relu(x)^2 with a hand-written backward, 2 * relu(x) * grad: the same numbers as
-    F.relu(x).square() (the reference, tested against) in half the kernel launches, which is what a
-    small model on a CPU spends its time on."""
+    """relu(x)^2 with a hand-written backward, 2 * relu(x) * grad: the same numbers as F.relu(x).square() (the
+    reference, tested against) in half the kernel launches, which is what a small model on a CPU spends time on."""
 
     @staticmethod
     def forward(ctx, x):
@@ -221,9 +208,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of one layer for all positions generated so far, preallocated to block_size. The
-    interface attention uses, which every cache has: `length` (the position of the next query), mask(T)
-    and append(k, v) (the serving cache with rows at different positions is nanoforge/engine.py's)."""
+    """Keys and values of one layer for all positions generated so far, preallocated to block_size. Every
+    cache (also engine.py's) has what attention asks: `length` (the next query's position), mask, append."""
 
     def __init__(self, B, nh, max_len, hs, device, dtype):
         self.k = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
@@ -329,20 +315,18 @@ class GPT(nn.Module):
     def embed(self, idx, pos=0):
         """Token (+ learned position) embeddings of idx (B, T) whose first position is pos: an int, or a (B,)
         tensor when each row sits at its own position (a server decoding many sequences at once)."""
-        T = idx.size(1)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb == "learned":
-            where = torch.arange(T, device=idx.device) + (pos[:, None] if torch.is_tensor(pos) else pos)  # (B|1, T)
+            where = torch.arange(idx.size(1), device=idx.device) + (pos[:, None] if torch.is_tensor(pos) else pos)
             x = x + self.transformer.wpe(where)  # (B, T, C)
         return x
 
     def forward(self, idx, targets=None, kv_caches=None, head_loss=None, head_t=None):
-        """idx: (B, T) token ids. Returns (logits, loss). With targets: logits (B, T, V) and the mean
-        cross-entropy over targets != -1. Without targets, only the last position's logits (B, 1, V)
-        are computed, which is all that sampling needs. kv_caches: one cache per layer (KVCache, or the
-        serving engine's), which says where the tokens sit. head_loss(h, weight, targets): the LM head and
-        the loss in one, in place of lm_head and cross-entropy (nanoforge/lm_head_loss.py's chunked one
-        never makes the (B, T, V) logits; None comes back in their place); the plain path is the reference.
+        """idx: (B, T) token ids -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy
+        over targets != -1; without, only the last position's logits (B, 1, V), all that sampling needs.
+        kv_caches: one cache per layer (KVCache, or the serving engine's), which says where the tokens sit.
+        head_loss(h, weight, targets): the LM head and loss in one, in place of the plain lm_head and
+        cross-entropy, its reference (lm_head_loss.py's never makes the logits: None comes back for them).
         head_t: lm_head's weight as a contiguous (C, V) copy, for decoding (generate_stream makes it)."""
         T = idx.size(1)
         pos = kv_caches[0].length if kv_caches is not None else 0  # int, or (B,): rows at their own positions
@@ -357,8 +341,7 @@ class GPT(nn.Module):
             return None, head_loss(x, self.lm_head.weight, targets)  # lm_head has no bias: the weight is all
         if targets is not None:
             logits = self.soft_cap(self.lm_head(x))  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
+            return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
         last = x[:, [-1], :]  # (B, 1, C): the list index keeps the time dim
         return self.soft_cap(self.lm_head(last) if head_t is None else last @ head_t), None  # (B, 1, V)
 
@@ -366,38 +349,17 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def crop_block_size(self, block_size):
-        """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small machine)."""
-        assert block_size <= self.config.block_size
+    def set_block_size(self, block_size):
+        """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small machine), or lengthen a
+        rotary model's: it has no position table, only rotation angles, a function of the position. Distances
+        it never saw it learns when trained at the new length; a learned table has no rows to grow."""
+        assert block_size <= self.config.block_size or self.config.pos_emb == "rope"
         self.config.block_size = block_size
         if self.config.pos_emb == "learned":
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        for block in self.transformer.h:
-            if block.attn.rotary is not None:
-                block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
-                block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
-
-    def grow_block_size(self, block_size):
-        """Lengthen a rotary model's context: it has no position table to grow, only the rotation angles,
-        a function of the position. Distances it never saw it learns when trained at the new length."""
-        assert self.config.pos_emb == "rope" and block_size >= self.config.block_size
-        self.config.block_size = block_size
-        for block in self.transformer.h:
-            rotary = block.attn.rotary
-            longer = Rotary(2 * rotary.cos.size(1), block_size).to(rotary.cos.device)
-            rotary.cos, rotary.sin = longer.cos, longer.sin
-
-    def resize_vocab(self, vocab_size):
-        """Grow the token embedding (and the output layer, tied or not) to vocab_size rows, for special
-        tokens a fine-tuning adds. New rows start at the mean of the old ones: their logits start near the
-        average, neither dominating the softmax nor far below it, and fine-tuning moves them from there."""
-        def grown(old):  # (V_old, C) -> (V, C)
-            assert vocab_size >= old.size(0)
-            return nn.Parameter(torch.cat([old.data, old.data.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)]))
-        self.transformer.wte.weight = grown(self.transformer.wte.weight)
-        self.lm_head.weight = self.transformer.wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
-        self.transformer.wte.num_embeddings = self.lm_head.out_features = vocab_size
-        self.config.vocab_size = vocab_size
+        for rotary in (block.attn.rotary for block in self.transformer.h if block.attn.rotary is not None):
+            fitted = Rotary(2 * rotary.cos.size(1), block_size).to(rotary.cos.device)  # the same angles, N rows
+            rotary.cos, rotary.sin = fitted.cos, fitted.sin
 
     # ------------------------------------------------------------------------------------------------
     # GPT-2 weights from Hugging Face
@@ -433,8 +395,7 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus the
         attention scores and weighted sum, 6 * 2 * L * C * T (PaLM paper, appendix B)."""
         cfg = self.config
-        T = T or cfg.block_size
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * (T or cfg.block_size)
 
     def estimate_mfu(self, tokens_per_second, peak_flops, T=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
@@ -467,9 +428,8 @@ class GPT(nn.Module):
             elif caches is not None and caches[0].length < cfg.block_size:
                 logits, _ = self(seen[:, -1:], kv_caches=caches, head_t=head_t)  # one new token
             else:
-                B, C, nh = ctx.size(0), cfg.n_embd, cfg.n_head
-                dtype = self.lm_head.weight.dtype
-                caches = [KVCache(B, nh, cfg.block_size, C // nh, idx.device, dtype) for _ in range(cfg.n_layer)]
+                caches = [KVCache(ctx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, idx.device,
+                                  self.lm_head.weight.dtype) for _ in range(cfg.n_layer)]
                 logits, _ = self(ctx, kv_caches=caches, head_t=head_t)  # prefill
             nxt = sampling.next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:

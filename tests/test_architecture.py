@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache, ReLUSquared
 import model
-from nanoforge import hardware
+from nanoforge import hardware, training
 
 gelu_tanh_sigmoid = hardware.GELUTanhSigmoid()  # the form compiled runs take
 
@@ -146,7 +146,7 @@ def test_untied_head_is_its_own_matrix_counted_and_resized():
     total = sum(p.numel() for p in m.parameters())
     assert m.get_num_params(non_embedding=False) == total
     assert m.get_num_params() == total - wpe - 64 * 32  # the embedding lookup does no matmul work
-    m.resize_vocab(70)
+    training.grow_vocab(m, 70)
     assert m.transformer.wte.weight.shape == m.lm_head.weight.shape == (70, 32)
     assert m.lm_head.weight is not m.transformer.wte.weight
     logits, _ = m(torch.tensor([[69, 1]]), torch.tensor([[1, 69]]))

@@ -1,7 +1,7 @@
 """
 model.py: shapes and loss, the fused attention path against attention_reference (outputs and
 gradients), the KV cache against the full forward and against uncached generation, sampling rules
-(nanoforge/sampling.py), Hugging Face GPT-2 parity, crop_block_size, and the parameter/FLOP counts.
+(nanoforge/sampling.py), Hugging Face GPT-2 parity, set_block_size, and the parameter/FLOP counts.
 """
 import math
 
@@ -252,14 +252,14 @@ def test_from_pretrained_matches_hugging_face_logits(hf_gpt2_dir):
 
 
 # ------------------------------------------------------------------------------------------------------
-# crop_block_size, counts
+# set_block_size, counts
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_crop_block_size_keeps_logits_of_first_positions(pos_emb):
+def test_set_block_size_crops_and_keeps_logits_of_first_positions(pos_emb):
     m = tiny(pos_emb, block_size=32)
     idx = torch.randint(0, 64, (2, 12))
     before, _ = m(idx, targets=idx)
-    m.crop_block_size(16)
+    m.set_block_size(16)
     after, _ = m(idx, targets=idx)
     torch.testing.assert_close(after, before)
     assert m.config.block_size == 16
