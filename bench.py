@@ -25,9 +25,10 @@ from statistics import median
 import torch
 
 from configurator import NON_NEGATIVE, POSITIVE_INT, check_ranges, configure, knobs, overrides
-from model import GPT, GPTConfig
+from model import GPT, CausalSelfAttention, GPTConfig
 from nanoforge import errors, files, hardware, parallel, runlog
 from nanoforge.checkpoint import load_model
+from nanoforge.lm_head_loss import chunked_lm_head_loss
 
 errors.friendly_errors()
 
@@ -46,7 +47,7 @@ init_from = ''  # '': random weights; or an out_dir, ckpt file, HF folder or gpt
 # what to measure
 mode = 'all'  # 'train', 'generate' (with vs without KV cache), 'all', 'memory', 'fsdp', 'ddp', 'machine'
 gradient_checkpointing = False  # train: recompute block activations in backward (parallel.gradient_checkpointing)
-chunked_loss = True  # train: LM head + loss in row chunks (model.ChunkedLMHeadLoss), as train.py; False: plain
+chunked_loss = True  # train: LM head + loss in row chunks (nanoforge/lm_head_loss.py), as train.py; False: plain
 repeats = 3  # memory: runs of each variant
 batch_size = 1  # train: sequences of block_size tokens per step
 warmup_steps = 2  # untimed: the first steps pay for allocation, kernel choice and compilation
@@ -134,6 +135,7 @@ if mode == 'memory':
 rows = gen_batch if mode == 'generate' else batch_size * block_size
 dtype, why = hardware.resolve_dtype(dtype, device, (rows, n_embd))
 print(f"dtype: {dtype} ({why})")
+CausalSelfAttention.sdpa_backward = hardware.sdpa_backward(device, dtype)  # as train.py
 compile, why = hardware.resolve_compile(compile, device)
 print(f"compile: {compile} ({why})")
 env = runlog.run_info(device)
@@ -165,7 +167,7 @@ x, y = torch.randint(mc.vocab_size, (2, B, T), device=device)  # (B, T) inputs, 
 def train_step(m):
     model.zero_grad(set_to_none=True)  # as train.py does: backward allocates fresh grads every step
     with hardware.autocast(device, dtype):
-        loss = m(x, y, chunked_loss=chunked_loss)[1]  # as train.py; plain path: logits not kept
+        loss = m(x, y, head_loss=chunked_lm_head_loss if chunked_loss else None)[1]  # as train.py; logits not kept
     loss.backward()
     return loss.detach()
 

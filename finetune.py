@@ -23,6 +23,7 @@ import time
 import torch
 
 from configurator import configure, knobs, overrides
+from model import CausalSelfAttention
 from nanoforge import chat_template, checkpoint, errors, files, hardware, lora, optim, parallel, runlog, tokens, training
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import load_tokenizer
@@ -87,7 +88,7 @@ if model.config.vocab_size not in (base_tok.vocab_size, tok.vocab_size):
                     f"({base_spec['kind']}) has {base_tok.vocab_size} tokens; cannot tell which rows are which")
 if tok.vocab_size > model.config.vocab_size:
     print(f"adding {tok.vocab_size - model.config.vocab_size} chat tokens to the tokenizer and embedding")
-    model.resize_vocab(tok.vocab_size)
+    training.grow_vocab(model, tok.vocab_size)
 training.fit_context(model, block_size, init_from)
 model.to(device)
 if gradient_checkpointing:
@@ -117,6 +118,7 @@ dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_siz
 training.startup_lines(print, device, device_why, dtype, dtype_why, overrides(defaults, config),
                        gradient_checkpointing)
 autocast_ctx = hardware.autocast(device, dtype)
+CausalSelfAttention.sdpa_backward = hardware.sdpa_backward(device, dtype)  # the attention path training takes
 
 # -----------------------------------------------------------------------------------------------------
 # logs and checkpoints

@@ -1,9 +1,12 @@
 """
-The whole GPT language model, in one file, in reading order:
-LayerNorm, RMSNorm -> Rotary -> CausalSelfAttention -> MLP -> Block -> GPTConfig -> ChunkedLMHeadLoss -> GPT.
+The whole GPT language model, in one file, in reading order: LayerNorm, RMSNorm -> Rotary -> attention (fused,
+and attention_reference) -> MLP -> Block -> KVCache -> GPTConfig -> GPT (weight init, forward, GPT-2 import,
+FLOPs, generate beside its uncached reference).
 
-Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face
-GPT-2 weights load by key. This file is modelling only: no devices, no DDP, no checkpoint files.
+Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so Hugging Face GPT-2
+weights load by key. Modelling only: no devices, no DDP, no files. What depends on the machine is set from
+outside (nanoforge/hardware.py); beside it in nanoforge/: the serving cache (engine.py), the look inside
+(inspection.py), the chunked LM head and loss (lm_head_loss.py), the next-token choice (sampling.py).
 References:
 1) GPT-2: "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019)
 2) the Hugging Face transformers GPT-2 implementation (weights layout, tanh GELU)
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from nanoforge import sampling
 
 
 class LayerNorm(nn.Module):
@@ -55,23 +60,16 @@ class Rotary(nn.Module):
     def __init__(self, head_size, max_len, base=10000.0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))  # (hs/2,)
-        t = torch.arange(max_len).float()
-        freqs = torch.outer(t, inv_freq)  # (max_len, hs/2)
+        freqs = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hs/2): position x frequency
         # not saved in checkpoints: it is a pure function of the config
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, x, pos):
         # x: (B, nh, T, hs), pos: first absolute position of x along T; an int, or a (B,) tensor when each
-        # row sits at its own position (batched decoding of many sequences, SlotKVCache)
-        T = x.size(2)
-        if torch.is_tensor(pos):
-            where = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
-            cos = self.cos[where].to(x.dtype)[:, None]  # (B, 1, T, hs/2): broadcast over the heads
-            sin = self.sin[where].to(x.dtype)[:, None]
-        else:
-            cos = self.cos[pos:pos + T].to(x.dtype)  # (T, hs/2)
-            sin = self.sin[pos:pos + T].to(x.dtype)
+        # row sits at its own position (a server decoding many sequences at once, nanoforge/engine.py)
+        where = torch.arange(x.size(2), device=x.device) + (pos[:, None, None] if torch.is_tensor(pos) else pos)
+        cos, sin = self.cos[where].to(x.dtype), self.sin[where].to(x.dtype)  # (T, hs/2), or (B, 1, T, hs/2)
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2) each
         y1 = x1 * cos - x2 * sin
         y2 = x1 * sin + x2 * cos
@@ -79,10 +77,9 @@ class Rotary(nn.Module):
 
 
 def attention_reference(q, k, v, dropout_p=0.0, training=False, mask=None):
-    """Plain causal attention, the reference that the fused SDPA path is tested against.
-    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i.
-    mask: a boolean (B, 1, Tq, Tk) of the keys each query may see, in place of that causal one (rows of a
-    batch that sit at different positions, SlotKVCache)."""
+    """Plain causal attention, the reference that the fused SDPA path is tested against. q: (B, nh, Tq, hs);
+    k, v: (B, nh, Tk, hs) with Tk >= Tq; query i sits at position Tk - Tq + i. mask: a cache's boolean
+    (Tq, Tk) or (B, 1, Tq, Tk) of the keys each query may see, in place of that causal one."""
     Tq, Tk = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
     if mask is None:
@@ -95,7 +92,10 @@ def attention_reference(q, k, v, dropout_p=0.0, training=False, mask=None):
 
 class CausalSelfAttention(nn.Module):
 
-    use_sdpa = True  # set to False (on the class or an instance) to run attention_reference
+    # Which path runs, set from outside: use_sdpa=False runs attention_reference everywhere; sdpa_backward=False
+    # only where a backward follows (training; hardware.sdpa_backward: the CPU kernel's bf16 backward is slow)
+    use_sdpa = True
+    sdpa_backward = True
 
     def __init__(self, config):
         super().__init__()
@@ -125,51 +125,29 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         return q, k, v
 
-    def attention_weights(self, x):
-        """The causal softmax weights of x (B, T, C) attending to itself, (B, nh, T, T): what the fused
-        kernel computes inside and never returns. Row i says how much position i reads each j <= i.
-        For inspection (explain.py); forward does not use it."""
-        q, k, _ = self.heads(x)
-        T = q.size(2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return F.softmax(att.masked_fill(~mask, float("-inf")).float(), dim=-1)  # (B, nh, T, T)
-
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
         pos = kv_cache.length if kv_cache is not None else 0
         q, k, v = self.heads(x, pos)  # (B, nh, T, hs) each
+        mask = None  # None: causal, the T queries being the last T keys
         if kv_cache is not None:
+            mask = kv_cache.mask(T)  # the cache knows where its rows sit; asked before it grows
             k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
-        # rows at different positions (SlotKVCache) are padded to the longest: each masks its own end
-        slot_mask = kv_cache.mask(T) if isinstance(kv_cache, SlotKVCache) else None  # (B, 1, T, Tk)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        # PyTorch's CPU flash-attention kernel is ~5x slower than the plain path in bf16 (its backward;
-        # dev/LOG.md), so bf16 training on a CPU takes the plain path, whose matmuls run in bf16; without a
-        # backward (decoding, evaluation) the fused kernel is the faster one (-13% a cached token)
-        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-        if self.use_sdpa and not cpu_bf16:
-            # fused kernels (flash / memory-efficient on CUDA). With a cache the queries are the last T
-            # positions of k, so the causal mask is offset; is_causal assumes aligned square masks.
-            if slot_mask is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=slot_mask)
-            elif k.size(2) == T:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            elif T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # one query sees all keys
-            else:
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if self.use_sdpa and (self.sdpa_backward or not torch.is_grad_enabled()):
+            # fused kernels (flash / memory-efficient on CUDA). is_causal assumes an aligned square mask: a cache
+            # holding keys before the queries gives its own, except for one query, which sees every key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=mask is None and T > 1)
         else:
-            y = attention_reference(q, k, v, dropout_p, self.training, slot_mask)
+            y = attention_reference(q, k, v, dropout_p, self.training, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 class ReLUSquared(torch.autograd.Function):
-    """relu(x)^2 with a hand-written backward, 2 * relu(x) * grad: the same numbers as
-    F.relu(x).square() (the reference, tested against) in half the kernel launches, which is what a
-    small model on a CPU spends its time on."""
+    """relu(x)^2 with a hand-written backward, 2 * relu(x) * grad: the same numbers as F.relu(x).square() (the
+    reference, tested against) in half the kernel launches, which is what a small model on a CPU spends time on."""
 
     @staticmethod
     def forward(ctx, x):
@@ -181,14 +159,6 @@ class ReLUSquared(torch.autograd.Function):
     def backward(ctx, grad):
         (r,) = ctx.saved_tensors
         return grad * (r + r)
-
-
-def gelu_tanh_sigmoid(x):
-    """GPT-2's tanh GELU, 0.5 x (1 + tanh(u)), written as the identical x * sigmoid(2u), u = sqrt(2/pi) (x +
-    0.044715 x^3). Compiled code takes it: tanh is slow on CPUs (2 ms for 1.5M floats here, exp 0.4 ms), so
-    torch.compile's CPU kernels of the tanh form ran 2x slower than these (dev/LOG.md). Eager
-    code keeps nn.GELU's one fused kernel; they agree to float rounding (tested)."""
-    return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 * sqrt(2 / pi)
 
 
 class MLP(nn.Module):
@@ -203,7 +173,8 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             hidden = 32 * math.ceil(8 * config.n_embd / 3 / 32)
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
-        # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights give its logits
+        # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights give its logits.
+        # A module, so compiled runs can swap in a form that compiles better (hardware.prepare_to_compile)
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -211,7 +182,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
         if self.kind == "gelu":
-            h = gelu_tanh_sigmoid(h) if torch.compiler.is_compiling() else self.gelu(h)
+            h = self.gelu(h)
         elif self.kind == "relu2":
             h = ReLUSquared.apply(h)
         else:
@@ -237,57 +208,27 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of one layer for all positions generated so far, preallocated to block_size."""
+    """Keys and values of one layer for all positions generated so far, preallocated to block_size. Every
+    cache (also engine.py's) has what attention asks: `length` (the next query's position), mask, append."""
 
     def __init__(self, B, nh, max_len, hs, device, dtype):
         self.k = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
         self.v = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
         self.length = 0
 
+    def mask(self, T):
+        """The keys the next T queries may see once appended, (T, length + T), or None where plain causal
+        attention does it: nothing cached yet (the queries are all the keys) or one query (it sees all)."""
+        if self.length == 0 or T == 1:
+            return None
+        return torch.ones(T, self.length + T, dtype=torch.bool, device=self.k.device).tril(diagonal=self.length)
+
     def append(self, k, v):
         T = k.size(2)
         self.k[:, :, self.length:self.length + T] = k
         self.v[:, :, self.length:self.length + T] = v
         self.length += T
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
-
-
-class SlotKVCache:
-    """Keys and values of one layer for continuous batching: S slots, each holding one sequence of its own
-    length, preallocated to block_size. Before a forward the caller says which slots the batch rows
-    continue and where each row's new tokens start (set_rows); append then writes each row at its own
-    position and hands back the rows padded to the longest, and mask says which of those keys are real."""
-
-    def __init__(self, S, nh, max_len, hs, device, dtype):
-        self.k = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
-        self.v = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
-
-    def set_rows(self, rows, pos):
-        # rows: (B,) slot of each batch row; pos: (B,) its first new position. `length` is what attention
-        # reads as the position of its first query, a tensor here: rotary takes it per row
-        self.rows, self.length = rows, pos
-        # rows that are consecutive slots (the usual case) are read as a slice, a view; others are gathered,
-        # a copy of every cached key and value each step (a fifth of a 16-row step of the 124M shape)
-        first = int(rows[0])
-        self.span = slice(first, first + len(rows)) if rows.tolist() == list(range(first, first + len(rows))) else None
-
-    def append(self, k, v):
-        B, _, T, _ = k.size()  # (B, nh, T, hs)
-        where = self.length[:, None] + torch.arange(T, device=k.device)  # (B, T) positions written
-        # advanced indices around a slice put their dims first: the target is (B, T, nh, hs)
-        self.k[self.rows[:, None], :, where] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[self.rows[:, None], :, where] = v.transpose(1, 2).to(self.v.dtype)
-        L = int(where[:, -1].max()) + 1  # the longest row's length after this step
-        rows = self.span if self.span is not None else self.rows
-        return self.k[rows, :, :L], self.v[rows, :, :L]  # (B, nh, L, hs), short rows padded
-
-    def mask(self, T):
-        # query i of row b sits at position pos[b] + i and sees keys 0 .. pos[b] + i (causal, and never
-        # the padding past its own end)
-        L = int(self.length.max()) + T
-        seen = self.length[:, None] + torch.arange(T, device=self.length.device)  # (B, T)
-        keys = torch.arange(L, device=self.length.device)  # (L,)
-        return (keys[None, None, :] <= seen[:, :, None])[:, None]  # (B, 1, T, L)
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (B, nh, length, hs)
 
 
 @dataclass
@@ -319,73 +260,6 @@ class GPTConfig:
     def not_gpt2(self):
         """The settings that make this architecture differ from GPT-2's, e.g. ['mlp=relu2']."""
         return [f"{k}={getattr(self, k)!r}" for k, v in self.GPT2.items() if getattr(self, k) != v]
-
-
-# rows of the flattened (B*T, C) hidden states per chunk of the chunked LM head + loss: 512 rows of GPT-2's
-# 50,257 logits are ~100 MiB in fp32, against 1.57 GiB a copy for the whole 8 x 1024 batch
-LOSS_CHUNK_ROWS = 512
-
-
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """The LM head and the mean cross-entropy over targets != -1, chunk by chunk over the rows, with the
-    gradients computed in the same pass: the (N, V) logits never exist whole, only (chunk_rows, V) at a
-    time. Same result as F.cross_entropy(h @ weight.T, targets, ignore_index=-1), which keeps the logits
-    and their log-softmax through backward and makes more (N, V) copies there (~4.7 GiB at 8 x 1024 x
-    50,257 in fp32). Nothing is recomputed: forward keeps grad_h (N, C) and grad_weight (V, C) and backward
-    only scales them by the incoming gradient (the loss is a scalar, so that is exact). with_grads=False
-    (evaluation, under no_grad) computes the loss alone: a third of the head's FLOPs, no grad_weight."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, with_grads):
-        # h: (N, C), weight: (V, C) (the tied wte/lm_head), targets: (N,) with -1 = ignored
-        n_keep = (targets != -1).sum()  # the mean is over learned targets, as in F.cross_entropy's
-        w = weight.to(compute_dtype)  # under autocast the matmuls run in its dtype, as nn.Linear's would
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        if with_grads:
-            grad_h = torch.empty_like(h)  # (N, C)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, C), fp32 sum
-        for s in range(0, h.size(0), chunk_rows):
-            hc, tc = h[s:s + chunk_rows].to(compute_dtype), targets[s:s + chunk_rows]  # (n, C), (n,)
-            keep = tc != -1  # (n,)
-            logits = (hc @ w.t()).float()  # (n, V): the softmax in fp32, like the plain path's .float()
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,) ignored rows pick 0
-            loss_sum += ((lse - picked) * keep).sum()
-            if not with_grads:
-                continue
-            # d(sum of row losses)/d logits = softmax - one_hot(target), zero for ignored rows; in place
-            g = logits.sub_(lse.unsqueeze(1)).exp_()  # (n, V)
-            g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -keep.unsqueeze(1).to(g.dtype))
-            # the mean: divide by the learned count; with none learned the loss is nan (0/0) and the
-            # gradients zero, both as F.cross_entropy's
-            g.mul_((keep / n_keep.clamp(min=1)).unsqueeze(1))
-            g = g.to(compute_dtype)
-            grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)  # (n, V) @ (V, C) -> (n, C)
-            grad_w += (g.t() @ hc).float()  # (V, n) @ (n, C) -> (V, C)
-        if with_grads:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss_sum / n_keep
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
-
-
-def chunked_lm_head_loss(h, weight, targets, chunk_rows, compute_dtype, with_grads):
-    return ChunkedLMHeadLoss.apply(h, weight, targets, chunk_rows, compute_dtype, with_grads)
-
-
-def keep_chunked_head_eager():
-    """Makes torch.compile leave the chunked head eager: inductor's kernels for its in-place steps corrupted
-    the heap at one CPU thread (torch 2.13: "malloc(): unaligned tcache chunk detected", or nan losses;
-    dev/LOG.md), and the chunked head is matmuls, which gain nothing from compiling. Called before
-    compiling (hardware.compile_model), not at import: torch.compiler.disable imports torch's compiler,
-    2-3 s of every script's start."""
-    global chunked_lm_head_loss
-    if not getattr(chunked_lm_head_loss, "eager_under_compile", False):
-        chunked_lm_head_loss = torch.compiler.disable(chunked_lm_head_loss)
-        chunked_lm_head_loss.eager_under_compile = True
 
 
 class GPT(nn.Module):
@@ -438,98 +312,54 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_caches=None, chunked_loss=False, head_t=None):
-        """idx: (B, T) token ids. Returns (logits, loss). With targets: logits (B, T, V) and the mean
-        cross-entropy over targets != -1. Without targets, only the last position's logits (B, 1, V)
-        are computed, which is all that sampling needs. chunked_loss=True (with targets: training, and
-        evaluation under no_grad): the LM head and loss run chunk by chunk (ChunkedLMHeadLoss), the (B, T, V)
-        logits are never made and None comes back in their place; the plain path stays the reference.
-        head_t: lm_head's weight as a contiguous (C, V) copy, for decoding (generate_stream makes it)."""
-        B, T = idx.size()
-        pos0 = kv_caches[0].length if kv_caches is not None else 0
-        assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} exceeds block_size {self.config.block_size}"
+    def embed(self, idx, pos=0):
+        """Token (+ learned position) embeddings of idx (B, T) whose first position is pos: an int, or a (B,)
+        tensor when each row sits at its own position (a server decoding many sequences at once)."""
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb == "learned":
-            pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)  # (T,)
-            x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
-        x = self.transformer.drop(x)
+            where = torch.arange(idx.size(1), device=idx.device) + (pos[:, None] if torch.is_tensor(pos) else pos)
+            x = x + self.transformer.wpe(where)  # (B, T, C)
+        return x
+
+    def forward(self, idx, targets=None, kv_caches=None, head_loss=None, head_t=None):
+        """idx: (B, T) token ids -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy
+        over targets != -1; without, only the last position's logits (B, 1, V), all that sampling needs.
+        kv_caches: one cache per layer (KVCache, or the serving engine's), which says where the tokens sit.
+        head_loss(h, weight, targets): the LM head and loss in one, in place of the plain lm_head and
+        cross-entropy, its reference (lm_head_loss.py's never makes the logits: None comes back for them).
+        head_t: lm_head's weight as a contiguous (C, V) copy, for decoding (generate_stream makes it)."""
+        T = idx.size(1)
+        pos = kv_caches[0].length if kv_caches is not None else 0  # int, or (B,): rows at their own positions
+        end = (int(pos.max()) if torch.is_tensor(pos) else pos) + T  # plain ints: no graph break compiled
+        assert end <= self.config.block_size, f"sequence of {end} exceeds block_size {self.config.block_size}"
+        x = self.transformer.drop(self.embed(idx, pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        # the chunked head knows no soft cap: a capped model takes the plain path (its vocab is small anyway)
-        if targets is not None and chunked_loss and not self.config.logit_softcap:
-            dev = x.device.type  # the autocast dtype, if on, is the one the plain lm_head would run in
-            compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            with torch.autocast(dev, enabled=False):  # the dtypes are handled inside, explicitly
-                # no gradients wanted (evaluation): the loss alone (needs_input_grad says True there too)
-                loss = chunked_lm_head_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                            LOSS_CHUNK_ROWS, compute_dtype, torch.is_grad_enabled())
-            logits = None  # lm_head has no bias (it is tied to wte), so the weight is all it needs
-        elif targets is not None:
+        # a soft-capped model takes the plain head: head_loss applies no cap (and its vocab is small anyway)
+        if targets is not None and head_loss is not None and not self.config.logit_softcap:
+            return None, head_loss(x, self.lm_head.weight, targets)  # lm_head has no bias: the weight is all
+        if targets is not None:
             logits = self.soft_cap(self.lm_head(x))  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        else:
-            last = x[:, [-1], :]  # (B, 1, C): the list index keeps the time dim
-            logits = self.soft_cap(self.lm_head(last) if head_t is None else last @ head_t)  # (B, 1, V)
-            loss = None
-        return logits, loss
-
-    @torch.no_grad()
-    def trace(self, idx):
-        """forward's computation on idx (B, T), with what it passes through kept, for inspection (explain.py):
-        (logits (B, T, V) at every position, residual stream (L + 1, B, T, C) entering each block and leaving
-        the last (before ln_f), attention weights (L, B, nh, T, T)). Runs the same modules as forward; the
-        weights cost one extra softmax per layer."""
-        B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C) + (T, C)
-        resid, att = [], []
-        for block in self.transformer.h:
-            resid.append(x)
-            att.append(block.attn.attention_weights(block.ln_1(x)))  # (B, nh, T, T)
-            x = block(x)
-        resid.append(x)
-        logits = self.soft_cap(self.lm_head(self.transformer.ln_f(x)))  # (B, T, V)
-        return logits, torch.stack(resid), torch.stack(att)
+            return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
+        last = x[:, [-1], :]  # (B, 1, C): the list index keeps the time dim
+        return self.soft_cap(self.lm_head(last) if head_t is None else last @ head_t), None  # (B, 1, V)
 
     def soft_cap(self, logits):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def crop_block_size(self, block_size):
-        """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small machine)."""
-        assert block_size <= self.config.block_size
+    def set_block_size(self, block_size):
+        """Shrink the context (e.g. GPT-2's 1024 to 256 for fine-tuning on a small machine), or lengthen a
+        rotary model's: it has no position table, only rotation angles, a function of the position. Distances
+        it never saw it learns when trained at the new length; a learned table has no rows to grow."""
+        assert block_size <= self.config.block_size or self.config.pos_emb == "rope"
         self.config.block_size = block_size
         if self.config.pos_emb == "learned":
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        for block in self.transformer.h:
-            if block.attn.rotary is not None:
-                block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
-                block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
-
-    def grow_block_size(self, block_size):
-        """Lengthen a rotary model's context: it has no position table to grow, only the rotation angles,
-        a function of the position. Distances it never saw it learns when trained at the new length."""
-        assert self.config.pos_emb == "rope" and block_size >= self.config.block_size
-        self.config.block_size = block_size
-        for block in self.transformer.h:
-            rotary = block.attn.rotary
-            longer = Rotary(2 * rotary.cos.size(1), block_size).to(rotary.cos.device)
-            rotary.cos, rotary.sin = longer.cos, longer.sin
-
-    def resize_vocab(self, vocab_size):
-        """Grow the token embedding (and the output layer, tied or not) to vocab_size rows, for special
-        tokens a fine-tuning adds. New rows start at the mean of the old ones: their logits start near the
-        average, neither dominating the softmax nor far below it, and fine-tuning moves them from there."""
-        def grown(old):  # (V_old, C) -> (V, C)
-            assert vocab_size >= old.size(0)
-            return nn.Parameter(torch.cat([old.data, old.data.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)]))
-        self.transformer.wte.weight = grown(self.transformer.wte.weight)
-        self.lm_head.weight = self.transformer.wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
-        self.transformer.wte.num_embeddings = self.lm_head.out_features = vocab_size
-        self.config.vocab_size = vocab_size
+        for rotary in (block.attn.rotary for block in self.transformer.h if block.attn.rotary is not None):
+            fitted = Rotary(2 * rotary.cos.size(1), block_size).to(rotary.cos.device)  # the same angles, N rows
+            rotary.cos, rotary.sin = fitted.cos, fitted.sin
 
     # ------------------------------------------------------------------------------------------------
     # GPT-2 weights from Hugging Face
@@ -565,8 +395,7 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus the
         attention scores and weighted sum, 6 * 2 * L * C * T (PaLM paper, appendix B)."""
         cfg = self.config
-        T = T or cfg.block_size
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * (T or cfg.block_size)
 
     def estimate_mfu(self, tokens_per_second, peak_flops, T=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
@@ -574,32 +403,6 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     # Generation
-
-    @staticmethod
-    def _sample_next(logits, temperature, top_k, top_p, generator):
-        """logits: (B, V) for the next token -> (B, 1) ids. temperature 0 or top_k 1 is greedy."""
-        if temperature == 0 or top_k == 1:
-            return logits.argmax(dim=-1, keepdim=True)
-        probs = GPT.sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
-        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-    @staticmethod
-    def sampling_probs(logits, temperature, top_k, top_p):
-        """logits: (B, V) -> the (B, V) distribution that sampling draws from at temperature > 0, after
-        top_k and top_p have cut the tail (explain.py shows it)."""
-        logits = logits.float() / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted descending
-            logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            # nucleus: keep the smallest set of tokens whose probability adds up to top_p
-            sorted_logits, sorted_idx = torch.sort(logits, descending=True)  # (B, V)
-            p = torch.softmax(sorted_logits, dim=-1)
-            drop = p.cumsum(dim=-1) - p >= top_p  # the tokens before this one already hold top_p
-            drop[:, 0] = False  # always keep the most likely token (top_p <= 0 would drop them all)
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-        return F.softmax(logits, dim=-1)  # (B, V)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -625,11 +428,10 @@ class GPT(nn.Module):
             elif caches is not None and caches[0].length < cfg.block_size:
                 logits, _ = self(seen[:, -1:], kv_caches=caches, head_t=head_t)  # one new token
             else:
-                B, C, nh = ctx.size(0), cfg.n_embd, cfg.n_head
-                dtype = self.lm_head.weight.dtype
-                caches = [KVCache(B, nh, cfg.block_size, C // nh, idx.device, dtype) for _ in range(cfg.n_layer)]
+                caches = [KVCache(ctx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, idx.device,
+                                  self.lm_head.weight.dtype) for _ in range(cfg.n_layer)]
                 logits, _ = self(ctx, kv_caches=caches, head_t=head_t)  # prefill
-            nxt = self._sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            nxt = sampling.next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
                 done = done | (nxt == stop_token)
@@ -646,23 +448,3 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_kv_cache,
                                         stop_token, generator))
         return torch.cat([idx] + new, dim=1)
-
-    @torch.no_grad()
-    def forward_slots(self, idx, caches, rows, pos):
-        """One step of many sequences at once, for a server's continuous batching: row b of idx (B, T)
-        continues the sequence held in slot rows[b] of the SlotKVCaches (one per layer), its tokens at
-        positions pos[b] .. pos[b] + T - 1. Returns each row's next-token logits, (B, V). A prompt is one
-        row with T > 1 (prefill); a decode step is all running sequences with T = 1. Rows at different
-        positions give the same logits as each alone through forward with a KVCache (tested)."""
-        B, T = idx.size()
-        assert int(pos.max()) + T <= self.config.block_size, "a sequence would exceed block_size"
-        for cache in caches:
-            cache.set_rows(rows, pos)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.pos_emb == "learned":
-            where = pos[:, None] + torch.arange(T, device=idx.device)  # (B, T): each row its own positions
-            x = x + self.transformer.wpe(where)  # (B, T, C)
-        for block, cache in zip(self.transformer.h, caches):
-            x = block(x, cache)
-        x = self.transformer.ln_f(x[:, -1, :])  # (B, C): only the last position is sampled from
-        return self.soft_cap(self.lm_head(x))  # (B, V)

@@ -32,10 +32,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (FRACTION, NON_NEGATIVE, POSITIVE_INT, check_ranges, conditional_overrides, configure, knobs,
                           overrides)
-from model import GPT, GPTConfig
+from model import GPT, CausalSelfAttention, GPTConfig
 from nanoforge import checkpoint, errors, files, hardware, optim, parallel, runlog, tokens, training
 from nanoforge.errors import UserError
 from nanoforge.evaluation import evaluate, split_windows
+from nanoforge.lm_head_loss import chunked_lm_head_loss
 from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
@@ -106,7 +107,7 @@ float32_overrides = ""  # '--key=value ...' applied when the run trains in float
 # a CPU recipe's other shape for machines where bf16 is emulated, chosen once dtype is resolved
 compile = "auto"  # torch.compile: 'auto' is on for CUDA, and on a CPU for runs long enough to repay the compile
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
-chunked_loss = True  # LM head + loss in row chunks (model.ChunkedLMHeadLoss): the (B, T, V) logits, 1.57 GiB
+chunked_loss = True  # LM head + loss in row chunks (nanoforge/lm_head_loss.py): the (B, T, V) logits, 1.57 GiB
 # a copy at 8 x 1024 x 50,257 in fp32, never exist whole; same FLOPs, same loss; False is the plain reference
 memory_check = True  # refuse a run whose training step is estimated to need more memory than the device has
 fsdp = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2) instead of DDP's copies
@@ -218,6 +219,8 @@ model.to(device)
 if gradient_checkpointing:
     parallel.gradient_checkpointing(model)
 autocast_ctx = hardware.autocast(device, dtype)
+CausalSelfAttention.sdpa_backward = hardware.sdpa_backward(device, dtype)  # the attention path training takes
+head_loss = chunked_lm_head_loss if chunked_loss else None
 peak, peak_why = hardware.peak_flops(device, dtype)
 # compile where it pays: the run's expected training time, from its FLOPs at a typical CPU MFU of 30%
 # (the figure is only compared with the ~30 s a compile costs), capped by its time budget
@@ -251,7 +254,7 @@ def warmup_step(m):
     Returns its loss."""
     x, y = tokens.read_batch(train_path, tokens.train_starts(seed, 0, batch_size, train_len, block_size), block_size)
     with autocast_ctx:
-        loss = m(x.to(device), y.to(device), chunked_loss=chunked_loss)[1]
+        loss = m(x.to(device), y.to(device), head_loss=head_loss)[1]
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
@@ -370,7 +373,7 @@ while True:
         with sync:
             with autocast_ctx:
                 # [1]: not the logits (None when chunked): kept, they would hold (B, T, V) floats through backward
-                loss = step_model(x, y, chunked_loss=chunked_loss)[1]
+                loss = step_model(x, y, head_loss=head_loss)[1]
                 loss = loss / local_accum  # the mean over this rank's micro-steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()

@@ -9,7 +9,7 @@ every other running sequence, one token each per step, until each stops on its o
     engine.cancel(seq)   # e.g. the client went away: its slot is freed at the next step
 
 A step: the waiting sequences that fit are prefilled one at a time (one row, the whole prompt), then all
-running sequences advance one token in one forward (GPT.forward_slots over SlotKVCache: each row at its
+running sequences advance one token in one forward (slot_step over SlotKVCache: each row at its
 own position, shorter rows' padding masked). Sequences come and go between steps, so a long reply never
 holds a short one back, and B clients cost about one forward per step, not B.
 
@@ -25,8 +25,59 @@ import traceback
 
 import torch
 
-from model import SlotKVCache
-from nanoforge import hardware
+from nanoforge import hardware, sampling
+
+
+class SlotKVCache:
+    """Keys and values of one layer for continuous batching: S slots, each holding one sequence of its own
+    length, preallocated to block_size. Before a forward the caller says which slots the batch rows
+    continue and where each row's new tokens start (set_rows); append then writes each row at its own
+    position and hands back the rows padded to the longest, and mask says which of those keys are real.
+    The interface of model.KVCache (length, mask, append), so the model's attention runs it unchanged."""
+
+    def __init__(self, S, nh, max_len, hs, device, dtype):
+        self.k = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
+
+    def set_rows(self, rows, pos):
+        # rows: (B,) slot of each batch row; pos: (B,) its first new position. `length` is what attention
+        # reads as the position of its first query, a tensor here: rotary takes it per row
+        self.rows, self.length = rows, pos
+        # rows that are consecutive slots (the usual case) are read as a slice, a view; others are gathered,
+        # a copy of every cached key and value each step (a fifth of a 16-row step of the 124M shape)
+        first = int(rows[0])
+        self.span = slice(first, first + len(rows)) if rows.tolist() == list(range(first, first + len(rows))) else None
+
+    def append(self, k, v):
+        B, _, T, _ = k.size()  # (B, nh, T, hs)
+        where = self.length[:, None] + torch.arange(T, device=k.device)  # (B, T) positions written
+        # advanced indices around a slice put their dims first: the target is (B, T, nh, hs)
+        self.k[self.rows[:, None], :, where] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[self.rows[:, None], :, where] = v.transpose(1, 2).to(self.v.dtype)
+        L = int(where[:, -1].max()) + 1  # the longest row's length after this step
+        rows = self.span if self.span is not None else self.rows
+        return self.k[rows, :, :L], self.v[rows, :, :L]  # (B, nh, L, hs), short rows padded
+
+    def mask(self, T):
+        # query i of row b sits at position pos[b] + i and sees keys 0 .. pos[b] + i (causal, and never
+        # the padding past its own end); the same before and after append: `length` moves with set_rows
+        L = int(self.length.max()) + T
+        seen = self.length[:, None] + torch.arange(T, device=self.length.device)  # (B, T)
+        keys = torch.arange(L, device=self.length.device)  # (L,)
+        return (keys[None, None, :] <= seen[:, :, None])[:, None]  # (B, 1, T, L)
+
+
+@torch.no_grad()
+def slot_step(model, idx, caches, rows, pos):
+    """One step of many sequences at once: row b of idx (B, T) continues the sequence held in slot rows[b]
+    of the SlotKVCaches (one per layer), its tokens at positions pos[b] .. pos[b] + T - 1. Returns each
+    row's next-token logits, (B, V). A prompt is one row with T > 1 (prefill); a decode step is all
+    running sequences with T = 1. Rows at different positions give the same logits as each alone through
+    model.generate's KVCache (tested): it is the model's own forward, only the cache differs."""
+    for cache in caches:
+        cache.set_rows(rows, pos)
+    logits, _ = model(idx, kv_caches=caches)  # (B, 1, V): the last position's
+    return logits[:, -1]
 
 
 class QueueFull(Exception):
@@ -175,7 +226,7 @@ class Engine:
     def _prefill(self, seq):
         idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
         rows = torch.tensor([seq.slot], device=self.device)
-        logits = self.model.forward_slots(idx, self.caches, rows, torch.zeros(1, dtype=torch.long, device=self.device))
+        logits = slot_step(self.model, idx, self.caches, rows, torch.zeros(1, dtype=torch.long, device=self.device))
         seq.pos = len(seq.prompt)
         self.running.append(seq)
         self._take(seq, logits[0])
@@ -185,7 +236,7 @@ class Engine:
         idx = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         pos = torch.tensor([s.pos for s in seqs], device=self.device)  # (B,)
-        logits = self.model.forward_slots(idx, self.caches, rows, pos)  # (B, V)
+        logits = slot_step(self.model, idx, self.caches, rows, pos)  # (B, V)
         self.steps += 1
         for s, row in zip(seqs, logits):
             s.pos += 1
@@ -194,7 +245,7 @@ class Engine:
     def _take(self, seq, logits):
         """Samples seq's next token from its logits (V,), emits its text, and marks seq done when it ends."""
         logits = logits[:self.n_real].float().cpu()[None]  # (1, V)
-        nxt = int(self.model._sample_next(logits, seq.temperature, seq.top_k or None, seq.top_p, seq.generator))
+        nxt = int(sampling.next_token(logits, seq.temperature, seq.top_k or None, seq.top_p, seq.generator))
         self.tokens += 1
         if nxt in seq.stop_ids:
             return self._finish(seq, "stop")

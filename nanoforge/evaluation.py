@@ -28,21 +28,22 @@ from torch.nn import functional as F
 from nanoforge import tokens
 from nanoforge.chat_template import render
 from nanoforge.errors import UserError
+from nanoforge.lm_head_loss import chunked_lm_head_loss
 from nanoforge.tokens import read_batch
 
 
 @torch.no_grad()
 def score_batch(model, x, y, token_bytes, autocast_ctx, chunked=True):
     """(summed loss in nats, target tokens, their UTF-8 bytes) of one batch, a (3,) fp64 tensor; targets
-    of -1 are not scored (the model's masking rule). chunked: the model's chunked LM head
-    (model.ChunkedLMHeadLoss, forward only under no_grad) gives the mean over the targets, times their
+    of -1 are not scored (the model's masking rule). chunked: the chunked LM head (nanoforge/lm_head_loss.py,
+    forward only under no_grad) gives the mean over the targets, times their
     count; a model with a logit soft cap takes the plain head inside it, as training does.
     chunked=False: the reference, the whole (B, T, V) logits and one cross-entropy summed over them."""
     keep = y != -1  # (B, T)
     n = keep.sum().double()
     n_bytes = (token_bytes[y.clamp(min=0)] * keep).sum().double()
     with autocast_ctx:
-        logits, loss = model(x, y, chunked_loss=chunked)  # (B, T, V) logits, or None when chunked
+        logits, loss = model(x, y, head_loss=chunked_lm_head_loss if chunked else None)  # logits None if chunked
     if chunked:
         # only summation order and the mean's fp32 rounding (~1e-7) differ; no targets: 0, not 0/0's nan
         loss = torch.where(n > 0, loss.double() * n, 0.0)

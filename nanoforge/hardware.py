@@ -16,6 +16,7 @@ import time
 import torch
 
 import model as model_module
+from nanoforge import lm_head_loss
 from nanoforge.errors import UserError
 
 
@@ -173,6 +174,34 @@ def cpp_compiler():
     return shutil.which(os.environ.get("CXX") or "g++")
 
 
+class GELUTanhSigmoid(torch.nn.Module):
+    """GPT-2's tanh GELU, 0.5 x (1 + tanh(u)), written as the identical x * sigmoid(2u), u = sqrt(2/pi) (x +
+    0.044715 x^3), for compiled runs: tanh is slow on CPUs (2 ms for 1.5M floats here, exp 0.4 ms), so
+    torch.compile's CPU kernels of the tanh form ran 2x slower than these (dev/LOG.md). Eager code keeps
+    nn.GELU's one fused kernel; they agree to float rounding (tested)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 * sqrt(2 / pi)
+
+
+def prepare_to_compile(model, undo=False):
+    """What compiled runs change, applied from outside the model before torch.compile (undo=True: back to
+    eager's): the MLPs' GELU in its sigmoid form, and the chunked LM head kept eager (lm_head_loss)."""
+    for m in model.modules():
+        if isinstance(m, model_module.MLP):
+            m.gelu = torch.nn.GELU(approximate="tanh") if undo else GELUTanhSigmoid()
+    if not undo:
+        lm_head_loss.keep_eager_under_compile()
+
+
+def sdpa_backward(device, dtype):
+    """Whether attention takes the fused SDPA kernel where a backward follows (CausalSelfAttention's
+    sdpa_backward, set by the scripts that train). Not in bf16 on a CPU: PyTorch's CPU flash-attention
+    backward is ~5x slower there than the plain path, whose matmuls run in bf16 (dev/LOG.md). Without a
+    backward (decoding, evaluation) the fused kernel stays the faster one (-13% a cached token)."""
+    return not (device.split(":")[0] == "cpu" and dtype == "bfloat16")
+
+
 def compile_model(model, warmup, log=print):
     """torch.compile(model), compiled now: inductor compiles lazily at the first call, so `warmup(m)` runs
     one representative step (a forward and backward) at once and returns its loss. Returns (the model to
@@ -180,7 +209,7 @@ def compile_model(model, warmup, log=print):
     compiled step's loss is not finite where the eager model's is (torch 2.13's AVX2 kernels at one CPU
     thread gave nan), says so in one line and returns the eager model: a run is never lost to compiling."""
     t0 = time.perf_counter()
-    model_module.keep_chunked_head_eager()
+    prepare_to_compile(model)
     compiled = torch.compile(model)
     try:
         loss = float(warmup(compiled))
@@ -188,10 +217,12 @@ def compile_model(model, warmup, log=print):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         log(f"torch.compile failed ({type(e).__name__}: {first}); training eager instead")
         torch._dynamo.reset()
+        prepare_to_compile(model, undo=True)
         return model, time.perf_counter() - t0
     if not math.isfinite(loss) and math.isfinite(eager := float(warmup(model))):
         log(f"torch.compile gave a loss of {loss} where eager gives {eager:.4f}; training eager instead")
         torch._dynamo.reset()
+        prepare_to_compile(model, undo=True)
         return model, time.perf_counter() - t0
     return compiled, time.perf_counter() - t0
 

@@ -4,7 +4,7 @@ plain lists and numbers, ready for JSON. Nothing here draws; the page (pages/exp
 
 The order is the order of the page: tokens, embeddings, attention, logit lens, the next token,
 surprise, snapshots of a run as it learned, the parameter budget. Every number comes from the model's
-own modules (model.GPT.trace for the insides), so what the page shows is what the model computes.
+own modules (trace, below, runs them as GPT.forward does), so what the page shows is what the model computes.
 """
 import math
 
@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model import GPT
-from nanoforge import runlog, tokens
+from nanoforge import runlog, sampling, tokens
 
 COUNT_LIMIT = 50_000_000  # tokens of a training split counted for rarity: enough to tell rare from common
 
@@ -136,11 +135,40 @@ def embeddings_view(model, tok, ids, counts, n_near=10, n_points=600, n_position
 # -----------------------------------------------------------------------------------------------------
 # attention, logit lens, the next token: one traced forward pass over the prompt
 
+def attention_weights(attn, x):
+    """The causal softmax weights of attention module attn on x (B, T, C) attending to itself, (B, nh, T, T):
+    what the fused kernel computes inside and never returns. Row i says how much position i reads each j <= i."""
+    q, k, _ = attn.heads(x)  # (B, nh, T, hs) each, QK-norm and rotary applied as in forward
+    T = q.size(2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return F.softmax(att.masked_fill(~mask, float("-inf")).float(), dim=-1)  # (B, nh, T, T)
+
+
+@torch.no_grad()
+def trace(model, idx):
+    """GPT.forward's computation on idx (B, T), with what it passes through kept: (logits (B, T, V) at every
+    position, residual stream (L + 1, B, T, C) entering each block and leaving the last (before ln_f),
+    attention weights (L, B, nh, T, T)). Runs the model's own modules; the weights cost one extra softmax
+    per layer."""
+    T = idx.size(1)
+    assert T <= model.config.block_size, f"sequence of {T} exceeds block_size {model.config.block_size}"
+    x = model.embed(idx)  # (B, T, C)
+    resid, att = [], []
+    for block in model.transformer.h:
+        resid.append(x)
+        att.append(attention_weights(block.attn, block.ln_1(x)))  # (B, nh, T, T)
+        x = block(x)
+    resid.append(x)
+    logits = model.soft_cap(model.lm_head(model.transformer.ln_f(x)))  # (B, T, V)
+    return logits, torch.stack(resid), torch.stack(att)
+
+
 @torch.no_grad()
 def trace_prompt(model, ids):
     """(logits (T, V), residual stream (L + 1, T, C), attention (L, nh, T, T)) of the prompt."""
     idx = torch.tensor([ids], dtype=torch.long)  # (1, T)
-    logits, resid, att = model.trace(idx)
+    logits, resid, att = trace(model, idx)
     return logits[0].float(), resid[:, 0], att[:, 0]
 
 
@@ -167,13 +195,13 @@ DECODING = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top
 @torch.no_grad()
 def next_token_view(tok, last_logits, k=20, ship_logits=True):
     """The next-token distribution at the end of the prompt: the top k, and how each sampling setting of
-    DECODING (the rule of model.GPT.sampling_probs) reshapes it. With ship_logits every logit goes too,
+    DECODING (the rule of sampling.probabilities) reshapes it. With ship_logits every logit goes too,
     for the page's sliders to recompute from exactly."""
     probs = F.softmax(last_logits, dim=-1)  # (V,)
     top = torch.topk(last_logits, min(k, last_logits.numel()))
     settings = []
     for s in DECODING:
-        q = GPT.sampling_probs(last_logits[None], s["temperature"], s["top_k"] or None, s["top_p"])[0]  # (V,)
+        q = sampling.probabilities(last_logits[None], s["temperature"], s["top_k"] or None, s["top_p"])[0]  # (V,)
         settings.append(dict(s, probs=_r(q[top.indices], 5), kept=int((q > 0).sum())))
     out = {"ids": top.indices.tolist(), "texts": [piece_text(token_bytes_of(tok, int(j))) for j in top.indices],
            "probs": _r(probs[top.indices], 5), "settings": settings}

@@ -57,10 +57,13 @@ def fully_shard_model(model, device, dtype, compile):
     (before sharding), the way FSDP2 composes with torch.compile. Returns the model, sharded in place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from nanoforge import hardware
     mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
     mp = MixedPrecisionPolicy()  # fp32: nothing cast
     if dtype != "float32":
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    if compile:
+        hardware.prepare_to_compile(model)
     for block in model.transformer.h:
         if compile:
             block.compile()  # in place: parameter names (so checkpoints) do not change

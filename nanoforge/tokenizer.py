@@ -244,7 +244,7 @@ def load_tokenizer(spec):
 
 def with_special_tokens(tok, tokens):
     """`tok` with those of `tokens` it lacks appended as special tokens, ids after its vocabulary, in order
-    (a model using it needs as many new embedding rows: GPT.resize_vocab). Its spec records the additions,
+    (a model using it needs as many new embedding rows: training.grow_vocab). Its spec records the additions,
     so a checkpoint reloads the same tokenizer. Returns tok itself when nothing is missing."""
     missing = [t for t in tokens if t not in tok.special_tokens]
     if not missing:

@@ -1,9 +1,12 @@
 """
 What train.py and finetune.py share around their loops: the start-up lines, fitting a loaded model's
-context, the check that a step's loss is finite, and setting the learning rate.
+context and vocabulary, the check that a step's loss is finite, and setting the learning rate.
 """
 import math
 import signal
+
+import torch
+from torch import nn
 
 from nanoforge import hardware, runlog
 from nanoforge.errors import UserError
@@ -56,13 +59,26 @@ def fit_context(model, block_size, source, log=print):
     if block_size > model.config.block_size and model.config.pos_emb == "rope":
         log(f"context: {source} was trained on {model.config.block_size} tokens; training at {block_size} "
             f"(rotary positions have no table to grow)")
-        model.grow_block_size(block_size)
+        model.set_block_size(block_size)
     elif block_size > model.config.block_size:
         raise UserError(f"block_size={block_size} is longer than {source}'s context {model.config.block_size} "
                         f"(learned positions: there are no rows for the rest); use block_size <= "
                         f"{model.config.block_size}, or a base trained longer or with pos_emb=rope")
     elif block_size < model.config.block_size:
-        model.crop_block_size(block_size)
+        model.set_block_size(block_size)
+
+
+def grow_vocab(model, vocab_size):
+    """Grows the token embedding (and the output layer, tied or not) to vocab_size rows, for special tokens
+    a fine-tuning adds. New rows start at the mean of the old ones: their logits start near the average,
+    neither dominating the softmax nor far below it, and fine-tuning moves them from there."""
+    def grown(old):  # (V_old, C) -> (V, C)
+        assert vocab_size >= old.size(0)
+        return nn.Parameter(torch.cat([old.data, old.data.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)]))
+    model.transformer.wte.weight = grown(model.transformer.wte.weight)
+    model.lm_head.weight = model.transformer.wte.weight if model.config.tie_embeddings else grown(model.lm_head.weight)
+    model.transformer.wte.num_embeddings = model.lm_head.out_features = vocab_size
+    model.config.vocab_size = vocab_size
 
 
 def check_finite(loss, iter_num, out_dir):

@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, ReLUSquared, gelu_tanh_sigmoid
+from model import GPT, GPTConfig, KVCache, ReLUSquared
 import model
+from nanoforge import hardware, training
+
+gelu_tanh_sigmoid = hardware.GELUTanhSigmoid()  # the form compiled runs take
 
 ALL_ON = dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, zero_init=True,
               logit_softcap=15.0)
@@ -65,11 +68,15 @@ def test_compiled_code_takes_the_sigmoid_gelu_and_the_model_agrees_with_eager(mo
     x = torch.randint(0, 64, (2, 16))
     eager = m(x, x)[1]
     calls = []
-    monkeypatch.setattr(model, "gelu_tanh_sigmoid", lambda h: calls.append(h.shape) or gelu_tanh_sigmoid(h))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo reports while tracing
-    traced = m(x, x)[1]
+    forward = hardware.GELUTanhSigmoid.forward
+    monkeypatch.setattr(hardware.GELUTanhSigmoid, "forward", lambda self, h: calls.append(h.shape) or forward(self, h))
+    hardware.prepare_to_compile(m)  # what compile_model does before torch.compile
+    compiled_form = m(x, x)[1]
     assert calls == [(2, 16, 128)] * 2  # each block's MLP
-    torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_form, eager, rtol=1e-6, atol=1e-6)
+    hardware.prepare_to_compile(m, undo=True)  # compiling failed: eager's form again
+    assert all(type(b.mlp.gelu) is torch.nn.GELU for b in m.transformer.h)
+    assert torch.equal(m(x, x)[1], eager)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -139,7 +146,7 @@ def test_untied_head_is_its_own_matrix_counted_and_resized():
     total = sum(p.numel() for p in m.parameters())
     assert m.get_num_params(non_embedding=False) == total
     assert m.get_num_params() == total - wpe - 64 * 32  # the embedding lookup does no matmul work
-    m.resize_vocab(70)
+    training.grow_vocab(m, 70)
     assert m.transformer.wte.weight.shape == m.lm_head.weight.shape == (70, 32)
     assert m.lm_head.weight is not m.transformer.wte.weight
     logits, _ = m(torch.tensor([[69, 1]]), torch.tensor([[1, 69]]))
@@ -168,6 +175,9 @@ def test_bf16_training_on_cpu_takes_the_plain_attention_path_and_agrees_with_fp3
     calls = []
     plain = model_module.attention_reference
     monkeypatch.setattr(model_module, "attention_reference", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    # set from outside by the scripts that train: only bf16 on a CPU leaves the fused kernel's backward
+    assert hardware.sdpa_backward("cpu", "float32") and hardware.sdpa_backward("cuda", "bfloat16")
+    monkeypatch.setattr(model_module.CausalSelfAttention, "sdpa_backward", hardware.sdpa_backward("cpu", "bfloat16"))
     m = randomise(tiny(**ALL_ON)).eval()
     idx = torch.randint(0, 64, (2, 16))
     with torch.no_grad():

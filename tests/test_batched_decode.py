@@ -1,11 +1,12 @@
 """
-model.py's batched decoding (GPT.forward_slots with SlotKVCache), the step a server's continuous batching
+nanoforge/engine.py's batched decoding (slot_step with SlotKVCache), the step a server's continuous batching
 runs: sequences of different lengths decoded together must give each the tokens it gets alone.
 """
 import pytest
 import torch
 
-from model import GPT, GPTConfig, SlotKVCache
+from model import GPT, GPTConfig
+from nanoforge.engine import SlotKVCache, slot_step
 
 
 def tiny(pos_emb, seed=0):
@@ -43,7 +44,7 @@ def test_batched_greedy_decode_matches_generate_alone(pos_emb, use_sdpa, monkeyp
         joining = [i for i, start in enumerate((0, 0, 5)) if start == step]
         for i in joining:  # prefill: one row, the whole prompt
             p = prompts[i]
-            logits = model.forward_slots(torch.tensor([p]), caches, torch.tensor([slots[i]]), torch.tensor([0]))
+            logits = slot_step(model, torch.tensor([p]), caches, torch.tensor([slots[i]]), torch.tensor([0]))
             out[i].append(int(logits.argmax(-1)))
             pos[i] = len(p)
             running.append(i)
@@ -51,8 +52,8 @@ def test_batched_greedy_decode_matches_generate_alone(pos_emb, use_sdpa, monkeyp
         if not running:
             continue
         idx = torch.tensor([[out[i][-1]] for i in running])  # (B, 1)
-        logits = model.forward_slots(idx, caches, torch.tensor([slots[i] for i in running]),
-                                     torch.tensor([pos[i] for i in running]))  # (B, V)
+        logits = slot_step(model, idx, caches, torch.tensor([slots[i] for i in running]),
+                           torch.tensor([pos[i] for i in running]))  # (B, V)
         for i, nxt in zip(running, logits.argmax(-1).tolist()):
             out[i].append(nxt)
             pos[i] += 1
@@ -65,9 +66,9 @@ def test_batched_logits_match_single_sequence_logits():
     a, b = [1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]
     caches = slot_caches(model, 2)
     for slot, p in enumerate((a, b)):
-        model.forward_slots(torch.tensor([p[:-1]]), caches, torch.tensor([slot]), torch.tensor([0]))
-    together = model.forward_slots(torch.tensor([[a[-1]], [b[-1]]]), caches, torch.tensor([0, 1]),
-                                   torch.tensor([len(a) - 1, len(b) - 1]))  # (2, V)
+        slot_step(model, torch.tensor([p[:-1]]), caches, torch.tensor([slot]), torch.tensor([0]))
+    together = slot_step(model, torch.tensor([[a[-1]], [b[-1]]]), caches, torch.tensor([0, 1]),
+                         torch.tensor([len(a) - 1, len(b) - 1]))  # (2, V)
     for row, p in enumerate((a, b)):
         alone, _ = model(torch.tensor([p]))  # (1, 1, V), no cache at all
         torch.testing.assert_close(together[row], alone[0, -1], rtol=1e-5, atol=1e-5)

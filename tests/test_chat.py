@@ -7,7 +7,7 @@ import json
 import torch
 
 from model import GPT, GPTConfig
-from nanoforge import chat_template
+from nanoforge import chat_template, training
 from nanoforge.tokenizer import CharTokenizer, load_tokenizer
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
@@ -95,12 +95,12 @@ def test_chat_tokens_extend_gpt2_and_char_tokenizers_and_reload_from_spec():
         assert again.decode(chat_template.render(again, conv)[0]) == "<|user|>ab<|end|><|assistant|>ba<|end|>"
 
 
-def test_resize_vocab_keeps_old_logits_and_the_tie():
+def test_grow_vocab_keeps_old_logits_and_the_tie():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=2, n_embd=16)).eval()
     idx = torch.tensor([[1, 2, 3]])
     before = model(idx, idx)[0]
-    model.resize_vocab(14)
+    training.grow_vocab(model, 14)
     after = model(idx, idx)[0]
     assert after.shape[-1] == 14 and torch.allclose(after[..., :10], before)
     assert model.lm_head.weight is model.transformer.wte.weight and model.config.vocab_size == 14

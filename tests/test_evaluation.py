@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import model as model_module
 from conftest import run
-from nanoforge import tokens
+from nanoforge import lm_head_loss, tokens
 from nanoforge.evaluation import (choice_logprobs, evaluate, generalisation, join_choice, multiple_choice, score_batch,
                         split_windows, wilson_interval)
 from model import GPT, GPTConfig
@@ -79,7 +78,7 @@ def test_chunked_evaluation_equals_the_plain_path(tmp_path, monkeypatch, options
     """evaluate()'s default, the chunked LM head, against the whole-logits reference: loss, bpb, tokens and
     bytes, in fp32 and under bf16 autocast; chunks of 7 rows divide neither a batch's 5 x 16 rows nor the
     last batch's 3 x 16. A soft-capped model takes the plain head inside the model, as in training."""
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
+    monkeypatch.setattr(lm_head_loss, "LOSS_CHUNK_ROWS", 7)
     vocab, T = 50, 16
     rng = np.random.default_rng(1)
     ids = rng.integers(0, vocab, size=18 * T + 1)
@@ -113,7 +112,7 @@ def test_chunked_evaluation_equals_the_plain_path(tmp_path, monkeypatch, options
 def test_score_batch_skips_ignored_targets_in_both_paths(monkeypatch):
     """Targets of -1 count in neither the loss, the tokens nor the bytes, chunked or plain; a batch with
     no targets at all scores zeros (the chunked mean alone would be 0/0)."""
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
+    monkeypatch.setattr(lm_head_loss, "LOSS_CHUNK_ROWS", 7)
     vocab, T = 20, 16
     model = tiny_gpt(vocab, T)
     byte_len = torch.arange(1, vocab + 1, dtype=torch.float64)

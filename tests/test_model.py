@@ -1,21 +1,17 @@
 """
 model.py: shapes and loss, the fused attention path against attention_reference (outputs and
-gradients), the KV cache against the full forward and against uncached generation, sampling rules,
-Hugging Face GPT-2 parity, crop_block_size, and the parameter/FLOP counts.
+gradients), the KV cache against the full forward and against uncached generation, sampling rules
+(nanoforge/sampling.py), Hugging Face GPT-2 parity, set_block_size, and the parameter/FLOP counts.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
 from model import GPT, CausalSelfAttention, GPTConfig, KVCache
 import model as model_module
-from nanoforge import training
+from nanoforge import sampling, training
 from nanoforge.errors import UserError
 
 
@@ -54,78 +50,6 @@ def test_loss_ignores_targets_of_minus_one():
     logits, loss = m(idx, targets=targets)
     keep = targets != -1
     torch.testing.assert_close(loss, F.cross_entropy(logits[keep], targets[keep]))
-
-
-@pytest.mark.parametrize("chunk_rows", [7, 512])  # 7 does not divide the 3 x 16 rows; 512 is one chunk
-@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_chunked_loss_matches_plain_loss_and_gradients(pos_emb, chunk_rows, monkeypatch):
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", chunk_rows)
-    m = tiny(pos_emb).train()
-    idx = torch.randint(0, 64, (3, 16))
-    targets = torch.randint(0, 64, (3, 16))
-    targets[0, :5] = -1  # a masked prompt, and one stray ignored target in another chunk
-    targets[2, 9] = -1
-
-    def run(chunked_loss):
-        m.zero_grad(set_to_none=True)
-        logits, loss = m(idx, targets=targets, chunked_loss=chunked_loss)
-        loss.backward()
-        return logits, loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-    _, loss_ref, grads_ref = run(False)
-    logits, loss, grads = run(True)
-    assert logits is None  # the point: the (B, T, V) logits are never made
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    # every parameter, including the tied wte/lm_head weight (the embedding's gradient plus the head's)
-    assert grads.keys() == grads_ref.keys() and "transformer.wte.weight" in grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_chunked_loss_under_no_grad_is_the_same_loss_without_gradients(monkeypatch):
-    # evaluation: forward only (with_grads=False), the same number as the training pass and the plain path
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
-    m = tiny()
-    idx, targets = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
-    targets[0, :5] = -1
-    with_grads = m(idx, targets=targets, chunked_loss=True)[1]
-    with torch.no_grad():
-        loss = m(idx, targets=targets, chunked_loss=True)[1]
-        plain = m(idx, targets=targets)[1]
-    assert with_grads.grad_fn is not None and loss.grad_fn is None
-    assert torch.equal(loss, with_grads.detach())  # the loss half of the loop is shared, op for op
-    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
-
-
-def test_chunked_loss_with_every_target_ignored_matches_plain():
-    # nothing to learn: the plain mean is nan (0/0) with zero gradients; the chunked path says the same
-    m = tiny().train()
-    idx = torch.randint(0, 64, (2, 8))
-    targets = torch.full((2, 8), -1)
-    for chunked_loss in (False, True):
-        m.zero_grad(set_to_none=True)
-        loss = m(idx, targets=targets, chunked_loss=chunked_loss)[1]
-        loss.backward()
-        assert loss.isnan()
-        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.parameters())
-
-
-def test_chunked_loss_under_bfloat16_autocast_matches_plain():
-    m = tiny().train()
-    idx = torch.randint(0, 64, (2, 16))
-
-    def run(chunked_loss):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(idx, targets=idx, chunked_loss=chunked_loss)[1]
-        loss.backward()
-        return loss.detach(), m.lm_head.weight.grad.clone()
-
-    (loss_ref, grad_ref), (loss, grad) = run(False), run(True)
-    assert loss.dtype == torch.float32 and grad.dtype == torch.float32  # fp32 loss and master weights
-    # the same bf16 matmuls as the plain path's; slack only for summation order
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-2, atol=1e-4)
 
 
 def test_targets_may_be_a_slice_of_one_sequence():
@@ -252,7 +176,7 @@ def test_stop_token_stops_early_and_pads_finished_rows(use_kv_cache, monkeypatch
     def scripted(logits, temperature, top_k, top_p, generator):
         return torch.tensor(next(script)).view(-1, 1)
 
-    monkeypatch.setattr(GPT, "_sample_next", staticmethod(scripted))
+    monkeypatch.setattr(sampling, "next_token", scripted)
     m = tiny()
     idx = torch.tensor([[1, 2], [3, 4]])
     out = m.generate(idx, 10, stop_token=7, use_kv_cache=use_kv_cache)
@@ -273,9 +197,9 @@ def test_top_k_one_equals_temperature_zero_equals_argmax():
     logits = torch.randn(5, 50)
     argmax = logits.argmax(dim=-1, keepdim=True)
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(GPT._sample_next(logits, 1.0, 1, None, gen), argmax)
-    assert torch.equal(GPT._sample_next(logits, 0, None, None, None), argmax)
-    assert torch.equal(GPT._sample_next(logits, 0, 10, 0.5, None), argmax)
+    assert torch.equal(sampling.next_token(logits, 1.0, 1, None, gen), argmax)
+    assert torch.equal(sampling.next_token(logits, 0, None, None, None), argmax)
+    assert torch.equal(sampling.next_token(logits, 0, 10, 0.5, None), argmax)
 
     # and in the model: both greedy settings give the argmax loop written out by hand
     m = tiny()
@@ -292,7 +216,7 @@ def test_top_k_one_equals_temperature_zero_equals_argmax():
 def test_top_p_keeps_at_least_the_most_likely_token(top_p):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]]).repeat(200, 1)  # p(token 0) ~ 0.61
     gen = torch.Generator().manual_seed(0)
-    out = GPT._sample_next(logits, 1.0, None, top_p, gen)
+    out = sampling.next_token(logits, 1.0, None, top_p, gen)
     assert torch.equal(out, torch.zeros(200, 1, dtype=torch.long))
 
 
@@ -301,14 +225,14 @@ def test_top_p_and_top_k_sample_only_inside_the_kept_set():
     logits = probs.log().repeat(400, 1)
     gen = torch.Generator().manual_seed(0)
     # nucleus 0.7: token 0 holds 0.5 < 0.7, so token 1 is needed too; token 2 is not
-    assert set(GPT._sample_next(logits, 1.0, None, 0.7, gen).flatten().tolist()) == {0, 1}
-    assert set(GPT._sample_next(logits, 1.0, 3, None, gen).flatten().tolist()) == {0, 1, 2}
-    assert set(GPT._sample_next(logits, 1.0, None, None, gen).flatten().tolist()) == {0, 1, 2, 3}
+    assert set(sampling.next_token(logits, 1.0, None, 0.7, gen).flatten().tolist()) == {0, 1}
+    assert set(sampling.next_token(logits, 1.0, 3, None, gen).flatten().tolist()) == {0, 1, 2}
+    assert set(sampling.next_token(logits, 1.0, None, None, gen).flatten().tolist()) == {0, 1, 2, 3}
     # a low temperature sharpens the distribution towards the argmax, a high one flattens it
-    cold = GPT._sample_next(logits, 0.02, None, None, gen).flatten()
-    hot = GPT._sample_next(logits, 5.0, None, None, gen).flatten()
+    cold = sampling.next_token(logits, 0.02, None, None, gen).flatten()
+    hot = sampling.next_token(logits, 5.0, None, None, gen).flatten()
     assert set(cold.tolist()) == {0}
-    assert (hot == 3).sum() > (GPT._sample_next(logits, 1.0, None, None, gen).flatten() == 3).sum()
+    assert (hot == 3).sum() > (sampling.next_token(logits, 1.0, None, None, gen).flatten() == 3).sum()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -328,14 +252,14 @@ def test_from_pretrained_matches_hugging_face_logits(hf_gpt2_dir):
 
 
 # ------------------------------------------------------------------------------------------------------
-# crop_block_size, counts
+# set_block_size, counts
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_crop_block_size_keeps_logits_of_first_positions(pos_emb):
+def test_set_block_size_crops_and_keeps_logits_of_first_positions(pos_emb):
     m = tiny(pos_emb, block_size=32)
     idx = torch.randint(0, 64, (2, 12))
     before, _ = m(idx, targets=idx)
-    m.crop_block_size(16)
+    m.set_block_size(16)
     after, _ = m(idx, targets=idx)
     torch.testing.assert_close(after, before)
     assert m.config.block_size == 16
@@ -392,40 +316,3 @@ def test_decoding_head_copy_gives_the_lm_heads_logits():
     copied, _ = model(idx, head_t=model.lm_head.weight.t().contiguous())
     assert copied.shape == plain.shape == (3, 1, 50)
     torch.testing.assert_close(copied, plain, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_compiled_model_trains_through_the_chunked_head_on_one_thread():
-    """torch.compile of the model with the chunked head and loss, at one CPU thread (as tests and busy
-    laptops run), as train.py compiles it (hardware.compile_model): inductor's kernels for the head's
-    in-place steps once corrupted the heap there ("malloc(): unaligned tcache chunk detected"). The head
-    stays eager; the compiled step's loss and gradients equal eager's, or (where the compiled step's loss
-    is not finite, as torch's AVX2 kernels at one thread gave) the model trains eager, said in one line."""
-    code = """
-import torch
-from model import GPT, GPTConfig
-from nanoforge import hardware
-torch.manual_seed(0)
-m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=62, bias=False))
-x = torch.randint(62, (4, 32))
-_, eager = m(x, x, chunked_loss=True)
-eager.backward()
-want = [p.grad.clone() for p in m.parameters()]
-
-def step(model):
-    m.zero_grad()
-    _, loss = model(x, x, chunked_loss=True)
-    loss.backward()
-    return loss.item()
-
-lines = []
-used, _ = hardware.compile_model(m, step, lines.append)
-assert (used is m) == bool(lines), lines
-loss = step(used)
-assert abs(loss - eager.item()) < 1e-5 * abs(eager.item()), (loss, eager.item())
-assert all(torch.allclose(p.grad, w, rtol=1e-4, atol=1e-6) for p, w in zip(m.parameters(), want))
-print("ok", "eager" if used is m else "compiled", *lines)
-"""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]

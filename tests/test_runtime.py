@@ -149,7 +149,8 @@ def test_scripts_start_without_loading_the_compiler():
                       "print('torch._dynamo' in sys.modules)\n"
                       "import torch\nfrom nanoforge import hardware\n"
                       "hardware.compile_model(torch.nn.Linear(2, 2), lambda m: 0.0, print)\n"
-                      "print('torch._dynamo' in sys.modules, model.chunked_lm_head_loss.eager_under_compile)")
+                      "from nanoforge import lm_head_loss\n"
+                      "print('torch._dynamo' in sys.modules, lm_head_loss._head_and_loss.eager_under_compile)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True", "True"]
 

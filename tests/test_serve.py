@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT
 from model import GPT, GPTConfig
 from nanoforge.chat_template import chat_tokenizer, render
+from nanoforge import training
 from nanoforge.checkpoint import save_checkpoint
 from nanoforge.tokenizer import CharTokenizer
 
@@ -28,14 +29,14 @@ CONTEXT = 1024  # long enough that a 1000-token reply is still running when a te
 @pytest.fixture(scope="module")
 def chat_ckpt(char_data, tmp_path_factory):
     """out_dir of a random 2-layer GPT over Tiny Shakespeare's characters plus the chat tokens. The chat
-    rows are added by resize_vocab (the mean of the others), so greedy decoding never picks one: replies
+    rows are added by training.grow_vocab (the mean of the others), so greedy decoding never picks one: replies
     run to max_tokens, whatever the random weights."""
     with open(os.path.join(char_data, "meta.json")) as f:
         spec = json.load(f)["tokenizer"]
     tok = chat_tokenizer(CharTokenizer(spec["chars"]))
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=CONTEXT, vocab_size=len(spec["chars"])))
-    model.resize_vocab(tok.vocab_size)
+    training.grow_vocab(model, tok.vocab_size)
     out = tmp_path_factory.mktemp("serve_ckpt")
     save_checkpoint(str(out / "ckpt.pt"), model, {"tokenizer": tok.spec})
     return str(out), tok
