@@ -229,7 +229,16 @@ class Engine:
         logits = slot_step(self.model, idx, self.caches, rows, torch.zeros(1, dtype=torch.long, device=self.device))
         seq.pos = len(seq.prompt)
         self.running.append(seq)
-        self._take(seq, logits[0])
+        self._take_alone(seq, logits[0])
+
+    def _take_alone(self, seq, logits):
+        """_take, where a failure ends this sequence alone (its client gets the error), never its batch."""
+        try:
+            self._take(seq, logits)
+        except Exception as e:
+            traceback.print_exc()
+            seq.sink(("error", f"{type(e).__name__}: {e}"))
+            seq.cancelled = True
 
     def _decode(self):
         seqs = sorted(self.running, key=lambda s: s.slot)  # ascending slots: usually a slice of the cache
@@ -240,7 +249,7 @@ class Engine:
         self.steps += 1
         for s, row in zip(seqs, logits):
             s.pos += 1
-            self._take(s, row)
+            self._take_alone(s, row)
 
     def _take(self, seq, logits):
         """Samples seq's next token from its logits (V,), emits its text, and marks seq done when it ends."""

@@ -4,6 +4,7 @@ each field's type and range with a message that names it, turning prompts and ch
 ids, and the error body {"error": {"message", "type", "param", "code"}} every 4xx and 5xx carries.
 Field names and defaults follow https://platform.openai.com/docs/api-reference (completions and chat).
 """
+import asyncio
 import json
 
 from starlette.responses import JSONResponse
@@ -31,16 +32,24 @@ def error_response(status, message, param=None, code=None, kind="invalid_request
 # -----------------------------------------------------------------------------------------------------
 # reading a request
 
-async def read_json(request, max_body_bytes):
+async def read_json(request, max_body_bytes, timeout=30.0):
+    """The JSON object of a request's body: at most max_body_bytes, arrived within `timeout` seconds (a client
+    that announces a body and never sends it would otherwise hold its connection for ever)."""
+    if not (request.headers.get("content-length") or "0").isdigit():
+        raise ApiError(400, "The Content-Length header must be a number of bytes", code="invalid_request")
     if int(request.headers.get("content-length") or 0) > max_body_bytes:
         raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes",
                        code="request_too_large")
     body = b""
-    async for chunk in request.stream():  # a chunked body has no length header: count as it comes
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes",
-                           code="request_too_large")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():  # a chunked body has no length header: count as it comes
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} "
+                                   f"bytes", code="request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout:g} s", code="request_timeout") from None
     try:
         obj = json.loads(body)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors

@@ -447,7 +447,7 @@ def test_cli_deterministic_and_careful(planted, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "stale.txt" not in os.listdir(first)
     # bad input: one line, nothing written
-    for bad, words in ((f"--input={tmp_path / 'missing'}", "not found"), (f"--input={first / 'report.md'}", "unknown kind")):
+    for bad, words in ((f"--input={tmp_path / 'missing'}", "not found"), (f"--input={first / 'lengths.png'}", "unknown kind")):
         result = run_curate(*args[:1], bad, f"--output={tmp_path / 'x'}")
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
     empty = tmp_path / "empty"

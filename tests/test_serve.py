@@ -322,9 +322,20 @@ def test_only_the_chat_page_is_served_and_no_cors_by_default(server):
     for path in ("/serve.py", "/nanoforge/pages/chat.html", "/ckpt.pt", "/../checkpoint.py", "/%2e%2e/model.py", "/README.md"):
         r = httpx.get(url + path)
         assert r.status_code == 404 and "error" in r.json(), path
+    # a page on another site may not drive the model: a "simple" cross-origin POST needs no preflight, so it
+    # is refused outright (it used to run, its answer merely unreadable to the page)
     r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1},
                    headers={"Origin": "https://elsewhere.example"})
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    assert "--cors_origins=https://elsewhere.example" in r.json()["error"]["message"]
+    # the server's own page (same origin) may, and the page may not be framed by another site
+    same = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers={"Origin": url})
+    assert same.status_code == 200
+    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    # a name this server does not answer to (DNS rebinding: evil.example resolving to 127.0.0.1) is refused
+    r = httpx.get(url + "/v1/models", headers={"Host": "evil.example:8000"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(url + "/v1/models", headers={"Host": url.split("//")[1].replace("127.0.0.1", "localhost")}).status_code == 200
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +343,8 @@ def strict_server(chat_ckpt):
     """One slot, no queue, a key, and one allowed origin. Each step is slowed by 20 ms (step_delay), so a
     1000-token reply holds its slot for 20 s at least, on any machine: long after the test has acted."""
     proc, url = start_server(chat_ckpt[0], "--api_key=s3cret", "--max_batch=1", "--max_queue=0",
-                             "--cors_origins=https://app.example", "--step_delay=0.02")
+                             "--cors_origins=https://app.example", "--step_delay=0.02", "--header_timeout=1",
+                             "--body_timeout=1")
     yield url
     stop_server(proc)
 
@@ -354,6 +366,33 @@ def test_a_client_that_disconnects_stops_its_generation(strict_server):
     assert h["free_slots"] == 1
     assert h["tokens"] - tokens_before < 1000  # it stopped, it did not run to max_tokens
     assert httpx.post(url + "/v1/completions", headers=AUTH, json=dict(prompt="O", max_tokens=3)).status_code == 200
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_slot(strict_server):
+    url = strict_server
+    tokens_before = health(url)["tokens"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s of a reply that takes 20 s at least
+        httpx.post(url + "/v1/completions", headers=AUTH, timeout=2,
+                   json=dict(prompt="O", max_tokens=1000, temperature=0))
+    h = wait_idle(url, timeout=10)  # freed at the next step, not when the 1000 tokens are done
+    assert h["free_slots"] == 1 and h["tokens"] - tokens_before < 1000
+
+
+def test_slow_headers_and_a_body_that_never_comes_are_cut_off(strict_server):
+    host, port = strict_server.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # headers trickling in, never finished
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        t0 = time.monotonic()
+        assert s.recv(1024) == b""  # closed by the server after its header_timeout of 1 s
+        assert time.monotonic() - t0 < 20
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # a body announced and never sent
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        reply = b""
+        while b"did not arrive" not in reply and (chunk := s.recv(4096)):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in reply, reply
+    assert httpx.post(strict_server + "/v1/completions", headers=AUTH, json=dict(prompt="O", max_tokens=2)).status_code == 200
 
 
 def test_api_key_is_checked(strict_server):
