@@ -18,9 +18,10 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
     """logits: (B, V) -> the (B, V) distribution that sampling draws from at temperature > 0, after
     top_k and top_p have cut the tail (explain.py shows it)."""
-    # the best logit moved to 0 first: then any temperature > 0, however close to 0, divides a finite number
-    # and leaves the best at 0 (the rest may go to -inf), so the softmax below is never 0/0
+    # the best logit moved to 0 first, and the temperature no smaller than float32 can hold (1e-300 would
+    # round to 0): then the best stays at 0 and the rest may go to -inf, so the softmax below is never 0/0
     logits = logits.float()
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), sorted descending

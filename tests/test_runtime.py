@@ -122,7 +122,7 @@ def test_failed_compile_falls_back_to_eager():
 
     used, _ = hardware.compile_model(model, warmup, lines.append)
     assert used is model and len(lines) == 1 and "training eager" in lines[0] and "CppCompileError" in lines[0]
-    ok, _ = hardware.compile_model(model, lambda m: m(torch.ones(1, 4)).sum(), lines.append)
+    ok, _ = hardware.compile_model(model, lambda m: m(torch.ones(1, 4)).sum().item(), lines.append)
     assert ok is not model and len(lines) == 1
 
 
