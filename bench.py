@@ -100,7 +100,7 @@ if mode == 'memory':
     with tempfile.TemporaryDirectory() as tmp:
         for i, ckpt in itertools.product(range(repeats), (False, True)):
             out = os.path.join(tmp, f"{i}_{ckpt}.json")
-            loads.append(round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None)
+            loads.append(hardware.load_average())
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passed, '--mode=train',
                                    f'--gradient_checkpointing={ckpt}', f'--json_out={out}'],
                                   capture_output=True, text=True)
@@ -117,9 +117,9 @@ if mode == 'memory':
     ratio = median([b['ms_per_step'] / a['ms_per_step'] for a, b in zip(runs[False], runs[True])])
     cpu_ratio = median([b['cpu_ms_per_step'] / a['cpu_ms_per_step'] for a, b in zip(runs[False], runs[True])])
     cut = 1 - mem[True] / mem[False]
-    print(f"memory: chunked_loss={chunked_loss} in both")
     print(f"memory: without checkpointing {mem[False] / 2**20:,.0f} MiB, with {mem[True] / 2**20:,.0f} MiB "
-          f"({cut * 100:.1f}% less; {runs[False][0]['peak_memory_source']}, median of {repeats})")
+          f"({cut * 100:.1f}% less; {runs[False][0]['peak_memory_source']}, median of {repeats}; "
+          f"chunked_loss={chunked_loss} in both)")
     print(f"memory: step time {ms[False]:,.0f} ms without, {ms[True]:,.0f} ms with: {ratio:.2f}x (median of the "
           f"{repeats} back-to-back ratios; 1-min load {min(loads)}-{max(loads)}); CPU time {cpu_ratio:.2f}x")
     if json_out:
@@ -140,7 +140,7 @@ compile, why = hardware.resolve_compile(compile, device)
 print(f"compile: {compile} ({why})")
 env = runlog.run_info(device)
 # on a shared machine other processes steal cores; a load above the core count means low numbers
-env['loadavg_start'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
+env['loadavg_start'] = hardware.load_average()
 print(f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} cpus, "
       f"1-min load {env['loadavg_start']}, git {env['git_revision'][:10]}{' (dirty)' if env['git_dirty'] else ''}")
 torch.manual_seed(seed)  # the model's random weights
@@ -264,17 +264,15 @@ if mode in ('generate', 'all'):
     print(f"outputs: identical ({gen_tokens} tokens x {gen_batch} rows)" if same else
           f"outputs: DIFFER from new token {first} (the cached path must give the reference's tokens)")
     # the ceiling of cached generation: each step reads every weight once (the B rows share it), so tokens/s <=
-    # bandwidth / weight bytes a token, in the dtype the matmuls read (autocast's bf16 copies, kept for the
-    # whole run(); the fp32 norm gains are < 0.1%). Left out, so the bound is a little high: the wte/wpe row a
-    # token looks up, and the KV cache reads (given for the mean context). A pure read may stream ~1.2x faster
-    # than the copy measured (AMD EPYC). Past block_size the cache is refilled every step: it does not hold.
+    # bandwidth / weight bytes a token, in the dtype the matmuls read (autocast's bf16 copies; fp32 norm gains
+    # are < 0.1%). Left out, so the bound is a little high: the wte/wpe rows looked up and the KV cache reads
+    # (given for the mean context). A pure read may stream ~1.2x faster than the copy measured (AMD EPYC).
     compute_dtype = getattr(torch, dtype) if dtype != 'float32' else model.lm_head.weight.dtype
     bytes_per_param = torch.finfo(compute_dtype).bits // 8
     weight_bytes_per_token = model.get_num_params() * bytes_per_param / gen_batch
     mean_context = sum(min(prompt_len + i, mc.block_size) for i in range(gen_tokens)) / gen_tokens
     kv_bytes_per_token = 2 * mc.n_layer * mean_context * mc.n_embd * model.lm_head.weight.element_size()
-    # memory_gb_s: the GPU's bandwidth on CUDA, else the CPU's (MPS shares it)
-    bound = machine['memory_gb_s'] * 1e9 / weight_bytes_per_token  # tokens/s
+    bound = machine['memory_gb_s'] * 1e9 / weight_bytes_per_token  # tokens/s; the GPU's bandwidth on CUDA
     print(f"bound: memory bandwidth allows {bound:,.1f} tokens/s ({weight_bytes_per_token / 1e6:,.1f} MB of "
           f"{str(compute_dtype)[6:]} weights a token at {machine['memory_gb_s']:.1f} GB/s); with KV cache "
           f"{rate_kv:,.1f} tokens/s is {rate_kv / bound * 100:.3g}% of it (KV cache reads left out: "
@@ -294,7 +292,7 @@ if mode in ('generate', 'all'):
                                kv_cache_bytes_per_token=kv_bytes_per_token, memory_gb_s=machine['memory_gb_s'],
                                bandwidth_bound_tokens_per_s=bound, fraction_of_bound=rate_kv / bound)
 
-env['loadavg_end'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
+env['loadavg_end'] = hardware.load_average()
 if json_out and rank == 0:
     files.write_json(json_out, results)
     print(f"wrote {json_out}")

@@ -77,7 +77,7 @@ results = {name: [] for name in commands}
 for seed_i in range(seeds):
     for name, args in commands.items():
         out = os.path.join(out_dir, f"{name}-seed{seed_i}")
-        load = round(os.getloadavg()[0], 2)
+        load = hardware.load_average()
         proc = subprocess.run([sys.executable, train_py, *args, f"--seed={1337 + seed_i}", f"--out_dir={out}",
                                "--eval_whole_val=True", "--plot=False"], capture_output=True, text=True)
         if proc.returncode != 0:

@@ -282,15 +282,20 @@ def step_memory_error(cfg, n_params, batch_size, dtype, chunked_loss, checkpoint
             f"or memory_check=False to run it anyway")
 
 
+def load_average():
+    """The machine's 1-minute load average (runnable processes, ours included), or None where the OS has none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def busy_line(device, running=False):
     """A warning line when other work holds the CPU cores this process's threads need, else None. torch's
     threads wait for each other at every operation, so one thread on a busy core holds back the rest: with
     another job on 2 cores, 2 threads ran 5x slower than 1 (sample.py 40.9 s against 8.2 s). The other work is
     the 1-minute load average, less this process's own threads when it is `running` (computing flat out)."""
-    if not device.startswith("cpu") or not hasattr(os, "getloadavg"):
+    if not device.startswith("cpu") or load_average() is None:
         return None
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
-    other = os.getloadavg()[0] - (threads if running else 0)
+    other = load_average() - (threads if running else 0)
     free = max(1, round(cores - other))  # the cores the other work leaves
     if threads < 2 or other < 0.75 or threads <= free:
         return None
