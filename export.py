@@ -1,119 +1,71 @@
 """
-Exports a nanoforge model to a Hugging Face folder that transformers loads as GPT2LMHeadModel:
-config.json + model.safetensors, and the tokenizer files when the tokenizer is GPT-2's BPE (with the chat
-tokens, if fine-tuning added them).
+Exports a nanoforge model so the rest of the ecosystem runs it: a Hugging Face folder (--to=hf) that
+transformers loads with its stock classes, no trust_remote_code, or a GGUF file (--to=gguf) for llama.cpp,
+Ollama and LM Studio. The tokenizer (with the chat tokens fine-tuning added) and the chat template travel
+with the weights.
 
-$ python export.py --out_dir=out-sft-gpt2 --to=hf --dest=exported
+$ python export.py --out_dir=out-shakespeare-char-cpu --dest=exported
 $ python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exported')"
+$ python export.py --out_dir=out-shop-chat --to=gguf --dest=shop.gguf --gguf_type=q8_0
+$ python sample.py --init_from=exported          # and back: sample.py, serve.py, finetune.py read the folder
 
-Only the GPT-2 architecture fits: learned absolute positions, LayerNorm, tanh GELU, pre-norm blocks,
-tied embeddings, no QK-norm or logit cap (a model trained with pos_emb='rope', mlp='relu2', ... is refused
-with the settings that differ). bias=False models are written with zero biases, which GPT-2 computes
-to the same logits. For a character or trained-BPE tokenizer, transformers has no matching tokenizer
-class: the folder gets the weights, config.json and nanoforge_tokenizer.json (the spec that nanoforge's
-tokenizer.load_tokenizer reads), and a note says so.
+Which stock class holds which architecture (GPT-2's block -> GPT2LMHeadModel; the modern block ->
+Apertus, Arcee, Qwen3 or Llama, by mlp and qk_norm) is nanoforge/hf_format.py's table; what no stock class
+computes is refused with the setting and the nearest exportable value. The GGUF side is nanoforge/gguf_format.py.
 """
 import os
 import sys
 
-import torch
-
 from configurator import configure, knobs
-from nanoforge import errors, files
+from nanoforge import errors, files, hf_format
 from nanoforge.checkpoint import load_model
 from nanoforge.errors import UserError
-from nanoforge.tokenizer import _bytes_to_unicode, load_tokenizer
+from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
 
 # -----------------------------------------------------------------------------------------------------
-out_dir = "out"  # the run to export (an out_dir or a checkpoint file)
-to = "hf"  # the only format so far
-dest = ""  # the folder to write; must not exist yet
+out_dir = "out"  # the run to export (an out_dir, a checkpoint file or an exported folder)
+to = "hf"  # 'hf' (a Hugging Face folder) or 'gguf' (one file for llama.cpp, Ollama, LM Studio)
+dest = ""  # the folder (hf) or file (gguf) to write; must not exist yet
+gguf_type = "f16"  # the GGUF's matrix type: 'f32', 'f16' or 'q8_0' (8-bit, a quarter of f32's size)
 # -----------------------------------------------------------------------------------------------------
 defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
-if to != "hf":
-    raise UserError(f"--to={to}: only 'hf' (a Hugging Face GPT-2 folder) is supported")
+if to not in ("hf", "gguf"):
+    raise UserError(f"--to={to}: use 'hf' (a Hugging Face folder) or 'gguf' (a file for llama.cpp)")
 if not dest:
-    raise UserError("say where to write the folder: --dest=folder")
+    raise UserError(f"say where to write the {'folder' if to == 'hf' else 'file'}: --dest=...")
 if os.path.exists(dest):
     raise UserError(f"{dest} already exists; pick a new --dest (nothing is overwritten)")
 
 model, spec, _ = load_model(out_dir)
+model.eval()
 c = model.config
-if c.not_gpt2():
-    raise UserError(f"{out_dir} is not GPT-2's architecture ({', '.join(c.not_gpt2())}), so GPT2LMHeadModel cannot "
-                    f"hold it; train with GPT-2's settings (the defaults) to export")
-
-
-def gpt2_state_dict(model):
-    """nanoforge's weights under GPT-2's names and layouts: the four projection matrices transposed into
-    Conv1D's (in, out); the biases a bias=False model lacks written as zeros (the same function)."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    for k in list(sd):
-        if k.endswith(transposed):
-            sd[k] = sd[k].t().contiguous()
-    if not model.config.bias:
-        for k in list(sd):
-            if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) or k.endswith(transposed):
-                sd[k[:-len("weight")] + "bias"] = torch.zeros(sd[k].shape[-1] if k.endswith(transposed) else sd[k].shape[0])
-    return sd
-
-
-def gpt2_vocab_merges(tok):
-    """GPT-2's vocab ({token text: id}) and merges ([(a, b), ...] in order) rebuilt from tiktoken's ranks:
-    each merged token's two parts are what BPE makes of its bytes using only the merges learned before it.
-    (They equal GPT-2's original encoder.json and vocab.bpe.)"""
-    ranks = tok.enc._mergeable_ranks
-    to_text = _bytes_to_unicode()
-    text = {t: "".join(to_text[b] for b in t) for t in ranks}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) == 1:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            pairs = [(ranks.get(a + b, 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-            r, i = min(pairs)
-            assert r < rank, f"token {token!r} is not a merge of earlier tokens"
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append((text[parts[0]], text[parts[1]]))
-    vocab = {text[t]: r for t, r in ranks.items()}
-    vocab["<|endoftext|>"] = tok.eot_id
-    return vocab, merges
-
-
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402  (only now: the checks above are fast)
-
+kind = hf_format.family(c)  # refuses, in one line, what no stock class computes
 tok = load_tokenizer(spec)
-gpt2_bpe = spec["kind"] == "gpt2"
-eot = tok.eot_id if tok.eot_id is not None else 0
-config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                    n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                    bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
-hf = GPT2LMHeadModel(config)
-missing, unexpected = hf.load_state_dict(gpt2_state_dict(model), strict=False)
-missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
-assert not missing and not unexpected, (missing[:3], unexpected[:3])
+what = f"{c.n_layer} layers, {c.n_embd} wide, context {c.block_size}, vocab {c.vocab_size}, tokenizer {spec['kind']}"
+what += f" + {', '.join(spec['added'])}" if spec.get("added") else ""
 
-with files.atomic_folder(dest) as tmp:  # a half-written folder never replaces a good one
-    hf.save_pretrained(tmp)
-    if gpt2_bpe:
-        from transformers import GPT2TokenizerFast
-        vocab, merges = gpt2_vocab_merges(tok)
-        hf_tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>")
-        added = spec.get("added", [])
-        if added:  # in order, so they take the ids after GPT-2's 50,257, as they do here
-            hf_tok.add_special_tokens({"additional_special_tokens": added})
-        assert [hf_tok.convert_tokens_to_ids(t) for t in added] == [tok.special_tokens[t] for t in added]
-        hf_tok.save_pretrained(tmp)
-        note = "tokenizer: GPT-2's BPE" + (f" + {', '.join(added)}" if added else "")
-    else:
-        files.write_json(os.path.join(tmp, "nanoforge_tokenizer.json"), spec)
-        note = (f"tokenizer: {spec['kind']} is not one transformers can load; wrote nanoforge_tokenizer.json "
-                f"(read it with nanoforge's tokenizer.load_tokenizer) and no Hugging Face tokenizer files")
-print(f"wrote {dest}: GPT2LMHeadModel, {c.n_layer} layers, {c.n_embd} wide, context {c.block_size}, "
-      f"vocab {c.vocab_size}{'' if c.bias else ' (zero biases: trained without)'}; {note}")
+if to == "hf":
+    hf, _ = hf_format.to_hf(model, hf_format.end_ids(tok))
+    with files.atomic_folder(dest) as tmp:  # a half-written folder never replaces a good one
+        hf.save_pretrained(tmp)
+        hf_format.write_tokenizer(tok, spec, tmp)
+        if hf_format.end_ids(tok):
+            from transformers import GenerationConfig
+            GenerationConfig(eos_token_id=hf_format.end_ids(tok)).save_pretrained(tmp)
+    print(f"wrote {dest}: {hf_format.HF_CLASS[kind]}, {what}")
+else:
+    from nanoforge import gguf_format
+    gguf_format.check_type(gguf_type)
+    with files.atomic_path(dest) as tmp:
+        arch = gguf_format.write(model, tok, spec, tmp, gguf_type, name=os.path.basename(os.path.normpath(out_dir)))
+    modelfile = os.path.splitext(dest)[0] + ".Modelfile"
+    with files.atomic_path(modelfile) as tmp, open(tmp, "w") as f:
+        f.write(gguf_format.modelfile(os.path.basename(dest), tok))
+    print(f"wrote {dest}: llama.cpp architecture {arch}, {gguf_type}, {what}; and {modelfile} "
+          f"(ollama create NAME -f {modelfile})")
+    if not hf_format.end_ids(tok):
+        print("note: this tokenizer has no end-of-text token, so the GGUF has one that only ends a generation when "
+              "every other logit is below 0; llama.cpp's --ignore-eos gives exactly sample.py's distribution")

@@ -33,7 +33,7 @@ errors.friendly_errors()
 # -----------------------------------------------------------------------------------------------------
 # default config values
 out_dir = "out-sft"
-init_from = "gpt2"  # a nanoforge out_dir or checkpoint file, a GPT-2 name, or a local HF GPT-2 folder
+init_from = "gpt2"  # a nanoforge out_dir or checkpoint file, a GPT-2 name, or a HF folder (export.py's, or GPT-2)
 dataset = ""  # reads data/<dataset>/train.jsonl and val.jsonl
 train_file = ""  # or name the files directly
 val_file = ""

@@ -106,6 +106,17 @@ def render(tok, messages, add_generation_prompt=False):
     return ids, mask
 
 
+# render()'s template in Jinja, the form Hugging Face tokenizers (apply_chat_template) and llama.cpp read;
+# tests/test_export.py holds the two to the same ids
+JINJA = ("{%- for message in messages -%}"
+         "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+         "{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
+         "{%- endif -%}"
+         "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+         "{%- endfor -%}"
+         "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
+
+
 def shift(ids, mask):
     """Inputs and targets for next-token training: x = ids[:-1], y = ids[1:] with the unlearned
     positions set to -1 (the one place the loss mask is applied)."""

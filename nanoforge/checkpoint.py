@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
+from nanoforge import hf_format
 from nanoforge.errors import UserError
 from nanoforge.files import atomic_path, replace_folder, write_json
 
@@ -137,11 +138,13 @@ def model_from_checkpoint(state, dropout=None):
 
 
 def load_model(source, map_location="cpu", dropout=None):
-    """(model, tokenizer spec, meta) from any of: an out_dir holding ckpt.pt, a checkpoint file, a local
-    Hugging Face GPT-2 folder (save_pretrained), or a GPT-2 name on the hub (gpt2, gpt2-medium, ...)."""
+    """(model, tokenizer spec, meta) from any of: an out_dir holding ckpt.pt, a checkpoint file, a Hugging
+    Face folder (one export.py wrote, of any architecture, or any GPT-2 save_pretrained folder), or a GPT-2
+    name on the hub (gpt2, gpt2-medium, ...)."""
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")) \
             and not os.path.exists(ckpt_path(source)):
-        return GPT.from_pretrained(source, dropout=dropout or 0.0), {"kind": "gpt2"}, {"source": source}
+        model, spec = hf_format.from_hf(source, dropout=dropout or 0.0)
+        return model, spec, {"source": source}
     if source in GPT2_NAMES:
         try:
             model = GPT.from_pretrained(source, dropout=dropout or 0.0)
