@@ -34,10 +34,15 @@ defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
 if to not in ("hf", "gguf"):
     raise UserError(f"--to={to}: use 'hf' (a Hugging Face folder) or 'gguf' (a file for llama.cpp)")
+if to == "gguf":
+    from nanoforge import gguf_format
+    gguf_format.check_type(gguf_type)
 if not dest:
     raise UserError(f"say where to write the {'folder' if to == 'hf' else 'file'}: --dest=...")
-if os.path.exists(dest):
-    raise UserError(f"{dest} already exists; pick a new --dest (nothing is overwritten)")
+modelfile = os.path.splitext(dest)[0] + ".Modelfile"  # Ollama's, beside a GGUF
+for path in [dest] + ([modelfile] if to == "gguf" else []):
+    if os.path.exists(path):
+        raise UserError(f"{path} already exists; pick a new --dest (nothing is overwritten)")
 
 model, spec, _ = load_model(out_dir)
 model.eval()
@@ -57,11 +62,8 @@ if to == "hf":
             GenerationConfig(eos_token_id=hf_format.end_ids(tok)).save_pretrained(tmp)
     print(f"wrote {dest}: {hf_format.HF_CLASS[kind]}, {what}")
 else:
-    from nanoforge import gguf_format
-    gguf_format.check_type(gguf_type)
     with files.atomic_path(dest) as tmp:
         arch = gguf_format.write(model, tok, spec, tmp, gguf_type, name=os.path.basename(os.path.normpath(out_dir)))
-    modelfile = os.path.splitext(dest)[0] + ".Modelfile"
     with files.atomic_path(modelfile) as tmp, open(tmp, "w") as f:
         f.write(gguf_format.modelfile(os.path.basename(dest), tok))
     print(f"wrote {dest}: llama.cpp architecture {arch}, {gguf_type}, {what}; and {modelfile} "

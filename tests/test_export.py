@@ -205,6 +205,23 @@ def test_gguf_q8_0_is_within_its_rounding_and_a_quarter_of_f32(tokenizers, tmp_p
     assert sizes["q8_0"] - (sizes["f32"] - weights) < 0.35 * weights  # 34 bytes per 32 weights, plus f32 norms
 
 
+@pytest.mark.slow
+def test_export_to_gguf_writes_the_file_and_an_ollama_modelfile_beside_it(tokenizers, tmp_path):
+    tok = tokenizers["char"]
+    make_run(tmp_path, tok, **FAMILIES["apertus"])
+    dest = tmp_path / "shop.gguf"
+    assert_one_line_error(run("export.py", f"--out_dir={tmp_path}", "--to=gguf", f"--dest={dest}", "--gguf_type=q4",
+                              check=False), "--gguf_type=q4", "q8_0")
+    proc = run("export.py", f"--out_dir={tmp_path}", "--to=gguf", f"--dest={dest}", "--gguf_type=q8_0")
+    assert "apertus" in proc.stdout and read_gguf(str(dest))[0]["general.architecture"] == "apertus"
+    modelfile = (tmp_path / "shop.Modelfile").read_text()
+    assert modelfile.startswith("FROM ./shop.gguf\n") and "<|{{ .Role }}|>{{ .Content }}<|end|>" in modelfile
+    assert 'PARAMETER stop "<|end|>"' in modelfile
+    dest.unlink()  # the Modelfile alone is still not overwritten
+    assert_one_line_error(run("export.py", f"--out_dir={tmp_path}", "--to=gguf", f"--dest={dest}", check=False),
+                          "shop.Modelfile already exists")
+
+
 def test_gguf_character_vocabulary_joins_multi_byte_characters(tokenizers):
     tok = tokenizers["char"]
     tokens, types, merges, pre = gguf_format.vocabulary(tok, tok.vocab_size + 3)
@@ -236,3 +253,33 @@ def test_llama_cpp_continues_the_gguf_greedily_as_sample_py(kind, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(ours), (proc.stdout, ours)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not llama_completion(), reason="llama.cpp's llama-completion is not on PATH or in $LLAMA_CPP_BIN")
+@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
+def test_llama_cpp_splits_and_tokenizes_text_as_we_do(kind, tokenizers, tmp_path):
+    """llama-server's /tokenize on the GGUF (its named pre-tokenizer, our merges) gives our ids."""
+    import time
+    import urllib.request
+    tok = tokenizers[kind]
+    path = str(tmp_path / "m.gguf")
+    gguf_format.write(tiny(tok.vocab_size, **FAMILIES["llama"]), tok, tok.spec, path, "f32")
+    server = subprocess.Popen([os.path.join(os.path.dirname(llama_completion()), "llama-server"), "-m", path,
+                               "--port", "8961", "-t", "1", "-c", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:8961/health")
+                break
+            except OSError:
+                time.sleep(0.1)
+        for text in TEXTS + ["tabs\t\tand\r\nwindows\r\n", "a\n \n b", "x  y   z    ", "数字123abc don't I'LL"]:
+            if kind == "char" and set(text) - set(tok.chars):
+                continue
+            body = json.dumps({"content": text}).encode()
+            req = urllib.request.Request("http://127.0.0.1:8961/tokenize", body, {"Content-Type": "application/json"})
+            assert json.load(urllib.request.urlopen(req))["tokens"] == tok.encode(text), text
+    finally:
+        server.terminate()
+        server.wait()
