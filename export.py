@@ -51,23 +51,24 @@ kind = hf_format.family(c)  # refuses, in one line, what no stock class computes
 tok = load_tokenizer(spec)
 what = f"{c.n_layer} layers, {c.n_embd} wide, context {c.block_size}, vocab {c.vocab_size}, tokenizer {spec['kind']}"
 what += f" + {', '.join(spec['added'])}" if spec.get("added") else ""
+ends = hf_format.end_ids(tok)
 
 if to == "hf":
-    hf, _ = hf_format.to_hf(model, hf_format.end_ids(tok))
+    hf, _ = hf_format.to_hf(model, ends)
     with files.atomic_folder(dest) as tmp:  # a half-written folder never replaces a good one
         hf.save_pretrained(tmp)
-        hf_format.write_tokenizer(tok, spec, tmp)
-        if hf_format.end_ids(tok):
+        hf_format.write_tokenizer(tok, tmp)
+        if ends:
             from transformers import GenerationConfig
-            GenerationConfig(eos_token_id=hf_format.end_ids(tok)).save_pretrained(tmp)
+            GenerationConfig(eos_token_id=ends).save_pretrained(tmp)
     print(f"wrote {dest}: {hf_format.HF_CLASS[kind]}, {what}")
 else:
     with files.atomic_path(dest) as tmp:
-        arch = gguf_format.write(model, tok, spec, tmp, gguf_type, name=os.path.basename(os.path.normpath(out_dir)))
+        arch = gguf_format.write(model, tok, tmp, gguf_type, name=os.path.basename(os.path.normpath(out_dir)))
     with files.atomic_path(modelfile) as tmp, open(tmp, "w") as f:
         f.write(gguf_format.modelfile(os.path.basename(dest), tok))
     print(f"wrote {dest}: llama.cpp architecture {arch}, {gguf_type}, {what}; and {modelfile} "
           f"(ollama create NAME -f {modelfile})")
-    if not hf_format.end_ids(tok):
+    if not ends:
         print("note: this tokenizer has no end-of-text token, so the GGUF has one that only ends a generation when "
               "every other logit is below 0; llama.cpp's --ignore-eos gives exactly sample.py's distribution")

@@ -27,6 +27,11 @@ CHAT_TOKENS = SPECIAL_TOKENS[1:]  # <|system|> <|user|> <|assistant|> <|end|>; <
 END = "<|end|>"
 
 
+def has_chat_tokens(tok):
+    """Whether the tokenizer has all the turn markers (a model fine-tuned to chat has them)."""
+    return all(t in tok.special_tokens for t in CHAT_TOKENS)
+
+
 def chat_tokenizer(tok):
     """`tok` with the turn markers, appended after its vocabulary if it lacks them (GPT-2, characters)."""
     return with_special_tokens(tok, CHAT_TOKENS)

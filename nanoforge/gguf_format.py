@@ -86,7 +86,7 @@ def vocabulary(tok, vocab_size):
         vocab, pairs = hf_format.byte_level_bpe(tok)
         tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
         merges = [f"{a} {b}" for a, b in pairs]
-        pre = PRE.get(tok.enc._pat_str) or (PRE.get(PATTERNS["gpt2"]) if tok.spec["kind"] == "gpt2" else None)
+        pre = "gpt-2" if tok.spec["kind"] == "gpt2" else PRE.get(tok.enc._pat_str)  # tiktoken's GPT-2 pattern is its own
         if pre is None:
             raise UserError("this tokenizer's pre-tokenization pattern is none of llama.cpp's named ones; train "
                             "the tokenizer with --pattern=gpt4 (the default) or gpt2 to export it as GGUF")
@@ -101,7 +101,7 @@ def vocabulary(tok, vocab_size):
     return tokens, types, merges, pre
 
 
-def write(model, tok, spec, path, gguf_type="f16", name="nanoforge"):
+def write(model, tok, path, gguf_type="f16", name="nanoforge"):
     """Writes the model, its tokenizer and chat template to `path`; returns the llama.cpp architecture."""
     import gguf
     c, kind = model.config, hf_format.family(model.config)
@@ -137,7 +137,7 @@ def write(model, tok, spec, path, gguf_type="f16", name="nanoforge"):
     w.add_eos_token_id(ends[0])  # <|end|> for a chat model: a turn ends generation
     w.add_bos_token_id(ends[-1])
     w.add_add_bos_token(False)  # we never put a token before the text
-    if all(t in tok.special_tokens for t in chat_template.CHAT_TOKENS):
+    if chat_template.has_chat_tokens(tok):
         w.add_chat_template(chat_template.JINJA)
 
     for tname, data in tensors(model, end_row=not hf_format.end_ids(tok)).items():
@@ -159,9 +159,9 @@ def write(model, tok, spec, path, gguf_type="f16", name="nanoforge"):
 def modelfile(gguf_name, tok):
     """An Ollama Modelfile for the GGUF beside it: the chat template in Ollama's Go template form and the stop tokens."""
     lines = [f"FROM ./{gguf_name}"]
-    if all(t in tok.special_tokens for t in chat_template.CHAT_TOKENS):
+    if chat_template.has_chat_tokens(tok):
         lines.append('TEMPLATE """{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"""')
     else:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    lines += [f'PARAMETER stop "{t}"' for t in (chat_template.END, "<|endoftext|>") if t in tok.special_tokens]
+    lines += [f'PARAMETER stop "{t}"' for t in hf_format.end_tokens(tok)]
     return "\n".join(lines) + "\n"

@@ -43,9 +43,9 @@ EPS = 1e-5  # model.py's norms
 def family(config):
     """The stock architecture (a key of HF_CLASS) that computes this model, or a UserError naming the first
     setting that no stock class computes and the nearest value that one does."""
-    if not config.not_gpt2():
-        return "gpt2"
     gpt2_misses = config.not_gpt2()
+    if not gpt2_misses:
+        return "gpt2"
     modern_misses = [(k, v) for k, v in MODERN.items() if getattr(config, k) != v]
     if config.mlp == "gelu":
         modern_misses.append(("mlp", "relu2"))
@@ -138,14 +138,13 @@ def hf_config(config, kind, eos_ids):
                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
                                        layer_norm_epsilon=EPS, bos_token_id=bos, eos_token_id=bos,
                                        tie_word_embeddings=True)
-    extra = dict(mlp_bias=False) if kind in ("arcee", "llama") else {}
     cls = getattr(transformers, HF_CLASS[kind].replace("ForCausalLM", "Config"))
     return cls(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=model_hidden(c), num_hidden_layers=c.n_layer,
                num_attention_heads=c.n_head, num_key_value_heads=c.n_head, head_dim=c.n_embd // c.n_head,
                max_position_embeddings=c.block_size, rms_norm_eps=EPS, attention_bias=False,
                rope_parameters={"rope_type": "default", "rope_theta": ROPE_BASE}, tie_word_embeddings=c.tie_embeddings,
                hidden_act="relu2" if c.mlp == "relu2" else "silu", bos_token_id=bos,
-               eos_token_id=eos_ids or None, pad_token_id=None, **extra)
+               eos_token_id=eos_ids or None, pad_token_id=None)
 
 
 def model_hidden(config):
@@ -242,9 +241,17 @@ def load_modern_weights(model, kind, folder):
 # -----------------------------------------------------------------------------------------------------
 # tokenizers
 
+END_TOKENS = (chat_template.END, "<|endoftext|>")  # what ends a generation: a chat turn, a document
+
+
+def end_tokens(tok):
+    """The END_TOKENS the tokenizer has, in that order."""
+    return [t for t in END_TOKENS if t in tok.special_tokens]
+
+
 def end_ids(tok):
-    """The ids that end a generation: <|end|> (a chat turn) and <|endoftext|>, those the tokenizer has."""
-    return [tok.special_tokens[t] for t in (chat_template.END, "<|endoftext|>") if t in tok.special_tokens]
+    """Their ids."""
+    return [tok.special_tokens[t] for t in end_tokens(tok)]
 
 
 def byte_level_bpe(tok):
@@ -291,17 +298,17 @@ def hf_tokenizer(tok):
     return hf
 
 
-def write_tokenizer(tok, spec, folder):
+def write_tokenizer(tok, folder):
     """tokenizer.json + tokenizer_config.json (with the chat template, for a tokenizer with the turn markers)
     that AutoTokenizer loads, and our own description (SPEC_FILE; a trained BPE is copied in beside it)."""
     from transformers import PreTrainedTokenizerFast
-    ends = [t for t in (chat_template.END, "<|endoftext|>") if t in tok.special_tokens]
+    ends = end_tokens(tok)
     fast = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), eos_token=ends[-1] if ends else None,
                                    clean_up_tokenization_spaces=False)
-    if all(t in tok.special_tokens for t in chat_template.CHAT_TOKENS):
+    if chat_template.has_chat_tokens(tok):
         fast.chat_template = chat_template.JINJA
     fast.save_pretrained(folder, save_jinja_files=False)  # the template inside tokenizer_config.json
-    spec = dict(spec)
+    spec = dict(tok.spec)
     if spec["kind"] == "bpe":
         src = spec["path"] if os.path.isabs(spec["path"]) else os.path.join(REPO, spec["path"])
         shutil.copytree(src, os.path.join(folder, "nanoforge_bpe"))

@@ -8,6 +8,7 @@ on PATH (or in $LLAMA_CPP_BIN), its greedy text equals sample.py's.
 import json
 import os
 import shutil
+import socket
 import subprocess
 
 import numpy as np
@@ -96,7 +97,7 @@ def tokenizers(tmp_path_factory):
 def test_every_tokenizer_travels_encoding_decoding_and_chatting_as_ours(kind, tokenizers, tmp_path):
     from transformers import AutoTokenizer
     tok = tokenizers[kind]
-    hf_format.write_tokenizer(tok, tok.spec, str(tmp_path))
+    hf_format.write_tokenizer(tok, str(tmp_path))
     hf = AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:
         ids = hf(text)["input_ids"]
@@ -161,7 +162,7 @@ def test_gguf_holds_the_weights_tokenizer_and_template_llama_cpp_reads(kind, tok
     tok = tokenizers["gpt2" if kind == "gpt2" else "bpe"]
     model = tiny(tok.vocab_size, **FAMILIES[kind])
     path = str(tmp_path / "m.gguf")
-    arch = gguf_format.write(model, tok, tok.spec, path, "f32")
+    arch = gguf_format.write(model, tok, path, "f32")
     fields, tensors = read_gguf(path)
     assert fields["general.architecture"] == arch == gguf_format.ARCH[kind]
     assert fields[f"{arch}.context_length"] == 32 and fields[f"{arch}.block_count"] == 2
@@ -190,7 +191,7 @@ def test_gguf_q8_0_is_within_its_rounding_and_a_quarter_of_f32(tokenizers, tmp_p
     model = tiny(tok.vocab_size, **FAMILIES["apertus"])
     sizes = {}
     for t in ("f32", "q8_0"):
-        gguf_format.write(model, tok, tok.spec, str(tmp_path / f"{t}.gguf"), t)
+        gguf_format.write(model, tok, str(tmp_path / f"{t}.gguf"), t)
         sizes[t] = os.path.getsize(tmp_path / f"{t}.gguf")
     _, tensors = read_gguf(str(tmp_path / "q8_0.gguf"))
     expected = gguf_format.tensors(model)
@@ -244,7 +245,7 @@ def test_llama_cpp_continues_the_gguf_greedily_as_sample_py(kind, tmp_path):
         tok = CharTokenizer.from_text(f.read())
     model = tiny(tok.vocab_size, std=0.3, **FAMILIES[kind])
     path = str(tmp_path / "m.gguf")
-    gguf_format.write(model, tok, tok.spec, path, "f32")
+    gguf_format.write(model, tok, path, "f32")
     prompt = "ROMEO:"
     ours = tok.decode(model.generate(torch.tensor([tok.encode(prompt)]), 20, temperature=0.0)[0].tolist())
     # --ignore-eos masks the end token a character vocabulary lacks and the GGUF adds (gguf_format.py)
@@ -264,13 +265,16 @@ def test_llama_cpp_splits_and_tokenizes_text_as_we_do(kind, tokenizers, tmp_path
     import urllib.request
     tok = tokenizers[kind]
     path = str(tmp_path / "m.gguf")
-    gguf_format.write(tiny(tok.vocab_size, **FAMILIES["llama"]), tok, tok.spec, path, "f32")
+    gguf_format.write(tiny(tok.vocab_size, **FAMILIES["llama"]), tok, path, "f32")
+    with socket.socket() as s:  # a free port: the test workers run side by side
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     server = subprocess.Popen([os.path.join(os.path.dirname(llama_completion()), "llama-server"), "-m", path,
-                               "--port", "8961", "-t", "1", "-c", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "-t", "1", "-c", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
             try:
-                urllib.request.urlopen("http://127.0.0.1:8961/health")
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health")
                 break
             except OSError:
                 time.sleep(0.1)
@@ -278,7 +282,7 @@ def test_llama_cpp_splits_and_tokenizes_text_as_we_do(kind, tokenizers, tmp_path
             if kind == "char" and set(text) - set(tok.chars):
                 continue
             body = json.dumps({"content": text}).encode()
-            req = urllib.request.Request("http://127.0.0.1:8961/tokenize", body, {"Content-Type": "application/json"})
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/tokenize", body, {"Content-Type": "application/json"})
             assert json.load(urllib.request.urlopen(req))["tokens"] == tok.encode(text), text
     finally:
         server.terminate()
