@@ -1,9 +1,12 @@
 """
-Trains a byte-level BPE tokenizer on your own corpus and writes it as a folder that tiktoken encodes with
-(see tokenizer.py for the files). The last 10% of the documents (lines, for .txt) are held out; on them it
-prints the bytes per token it buys, beside GPT-2's.
+Trains a tokenizer on your own corpus and writes it as a folder (see tokenizer.py for the files): a
+byte-level BPE (GPT-2's kind, encoded with tiktoken; the default) or, with --kind=unigram, the Unigram model
+SentencePiece uses, over the same bytes, so it too is lossless on any script. The last 10% of the
+documents (lines, for .txt) are held out; on them it prints the bytes per token it buys, beside GPT-2's
+(and writes them to report.json in the folder).
 
 $ python train_tokenizer.py --input=corpus.txt --vocab_size=8192 --out=tokenizers/mytok
+$ python train_tokenizer.py --input=corpus.txt --vocab_size=8192 --kind=unigram --out=tokenizers/myuni
 $ python train_tokenizer.py --input=web.jsonl.gz --text_field=text --pattern=gpt2 --out=tokenizers/web
 $ python data/shakespeare/prepare.py --tokenizer=tokenizers/mytok --out_dir=data/shakespeare_mytok
 
@@ -19,9 +22,11 @@ import time
 
 from configurator import configure, knobs
 from nanoforge import errors
+from nanoforge.files import write_json
 from nanoforge.corpus import builder_of, find_files, jsonl_records, parse_ext
 from nanoforge.errors import UserError
-from nanoforge.tokenizer import PATTERNS, SPECIAL_TOKENS, gpt2_encoding, load_bpe, save_bpe, train_bpe
+from nanoforge.tokenizer import (PATTERNS, SPECIAL_TOKENS, gpt2_encoding, load_bpe, load_unigram, save_bpe, save_unigram,
+                                 train_bpe, train_unigram)
 
 errors.friendly_errors()
 
@@ -29,7 +34,8 @@ errors.friendly_errors()
 input = ""  # a file or folder: text, code or markup files (.txt, .md, .py, ...), .jsonl, .jsonl.gz, .parquet
 ext = ""  # the kinds of file taken from a folder, e.g. '.py,.md'; '' takes every kind
 text_field = "text"  # the field holding the document in JSON lines / parquet
-vocab_size = 8192  # single bytes + merges + special tokens
+kind = "bpe"  # 'bpe' (byte-level BPE, GPT-2's kind) or 'unigram' (the Unigram model SentencePiece uses, over bytes)
+vocab_size = 8192  # single bytes + merges + special tokens (unigram: every piece, the 256 bytes among them)
 pattern = "gpt4"  # pre-tokenization split: 'gpt2', 'gpt4' (cl100k's), or a regex of your own
 heldout_fraction = 0.1  # the last share of documents/lines, not trained on, for the bytes-per-token report
 out = "tokenizers/mytok"
@@ -44,6 +50,8 @@ if not 0 <= heldout_fraction < 1:
 if vocab_size < 256 + len(SPECIAL_TOKENS):
     raise UserError(f"vocab_size {vocab_size} is too small: 256 single bytes + {len(SPECIAL_TOKENS)} special "
                     f"tokens need at least {256 + len(SPECIAL_TOKENS)}")
+if kind not in ("bpe", "unigram"):
+    raise UserError(f"kind={kind!r}: use bpe (byte-level BPE) or unigram (SentencePiece's model, over bytes)")
 if pattern not in PATTERNS and "(" not in pattern and "\\" not in pattern:  # a typo, not a regex
     raise UserError(f"pattern {pattern!r}: use gpt2, gpt4, or a regular expression")
 
@@ -116,15 +124,15 @@ def training_texts(group=1 << 20):
 
 
 input_is_lines = all(builder_of(f) == "text" for f in files)
-print(f"training a {vocab_size:,}-token byte-level BPE ({pattern} split) on {n_train:,} of {n_units:,} "
-      f"{'lines' if input_is_lines else 'documents'} in {len(files)} file(s)")
-ranks, _ = train_bpe(training_texts(), vocab_size, pattern, SPECIAL_TOKENS, progress=progress)
+print(f"training a {vocab_size:,}-token byte-level {'BPE' if kind == 'bpe' else 'Unigram'} ({pattern} split) on "
+      f"{n_train:,} of {n_units:,} {'lines' if input_is_lines else 'documents'} in {len(files)} file(s)")
+if kind == "bpe":
+    ranks, _ = train_bpe(training_texts(), vocab_size, pattern, SPECIAL_TOKENS, progress=progress)
+else:
+    unigram = train_unigram(training_texts(), vocab_size, pattern, SPECIAL_TOKENS, progress=progress)
 seconds = time.time() - t0
 if stats["train_bytes"] == 0:
     raise UserError(f"the corpus in {input} is empty: no text to train on")
-if len(ranks) + len(SPECIAL_TOKENS) < vocab_size:
-    print(f"note: the corpus gave only {len(ranks) - 256:,} merges; the vocabulary has "
-          f"{len(ranks) + len(SPECIAL_TOKENS):,} tokens, not {vocab_size:,}")
 
 # -----------------------------------------------------------------------------------------------------
 # write the folder, reload it through tiktoken (as every user will), and report on the held-out text
@@ -133,21 +141,31 @@ heldout_text = "".join(heldout) if input_is_lines else heldout
 info = {"trained_on": {"input": files if len(files) > 1 else files[0], "text_field": text_field,
                        "heldout_fraction": heldout_fraction, **stats},
         "settings": {"vocab_size": vocab_size, "pattern_name": pattern if pattern in PATTERNS else "custom",
-                     "trainer": "huggingface tokenizers BpeTrainer, byte-level"}}
-tok = load_bpe(os.path.abspath(out), save_bpe(out, ranks, pattern, SPECIAL_TOKENS, info)["sha256"])
+                     "trainer": f"huggingface tokenizers {'BpeTrainer' if kind == 'bpe' else 'UnigramTrainer'}, byte-level"}}
+if kind == "bpe":
+    tok = load_bpe(os.path.abspath(out), save_bpe(out, ranks, pattern, SPECIAL_TOKENS, info)["sha256"])
+else:
+    tok = load_unigram(os.path.abspath(out), save_unigram(out, unigram, dict(info, pattern=PATTERNS.get(pattern, pattern)))["sha256"])
 print(f"trained in {seconds:.1f} s ({stats['train_bytes'] / 1e6 / seconds:.2f} MB/s) -> {out} "
       f"(vocab {tok.vocab_size:,}, specials {tok.special_tokens})")
+if tok.vocab_size < vocab_size:
+    print(f"note: the corpus gave a vocabulary of {tok.vocab_size:,} tokens, not {vocab_size:,}")
 docs = [heldout_text] if isinstance(heldout_text, str) else heldout_text
 n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+report = {"kind": kind, "vocab_size": tok.vocab_size, "train_bytes": stats["train_bytes"], "train_seconds": round(seconds, 2),
+          "heldout_bytes": n_bytes}
 if n_bytes:
     mine = sum(len(tok.encode(d)) for d in docs)
+    report.update(heldout_tokens=mine, bytes_per_token=n_bytes / mine)
     line = f"held-out {n_bytes:,} bytes: this tokenizer {n_bytes / mine:.3f} bytes/token ({mine:,} tokens)"
     try:
         gpt2 = gpt2_encoding()
         theirs = sum(len(gpt2.encode_ordinary(d)) for d in docs)
+        report.update(gpt2_tokens=theirs, gpt2_bytes_per_token=n_bytes / theirs)
         line += f", GPT-2 {n_bytes / theirs:.3f} ({theirs:,} tokens, vocab {gpt2.n_vocab:,}): {theirs / mine:.1%} of GPT-2's compression"
     except UserError as e:
         line += f"; GPT-2 not compared ({e})"
     print(line)
 else:
     print("no held-out text (heldout_fraction=0 or too small a corpus): no bytes-per-token report")
+write_json(os.path.join(out, "report.json"), report)  # the numbers above, for the speedrun's report card

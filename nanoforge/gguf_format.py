@@ -29,7 +29,7 @@ import torch
 
 from nanoforge import chat_template, hf_format
 from nanoforge.errors import UserError
-from nanoforge.tokenizer import PATTERNS, CharTokenizer, _bytes_to_unicode
+from nanoforge.tokenizer import PATTERNS, CharTokenizer, UnigramTokenizer, _bytes_to_unicode
 
 TYPES = ("f32", "f16", "q8_0")
 ARCH = dict(gpt2="gpt2", llama="llama", qwen3="qwen3", arcee="arcee", apertus="apertus")
@@ -72,6 +72,9 @@ def vocabulary(tok, vocab_size):
     model's vocab_size with unused tokens, and one more, an end token, for a tokenizer that has none."""
     import gguf
     to_text = _bytes_to_unicode()
+    if isinstance(tok, UnigramTokenizer):
+        raise UserError("a byte-level Unigram tokenizer has no GGUF form (llama.cpp's Unigram is SentencePiece's, "
+                        "over characters): export with --to=hf, or train the tokenizer with --kind=bpe for llama.cpp")
     if isinstance(tok, CharTokenizer):
         tokens = ["".join(to_text[b] for b in ch.encode()) for ch in tok.chars]
         merges = []

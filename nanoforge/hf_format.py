@@ -28,7 +28,7 @@ import torch
 from nanoforge import chat_template
 from nanoforge.errors import UserError
 from nanoforge.files import REPO, write_json
-from nanoforge.tokenizer import CharTokenizer, _bytes_to_unicode
+from nanoforge.tokenizer import CharTokenizer, UnigramTokenizer, _bytes_to_unicode
 
 # the modern block that stock classes compute, and the class for each (mlp, qk_norm)
 MODERN = dict(pos_emb="rope", norm="rmsnorm", bias=False, logit_softcap=0.0)
@@ -189,7 +189,7 @@ def from_hf(folder, dropout=0.0):
         return model.eval(), {"kind": "gpt2"}
     with open(spec_path) as f:
         spec = json.load(f)
-    if spec["kind"] == "bpe":  # the trained BPE travels inside the folder
+    if spec["kind"] in ("bpe", "unigram"):  # the trained tokenizer travels inside the folder
         spec["path"] = os.path.abspath(os.path.join(folder, spec["path"]))
     return model.eval(), spec
 
@@ -281,6 +281,8 @@ def hf_tokenizer(tok):
     with no merges; GPT-2's and trained BPEs as byte-level BPE split by the same pattern. Special tokens take
     the same ids (they follow the vocabulary, in order)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    if isinstance(tok, UnigramTokenizer):  # already a `tokenizers` one: the copy that knows the special tokens
+        return Tokenizer.from_str(tok.hf.to_str())
     if isinstance(tok, CharTokenizer):
         hf = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per character
@@ -300,7 +302,7 @@ def hf_tokenizer(tok):
 
 def write_tokenizer(tok, folder):
     """tokenizer.json + tokenizer_config.json (with the chat template, for a tokenizer with the turn markers)
-    that AutoTokenizer loads, and our own description (SPEC_FILE; a trained BPE is copied in beside it)."""
+    that AutoTokenizer loads, and our own description (SPEC_FILE; a trained tokenizer is copied in beside it)."""
     from transformers import PreTrainedTokenizerFast
     ends = end_tokens(tok)
     fast = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), eos_token=ends[-1] if ends else None,
@@ -309,8 +311,40 @@ def write_tokenizer(tok, folder):
         fast.chat_template = chat_template.JINJA
     fast.save_pretrained(folder, save_jinja_files=False)  # the template inside tokenizer_config.json
     spec = dict(tok.spec)
-    if spec["kind"] == "bpe":
+    if spec["kind"] in ("bpe", "unigram"):
         src = spec["path"] if os.path.isabs(spec["path"]) else os.path.join(REPO, spec["path"])
         shutil.copytree(src, os.path.join(folder, "nanoforge_bpe"))
         spec["path"] = "nanoforge_bpe"  # relative to the folder: from_hf resolves it
     write_json(os.path.join(folder, SPEC_FILE), spec)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the check that an exported folder computes what the model does
+
+
+def leading_agreement(a, b):
+    """How many leading items two sequences share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def check_folder(model, tok, folder, prompt, n_tokens=32):
+    """Loads `folder` with transformers' AutoModelForCausalLM and AutoTokenizer, as a user would, and compares
+    it with `model` on `prompt`: the prompt's ids, the largest logit difference over the prompt, and how many
+    of n_tokens greedy tokens agree (ours stopping where theirs would, at an end token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf, hf_tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    hf.eval()
+    ids = tok.encode(prompt)
+    theirs_ids = hf_tok(prompt)["input_ids"]
+    x = torch.tensor([ids])  # (1, T)
+    ours_logits, _ = model(x, torch.zeros_like(x))  # targets given: logits at every position, (1, T, V)
+    diff = (ours_logits.float() - hf(x).logits.float()).abs().max().item()
+    ours = model.generate(x, n_tokens, temperature=0.0)[0, len(ids):].tolist()
+    ours = ours[:min([ours.index(e) for e in end_ids(tok) if e in ours], default=len(ours))]
+    theirs = hf.generate(x, max_new_tokens=n_tokens, do_sample=False)[0, len(ids):].tolist()
+    return {"class": type(hf).__name__, "prompt": prompt, "same_prompt_ids": theirs_ids == ids,
+            "max_logit_diff": diff, "greedy_tokens": len(ours), "greedy_equal": leading_agreement(ours, theirs)}

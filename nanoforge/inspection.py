@@ -27,6 +27,8 @@ def _r(t, digits=5):
 
 def token_bytes_of(tok, i):
     """The bytes token i stands for (a special token: its text)."""
+    if hasattr(tok, "piece_bytes"):  # a Unigram
+        return tok.piece_bytes(i)
     if hasattr(tok, "enc"):
         if i in tok.special_tokens.values():
             return next(t for t, j in tok.special_tokens.items() if j == i).encode()

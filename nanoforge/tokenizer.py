@@ -6,6 +6,8 @@ and in every checkpoint) into something that encodes and decodes.
     {"kind": "gpt2"}                                     GPT-2's BPE, through tiktoken
     {"kind": "bpe", "path": "tokenizers/mytok",          a byte-level BPE trained by train_tokenizer.py,
      "sha256": "..."}                                    through tiktoken (path repo-relative or absolute)
+    {"kind": "unigram", "path": ..., "sha256": ...}      a byte-level Unigram (SentencePiece's model) trained by
+                                                         train_tokenizer.py --kind=unigram, through `tokenizers`
     any of these + "added": ["<|system|>", ...]          special tokens appended after the base vocabulary,
                                                          in order (chat fine-tuning adds its turn markers)
 
@@ -20,7 +22,8 @@ A trained BPE folder holds two files, written by save_bpe:
     tokenizer.json   pattern (the pre-tokenization regex), special_tokens {text: id}, vocab_size, the
                      training settings and corpus statistics, sha256 (of what encoding depends on)
 Training uses the Hugging Face `tokenizers` library (imported only by train_bpe); using a trained
-tokenizer needs tiktoken only.
+BPE needs tiktoken only. A Unigram folder holds unigram.json (the `tokenizers` file it encodes with)
+instead of ranks.tiktoken, beside the same tokenizer.json.
 """
 import base64
 import hashlib
@@ -192,12 +195,12 @@ def save_bpe(folder, ranks, pattern, special_tokens=SPECIAL_TOKENS, info=None):
     return desc
 
 
-def bpe_spec(folder, sha256):
+def bpe_spec(folder, sha256, kind="bpe"):
     """The spec that meta.json and checkpoints record: the folder (relative to the repo when inside it, so
     the repo can move; absolute otherwise) and its fingerprint."""
     folder = os.path.abspath(folder)
     inside = os.path.commonpath([folder, REPO]) == REPO
-    return {"kind": "bpe", "path": os.path.relpath(folder, REPO) if inside else folder, "sha256": sha256}
+    return {"kind": kind, "path": os.path.relpath(folder, REPO) if inside else folder, "sha256": sha256}
 
 
 def load_bpe(folder, expected_sha256=None):
@@ -226,6 +229,109 @@ def load_bpe(folder, expected_sha256=None):
     return TiktokenTokenizer(enc, bpe_spec(where, sha256))
 
 
+# ------------------------------------------------------------------------------------------------------
+# trained byte-level Unigram: the model SentencePiece uses (Kudo, 2018), over the same byte-level pieces as
+# the BPE, so any text in any script encodes (nothing is unknown) and decodes back exactly
+
+UNIGRAM_FILE = "unigram.json"
+
+
+def byte_level_pipeline(hf, pattern):
+    """The split by `pattern`, then each byte as a character of GPT-2's byte alphabet, and back."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERNS.get(pattern, pattern)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def train_unigram(texts, vocab_size, pattern="gpt4", special_tokens=SPECIAL_TOKENS, length=None, progress=True):
+    """Trains a Unigram language model with Hugging Face `tokenizers`: from a large set of candidate pieces it
+    prunes, by EM, those whose loss hurts the corpus likelihood least, down to vocab_size (special tokens
+    included). All 256 bytes stay in, so nothing is unknown. Returns the `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    hf = byte_level_pipeline(Tokenizer(models.Unigram()), pattern)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress,
+                                      max_piece_length=16)
+    hf.train_from_iterator(texts, trainer, length=length)
+    return hf
+
+
+class UnigramTokenizer:
+    """A `tokenizers` Unigram with our interface. Two copies: one that knows the special tokens (encode with
+    allow_special=True, decode) and one without them, so ordinary text that quotes "<|endoftext|>" stays text."""
+
+    def __init__(self, hf, spec):
+        from tokenizers import Tokenizer
+        self.hf = hf
+        plain = json.loads(hf.to_str())
+        plain["added_tokens"] = []
+        self.plain = Tokenizer.from_str(json.dumps(plain))
+        self.vocab_size = hf.get_vocab_size()
+        self.special_tokens = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+        self.eot_id = self.special_tokens.get("<|endoftext|>")
+        self.spec = spec
+        to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        vocab = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
+        self._bytes = [b"" if t in self.special_tokens else bytes(to_byte[c] for c in t) for t, _ in vocab]
+
+    def encode(self, text, allow_special=False):
+        return (self.hf if allow_special else self.plain).encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        return b"".join(self.piece_bytes(i) for i in ids)
+
+    def piece_bytes(self, i):
+        """The bytes token i stands for (a special token: its text)."""
+        return self._bytes[i] or next(t for t, j in self.special_tokens.items() if j == i).encode()
+
+    def token_bytes(self):
+        return [len(b) for b in self._bytes]
+
+
+def save_unigram(folder, hf, info=None):
+    """Writes a Unigram folder (unigram.json + tokenizer.json), each file atomically; returns the description."""
+    blob = hf.to_str().encode()
+    specials = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, UNIGRAM_FILE)) as tmp, open(tmp, "wb") as f:
+        f.write(blob)
+    desc = dict(info or {}, special_tokens=specials, vocab_size=hf.get_vocab_size(),
+                sha256=hashlib.sha256(blob).hexdigest(), format="nanoforge-unigram-1")
+    write_json(os.path.join(folder, INFO_FILE), desc)
+    return desc
+
+
+def load_unigram(folder, expected_sha256=None):
+    from tokenizers import Tokenizer
+    where = folder if os.path.isabs(folder) else os.path.join(REPO, folder)
+    path = os.path.join(where, UNIGRAM_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer folder {where} not found or incomplete (needs {UNIGRAM_FILE}); train it with: "
+                        f"python train_tokenizer.py --kind=unigram --out={folder} ..., or put it back where it was")
+    with open(path, "rb") as f:
+        blob = f.read()
+    sha256 = hashlib.sha256(blob).hexdigest()
+    if expected_sha256 and sha256 != expected_sha256:
+        raise UserError(f"tokenizer folder {where} has changed since it was recorded (sha256 {sha256[:12]}, "
+                        f"expected {expected_sha256[:12]}): retrain the data and model with it, or restore the "
+                        f"original folder")
+    return UnigramTokenizer(Tokenizer.from_str(blob.decode()), bpe_spec(where, sha256, kind="unigram"))
+
+
+def load_folder(folder, expected_sha256=None):
+    """A folder train_tokenizer.py wrote, of either kind."""
+    where = folder if os.path.isabs(folder) else os.path.join(REPO, folder)
+    if os.path.isfile(os.path.join(where, UNIGRAM_FILE)):
+        return load_unigram(folder, expected_sha256)
+    return load_bpe(folder, expected_sha256)
+
+
 def load_tokenizer(spec):
     """The tokenizer described by `spec` (from meta.json or a checkpoint)."""
     kind = spec.get("kind")
@@ -235,11 +341,12 @@ def load_tokenizer(spec):
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         return TiktokenTokenizer(gpt2_encoding(), {"kind": "gpt2"})
-    if kind == "bpe":
-        tok = load_bpe(spec["path"], spec["sha256"])
+    if kind in ("bpe", "unigram"):
+        tok = (load_bpe if kind == "bpe" else load_unigram)(spec["path"], spec["sha256"])
         tok.spec = dict(spec)  # as recorded, so a spec compares equal to the one it came from
         return tok
-    raise UserError(f"unknown tokenizer kind {kind!r} (known: char, gpt2, bpe); was this data prepared by a newer nanoforge?")
+    raise UserError(f"unknown tokenizer kind {kind!r} (known: char, gpt2, bpe, unigram); was this data prepared by "
+                    f"a newer nanoforge?")
 
 
 def with_special_tokens(tok, tokens):
@@ -253,6 +360,11 @@ def with_special_tokens(tok, tokens):
     base = {k: v for k, v in tok.spec.items() if k != "added"}
     if isinstance(tok, CharTokenizer):
         out = CharTokenizer(tok.chars, [*tok.special_tokens, *missing])
+    elif isinstance(tok, UnigramTokenizer):
+        from tokenizers import AddedToken, Tokenizer
+        hf = Tokenizer.from_str(tok.hf.to_str())
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])  # ids after the vocabulary
+        out = UnigramTokenizer(hf, base)
     else:
         import tiktoken
         e = tok.enc
@@ -264,10 +376,10 @@ def with_special_tokens(tok, tokens):
 
 
 def tokenizer_from_arg(arg):
-    """What a prepare script's --tokenizer names: 'gpt2', or a trained BPE folder ('char' is the
+    """What a prepare script's --tokenizer names: 'gpt2', or a trained BPE or Unigram folder ('char' is the
     character vocabulary, which the script builds from its text)."""
     if arg == "gpt2":
         return load_tokenizer({"kind": "gpt2"})
     if os.path.isdir(arg):
-        return load_bpe(os.path.abspath(arg))
+        return load_folder(os.path.abspath(arg))
     raise UserError(f"--tokenizer={arg}: use char, gpt2, or a folder written by train_tokenizer.py (not found)")
