@@ -44,6 +44,8 @@ batch_size = 8  # packed rows per micro-step
 gradient_accumulation_steps = 1
 block_size = 256  # rows are this long; longer examples are skipped and reported, never cut
 max_iters = 300
+time_budget = 0.0  # > 0: also stop (evaluate, save) once this many seconds were spent training; the lr decay
+                   # follows whichever of the two ends the run first. 0: max_iters alone
 learning_rate = 3e-4
 weight_decay = 0.0
 beta1 = 0.9
@@ -155,7 +157,8 @@ def save():
 iter_num, best_val_loss, train_time = 0, float("inf"), 0.0
 model.train()
 while True:
-    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+    out_of_time = 0 < time_budget <= train_time
+    if iter_num % eval_interval == 0 or iter_num >= max_iters or out_of_time or eval_only:
         scores = evaluate()
         print(f"step {iter_num}: held-out loss {scores['val']:.4f}, train loss {scores['train']:.4f}")
         record(dict(iter=iter_num, val_loss=scores["val"], train_eval_loss=scores["train"], train_time=round(train_time, 3)))
@@ -163,11 +166,16 @@ while True:
             best_val_loss = scores["val"]
             save()
         best_val_loss = min(best_val_loss, scores["val"])
-    if iter_num >= max_iters or eval_only:
+    if iter_num >= max_iters or out_of_time or eval_only:
+        if out_of_time:
+            print(f"time_budget of {time_budget:g}s spent at iteration {iter_num}")
         break
 
     t0 = time.perf_counter()
-    lr = optim.lr_at(iter_num, learning_rate, warmup_iters, max_iters, min_lr, decay_lr)
+    # the decay follows whichever clock ends the run first: the iterations, or the time budget
+    by_iters = (iter_num - warmup_iters) / max(1, max_iters - warmup_iters)
+    lr = optim.lr_at(iter_num, learning_rate, warmup_iters, max_iters, min_lr, decay_lr,
+                     progress=max(by_iters, train_time / time_budget) if time_budget else None)
     training.set_lr(optimizer, lr)
     # this step's rows are a function of (seed, step)
     g = torch.Generator().manual_seed(seed * 1_000_003 + iter_num)

@@ -21,6 +21,7 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=
 Resume exactly where a run stopped (Ctrl-C and SIGTERM save a checkpoint first):
 $ python train.py config/train_shakespeare_char_cpu.py --init_from=resume
 """
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -86,6 +87,8 @@ muon_momentum = 0.95
 learning_rate = 6e-4
 max_iters = 600000
 time_budget = 0.0  # if > 0, stop (evaluate, save) once this many seconds were spent training; 0 = no limit
+max_epochs = 0.0  # if > 0, also stop after this many passes over the train split (caps max_iters): a small
+                  # corpus is not memorised however long the time budget
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
@@ -126,7 +129,7 @@ check_ranges(config, {
     **{k: POSITIVE_INT for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
                                  "eval_iters", "log_interval", "gradient_accumulation_steps")},
     **{k: NON_NEGATIVE for k in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "time_budget",
-                                 "target_loss", "logit_softcap", "keep_checkpoints")},
+                                 "target_loss", "logit_softcap", "keep_checkpoints", "max_epochs")},
     **{k: FRACTION for k in ("dropout", "beta1", "beta2", "muon_momentum")},
     "learning_rate": (lambda v: v > 0, "a number > 0"),
     "lr_decay_iters": (lambda v: v >= 1, "an int >= 1"),
@@ -183,6 +186,9 @@ val_len = tokens.split_length(data_dir, "val", block_size)
 tokenizer = load_tokenizer(meta["tokenizer"])
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)
 log(f"data: {data_dir}: {train_len:,} train and {val_len:,} val tokens, vocab {meta['vocab_size']:,}")
+if max_epochs and math.ceil(max_epochs * train_len / tokens_per_iter) < max_iters:
+    max_iters = math.ceil(max_epochs * train_len / tokens_per_iter)
+    log(f"max_epochs={max_epochs:g}: at most {max_iters:,} iterations ({tokens_per_iter:,} tokens each)")
 if small := tokens.small_split_warning(val_len, "val", data_dir):
     log(small)
 
@@ -277,7 +283,9 @@ log(f"model: {model.get_num_params() / 1e6:.2f}M parameters; MFU against {hardwa
 # run record and logs
 
 def get_lr(it):
-    progress = train_time / time_budget if lr_clock == "time" else None
+    # the time clock's decay follows whichever ends the run first: the time budget, or max_iters
+    progress = max(train_time / time_budget, (it - warmup_iters) / max(1, max_iters - warmup_iters)) \
+        if lr_clock == "time" else None
     return optim.lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr, lr_schedule, lr_cooldown,
                        progress)
 

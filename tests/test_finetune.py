@@ -11,7 +11,7 @@ import torch
 from model import GPT, GPTConfig
 from nanoforge import chat_template, errors, lora, parallel
 from nanoforge.checkpoint import load_checkpoint, load_model
-from conftest import ROOT, SHAKESPEARE, assert_one_line_error, read_log, run
+from conftest import ROOT, SHAKESPEARE, assert_one_line_error, read_log, run, run_fake_clock
 
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -130,6 +130,23 @@ def test_finetune_char_model_lowers_held_out_loss_and_chats(shop_data, char_base
     # the same template at chat time, through stdin, two turns
     proc = run_chat(out, "Where is my lamp?\nThank you!\n")
     assert proc.stdout.count("assistant> ") == 2
+
+
+def test_time_budget_ends_the_fine_tune_and_its_learning_rate_follows_the_clock(shop_data, char_base, tmp_path):
+    # a clock that moves 1/64 s a read: each step is 1/64 s of training, whatever the machine, so a 0.25 s
+    # budget is 16 steps, and the cosine reaches min_lr at the 16th, not at max_iters
+    out = str(tmp_path / "out")
+    proc = run_fake_clock("finetune.py", f"--init_from={char_base}", f"--train_file={shop_data / 'train.jsonl'}",
+                          f"--val_file={shop_data / 'val.jsonl'}", f"--out_dir={out}", "--max_iters=1000",
+                          "--eval_interval=100", "--log_interval=1", "--batch_size=2", "--warmup_iters=2",
+                          "--learning_rate=1e-3", "--min_lr=1e-4", "--time_budget=0.25", "--device=cpu")
+    assert "time_budget of 0.25s spent at iteration 16" in proc.stdout
+    log = read_log(out)
+    lrs = [r["lr"] for r in log if "lr" in r]
+    assert len(lrs) == 16 and lrs[0] < lrs[1] < 1e-3 and all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] < 1e-4 + 0.02 * (1e-3 - 1e-4)  # 15/16 of the way down the cosine
+    assert [r["iter"] for r in log if "val_loss" in r] == [0, 16]
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["iter_num"] == 16
 
 
 def run_chat(out, text):
