@@ -229,7 +229,7 @@ if chat_task and master:  # one process: a few hundred short greedy replies
                 [["greedy reply states the facts", f"{scores['acc']:.4f}", "{:.3f}-{:.3f}".format(*scores["acc_ci"]),
                   scores["n"]]])
     result["chat_task"] = dict(name=chat_task, n=scores["n"], correct=scores["correct"], acc=scores["acc"],
-                               acc_ci=scores["acc_ci"], wrong=wrong)
+                               acc_ci=scores["acc_ci"], wrong=wrong, first=scores["results"][:5])
 
 # -----------------------------------------------------------------------------------------------------
 # the record: eval.jsonl gets one more line, written beside it and renamed into place

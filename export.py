@@ -29,6 +29,8 @@ out_dir = "out"  # the run to export (an out_dir, a checkpoint file or an export
 to = "hf"  # 'hf' (a Hugging Face folder) or 'gguf' (one file for llama.cpp, Ollama, LM Studio)
 dest = ""  # the folder (hf) or file (gguf) to write; must not exist yet
 gguf_type = "f16"  # the GGUF's matrix type: 'f32', 'f16' or 'q8_0' (8-bit, a quarter of f32's size)
+check = True  # hf: load the folder back with transformers and compare it with the model (nanoforge_check.json)
+check_prompt = "Once upon a time"  # the check's prompt (a vocabulary that lacks its characters uses its own first ones)
 # -----------------------------------------------------------------------------------------------------
 defaults = knobs(globals())
 globals().update(configure(defaults, sys.argv[1:]))
@@ -61,7 +63,18 @@ if to == "hf":
         if ends:
             from transformers import GenerationConfig
             GenerationConfig(eos_token_id=ends).save_pretrained(tmp)
+        if check:
+            try:
+                tok.encode(check_prompt)
+            except UserError:  # e.g. a character vocabulary without these letters
+                check_prompt = tok.decode(list(range(min(10, tok.vocab_size))))
+            result = hf_format.check_folder(model, tok, tmp, check_prompt)
+            files.write_json(os.path.join(tmp, "nanoforge_check.json"), result)
     print(f"wrote {dest}: {hf_format.HF_CLASS[kind]}, {what}")
+    if check:
+        print(f"check: transformers' logits within {result['max_logit_diff']:.1e} of ours on {check_prompt!r}, "
+              f"{result['greedy_equal']} of {result['greedy_tokens']} greedy tokens equal, prompt ids "
+              f"{'the same' if result['same_prompt_ids'] else 'DIFFERENT'}")
 else:
     with files.atomic_path(dest) as tmp:
         arch = gguf_format.write(model, tok, tmp, gguf_type, name=os.path.basename(os.path.normpath(out_dir)))

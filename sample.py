@@ -12,6 +12,7 @@ $ printf 'Where is my lamp?\nThanks!\n' | python sample.py --out_dir=out-sft-sho
 
 The tokenizer comes from the checkpoint's metadata (a character vocabulary, GPT-2's BPE, ...).
 """
+import json
 import sys
 
 import torch
@@ -37,6 +38,7 @@ top_p = 1.0  # nucleus sampling: keep the smallest set of tokens holding top_p o
 use_kv_cache = True
 stop_at_eot = True  # end a sample at the end-of-text token, if the tokenizer has one
 seed = 1337
+samples_file = ""  # also write the samples here, one JSON line each ({"prompt", "text"})
 device = "auto"
 dtype = "auto"
 compile = False
@@ -126,8 +128,12 @@ if len(start_ids) > model.config.block_size:
 
 if busy := hardware.busy_line(device):
     print(busy, file=sys.stderr)
+samples = []
 for k in range(num_samples):
     sys.stdout.write(start)
-    stream(start_ids, {tok.eot_id} if stop_at_eot else set())
+    samples.append({"prompt": start, "text": tok.decode(stream(start_ids, {tok.eot_id} if stop_at_eot else set()))})
     sys.stdout.write("\n---------------\n")
     sys.stdout.flush()
+if samples_file:
+    with files.atomic_path(samples_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(sample) + "\n" for sample in samples)

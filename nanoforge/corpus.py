@@ -74,6 +74,12 @@ def read_text(path, candidates, url, save_to):
         raise UserError(f"{source} is empty; pass --input=PATH to a text file")
     return text, raw, source
 
+def split_stories(text):
+    """TinyStories' files as a list of stories: separated by <|endoftext|> lines (the hub's files) or by blank
+    lines (the shared head), stripped, none empty."""
+    return [s.strip() for s in re.split(r"<\|endoftext\|>|\n\s*\n", text) if s.strip()]
+
+
 def prepare_text_dataset(folder, what, default_tokenizer, url, shared_copy):
     """The whole of a one-text data/<name>/prepare.py (Tiny Shakespeare by characters, or in BPE tokens):
     reads --input, --out_dir (default `folder`) and --tokenizer (char, gpt2 or a folder of

@@ -18,10 +18,9 @@ and meta.json (see tokens.py).
 import argparse
 import hashlib
 import os
-import re
 
 from nanoforge import errors, tokens
-from nanoforge.corpus import read_text
+from nanoforge.corpus import read_text, split_stories
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import tokenizer_from_arg
 
@@ -49,7 +48,7 @@ text, raw, source = read_text(args.input, [local, shared], URL, save_to=local)
 # ------------------------------------------------------------------------------------------------------
 # stories, the split by story (a story is never cut in two), token files
 
-stories = [s.strip() for s in re.split(r"<\|endoftext\|>|\n\s*\n", text) if s.strip()]
+stories = split_stories(text)
 n_val = max(1, int(len(stories) * args.val_fraction))
 if len(stories) < 2:
     raise UserError(f"{source} holds {len(stories)} story: too little for a train/val split")
