@@ -46,7 +46,8 @@ def hf_gpt2_dir(tmp_path_factory):
 # a tiny model that trains in a second or two
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20",
-        "--learning_rate=3e-3", "--min_lr=3e-4", "--plot=False", "--dataset=shakespeare_char"]
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--plot=False", "--dataset=shakespeare_char",
+        "--gradient_accumulation_steps=1"]
 
 
 def run(script, *args, check=True, env=None, timeout=300, launcher=None):

@@ -126,7 +126,8 @@ def worker_pid(launcher_pid, rank):
 
 def start_and_wait(char_data, out_dir):
     proc = torchrun(*TINY, f"--data_dir={char_data}", f"--out_dir={out_dir}", "--max_iters=100000",
-                    "--eval_interval=100000", "--fsdp=True", "--dist_timeout=5", check=False)
+                    "--eval_interval=100000", "--fsdp=True", "--dist_timeout=5", "--gradient_accumulation_steps=2",
+                    check=False)
     log_path = os.path.join(out_dir, "log.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(log_path) and len(read_log(out_dir)) >= 3):

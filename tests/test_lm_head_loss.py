@@ -108,7 +108,7 @@ from model import GPT, GPTConfig
 from nanoforge import hardware
 from nanoforge.lm_head_loss import chunked_lm_head_loss
 torch.manual_seed(0)
-m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=62, bias=False))
+m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=62, bias=False))
 x = torch.randint(62, (4, 32))
 _, eager = m(x, x, head_loss=chunked_lm_head_loss)
 eager.backward()

@@ -51,7 +51,8 @@ def test_prepare_train_sample_pipeline(char_data, tmp_path):
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run(char_data, tmp_path):
     # dropout on: the resumed run must also draw the same dropout masks
-    common = [*TINY, f"--data_dir={char_data}", "--dropout=0.1", "--eval_interval=5"]
+    # (8 micro-steps: enough compute that neither run shrinks its evaluation set, so both score the same windows)
+    common = [*TINY, f"--data_dir={char_data}", "--dropout=0.1", "--eval_interval=5", "--gradient_accumulation_steps=8"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run("train.py", *common, f"--out_dir={full}", "--max_iters=16")
     run("train.py", *common, f"--out_dir={part}", "--max_iters=10")
@@ -114,16 +115,31 @@ def test_time_budget_stops_evaluates_and_saves(char_data, tmp_path):
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
+def test_max_epochs_caps_a_timed_run_and_its_lr_decays_by_then(char_data, tmp_path):
+    # 180,000 train tokens, 128 a step: 0.01 passes is 15 steps, however much time is left; the time clock's
+    # cosine then reaches min_lr at the 15th step, not at the (far) end of the time budget
+    out = str(tmp_path / "out")
+    proc = run_fake_clock("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=1000000",
+                          "--eval_interval=1000000", "--time_budget=1000", "--lr_clock=time", "--max_epochs=0.01",
+                          "--min_lr=0")
+    assert "max_epochs=0.01: at most 15 iterations (128 tokens each)" in proc.stdout
+    steps = [r for r in read_log(out) if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(15)) and read_log(out)[-1]["iter"] == 15
+    lrs = [r["lr"] for r in steps]
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.02 * 3e-3  # 12/13 down the cosine
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["train_shakespeare_char_cpu.py", "train_shakespeare_char_cpu_sprint.py"])
 def test_cpu_recipes_train_until_their_time_budget(char_data, tmp_path, recipe):
     # the README's CPU recipes as shipped (architecture, Muon, measured precision, the time clock), with a
     # 2.5 s budget on the fake clock (81 steps on any machine): 'auto' does not compile so short a run,
-    # the budget ends it, the lr decays to min_lr=0 on the time clock, and the model learns
+    # the budget ends it, the lr decays to min_lr=0 on the time clock, and the model learns. (A quarter of
+    # the batch: the same steps at a quarter of the cost.)
     from nanoforge.checkpoint import load_checkpoint
     out = str(tmp_path / "out")
     proc = run_fake_clock("train.py", f"config/{recipe}", f"--data_dir={char_data}", f"--out_dir={out}",
-                          "--time_budget=2.5", "--eval_iters=4", "--log_interval=1", "--plot=False")
+                          "--time_budget=2.5", "--eval_iters=4", "--log_interval=1", "--plot=False", "--batch_size=4")
     assert "compile: False (" in proc.stdout  # the sprint says False; the quick start leaves it to auto
     log = read_log(out)
     steps, evals = [r for r in log if "loss" in r], [r for r in log if "val_loss" in r]
@@ -188,7 +204,7 @@ def test_target_loss_stops_at_the_first_evaluation_below_it_on_the_whole_val_spl
     from nanoforge.tokens import read_meta
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=200", "--eval_interval=5",
-        "--target_loss=3.0", "--eval_whole_val=True", "--always_save_checkpoint=False")
+        "--target_loss=3.0", "--eval_whole_val=True", "--always_save_checkpoint=False", "--gradient_accumulation_steps=8")
     evals = [r for r in read_log(out) if "val_loss" in r]
     assert evals[-1]["val_loss"] <= 3.0 < min(r["val_loss"] for r in evals[:-1])
     assert evals[-1]["iter"] < 200 and evals[-1]["iter"] % 5 == 0
@@ -283,7 +299,8 @@ def test_sigterm_during_a_later_evaluation_saves_the_training_done(char_data, tm
     assert f"saved checkpoint to {out} at iteration 5 (stop requested)" in stdout
     from nanoforge.checkpoint import load_checkpoint
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["meta"]["iter_num"] == 5
-    run("train.py", *args, "--init_from=resume", "--max_iters=7", "--eval_interval=5")
+    # (the resumed run keeps eval_whole_val from run.json; scoring the ~4M tokens again would only cost time)
+    run("train.py", *args, "--init_from=resume", "--max_iters=7", "--eval_interval=5", "--eval_whole_val=False")
     assert sorted(train_losses(out)) == list(range(7))
 
 
