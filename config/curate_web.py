@@ -1,6 +1,6 @@
 # curate.py: curate raw Common Crawl text (the JSONL that ../shared/data/cc_web holds) into an English corpus:
 #   python curate.py config/curate_web.py --input=../shared/data/cc_web --output=data/ccweb/curated
-#   python data/openwebtext/prepare.py --input=data/ccweb/curated --out_dir=data/ccweb
+#   python data/your_text/prepare.py --input=data/ccweb/curated --out_dir=data/ccweb
 # A Hugging Face dataset instead (online): --input=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT
 # --hf_max_documents=100000 (its first 100,000 documents, streamed; 0 downloads the whole split)
 # Every key is one of curate.py's defaults; this file names the ones a web corpus tunes.

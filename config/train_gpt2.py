@@ -1,6 +1,6 @@
 # train.py: GPT-2 (124M) on OpenWebText, as nanoGPT trains it: ~2.85 val loss after ~400k iterations, about
 # 4 days on 8 x A100 40GB.
-# $ python data/openwebtext/prepare.py
+# $ python data/your_text/prepare.py --dataset=openwebtext
 # $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 # Two nodes of 8 GPUs: see README ("Many GPUs, many machines").
 
