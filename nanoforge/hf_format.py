@@ -334,7 +334,7 @@ def leading_agreement(a, b):
 def check_folder(model, tok, folder, prompt, n_tokens=32):
     """Loads `folder` with transformers' AutoModelForCausalLM and AutoTokenizer, as a user would, and compares
     it with `model` on `prompt`: the prompt's ids, the largest logit difference over the prompt, and how many
-    of n_tokens greedy tokens agree (ours stopping where theirs would, at an end token)."""
+    of n_tokens greedy tokens agree (neither stopping at an end token, so all n_tokens are compared)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf, hf_tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     hf.eval()
@@ -344,7 +344,7 @@ def check_folder(model, tok, folder, prompt, n_tokens=32):
     ours_logits, _ = model(x, torch.zeros_like(x))  # targets given: logits at every position, (1, T, V)
     diff = (ours_logits.float() - hf(x).logits.float()).abs().max().item()
     ours = model.generate(x, n_tokens, temperature=0.0)[0, len(ids):].tolist()
-    ours = ours[:min([ours.index(e) for e in end_ids(tok) if e in ours], default=len(ours))]
+    hf.generation_config.eos_token_id = None  # past an end token too, as ours goes on
     theirs = hf.generate(x, max_new_tokens=n_tokens, do_sample=False)[0, len(ids):].tolist()
     return {"class": type(hf).__name__, "prompt": prompt, "same_prompt_ids": theirs_ids == ids,
             "max_logit_diff": diff, "greedy_tokens": len(ours), "greedy_equal": leading_agreement(ours, theirs)}
