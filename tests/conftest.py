@@ -28,6 +28,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# texts a tokenizer must give back exactly: scripts, emoji, code, whitespace runs, quoted special tokens
+HARD = [
+    "سلام دنیا! این یک آزمایش است.",  # Persian
+    "مرحبا بالعالم، كيف حالك؟",  # Arabic
+    "日本語のテキスト、中文文本，한국어 텍스트",  # CJK
+    "emoji 🦊👩‍👩‍👧‍👦🏳️‍🌈 and combining e\u0301 a\u0308\u0323 Z\u0351\u0352\u0357",
+    "def f(x):\n\tif x:\n\t\treturn    x  \n\n\n    # runs of   spaces\t\t\n",
+    "never seen: ᚠᛇᚻ ∮ E⋅da = Q ℵ₀ \x00\x01\x7f \U0010fffd",
+    "a literal <|endoftext|> and <|user|> in a document",
+    "", " ", "\n", "  \n\t ",
+]
+
+
+def corpus_lines():
+    """Tiny Shakespeare's first 120,000 characters as lines, and the first hard texts, for training tokenizers."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read()[:120_000]
+    return text.splitlines(keepends=True) + HARD[:3] * 5
+
+
 @pytest.fixture(scope="session")
 def hf_gpt2_dir(tmp_path_factory):
     """A tiny randomly initialised Hugging Face GPT-2, written by save_pretrained. Returns (folder, model)."""
@@ -161,3 +181,16 @@ def chrome():
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     yield driver
     driver.quit()
+
+
+def open_page(chrome, path):
+    """Opens a page file in the browser: it must fetch nothing and log no error or warning."""
+    chrome.get_log("browser"), chrome.get_log("performance")  # start from empty logs
+    chrome.get("file://" + os.path.abspath(path))
+    requested = chrome.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    network = [json.loads(e["message"])["message"] for e in chrome.get_log("performance")]
+    urls = [m["params"]["request"]["url"] for m in network if m["method"] == "Network.requestWillBeSent"]
+    assert requested == [], f"the page fetched {requested}"
+    assert all(u.startswith("file://") for u in urls), f"the page requested {urls}"
+    errors = [e for e in chrome.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert not errors, errors

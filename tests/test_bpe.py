@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import assert_one_line_error, run
+from conftest import HARD, assert_one_line_error, corpus_lines, run
 from nanoforge import tokens
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import (SPECIAL_TOKENS, _bytes_to_unicode, bpe_spec, load_bpe, load_tokenizer, save_bpe,
@@ -23,24 +23,6 @@ from nanoforge.tokenizer import (SPECIAL_TOKENS, _bytes_to_unicode, bpe_spec, lo
 
 from conftest import ROOT, SHAKESPEARE  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1")
-
-HARD = [
-    "سلام دنیا! این یک آزمایش است.",  # Persian
-    "مرحبا بالعالم، كيف حالك؟",  # Arabic
-    "日本語のテキスト、中文文本，한국어 텍스트",  # CJK
-    "emoji 🦊👩‍👩‍👧‍👦🏳️‍🌈 and combining e\u0301 a\u0308\u0323 Z\u0351\u0352\u0357",
-    "def f(x):\n\tif x:\n\t\treturn    x  \n\n\n    # runs of   spaces\t\t\n",
-    "never seen: ᚠᛇᚻ ∮ E⋅da = Q ℵ₀ \x00\x01\x7f \U0010fffd",
-    "a literal <|endoftext|> and <|user|> in a document",
-    "", " ", "\n", "  \n\t ",
-]
-
-
-def corpus_lines():
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read()[:120_000]
-    return text.splitlines(keepends=True) + HARD[:3] * 5
-
 
 def train_and_save(folder, vocab_size=400, pattern="gpt4"):
     ranks, hf = train_bpe(iter(corpus_lines()), vocab_size, pattern, progress=False)

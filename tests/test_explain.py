@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, run
+from conftest import ROOT, open_page, run
 from model import GPT, GPTConfig
 from nanoforge import inspection, tokens
 from nanoforge.checkpoint import ckpt_path, keep_checkpoint, kept_checkpoints, load_model, save_checkpoint
@@ -233,18 +233,6 @@ def test_train_keeps_the_last_checkpoints(tmp_path, char_data):
 
 # -----------------------------------------------------------------------------------------------------
 # the page in a real browser
-
-def open_page(chrome, path):
-    chrome.get_log("browser"), chrome.get_log("performance")  # start from empty logs
-    chrome.get("file://" + os.path.abspath(path))
-    requested = chrome.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-    network = [json.loads(e["message"])["message"] for e in chrome.get_log("performance")]
-    urls = [m["params"]["request"]["url"] for m in network if m["method"] == "Network.requestWillBeSent"]
-    assert requested == [], f"the page fetched {requested}"
-    assert all(u.startswith("file://") for u in urls), f"the page requested {urls}"
-    errors = [e for e in chrome.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
-    assert not errors, errors
-
 
 @pytest.mark.slow
 def test_page_renders_every_view_offline(tmp_path, chrome, char_tok, char_data):

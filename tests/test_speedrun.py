@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run
-from test_explain import open_page
+from conftest import ROOT, open_page, run
 
 MINI = "config/speedrun_mini.py"
 

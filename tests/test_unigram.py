@@ -9,14 +9,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-from conftest import assert_one_line_error, run
+from conftest import HARD, assert_one_line_error, corpus_lines, run
 from model import GPT, GPTConfig
 from nanoforge import chat_template
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.tokenizer import SPECIAL_TOKENS, gpt2_encoding, load_tokenizer, tokenizer_from_arg, with_special_tokens
-from test_bpe import ENV, HARD, corpus_lines
-from test_bpe import test_lossless_on_any_text, test_lossless_on_hard_text  # noqa: F401 (run on the Unigram)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def unigram(tmp_path_factory):
     docs = ["".join(lines[i:i + 20]) for i in range(0, len(lines), 20)] + HARD[:6]
     (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
     proc = run("train_tokenizer.py", f"--input={d / 'docs.jsonl'}", "--kind=unigram", "--vocab_size=600",
-               f"--out={d / 'tok'}", "--progress=False", env=ENV)
+               f"--out={d / 'tok'}", "--progress=False")
     return tokenizer_from_arg(str(d / "tok")), d, docs, proc.stdout
 
 
@@ -48,10 +47,12 @@ def test_folder_vocabulary_and_report(unigram):
     assert sum(token_bytes[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
 
 
-@pytest.fixture(scope="module")
-def trained(unigram):
-    """The name test_bpe's tests take their tokenizer by: they run here on the Unigram."""
-    return unigram
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_lossless_on_any_text_and_the_hard_ones(unigram, text):
+    tok = unigram[0]
+    for t in (text, *HARD):
+        assert tok.decode(tok.encode(t)) == t
 
 
 def test_special_tokens_only_when_asked_and_chat_tokens_added(unigram):
@@ -70,7 +71,7 @@ def test_exported_tokenizer_encodes_alike_in_transformers_and_gguf_is_refused(un
     model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, bias=False,
                           pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True))
     save_checkpoint(str(tmp_path / "ckpt.pt"), model, {"tokenizer": tok.spec, "iter_num": 0})
-    run("export.py", f"--out_dir={tmp_path}", f"--dest={tmp_path / 'hf'}", env=ENV)
+    run("export.py", f"--out_dir={tmp_path}", f"--dest={tmp_path / 'hf'}")
     theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in HARD:  # (transformers reads special tokens written in text as special, as allow_special does)
         assert theirs(text)["input_ids"] == tok.encode(text, allow_special=True), text
@@ -81,7 +82,7 @@ def test_exported_tokenizer_encodes_alike_in_transformers_and_gguf_is_refused(un
     assert rendered["input_ids"] == chat_template.render(tok, messages, add_generation_prompt=True)[0]
     back, spec, _ = load_model(str(tmp_path / "hf"))  # and the folder comes back with its tokenizer
     assert load_tokenizer(spec).encode(HARD[0]) == tok.encode(HARD[0])
-    proc = run("export.py", f"--out_dir={tmp_path}", "--to=gguf", f"--dest={tmp_path / 'x.gguf'}", check=False, env=ENV)
+    proc = run("export.py", f"--out_dir={tmp_path}", "--to=gguf", f"--dest={tmp_path / 'x.gguf'}", check=False)
     assert_one_line_error(proc, "Unigram tokenizer has no GGUF form")
     assert not os.path.exists(tmp_path / "x.gguf")
 
@@ -91,12 +92,12 @@ def test_prepare_train_and_sample_with_a_unigram(unigram, tmp_path):
     tok, d, docs, _ = unigram
     data = tmp_path / "data"
     run("data/your_text/prepare.py", f"--input={d / 'docs.jsonl'}", f"--tokenizer={d / 'tok'}", "--num_proc=1",
-        f"--out_dir={data}", env=dict(ENV, HF_HOME=str(tmp_path / "hf")))
+        f"--out_dir={data}", env=dict(os.environ, HF_HOME=str(tmp_path / "hf")))
     out = tmp_path / "out"
     run("train.py", "--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--plot=False", f"--data_dir={data}",
-        f"--out_dir={out}", env=ENV)
-    sample = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8", env=ENV)
+        f"--out_dir={out}")
+    sample = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8")
     assert sample.stdout.startswith("ROMEO:")
     spec = load_model(str(out))[1]
     assert spec == tok.spec  # the checkpoint names the Unigram, and it already has the chat tokens
