@@ -12,8 +12,11 @@ Hugging Face is told to stay offline (its GPT-2s are built randomly and saved to
 """
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -70,12 +73,122 @@ TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_emb
         "--gradient_accumulation_steps=1"]
 
 
+# A script started by the tests spends ~2-3 s importing torch before it does anything (most of the suite's
+# time). So each test worker keeps one Python that has imported torch and numpy and nothing else, and runs
+# each script in a fork of it: a new process, with the script's own argv, working folder, environment,
+# stdin (empty), stdout and stderr, run as __main__ as `python script.py` runs it, its exit code, excepthook
+# (the one-line errors), threads and atexit handlers at the end. What torch reads when it is imported
+# (the CPU capability it may use, oneDNN's ISA, threads) must be the same as the fork server's; a run that
+# sets those differently, a launcher (torchrun), or NANOFORGE_TEST_FORK=0 gets a fresh interpreter.
+FORK_SERVER = r"""
+import atexit, json, os, runpy, sys, threading, traceback, types
+import numpy, torch  # the cost paid once, not by every script
+
+
+def exit_code(e):
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def child(req):
+    code = 1
+    try:
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            f = os.open(path, flags, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        argv = req["argv"]
+        try:
+            if argv[0] == "-c":
+                sys.argv, sys.path[0] = ["-c", *argv[2:]], ""
+                main = types.ModuleType("__main__")
+                sys.modules["__main__"] = main
+                exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+            else:
+                sys.argv, sys.path[0] = list(argv), os.path.dirname(os.path.abspath(argv[0]))
+                runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = exit_code(e)
+        except BaseException:
+            try:
+                sys.excepthook(*sys.exc_info())  # the scripts' hook: one line and its own exit code
+            except SystemExit as e:
+                code = exit_code(e)
+        threading._shutdown()  # as the interpreter does at exit: wait for non-daemon threads,
+        atexit._run_exitfuncs()  # then the atexit handlers
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+for line in sys.stdin:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(json.loads(line))
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+IMPORT_TIME_ENV = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "KMP_", "OMP_", "TORCH", "PYTORCH", "CUDA", "LD_", "PYTHON")
+
+
+class ForkServer:
+    def __init__(self):
+        self.env = dict(os.environ)
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=ROOT, text=True, env=self.env)
+        self.tmp = tempfile.mkdtemp(prefix="forks")
+
+    def takes(self, env):
+        changed = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
+        return self.proc.poll() is None and not any(k.startswith(IMPORT_TIME_ENV) for k in changed)
+
+    def run(self, argv, env, timeout):
+        out, err = os.path.join(self.tmp, "out"), os.path.join(self.tmp, "err")
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": ROOT, "out": out, "err": err}) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        code = json.loads(self.proc.stdout.readline())["code"]
+        with open(out, encoding="utf-8") as f, open(err, encoding="utf-8") as g:
+            stdout, stderr = f.read(), g.read()
+        if not ready:
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
+        return subprocess.CompletedProcess([sys.executable, *argv], code, stdout, stderr)
+
+
+_fork_server = []
+
+
 def run(script, *args, check=True, env=None, timeout=300, launcher=None):
-    """Runs a script of the repo (or `-c CODE`) from the repo root as a user does; with check, a non-zero
-    exit fails the test with the script's output."""
+    """Runs a script of the repo (or `-c CODE`) from the repo root as a user does, in a new process (a fork
+    of the worker's fork server, above, where it can); with check, a non-zero exit fails the test with the
+    script's output."""
     argv = [script] if script == "-c" else [os.path.join(ROOT, script)]
-    proc = subprocess.run([*(launcher or [sys.executable]), *argv, *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    env_used = dict(os.environ if env is None else env)
+    if launcher is None and os.environ.get("NANOFORGE_TEST_FORK", "1") != "0" and not _fork_server:
+        _fork_server.append(ForkServer())
+    if launcher is None and _fork_server and _fork_server[0].takes(env_used):
+        proc = _fork_server[0].run([*argv, *args], env_used, timeout)
+    else:
+        proc = subprocess.run([*(launcher or [sys.executable]), *argv, *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -19,3 +19,32 @@ def test_ci_runs_the_readme_test_command():
             packages = line.split("#")[0].split()[2:]
             ci_apt = next(c for c in ci_lines if "apt-get install" in c)
             assert packages and all(p in ci_apt.split() for p in packages), (packages, ci_apt)
+
+
+# what a script does when conftest.run starts it in a fork of the worker's fork server must be what it does
+# in a fresh `python`: output, exit code, the one-line error hook, a traceback, atexit handlers, threads
+SCRIPTS = {
+    "ok": "import sys; print(sys.argv[1:], sys.path[0] == '', __name__); print('to stderr', file=sys.stderr)",
+    "user_error": "from nanoforge import errors; errors.friendly_errors()\n"
+                  "from nanoforge.errors import UserError\nraise UserError('say what to do')",
+    "traceback": "def f():\n    raise ValueError('boom')\nf()",
+    "exit_text": "import sys; sys.exit('a message')",
+    "atexit_and_thread": "import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
+                         "threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()",
+}
+
+
+def test_fork_server_runs_a_script_as_a_fresh_python_does(monkeypatch):
+    from conftest import run
+    for name, code in SCRIPTS.items():
+        forked = run("-c", code, "x", check=False)
+        monkeypatch.setenv("NANOFORGE_TEST_FORK", "0")
+        fresh = run("-c", code, "x", check=False)
+        monkeypatch.delenv("NANOFORGE_TEST_FORK")
+        assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr), name
+    assert fresh.stdout == "thread done\natexit ran\n"
+    script = run("sample.py", "--out_dir=/nonexistent", check=False)  # a script file, as run by path
+    monkeypatch.setenv("NANOFORGE_TEST_FORK", "0")
+    again = run("sample.py", "--out_dir=/nonexistent", check=False)
+    assert (script.returncode, script.stdout, script.stderr) == (again.returncode, again.stdout, again.stderr)
+    assert script.returncode == 2 and script.stderr.startswith("error: ")
