@@ -133,6 +133,19 @@ class Sequence:
         self.stop_ids, self.text = set(stop_ids), text  # text: a TextStream
         self.slot, self.pos, self.last = None, 0, None  # cache slot, next position, last sampled id
         self.n_generated, self.cancelled = 0, False
+        self.prompt_s, self.prefilled_at, self.done_at = 0.0, None, None  # for timings()
+
+    def timings(self):
+        """What llama.cpp's server reports per response: the prompt's forward (prompt_*) and the generation
+        after it (predicted_*), in tokens, milliseconds and their rates. Set once the sequence is done."""
+        prompt_ms = self.prompt_s * 1000
+        predicted_ms = (self.done_at - self.prefilled_at) * 1000 if self.done_at else 0.0
+        n_prompt, n_new = len(self.prompt), self.n_generated
+        return {"prompt_n": n_prompt, "prompt_ms": prompt_ms, "prompt_per_token_ms": prompt_ms / n_prompt,
+                "prompt_per_second": 1000 * n_prompt / prompt_ms if prompt_ms else None,
+                "predicted_n": n_new, "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": predicted_ms / n_new if n_new else None,
+                "predicted_per_second": 1000 * n_new / predicted_ms if predicted_ms and n_new else None}
 
 
 class Engine:
@@ -226,7 +239,11 @@ class Engine:
     def _prefill(self, seq):
         idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
         rows = torch.tensor([seq.slot], device=self.device)
+        t0 = time.perf_counter()
         logits = slot_step(self.model, idx, self.caches, rows, torch.zeros(1, dtype=torch.long, device=self.device))
+        logits = logits.float().cpu()  # the forward is done (on a GPU too) before the clock is read
+        seq.prefilled_at = time.perf_counter()
+        seq.prompt_s = seq.prefilled_at - t0
         seq.pos = len(seq.prompt)
         self.running.append(seq)
         self._take_alone(seq, logits[0])
@@ -272,6 +289,7 @@ class Engine:
         rest = seq.text.flush() if flush else ""  # text held back for a stop string that never came
         if rest:
             seq.sink(("text", rest))
+        seq.done_at = time.perf_counter()
         seq.sink(("done", reason, seq.n_generated))
         seq.cancelled = True  # nothing more for it: _retire frees its slot
 

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from nanoforge import runlog, sampling, tokens
+from nanoforge.tokenizer import token_bytes_of
 
 COUNT_LIMIT = 50_000_000  # tokens of a training split counted for rarity: enough to tell rare from common
 
@@ -24,17 +25,6 @@ def _r(t, digits=5):
 
 # -----------------------------------------------------------------------------------------------------
 # tokens
-
-def token_bytes_of(tok, i):
-    """The bytes token i stands for (a special token: its text)."""
-    if hasattr(tok, "piece_bytes"):  # a Unigram
-        return tok.piece_bytes(i)
-    if hasattr(tok, "enc"):
-        if i in tok.special_tokens.values():
-            return next(t for t, j in tok.special_tokens.items() if j == i).encode()
-        return tok.enc.decode_single_token_bytes(i)
-    return tok.itos[i].encode("utf-8")
-
 
 def piece_text(b):
     """Token bytes as text; a byte that is part of a character split across tokens shows as \\xNN."""

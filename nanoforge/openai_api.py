@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 
 from nanoforge.chat_template import CHAT_TOKENS, render
 from nanoforge.errors import UserError
+from nanoforge.tokenizer import token_bytes_of
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -182,3 +183,42 @@ def chat_prompt(tok, body):
     except UserError as e:
         raise ApiError(400, str(e), param="messages", code="unknown_characters") from None
     return [ids]
+
+
+# ------------------------------------------------------------------------------------------------------
+# /tokenize and /detokenize, as llama.cpp's server has them
+
+
+def tokenize_request(tok, body):
+    """{"content": text, "parse_special": true, "with_pieces": false} -> {"tokens": ids}, or with pieces
+    [{"id", "piece"}], a piece being its text, or its byte values where they are not whole UTF-8 characters.
+    "add_special" is accepted: these models have no beginning-of-text token to add."""
+    content = field(body, "content", "string")
+    if content is None:
+        raise ApiError(400, "'content' is required: the text to tokenize", param="content", code="missing_field")
+    field(body, "add_special", "boolean")
+    special = field(body, "parse_special", "boolean", True)
+    try:
+        ids = tok.encode(content, allow_special=special)
+    except UserError as e:  # a character a character-level model does not know
+        raise ApiError(400, str(e), param="content", code="unknown_characters") from None
+    if not field(body, "with_pieces", "boolean", False):
+        return {"tokens": ids}
+
+    def piece(i):
+        b = token_bytes_of(tok, i)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return list(b)
+    return {"tokens": [{"id": i, "piece": piece(i)} for i in ids]}
+
+
+def detokenize_request(tok, body):
+    """{"tokens": ids} -> {"content": text}."""
+    ids = field(body, "tokens", "array", [])
+    bad = next((i for i in ids if not KINDS["integer"](i) or not 0 <= i < tok.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"'tokens' must hold token ids from 0 to {tok.vocab_size - 1}, got {json.dumps(bad)[:50]}",
+                       param="tokens", code="invalid_value")
+    return {"content": tok.decode(ids)}

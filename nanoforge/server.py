@@ -32,7 +32,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanoforge.chat_template import CHAT_TOKENS
 from nanoforge.engine import QueueFull, Sequence, TextStream
-from nanoforge.openai_api import ApiError, chat_prompt, completion_prompts, error_response, read_json, sampling
+from nanoforge.openai_api import (ApiError, chat_prompt, completion_prompts, detokenize_request, error_response, read_json,
+                                  sampling, tokenize_request)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -90,6 +91,22 @@ class HeaderDeadline(H11Protocol):
         # their_state leaves IDLE once a request's headers are complete: then the request is under way
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
+
+
+def request_timings(seqs):
+    """A response's `timings`, as llama.cpp's server reports them: one sequence's own; for several (n > 1, or
+    a list of prompts) their prompt tokens and prefill times summed, and the generation as long as the longest
+    (they decode together)."""
+    each = [s.timings() for s in seqs]
+    if len(each) == 1:
+        return each[0]
+    prompt_n, prompt_ms = sum(t["prompt_n"] for t in each), sum(t["prompt_ms"] for t in each)
+    predicted_n, predicted_ms = sum(t["predicted_n"] for t in each), max(t["predicted_ms"] for t in each)
+    return {"prompt_n": prompt_n, "prompt_ms": prompt_ms, "prompt_per_token_ms": prompt_ms / prompt_n,
+            "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else None,
+            "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else None,
+            "predicted_per_second": 1000 * predicted_n / predicted_ms if predicted_ms and predicted_n else None}
 
 
 def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), allowed_hosts=None, max_tokens_cap=1024,
@@ -168,7 +185,7 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
             choices = [dict(index=i, text=t, logprobs=None, finish_reason=r)
                        for i, (t, r) in enumerate(zip(texts, finish))]
         kind = "chat.completion" if chat else "text_completion"
-        return JSONResponse(dict(head, object=kind, choices=choices, usage=usage))
+        return JSONResponse(dict(head, object=kind, choices=choices, usage=usage, timings=request_timings(seqs)))
 
     async def on_disconnect(request, events):
         while (await request.receive())["type"] != "http.disconnect":
@@ -180,13 +197,15 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
         optionally the usage, then [DONE]. Leaving early (the client went away) cancels the sequences."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(index, text=None, finish=None, first=False):
+        def chunk(index, text=None, finish=None, first=False, last=False):
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
                 choice = dict(index=index, delta=delta, logprobs=None, finish_reason=finish)
             else:
                 choice = dict(index=index, text=text or "", logprobs=None, finish_reason=finish)
             obj = dict(head, object=kind, choices=[choice])
+            if last:  # the last choice's last chunk carries the response's timings, as llama.cpp's does
+                obj["timings"] = request_timings(seqs)
             if include_usage:
                 obj["usage"] = None  # as OpenAI's: every chunk but the last carries a null usage
             return f"data: {json.dumps(obj)}\n\n"
@@ -201,7 +220,7 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                 if ev[0] == "text":
                     yield chunk(index, ev[1])
                 elif ev[0] == "done":
-                    yield chunk(index, finish=ev[1])
+                    yield chunk(index, finish=ev[1], last=left == 1)
                     left, used = left - 1, used + ev[2]
                 else:
                     yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error', 'code': None}})}\n\n"
@@ -219,6 +238,14 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
 
     async def chat_completions(request):
         return await generate(request, chat=True)
+
+    async def tokenize(request):  # llama.cpp's server's: text -> ids (with_pieces: and each id's text)
+        check_key(request)
+        return JSONResponse(tokenize_request(tok, await read_json(request, max_body_bytes, body_timeout)))
+
+    async def detokenize(request):
+        check_key(request)
+        return JSONResponse(detokenize_request(tok, await read_json(request, max_body_bytes, body_timeout)))
 
     async def models(request):
         check_key(request)
@@ -249,7 +276,8 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
 
     routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"])]
     middleware = [Middleware(Guard, hosts=allowed_hosts, origins=list(cors_origins))]
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],

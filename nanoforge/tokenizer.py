@@ -375,6 +375,17 @@ def with_special_tokens(tok, tokens):
     return out
 
 
+def token_bytes_of(tok, i):
+    """The bytes token i stands for (a special token: its text)."""
+    if hasattr(tok, "piece_bytes"):  # a Unigram
+        return tok.piece_bytes(i)
+    if hasattr(tok, "enc"):
+        if i in tok.special_tokens.values():
+            return next(t for t, j in tok.special_tokens.items() if j == i).encode()
+        return tok.enc.decode_single_token_bytes(i)
+    return tok.itos[i].encode("utf-8")
+
+
 def tokenizer_from_arg(arg):
     """What a prepare script's --tokenizer names: 'gpt2', or a trained BPE or Unigram folder ('char' is the
     character vocabulary, which the script builds from its text)."""

@@ -68,12 +68,14 @@ fields = {"prompt": st.one_of(st.text(alphabet=CHARS, max_size=30), st.lists(st.
           "messages": messages, "max_tokens": values | st.integers(-3, 12), "temperature": values | st.floats(0, 2),
           "top_p": values | st.floats(0, 1), "top_k": values | st.integers(-2, 70), "n": values | st.integers(-1, 9),
           "stop": values | st.lists(st.text(max_size=300), max_size=6), "seed": values | st.integers(-2**70, 2**70),
-          "stream": values | st.booleans(), "stream_options": values, "max_completion_tokens": values}
+          "stream": values | st.booleans(), "stream_options": values, "max_completion_tokens": values,
+          "content": st.text(alphabet=CHARS, max_size=30) | values, "tokens": st.lists(st.integers(-5, 100)) | values,
+          "with_pieces": values | st.booleans(), "parse_special": values | st.booleans()}
 bodies = st.fixed_dictionaries({}, optional=fields)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=bodies)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]), body=bodies)
 def test_every_request_is_a_2xx_or_a_4xx_and_the_server_goes_on(served, path, body):
     client, _, _ = served
     # json.dumps writes NaN and Infinity as Python's json reads them back: bodies other clients may send
@@ -147,3 +149,45 @@ def test_a_failing_sequence_ends_alone_and_its_batch_goes_on(served):
                      Sequence(prompt, 6, None, temperature=0, text=Explodes(tok))])
     assert bad[-1][0] == "error" and "text handling failed" in bad[-1][1]
     assert good == solo and good[-1][0] == "done"
+
+
+def test_tokenize_and_detokenize_as_llama_cpp_serves_them(served):
+    client, _, tok = served
+    text = "ROMEO: a rose<|end|>"
+    r = client.post("/tokenize", json={"content": text})
+    assert r.status_code == 200 and r.json() == {"tokens": tok.encode(text, allow_special=True)}
+    plain = client.post("/tokenize", json={"content": "a rose", "add_special": True}).json()
+    assert plain["tokens"] == tok.encode("a rose")  # no beginning-of-text token to add
+    as_text = client.post("/tokenize", json={"content": text, "parse_special": False})
+    assert as_text.status_code == 400 and "'<>|'" in as_text.json()["error"]["message"]  # not characters here
+    pieces = client.post("/tokenize", json={"content": "AB<|end|>", "with_pieces": True}).json()["tokens"]
+    assert pieces == [{"id": tok.encode("A")[0], "piece": "A"}, {"id": tok.encode("B")[0], "piece": "B"},
+                      {"id": tok.special_tokens["<|end|>"], "piece": "<|end|>"}]
+    ids = tok.encode("ROMEO: hello")
+    assert client.post("/detokenize", json={"tokens": ids}).json() == {"content": "ROMEO: hello"}
+    for path, body, param in (("/tokenize", {}, "content"), ("/tokenize", {"content": 5}, "content"),
+                              ("/tokenize", {"content": "é"}, "content"),  # not in this vocabulary
+                              ("/detokenize", {"tokens": [1, tok.vocab_size]}, "tokens"),
+                              ("/detokenize", {"tokens": ["a"]}, "tokens"), ("/detokenize", {"tokens": "a"}, "tokens")):
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+    well_formed(client)
+
+
+def test_timings_count_the_prompt_and_the_reply(served):
+    client, _, tok = served
+    prompt = "ROMEO: hello"
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0}).json()
+    t = r["timings"]
+    assert t["prompt_n"] == len(tok.encode(prompt)) == r["usage"]["prompt_tokens"]
+    assert t["predicted_n"] == r["usage"]["completion_tokens"] == 5
+    assert t["prompt_ms"] > 0 and t["predicted_ms"] > 0
+    assert math.isclose(t["prompt_per_second"], 1000 * t["prompt_n"] / t["prompt_ms"])
+    assert math.isclose(t["predicted_per_token_ms"], t["predicted_ms"] / 5)
+    two = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "n": 2, "temperature": 0}).json()
+    assert two["timings"]["prompt_n"] == 2 * t["prompt_n"] and two["timings"]["predicted_n"] == 6
+    with client.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                             "max_tokens": 4, "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert [c for c in chunks if "timings" in c] == [chunks[-1]]  # on the last chunk only
+    assert chunks[-1]["choices"][0]["finish_reason"] and chunks[-1]["timings"]["predicted_n"] >= 1
