@@ -15,6 +15,8 @@ holds a short one back, and B clients cost about one forward per step, not B.
 
 Events a sink receives, from the engine thread (serve.py hands them over to its event loop):
     ("text", piece)                       text safe to show: whole UTF-8 characters, no part of a stop string
+    ("token", id, logprob, top)           a sequence asked for logprobs: each sampled token, its log-probability
+                                          and the `logprobs` likeliest [(id, logprob)], before its text
     ("done", finish_reason, n_tokens)     "stop" (a stop token or string) or "length"; tokens generated
     ("error", message)                    the engine failed on this step (a bug): the sequence is over
 """
@@ -122,8 +124,9 @@ class Sequence:
     """One completion being generated: its prompt, its sampling settings, and where its events go."""
 
     def __init__(self, prompt, max_new, sink, temperature=1.0, top_p=1.0, top_k=0, seed=None,
-                 stop_ids=(), text=None):
+                 stop_ids=(), text=None, logprobs=None):
         self.prompt, self.max_new, self.sink = list(prompt), max_new, sink
+        self.logprobs = logprobs  # None, or how many alternatives to report beside each token's log-probability
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = torch.Generator()  # on the CPU: logits are sampled there, whatever the device
         if seed is None:
@@ -276,6 +279,11 @@ class Engine:
         if nxt in seq.stop_ids:
             return self._finish(seq, "stop")
         seq.last, seq.n_generated = nxt, seq.n_generated + 1
+        if seq.logprobs is not None:  # the model's own distribution, before temperature, top-k or top-p
+            logp = torch.log_softmax(logits[0], dim=-1)
+            top = torch.topk(logp, seq.logprobs) if seq.logprobs else None
+            seq.sink(("token", nxt, float(logp[nxt]),
+                      [] if top is None else [(int(j), float(v)) for v, j in zip(top.values, top.indices)]))
         piece, stopped = seq.text.feed(nxt)
         if piece:
             seq.sink(("text", piece))

@@ -124,6 +124,39 @@ def sampling(body, default_max, max_tokens_cap, max_n):
 MAX_STOP_CHARS = 256  # the longest stop string a request may give
 
 
+def logprobs_option(body, chat):
+    """None (no logprobs), or how many alternatives to list beside each sampled token: chat's
+    `logprobs: true` with `top_logprobs` 0-20, the completions' `logprobs` 0-5 (OpenAI's limits)."""
+    if chat:
+        wanted = field(body, "logprobs", "boolean", False)
+        top = field(body, "top_logprobs", "integer")
+        if top is not None and not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        in_range("top_logprobs", top, top is None or 0 <= top <= 20, "between 0 and 20")
+        return (top or 0) if wanted else None
+    top = field(body, "logprobs", "integer")
+    in_range("logprobs", top, top is None or 0 <= top <= 5, "between 0 and 5")
+    return top
+
+
+def token_entry(tok, i, logprob):
+    text = token_bytes_of(tok, i)
+    return {"token": text.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(text)}
+
+
+def logprobs_body(tok, tokens, chat, offset=0):
+    """A choice's `logprobs` from the engine's ("token", id, logprob, top) events: chat's {"content": [...]},
+    or the completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset from `offset`)."""
+    if chat:
+        return {"content": [dict(token_entry(tok, i, lp), top_logprobs=[token_entry(tok, j, l) for j, l in top])
+                            for i, lp, top in tokens]}
+    texts = [token_entry(tok, i, lp)["token"] for i, lp, _ in tokens]
+    offsets = [offset + sum(len(t) for t in texts[:k]) for k in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [{token_entry(tok, j, l)["token"]: l for j, l in top} for _, _, top in tokens],
+            "text_offset": offsets}
+
+
 def encode(tok, text, param):
     try:
         return tok.encode(text)
@@ -217,8 +250,8 @@ def tokenize_request(tok, body):
 def detokenize_request(tok, body):
     """{"tokens": ids} -> {"content": text}."""
     ids = field(body, "tokens", "array", [])
-    bad = next((i for i in ids if not KINDS["integer"](i) or not 0 <= i < tok.vocab_size), None)
-    if bad is not None:
-        raise ApiError(400, f"'tokens' must hold token ids from 0 to {tok.vocab_size - 1}, got {json.dumps(bad)[:50]}",
+    bad = [i for i in ids if not KINDS["integer"](i) or not 0 <= i < tok.vocab_size]  # null among them too
+    if bad:
+        raise ApiError(400, f"'tokens' must hold token ids from 0 to {tok.vocab_size - 1}, got {json.dumps(bad[0])[:50]}",
                        param="tokens", code="invalid_value")
     return {"content": tok.decode(ids)}

@@ -32,8 +32,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanoforge.chat_template import CHAT_TOKENS
 from nanoforge.engine import QueueFull, Sequence, TextStream
-from nanoforge.openai_api import (ApiError, chat_prompt, completion_prompts, detokenize_request, error_response, read_json,
-                                  sampling, tokenize_request)
+from nanoforge.openai_api import (ApiError, chat_prompt, completion_prompts, detokenize_request, error_response,
+                                  logprobs_body, logprobs_option, read_json, sampling, tokenize_request)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -130,6 +130,7 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
         prompts = chat_prompt(tok, body) if chat else completion_prompts(tok, body)
         # OpenAI's default max_tokens: a chat reply runs to its end, a completion is 16 tokens
         opts = sampling(body, max_tokens_cap if chat else 16, max_tokens_cap, max_n)
+        top_logprobs = logprobs_option(body, chat)  # None: no logprobs asked for
         if len(prompts) * opts["n"] > max_sequences:  # more than the server ever holds at once: never a 503
             raise ApiError(400, f"This request asks for {len(prompts) * opts['n']} sequences (prompts x n); this "
                            f"server holds at most {max_sequences} at once", param="n", code="too_many_sequences")
@@ -147,7 +148,7 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                 seed = None if opts["seed"] is None else opts["seed"] + j
                 sink = (lambda ev, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, ev)))
                 seqs.append(Sequence(ids, opts["max_tokens"], sink, opts["temperature"], opts["top_p"], opts["top_k"],
-                                     seed, stop_ids, TextStream(tok, opts["stop"])))
+                                     seed, stop_ids, TextStream(tok, opts["stop"]), top_logprobs))
         try:
             engine.submit(seqs)
         except QueueFull:
@@ -157,11 +158,11 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
         head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
                     model=model_name)
         if opts["stream"]:
-            return StreamingResponse(stream(seqs, events, head, chat, prompt_tokens, opts["usage"]),
+            return StreamingResponse(stream(seqs, events, head, chat, prompt_tokens, opts["usage"], top_logprobs),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         # the body is read: the next message is the client hanging up, which frees the slots at once
         watcher = asyncio.create_task(on_disconnect(request, events))
-        texts, finish, used = [""] * len(seqs), [None] * len(seqs), 0
+        texts, finish, used, tokens = [""] * len(seqs), [None] * len(seqs), 0, [[] for _ in seqs]
         try:
             while None in finish:
                 index, ev = await events.get()
@@ -169,6 +170,8 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                     return error_response(499, "client closed the request")
                 if ev[0] == "text":
                     texts[index] += ev[1]
+                elif ev[0] == "token":
+                    tokens[index].append(ev[1:])
                 elif ev[0] == "done":
                     finish[index], used = ev[1], used + ev[2]
                 else:
@@ -178,11 +181,12 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
             for s in seqs:
                 engine.cancel(s)
         usage = dict(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used)
+        lp = [None if top_logprobs is None else logprobs_body(tok, t, chat) for t in tokens]
         if chat:
-            choices = [dict(index=i, message=dict(role="assistant", content=t), logprobs=None, finish_reason=r)
+            choices = [dict(index=i, message=dict(role="assistant", content=t), logprobs=lp[i], finish_reason=r)
                        for i, (t, r) in enumerate(zip(texts, finish))]
         else:
-            choices = [dict(index=i, text=t, logprobs=None, finish_reason=r)
+            choices = [dict(index=i, text=t, logprobs=lp[i], finish_reason=r)
                        for i, (t, r) in enumerate(zip(texts, finish))]
         kind = "chat.completion" if chat else "text_completion"
         return JSONResponse(dict(head, object=kind, choices=choices, usage=usage, timings=request_timings(seqs)))
@@ -192,17 +196,25 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
             pass
         events.put_nowait((None, ("gone",)))
 
-    async def stream(seqs, events, head, chat, prompt_tokens, include_usage):
+    async def stream(seqs, events, head, chat, prompt_tokens, include_usage, top_logprobs):
         """Server-sent events: one chunk per piece of text, a last one per choice with its finish_reason,
-        optionally the usage, then [DONE]. Leaving early (the client went away) cancels the sequences."""
+        optionally the usage, then [DONE]. Leaving early (the client went away) cancels the sequences. With
+        logprobs, each chunk carries those of the tokens that arrived since the last (a token whose text is
+        held back, part of a character or of a possible stop string, goes with the chunk that shows it)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
+        pending, offsets = [[] for _ in seqs], [0] * len(seqs)
 
         def chunk(index, text=None, finish=None, first=False, last=False):
+            lp = None
+            if top_logprobs is not None and not first:
+                lp = logprobs_body(tok, pending[index], chat, offsets[index])
+                offsets[index] += sum(len(t) for t in lp["tokens"]) if not chat else 0
+                pending[index] = []
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-                choice = dict(index=index, delta=delta, logprobs=None, finish_reason=finish)
+                choice = dict(index=index, delta=delta, logprobs=lp, finish_reason=finish)
             else:
-                choice = dict(index=index, text=text or "", logprobs=None, finish_reason=finish)
+                choice = dict(index=index, text=text or "", logprobs=lp, finish_reason=finish)
             obj = dict(head, object=kind, choices=[choice])
             if last:  # the last choice's last chunk carries the response's timings, as llama.cpp's does
                 obj["timings"] = request_timings(seqs)
@@ -219,6 +231,8 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                 index, ev = await events.get()
                 if ev[0] == "text":
                     yield chunk(index, ev[1])
+                elif ev[0] == "token":
+                    pending[index].append(ev[1:])
                 elif ev[0] == "done":
                     yield chunk(index, finish=ev[1], last=left == 1)
                     left, used = left - 1, used + ev[2]

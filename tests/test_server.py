@@ -70,7 +70,8 @@ fields = {"prompt": st.one_of(st.text(alphabet=CHARS, max_size=30), st.lists(st.
           "stop": values | st.lists(st.text(max_size=300), max_size=6), "seed": values | st.integers(-2**70, 2**70),
           "stream": values | st.booleans(), "stream_options": values, "max_completion_tokens": values,
           "content": st.text(alphabet=CHARS, max_size=30) | values, "tokens": st.lists(st.integers(-5, 100)) | values,
-          "with_pieces": values | st.booleans(), "parse_special": values | st.booleans()}
+          "with_pieces": values | st.booleans(), "parse_special": values | st.booleans(),
+          "logprobs": values | st.booleans() | st.integers(-1, 6), "top_logprobs": values | st.integers(-1, 21)}
 bodies = st.fixed_dictionaries({}, optional=fields)
 
 
@@ -168,7 +169,8 @@ def test_tokenize_and_detokenize_as_llama_cpp_serves_them(served):
     for path, body, param in (("/tokenize", {}, "content"), ("/tokenize", {"content": 5}, "content"),
                               ("/tokenize", {"content": "é"}, "content"),  # not in this vocabulary
                               ("/detokenize", {"tokens": [1, tok.vocab_size]}, "tokens"),
-                              ("/detokenize", {"tokens": ["a"]}, "tokens"), ("/detokenize", {"tokens": "a"}, "tokens")):
+                              ("/detokenize", {"tokens": ["a"]}, "tokens"), ("/detokenize", {"tokens": "a"}, "tokens"),
+                              ("/detokenize", {"tokens": [None]}, "tokens")):  # (hypothesis found a 500 there)
         r = client.post(path, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
     well_formed(client)
@@ -191,3 +193,41 @@ def test_timings_count_the_prompt_and_the_reply(served):
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert [c for c in chunks if "timings" in c] == [chunks[-1]]  # on the last chunk only
     assert chunks[-1]["choices"][0]["finish_reason"] and chunks[-1]["timings"]["predicted_n"] >= 1
+
+
+def test_logprobs_are_the_models_log_softmax_streamed_or_not(served):
+    client, engine, tok = served
+    model = engine.model
+    prompt = "ROMEO: hello"
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3}).json()
+    lp = r["choices"][0]["logprobs"]
+    ids = tok.encode(prompt + r["choices"][0]["text"])
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long))  # (1, T, V)
+    want = torch.log_softmax(logits[0, len(tok.encode(prompt)) - 1:-1, :tok.vocab_size].float(), -1)  # (6, V)
+    new = ids[len(tok.encode(prompt)):]
+    assert lp["tokens"] == [tok.decode([i]) for i in new] and "".join(lp["tokens"]) == r["choices"][0]["text"]
+    for k, i in enumerate(new):
+        assert abs(lp["token_logprobs"][k] - want[k, i].item()) < 1e-4
+        top = torch.topk(want[k], 3)
+        assert list(lp["top_logprobs"][k]) == [tok.decode([j]) for j in top.indices.tolist()]
+        assert all(abs(a - b) < 1e-4 for a, b in zip(lp["top_logprobs"][k].values(), top.values.tolist()))
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(6)]
+    # chat: logprobs true with top_logprobs; streamed, the chunks' logprobs add up to the whole reply's
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    content = whole["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == whole["message"]["content"]
+    assert all(len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6 for c in content)
+    with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [c for ch in chunks for c in (ch["choices"][0]["logprobs"] or {"content": []})["content"]]
+    assert streamed == content
+    plain = client.post("/v1/chat/completions", json=dict(body, logprobs=False, top_logprobs=None)).json()
+    assert plain["choices"][0]["logprobs"] is None
+    for bad, param in (({"logprobs": 6}, "logprobs"), ({"logprobs": True}, "logprobs")):
+        r = client.post("/v1/completions", json=dict({"prompt": "A", "max_tokens": 2}, **bad))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = client.post("/v1/chat/completions", json={"messages": body["messages"], "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
