@@ -189,10 +189,14 @@ def test_timings_count_the_prompt_and_the_reply(served):
     two = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "n": 2, "temperature": 0}).json()
     assert two["timings"]["prompt_n"] == 2 * t["prompt_n"] and two["timings"]["predicted_n"] == 6
     with client.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                             "max_tokens": 4, "stream": True}) as s:
+                                                             "max_tokens": 4, "stream": True,
+                                                             "stream_options": {"include_usage": True}}) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
-    assert [c for c in chunks if "timings" in c] == [chunks[-1]]  # on the last chunk only
-    assert chunks[-1]["choices"][0]["finish_reason"] and chunks[-1]["timings"]["predicted_n"] >= 1
+    timed = [c for c in chunks if "timings" in c]  # one: the choice's last chunk, before the usage chunk
+    assert timed == [chunks[-2]] and timed[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = chunks[-1]["usage"]
+    assert (timed[0]["timings"]["prompt_n"], timed[0]["timings"]["predicted_n"]) == (usage["prompt_tokens"],
+                                                                                   usage["completion_tokens"])
 
 
 def test_logprobs_are_the_models_log_softmax_streamed_or_not(served):
