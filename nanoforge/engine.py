@@ -139,16 +139,19 @@ class Sequence:
         self.prompt_s, self.prefilled_at, self.done_at = 0.0, None, None  # for timings()
 
     def timings(self):
-        """What llama.cpp's server reports per response: the prompt's forward (prompt_*) and the generation
-        after it (predicted_*), in tokens, milliseconds and their rates. Set once the sequence is done."""
-        prompt_ms = self.prompt_s * 1000
-        predicted_ms = (self.done_at - self.prefilled_at) * 1000 if self.done_at else 0.0
-        n_prompt, n_new = len(self.prompt), self.n_generated
-        return {"prompt_n": n_prompt, "prompt_ms": prompt_ms, "prompt_per_token_ms": prompt_ms / n_prompt,
-                "prompt_per_second": 1000 * n_prompt / prompt_ms if prompt_ms else None,
-                "predicted_n": n_new, "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / n_new if n_new else None,
-                "predicted_per_second": 1000 * n_new / predicted_ms if predicted_ms and n_new else None}
+        """What llama.cpp's server reports per response (see timings): the prompt's forward and the generation
+        after it. Set once the sequence is done."""
+        predicted_s = self.done_at - self.prefilled_at if self.done_at else 0.0
+        return timings(len(self.prompt), self.prompt_s * 1000, self.n_generated, predicted_s * 1000)
+
+
+def timings(prompt_n, prompt_ms, predicted_n, predicted_ms):
+    """llama.cpp's server's `timings`: tokens, milliseconds and their rates, of the prompt (prompt_*) and of
+    the tokens generated after it (predicted_*); a rate with nothing to divide by is None."""
+    def rates(name, n, ms):
+        return {f"{name}_n": n, f"{name}_ms": ms, f"{name}_per_token_ms": ms / n if n else None,
+                f"{name}_per_second": 1000 * n / ms if n and ms else None}
+    return {**rates("prompt", prompt_n, prompt_ms), **rates("predicted", predicted_n, predicted_ms)}
 
 
 class Engine:

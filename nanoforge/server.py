@@ -31,7 +31,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanoforge.chat_template import CHAT_TOKENS
-from nanoforge.engine import QueueFull, Sequence, TextStream
+from nanoforge.engine import QueueFull, Sequence, TextStream, timings
 from nanoforge.openai_api import (ApiError, chat_prompt, completion_prompts, detokenize_request, error_response,
                                   logprobs_body, logprobs_option, read_json, sampling, tokenize_request)
 
@@ -98,15 +98,8 @@ def request_timings(seqs):
     a list of prompts) their prompt tokens and prefill times summed, and the generation as long as the longest
     (they decode together)."""
     each = [s.timings() for s in seqs]
-    if len(each) == 1:
-        return each[0]
-    prompt_n, prompt_ms = sum(t["prompt_n"] for t in each), sum(t["prompt_ms"] for t in each)
-    predicted_n, predicted_ms = sum(t["predicted_n"] for t in each), max(t["predicted_ms"] for t in each)
-    return {"prompt_n": prompt_n, "prompt_ms": prompt_ms, "prompt_per_token_ms": prompt_ms / prompt_n,
-            "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else None,
-            "predicted_n": predicted_n, "predicted_ms": predicted_ms,
-            "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else None,
-            "predicted_per_second": 1000 * predicted_n / predicted_ms if predicted_ms and predicted_n else None}
+    return timings(sum(t["prompt_n"] for t in each), sum(t["prompt_ms"] for t in each),
+                   sum(t["predicted_n"] for t in each), max(t["predicted_ms"] for t in each))
 
 
 def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), allowed_hosts=None, max_tokens_cap=1024,
