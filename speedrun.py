@@ -114,8 +114,7 @@ if from_stage:
         record["stages"].pop(name, None)
 changed = sorted(k for k in settings if record["stages"] and record["settings"].get(k, settings[k]) != settings[k])
 if changed:
-    first = STAGES[0]
-    raise UserError(f"{run_dir} holds a run made with other settings ({', '.join(changed)}); pass --from={first} to "
+    raise UserError(f"{run_dir} holds a run made with other settings ({', '.join(changed)}); pass --from={STAGES[0]} to "
                     f"redo it with these, or a new --run_dir")
 record["settings"] = settings
 
@@ -151,9 +150,9 @@ def estimate(stages):
     return sum(ESTIMATES.get(s, 0) for s in stages)
 
 
-def allot(stage, left_after):
+def allot(stage):
     """A training stage's time_budget: its share of what the clock has left, the later short stages set aside."""
-    left = budget - spent() - estimate(left_after)
+    left = budget - spent() - estimate(STAGES[STAGES.index(stage) + 1:])
     share = pretrain_share if stage == "pretrain" else 1.0
     allotted = left * share * OVERHEAD
     if allotted < 10:
@@ -165,10 +164,6 @@ def allot(stage, left_after):
 def spent():
     """Wall time of the run so far: the stages done before this invocation, and this invocation's."""
     return sum(s["seconds"] for name, s in record["stages"].items() if name not in done_here) + monotonic() - t_start
-
-
-def extra(args):
-    return shlex.split(args)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -199,7 +194,7 @@ def stage_curate():
                             f"hub dataset name")
     shutil.rmtree(path["curated"], ignore_errors=True)
     run("curate", "curate.py", "config/curate_web.py", f"--input={corpus}", f"--output={path['curated']}",
-        "--id_field=", *extra(curate_args))
+        "--id_field=", *shlex.split(curate_args))
     report = report_card.read_json(os.path.join(path["curated"], "report.json"))
     kept = report["summary"]["bytes_out"]
     if kept < MIN_BYTES_PER_VOCAB * vocab_size:
@@ -226,13 +221,13 @@ def stage_prepare():
 
 def stage_pretrain():
     resume = os.path.exists(os.path.join(path["base"], "ckpt.pt"))  # an interrupted run goes on
-    clock = [f"--time_budget={allot('pretrain', STAGES[STAGES.index('pretrain') + 1:]):.0f}"] if budget else []
+    clock = [f"--time_budget={allot('pretrain'):.0f}"] if budget else []
     run("pretrain", "train.py", pretrain_config, f"--data_dir={path['data']}", f"--out_dir={path['base']}",
-        *extra(pretrain_args), *clock, *(["--init_from=resume"] if resume else []))
+        *shlex.split(pretrain_args), *clock, *(["--init_from=resume"] if resume else []))
 
 
 def stage_evaluate():
-    run("evaluate", "evaluate.py", f"--out_dir={path['base']}", *extra(evaluate_args))
+    run("evaluate", "evaluate.py", f"--out_dir={path['base']}", *shlex.split(evaluate_args))
     run("evaluate", "sample.py", f"--out_dir={path['base']}", f"--start={prompt}", "--num_samples=3",
         "--max_new_tokens=200", f"--samples_file={os.path.join(path['base'], 'samples.jsonl')}")
 
@@ -260,7 +255,7 @@ def check_chat_data():
 
 def stage_chat_data():
     if not chat_data:
-        run("chat_data", "data/shop_chat/prepare.py", f"--out_dir={path['chat_data']}", *extra(chat_data_args))
+        run("chat_data", "data/shop_chat/prepare.py", f"--out_dir={path['chat_data']}", *shlex.split(chat_data_args))
         return
     check_chat_data()
     os.makedirs(path["chat_data"], exist_ok=True)
@@ -270,15 +265,15 @@ def stage_chat_data():
 
 def stage_finetune():
     shutil.rmtree(path["chat"], ignore_errors=True)  # a stopped fine-tune is rerun, not resumed
-    clock = [f"--time_budget={allot('finetune', STAGES[STAGES.index('finetune') + 1:]):.0f}"] if budget else []
+    clock = [f"--time_budget={allot('finetune'):.0f}"] if budget else []
     run("finetune", "finetune.py", finetune_config, f"--init_from={path['base']}", f"--out_dir={path['chat']}",
         f"--train_file={os.path.join(path['chat_data'], 'train.jsonl')}",
-        f"--val_file={os.path.join(path['chat_data'], 'val.jsonl')}", *extra(finetune_args), *clock)
+        f"--val_file={os.path.join(path['chat_data'], 'val.jsonl')}", *shlex.split(finetune_args), *clock)
 
 
 def stage_chat_eval():
     run("chat_eval", "evaluate.py", f"--out_dir={path['chat']}", "--dataset=",
-        f"--chat_task={os.path.join(path['chat_data'], 'facts.jsonl')}", *extra(chat_eval_args))
+        f"--chat_task={os.path.join(path['chat_data'], 'facts.jsonl')}", *shlex.split(chat_eval_args))
 
 
 def stage_export():

@@ -40,14 +40,6 @@ tok = load_tokenizer(spec)
 work = tempfile.mkdtemp()
 
 
-def agree(a, b):
-    """How many leading items two sequences share."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def export(*extra):
     dest = os.path.join(work, "x" + str(len(os.listdir(work))) + (".gguf" if "--to=gguf" in extra else ""))
     subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--out_dir={args.out_dir}", f"--dest={dest}", *extra],
@@ -65,7 +57,7 @@ folder = export()
 hf, hf_tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 ids = hf_tok(args.prompt, return_tensors="pt")["input_ids"]
 theirs = hf.generate(ids, max_new_tokens=args.tokens, do_sample=False)[0, ids.size(1):].tolist()
-print(f"transformers ({hf_format.HF_CLASS[hf_format.family(model.config)]}): {agree(ours, theirs)} of {len(ours)} "
+print(f"transformers ({hf_format.HF_CLASS[hf_format.family(model.config)]}): {hf_format.leading_agreement(ours, theirs)} of {len(ours)} "
       f"greedy tokens equal (up to {args.tokens}, or the end token)")
 
 for gguf_type in ("f32", "q8_0"):
@@ -77,7 +69,7 @@ for gguf_type in ("f32", "q8_0"):
     theirs = tok.encode(text[:len(tok.decode(ours))], allow_special=True)
     if theirs != ours:
         print(f"  nanoforge: {tok.decode(ours)!r}\n  llama.cpp: {text!r}")
-    print(f"llama.cpp {gguf_type}: {agree(ours, theirs)} of {len(ours)} greedy tokens equal "
+    print(f"llama.cpp {gguf_type}: {hf_format.leading_agreement(ours, theirs)} of {len(ours)} greedy tokens equal "
           f"({os.path.getsize(path) / 1e6:.2f} MB); command: {' '.join(cmd[:1] + ['-m', os.path.basename(path)] + cmd[3:])}")
 
 if args.chat_file:

@@ -68,7 +68,7 @@ def build(run_dir, record):
             ("gap (held out - train)", f"{ev['gap']:.4f}"), ("tokens scored", f"{ev['tokens']:,}")],
             text=[s["prompt"] + s["text"] for s in samples]))
     if "chat_data" in done:
-        counts = {n: sum(1 for _ in open(at("chat_data", f"{n}.jsonl"), encoding="utf-8")) for n in ("train", "val", "facts")}
+        counts = {n: len(read_jsonl(at("chat_data", f"{n}.jsonl"))) for n in ("train", "val", "facts")}
         sections.append(section("chat_data", "Chat data", [
             ("conversations", f"{counts['train']:,} train, {counts['val']:,} held out"),
             ("questions with known facts", f"{counts['facts']:,}")]))
