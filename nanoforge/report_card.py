@@ -120,7 +120,9 @@ def training_section(key, title, out_dir, headline):
         rows += [("tokens seen", f"{last * run['derived']['tokens_per_iter']:,}")]
         headline.append(("model", f"{run['config']['n_layer']} layers, {run['config']['n_embd']} wide"))
     if evals:
-        rows.append(("held-out loss at the end", f"{evals[-1]['val_loss']:.4f}"))
+        # a fine-tune on templated replies reaches losses like 2e-7: four decimals would print 0.0000
+        val = evals[-1]["val_loss"]
+        rows.append(("held-out loss at the end", f"{val:.4f}" if val >= 1e-3 else f"{val:.2e}"))
         rows.append(("training time", f"{evals[-1].get('train_time', 0):.0f} s"))
     curves = [("train", [(r["iter"], r["loss"]) for r in steps]), ("held out", [(r["iter"], r["val_loss"]) for r in evals])]
     return section(key, title, rows, curves=curves)

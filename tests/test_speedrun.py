@@ -7,6 +7,7 @@ import hashlib
 import html
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,12 @@ def test_report_card_numbers_are_the_stages_own(finished):
                 "export", "explain", "machine"):
         assert f'<section id="{key}">' in page, key
     assert check["max_logit_diff"] < 1e-4 and check["same_prompt_ids"]  # the exported folder computes our model
+    # each training's last held-out loss, read back from the card, is the log's to 2-3 digits, however small
+    # (a fine-tune on templated replies ends near 2e-7, which four decimals printed as 0.0000)
+    shown = [float(v) for v in re.findall(r"\| held-out loss at the end \| (\S+) \|", md)]
+    logged = [[json.loads(line) for line in open(at(d, "log.jsonl"))] for d in ("base", "chat")]
+    logged = [[r for r in log if "val_loss" in r][-1]["val_loss"] for log in logged]
+    assert len(shown) == 2 and all(s == pytest.approx(v, rel=5e-3) for s, v in zip(shown, logged)), (shown, logged)
 
 
 @pytest.mark.slow
