@@ -33,6 +33,7 @@ from nanoforge.checkpoint import load_model
 from nanoforge.corpus import jsonl_records
 from nanoforge.errors import UserError
 from nanoforge.evaluation import chat_questions, evaluate, generalisation, multiple_choice, run_data_dir, score_split
+from nanoforge.quantize import quantize_weights
 from nanoforge.tasks import load_chat_task, load_task
 from nanoforge.tokenizer import load_tokenizer
 
@@ -57,6 +58,7 @@ compare_plot = ""  # --compare writes its plot here; '' = compare.png inside the
 record = True  # append the result to out_dir/eval.jsonl
 device = "auto"
 dtype = "auto"
+quantize = "none"  # 'int8': weight-only int8 Linear layers and head for decoding (nanoforge/quantize.py)
 backend = "auto"
 # -----------------------------------------------------------------------------------------------------
 argv = sys.argv[1:]
@@ -135,7 +137,7 @@ log = print if master else (lambda *a, **k: None)
 
 source = out_dir if init_from == "resume" else init_from
 model, tok_spec, meta = load_model(source, map_location=device)
-model.eval().to(device)
+model = quantize_weights(model.eval().to(device), quantize)
 tok = load_tokenizer(tok_spec)
 if tok.vocab_size > model.config.vocab_size:  # a token id past the embedding table would crash mid-run
     raise UserError(f"{source} has {model.config.vocab_size} token embeddings but its tokenizer ({tok_spec['kind']}) "
@@ -158,6 +160,8 @@ log(f"model: {source}, {model.get_num_params() / 1e6:.2f}M parameters, context {
 
 result = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "source": source,
           "iter": meta.get("iter_num"), "world_size": world_size}
+if quantize != "none":  # the scores are the quantized model's, not the checkpoint's own
+    result["quantize"] = quantize
 if init_from == "resume" and (evals := runlog.evaluations(runlog.read_log(out_dir))):
     result["train_time"] = evals[-1].get("train_time")
 

@@ -419,7 +419,8 @@ class GPT(nn.Module):
         # one row times lm_head's (V, C) weight reads it row by row, a dot product per token of the
         # vocabulary; a (C, V) copy streams it as one matrix product, the biggest cost of a cached token
         # (dev/LOG.md). It costs a copy of the head's weight for the length of the generation
-        head_t = self.lm_head.weight.t().contiguous() if use_kv_cache else None
+        # (a head kept in another form, such as int8 weights for decoding, runs as itself)
+        head_t = self.lm_head.weight.t().contiguous() if use_kv_cache and self.lm_head.weight.is_floating_point() else None
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             ctx = seen[:, -cfg.block_size:]
@@ -429,7 +430,7 @@ class GPT(nn.Module):
                 logits, _ = self(seen[:, -1:], kv_caches=caches, head_t=head_t)  # one new token
             else:
                 caches = [KVCache(ctx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, idx.device,
-                                  self.lm_head.weight.dtype) for _ in range(cfg.n_layer)]
+                                  self.transformer.wte.weight.dtype) for _ in range(cfg.n_layer)]
                 logits, _ = self(ctx, kv_caches=caches, head_t=head_t)  # prefill
             nxt = sampling.next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:

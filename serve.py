@@ -35,6 +35,7 @@ from nanoforge.chat_template import CHAT_TOKENS
 from nanoforge.checkpoint import load_model
 from nanoforge.engine import Engine
 from nanoforge.errors import UserError
+from nanoforge.quantize import quantize_weights
 from nanoforge.server import LOOPBACK, HeaderDeadline, build_app
 from nanoforge.tokenizer import load_tokenizer
 
@@ -58,6 +59,7 @@ body_timeout = 30.0  # seconds a request body may take to arrive (then 408)
 header_timeout = 10.0  # seconds a connection may take to send a request's headers (then it is closed)
 device = "auto"
 dtype = "auto"
+quantize = "none"  # 'int8': weight-only int8 Linear layers and head for decoding (nanoforge/quantize.py)
 log_level = "info"  # uvicorn's: 'warning' hides the per-request lines
 step_delay = 0.0  # seconds to pause after each decode step: a slow model on purpose, to watch queueing and Stop
 # -----------------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ if host not in LOOPBACK and not api_key:
 
 source = out_dir if init_from == "resume" else init_from
 model, tok_spec, _ = load_model(source, map_location=device)
-model.eval().to(device)
+model = quantize_weights(model.eval().to(device), quantize)
 # decoding runs max_batch rows at a time at most: the precision is measured at that shape
 dtype, why = hardware.resolve_dtype(dtype, device, (max_batch, model.config.n_embd))
 tok = load_tokenizer(tok_spec)

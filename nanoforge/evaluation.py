@@ -39,6 +39,8 @@ def score_batch(model, x, y, token_bytes, autocast_ctx, chunked=True):
     forward only under no_grad) gives the mean over the targets, times their
     count; a model with a logit soft cap takes the plain head inside it, as training does.
     chunked=False: the reference, the whole (B, T, V) logits and one cross-entropy summed over them."""
+    # an int8 head (evaluate.py --quantize=int8) has no float weight to take in chunks: it runs as itself
+    chunked = chunked and model.lm_head.weight.is_floating_point()
     keep = y != -1  # (B, T)
     n = keep.sum().double()
     n_bytes = (token_bytes[y.clamp(min=0)] * keep).sum().double()
