@@ -8,8 +8,8 @@ every other running sequence, one token each per step, until each stops on its o
     engine.submit([seq])   # a request's sequences; QueueFull when more than max_queue would wait
     engine.cancel(seq)   # e.g. the client went away: its slot is freed at the next step
 
-A step: the waiting sequences that fit are prefilled one at a time (one row, the whole prompt), then all
-running sequences advance one token in one forward (slot_step over SlotKVCache: each row at its
+A step: the waiting sequences that fit are prefilled together (their prompts as the rows of one batch), then
+all running sequences advance one token in one forward (slot_step over SlotKVCache: each row at its
 own position, shorter rows' padding masked). Sequences come and go between steps, so a long reply never
 holds a short one back, and B clients cost about one forward per step, not B.
 
@@ -73,8 +73,8 @@ class SlotKVCache:
 def slot_step(model, idx, caches, rows, pos):
     """One step of many sequences at once: row b of idx (B, T) continues the sequence held in slot rows[b]
     of the SlotKVCaches (one per layer), its tokens at positions pos[b] .. pos[b] + T - 1. Returns each
-    row's next-token logits, (B, V). A prompt is one row with T > 1 (prefill); a decode step is all
-    running sequences with T = 1. Rows at different positions give the same logits as each alone through
+    row's next-token logits, (B, V), those after its last column. Prefill gives the joining prompts as
+    rows with T > 1; a decode step is all running sequences with T = 1. Rows at different positions give the same logits as each alone through
     model.generate's KVCache (tested): it is the model's own forward, only the cache differs."""
     for cache in caches:
         cache.set_rows(rows, pos)
@@ -163,7 +163,7 @@ class Engine:
         self.step_delay = step_delay  # seconds of sleep after each step: a slow model, to see queueing happen
         # every slot is allocated now, to block_size: memory stays flat however requests come and go
         hs = cfg.n_embd // cfg.n_head
-        self.caches = [SlotKVCache(max_batch, cfg.n_head, cfg.block_size, hs, device, model.lm_head.weight.dtype)
+        self.caches = [SlotKVCache(max_batch, cfg.n_head, cfg.block_size, hs, device, model.transformer.wte.weight.dtype)
                        for _ in range(cfg.n_layer)]
         self.free = list(range(max_batch))  # lowest first
         self.waiting = collections.deque()
@@ -225,8 +225,8 @@ class Engine:
                     seq.slot = self.free.pop(0)
             try:
                 with hardware.autocast(self.device, self.dtype):
-                    for seq in joining:
-                        self._prefill(seq)
+                    if joining:
+                        self._prefill(joining)
                     self._retire()
                     if self.running:
                         self._decode()
@@ -242,17 +242,27 @@ class Engine:
                 self.running = self.running + [s for s in joining if s not in self.running]
                 self._retire()
 
-    def _prefill(self, seq):
-        idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
-        rows = torch.tensor([seq.slot], device=self.device)
+    def _prefill(self, seqs):
+        """The prompts of the sequences joining, together: all but each prompt's last token in one forward
+        (rows padded on the right to the longest; a row's padding lands in its own slot past its prompt,
+        where its next tokens overwrite it and the mask hides it until then), then each last token at its
+        own position in one more, which gives every row's next-token logits. Two forwards for any number
+        of prompts, where one at a time took one each: time to first token stays near one prompt's."""
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         t0 = time.perf_counter()
-        logits = slot_step(self.model, idx, self.caches, rows, torch.zeros(1, dtype=torch.long, device=self.device))
+        longest = max(len(s.prompt) for s in seqs)
+        if longest > 1:
+            body = torch.tensor([s.prompt[:-1] + [0] * (longest - len(s.prompt)) for s in seqs], device=self.device)
+            slot_step(self.model, body, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        last = torch.tensor([[s.prompt[-1]] for s in seqs], device=self.device)  # (B, 1)
+        pos = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)  # (B,)
+        logits = slot_step(self.model, last, self.caches, rows, pos)  # (B, V)
         logits = logits.float().cpu()  # the forward is done (on a GPU too) before the clock is read
-        seq.prefilled_at = time.perf_counter()
-        seq.prompt_s = seq.prefilled_at - t0
-        seq.pos = len(seq.prompt)
-        self.running.append(seq)
-        self._take_alone(seq, logits[0])
+        done = time.perf_counter()
+        for seq, row in zip(seqs, logits):
+            seq.prefilled_at, seq.prompt_s, seq.pos = done, done - t0, len(seq.prompt)
+            self.running.append(seq)
+            self._take_alone(seq, row)
 
     def _take_alone(self, seq, logits):
         """_take, where a failure ends this sequence alone (its client gets the error), never its batch."""

@@ -4,6 +4,7 @@ are reused cleanly, and the text stream never splits a character or shows a stop
 """
 import queue
 
+import pytest
 import torch
 
 from model import GPT, GPTConfig
@@ -87,6 +88,31 @@ def test_engine_decodes_more_sequences_than_slots_with_each_ones_own_tokens():
         assert results[i] == (expected, "length", n)
     assert engine.stats()["free_slots"] == 2
     engine.close()
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_prompts_that_arrive_together_are_prefilled_together_with_each_ones_own_tokens(pos_emb):
+    """Six prompts of 1 to 30 tokens submitted at once: one batched prefill (the same clock reading for
+    all), and each sequence still gets model.generate's tokens for its prompt alone: the short rows'
+    padding never shows."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS), pos_emb=pos_emb,
+                    **({"norm": "rmsnorm", "qk_norm": True, "bias": False} if pos_emb == "rope" else {}))
+    model = GPT(cfg).eval()
+    tok = CharTokenizer(CHARS)
+    engine = Engine(model, tok, max_batch=8)
+    prompts = ["a", "to", "the quick brown fox jumps over", "lazy", "z.", "over the lazy dog"]
+    events = Events(len(prompts))
+    seqs = [Sequence(tok.encode(p), 16, events.sink(i), temperature=0.0, text=TextStream(tok))
+            for i, p in enumerate(prompts)]
+    engine.submit(seqs)
+    results = events.wait()
+    engine.close()
+    assert len({s.prefilled_at for s in seqs}) == 1  # one prefill for all six
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p)
+        expected = tok.decode(model.generate(torch.tensor([ids]), 16, top_k=1)[0, len(ids):].tolist())
+        assert results[i] == (expected, "length", 16)
 
 
 def test_engine_refuses_past_its_queue_and_stops_at_the_context():
