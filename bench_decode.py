@@ -1,0 +1,125 @@
+"""
+Decoding speed of one set of weights in every engine at hand, in one run: nanoforge in float32 and with
+int8 weights (--quantize=int8 of sample.py and serve.py), transformers' stock class on the same weights,
+and llama.cpp's llama-bench on them exported to GGUF (f32 and q8_0) when llama-bench is on PATH or in
+$LLAMA_CPP_BIN. Batch 1, greedy, after a short prompt; random weights unless init_from (speed does not
+depend on what a model learned). Ratios are against nanoforge float32; the machine line comes first.
+
+    python bench_decode.py                                # GPT-2-124M shape with GPT-2's vocabulary
+    python bench_decode.py --init_from=out-shakespeare-char-cpu --gen_tokens=256
+    LLAMA_CPP_BIN=~/llama.cpp/build/bin python bench_decode.py --json_out=decode.json
+"""
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from configurator import POSITIVE_INT, check_ranges, configure, knobs
+from model import GPT, GPTConfig
+from nanoforge import errors, files, gguf_format, hardware, hf_format
+from nanoforge.checkpoint import load_model
+from nanoforge.quantize import quantize_int8
+from nanoforge.tokenizer import load_tokenizer
+
+errors.friendly_errors()
+
+# -----------------------------------------------------------------------------------------------------
+n_layer, n_head, n_embd, block_size, vocab_size = 12, 12, 768, 1024, 50257  # GPT-2-124M (ignored with init_from)
+init_from = ''  # '': random weights of that shape with GPT-2's tokenizer; or an out_dir, checkpoint or HF folder
+gen_tokens = 128  # new tokens a run
+prompt_len = 16
+repeats = 3  # timed runs of each engine: the median is reported
+engines = 'nanoforge,nanoforge-int8,transformers,llama.cpp-f32,llama.cpp-q8_0'  # those to run, when present
+seed = 1337
+json_out = ''
+# -----------------------------------------------------------------------------------------------------
+config = configure(knobs(globals()), sys.argv[1:])
+globals().update(config)
+check_ranges(config, {k: POSITIVE_INT for k in ('gen_tokens', 'prompt_len', 'repeats')})
+wanted = [e for e in engines.split(',') if e]
+known = ('nanoforge', 'nanoforge-int8', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0')
+if unknown := [e for e in wanted if e not in known]:
+    raise errors.UserError(f"engines: {unknown[0]!r} is not one of {', '.join(known)}")
+
+machine = hardware.machine_line('cpu')
+torch.manual_seed(seed)
+if init_from:
+    model, tok_spec, _ = load_model(init_from)
+else:
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                          vocab_size=vocab_size, bias=True))
+    tok_spec = {"kind": "gpt2"}
+model.eval()
+tok = load_tokenizer(tok_spec)
+prompt = torch.randint(min(tok.vocab_size, model.config.vocab_size), (1, prompt_len),
+                       generator=torch.Generator().manual_seed(seed))  # (1, prompt_len)
+print(f"model: {model.get_num_params() / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
+      f"{model.config.n_embd} wide, vocab {model.config.vocab_size}; {gen_tokens} new tokens after {prompt_len}, "
+      f"batch 1, greedy, {torch.get_num_threads()} threads")
+
+
+def timed(generate):
+    """(median tokens/s over repeats, the last run's new ids): a short untimed run first warms it up."""
+    generate(4)
+    rates, ids = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ids = generate(gen_tokens)
+        rates.append(gen_tokens / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2], ids
+
+
+def ours(m):
+    return lambda n: torch.cat(list(m.generate_stream(prompt, n, top_k=1)), dim=1)[0].tolist()
+
+
+def llama_bench(gguf_type):
+    """llama.cpp's own benchmark on our weights in GGUF: its tokens/s for gen_tokens generated (no prompt)."""
+    found = shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None)
+    if not found:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.gguf")
+        gguf_format.write(model, tok, path, gguf_type)
+        out = subprocess.run([found, "-m", path, "-p", "0", "-n", str(gen_tokens), "-t", str(torch.get_num_threads()),
+                              "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True).stdout
+    return {"tokens_per_s": json.loads(out)[0]["avg_ts"], "same_tokens": None}
+
+
+results, reference = {}, None
+for engine in wanted:
+    if engine == 'nanoforge':
+        rate, reference = timed(ours(model))
+        results[engine] = {"tokens_per_s": rate, "same_tokens": None}  # the reference the others are held to
+    elif engine == 'nanoforge-int8':
+        rate, ids = timed(ours(quantize_int8(copy.deepcopy(model))))
+        results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
+                           if reference else None}
+    elif engine == 'transformers':
+        hf, kind = hf_format.to_hf(model, [])
+        def hf_generate(n):
+            with torch.no_grad():
+                out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return out[0, prompt_len:].tolist()
+        rate, ids = timed(hf_generate)
+        results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
+                           if reference else None, "class": hf_format.HF_CLASS[kind]}
+    elif (r := llama_bench(engine.split('-')[1])) is not None:
+        results[engine] = r
+    else:
+        print(f"{engine}: llama-bench is not on PATH or in $LLAMA_CPP_BIN: skipped")
+
+base = results.get('nanoforge', {}).get('tokens_per_s')
+for engine, r in results.items():
+    agree = "" if r["same_tokens"] is None else f", its first {r['same_tokens']} of {gen_tokens} greedy tokens equal to nanoforge's"
+    ratio = f" ({r['tokens_per_s'] / base:.2f}x nanoforge float32)" if base and engine != 'nanoforge' else ""
+    print(f"{engine:>15}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{agree}")
+if json_out:
+    files.write_json(json_out, {"config": config, "machine": machine, "results": results})
+    print(f"wrote {json_out}")
