@@ -18,6 +18,7 @@ Events a sink receives, from the engine thread (serve.py hands them over to its 
     ("token", id, logprob, top)           a sequence asked for logprobs: each sampled token, its log-probability
                                           and the `logprobs` likeliest [(id, logprob)], before its text
     ("done", finish_reason, n_tokens)     "stop" (a stop token or string) or "length"; tokens generated
+    ("refused", message)                  the request cannot be followed (its grammar hit a dead end): over
     ("error", message)                    the engine failed on this step (a bug): the sequence is over
 """
 import collections
@@ -28,6 +29,7 @@ import traceback
 import torch
 
 from nanoforge import hardware, sampling
+from nanoforge.errors import UserError
 
 
 class SlotKVCache:
@@ -124,9 +126,10 @@ class Sequence:
     """One completion being generated: its prompt, its sampling settings, and where its events go."""
 
     def __init__(self, prompt, max_new, sink, temperature=1.0, top_p=1.0, top_k=0, seed=None,
-                 stop_ids=(), text=None, logprobs=None):
+                 stop_ids=(), text=None, logprobs=None, constraint=None):
         self.prompt, self.max_new, self.sink = list(prompt), max_new, sink
         self.logprobs = logprobs  # None, or how many alternatives to report beside each token's log-probability
+        self.constraint = constraint  # None, or a structured.Constraint: a grammar the reply must follow
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = torch.Generator()  # on the CPU: logits are sampled there, whatever the device
         if seed is None:
@@ -268,6 +271,9 @@ class Engine:
         """_take, where a failure ends this sequence alone (its client gets the error), never its batch."""
         try:
             self._take(seq, logits)
+        except UserError as e:  # the request asked for what cannot be done (a grammar this vocabulary cannot spell)
+            seq.sink(("refused", str(e)))
+            seq.cancelled = True
         except Exception as e:
             traceback.print_exc()
             seq.sink(("error", f"{type(e).__name__}: {e}"))
@@ -287,10 +293,15 @@ class Engine:
     def _take(self, seq, logits):
         """Samples seq's next token from its logits (V,), emits its text, and marks seq done when it ends."""
         logits = logits[:self.n_real].float().cpu()[None]  # (1, V)
-        nxt = int(sampling.next_token(logits, seq.temperature, seq.top_k or None, seq.top_p, seq.generator))
+        choose = logits
+        if seq.constraint is not None:  # only the tokens that keep the reply inside its grammar
+            choose = logits.masked_fill(~seq.constraint.allowed(seq.stop_ids)[:self.n_real], float("-inf"))
+        nxt = int(sampling.next_token(choose, seq.temperature, seq.top_k or None, seq.top_p, seq.generator))
         self.tokens += 1
         if nxt in seq.stop_ids:
             return self._finish(seq, "stop")
+        if seq.constraint is not None:
+            seq.constraint.consume(nxt)
         seq.last, seq.n_generated = nxt, seq.n_generated + 1
         if seq.logprobs is not None:  # the model's own distribution, before temperature, top-k or top-p
             logp = torch.log_softmax(logits[0], dim=-1)
@@ -302,6 +313,8 @@ class Engine:
             seq.sink(("text", piece))
         if stopped:  # a stop string: the text before it is out, the rest is dropped
             return self._finish(seq, "stop", flush=False)
+        if seq.constraint is not None and seq.constraint.done():  # the JSON is complete: nothing may follow
+            return self._finish(seq, "stop")
         # the context holds the prompt and the reply: a sequence ends when either is full
         if seq.n_generated >= seq.max_new or len(seq.prompt) + seq.n_generated >= self.block_size:
             self._finish(seq, "length")

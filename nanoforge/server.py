@@ -32,8 +32,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanoforge.chat_template import CHAT_TOKENS
 from nanoforge.engine import QueueFull, Sequence, TextStream, timings
-from nanoforge.openai_api import (ApiError, chat_prompt, completion_prompts, detokenize_request, error_response,
+from nanoforge.openai_api import (ApiError, chat_prompt, completion_prompts, detokenize_request, error_response, field,
                                   logprobs_body, logprobs_option, read_json, sampling, tokenize_request)
+from nanoforge.structured import JsonGrammars
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -108,6 +109,23 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
     accepted in the Host header (None: any); cors_origins: origins whose browser requests are allowed ('*': any)."""
     created = int(time.time())
     has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
+    grammars = []  # the tokenizer's JsonGrammars, made by the first request for structured output
+
+    def response_format(body):
+        """A function giving each sequence of the request the Constraint its response_format asks for (None:
+        any text)."""
+        fmt = field(body, "response_format", "object")
+        if fmt is None:
+            return lambda: None
+        if not grammars:
+            grammars.append(JsonGrammars(tok))
+        try:
+            grammar = grammars[0].compile(fmt)
+            if grammar is not None:
+                grammars[0].constraint(grammar)  # made once here, so a failure is this request's 400
+        except ValueError as e:
+            raise ApiError(400, f"Invalid 'response_format': {e}", param="response_format", code="invalid_value") from None
+        return lambda: None if grammar is None else grammars[0].constraint(grammar)
 
     def check_key(request):
         if not api_key:
@@ -124,6 +142,7 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
         # OpenAI's default max_tokens: a chat reply runs to its end, a completion is 16 tokens
         opts = sampling(body, max_tokens_cap if chat else 16, max_tokens_cap, max_n)
         top_logprobs = logprobs_option(body, chat)  # None: no logprobs asked for
+        constraint = response_format(body)
         if len(prompts) * opts["n"] > max_sequences:  # more than the server ever holds at once: never a 503
             raise ApiError(400, f"This request asks for {len(prompts) * opts['n']} sequences (prompts x n); this "
                            f"server holds at most {max_sequences} at once", param="n", code="too_many_sequences")
@@ -141,7 +160,7 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                 seed = None if opts["seed"] is None else opts["seed"] + j
                 sink = (lambda ev, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, ev)))
                 seqs.append(Sequence(ids, opts["max_tokens"], sink, opts["temperature"], opts["top_p"], opts["top_k"],
-                                     seed, stop_ids, TextStream(tok, opts["stop"]), top_logprobs))
+                                     seed, stop_ids, TextStream(tok, opts["stop"]), top_logprobs, constraint()))
         try:
             engine.submit(seqs)
         except QueueFull:
@@ -167,6 +186,8 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                     tokens[index].append(ev[1:])
                 elif ev[0] == "done":
                     finish[index], used = ev[1], used + ev[2]
+                elif ev[0] == "refused":
+                    raise ApiError(400, ev[1], param="response_format", code="invalid_value")
                 else:
                     raise ApiError(500, f"generation failed: {ev[1]}", kind="server_error")
         finally:
@@ -229,8 +250,9 @@ def build_app(engine, tok, context, model_name, api_key="", cors_origins=(), all
                 elif ev[0] == "done":
                     yield chunk(index, finish=ev[1], last=left == 1)
                     left, used = left - 1, used + ev[2]
-                else:
-                    yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error', 'code': None}})}\n\n"
+                else:  # the headers are sent: the error goes in the stream, as OpenAI's do
+                    kind = "invalid_request_error" if ev[0] == "refused" else "server_error"
+                    yield f"data: {json.dumps({'error': {'message': ev[1], 'type': kind, 'code': None}})}\n\n"
                     break
             if include_usage:
                 usage = dict(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used)

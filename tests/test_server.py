@@ -71,7 +71,10 @@ fields = {"prompt": st.one_of(st.text(alphabet=CHARS, max_size=30), st.lists(st.
           "stream": values | st.booleans(), "stream_options": values, "max_completion_tokens": values,
           "content": st.text(alphabet=CHARS, max_size=30) | values, "tokens": st.lists(st.integers(-5, 100)) | values,
           "with_pieces": values | st.booleans(), "parse_special": values | st.booleans(),
-          "logprobs": values | st.booleans() | st.integers(-1, 6), "top_logprobs": values | st.integers(-1, 21)}
+          "logprobs": values | st.booleans() | st.integers(-1, 6), "top_logprobs": values | st.integers(-1, 21),
+          "response_format": values | st.fixed_dictionaries(
+              {"type": st.sampled_from(["text", "json_object", "json_schema", 3])},
+              optional={"json_schema": values | st.fixed_dictionaries({}, optional={"name": values, "schema": values})})}
 bodies = st.fixed_dictionaries({}, optional=fields)
 
 
