@@ -3,7 +3,8 @@ Decoding speed of one set of weights in every engine at hand, in one run: nanofo
 int8 weights (--quantize=int8 of sample.py and serve.py), transformers' stock class on the same weights,
 and llama.cpp's llama-bench on them exported to GGUF (f32 and q8_0) when llama-bench is on PATH or in
 $LLAMA_CPP_BIN. Batch 1, greedy, after a short prompt; random weights unless init_from (speed does not
-depend on what a model learned). Ratios are against nanoforge float32; the machine line comes first.
+depend on what a model learned). Ratios are against nanoforge float32, and nanoforge's rows give the rate
+its weights were read at beside the machine's measured copy bandwidth; the machine line comes first.
 
     python bench_decode.py                                # GPT-2-124M shape with GPT-2's vocabulary
     python bench_decode.py --init_from=out-shakespeare-char-cpu --gen_tokens=256
@@ -24,7 +25,7 @@ from configurator import POSITIVE_INT, check_ranges, configure, knobs
 from model import GPT, GPTConfig
 from nanoforge import errors, files, gguf_format, hardware, hf_format
 from nanoforge.checkpoint import load_model
-from nanoforge.quantize import quantize_int8
+from nanoforge.quantize import Int8Linear, quantize_int8
 from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
@@ -79,6 +80,13 @@ def ours(m):
     return lambda n: torch.cat(list(m.generate_stream(prompt, n, top_k=1)), dim=1)[0].tolist()
 
 
+def weight_bytes(m):
+    """Bytes of the matrices a token multiplies by (every Linear and the head; the embedding is looked up):
+    what decoding one token must read, at the least."""
+    mats = {id(x.weight): x.weight for x in m.modules() if isinstance(x, (torch.nn.Linear, Int8Linear))}
+    return sum(w.numel() * w.element_size() for w in mats.values())
+
+
 def llama_bench(gguf_type):
     """llama.cpp's own benchmark on our weights in GGUF: its tokens/s for gen_tokens generated (no prompt)."""
     found = shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None)
@@ -96,11 +104,13 @@ results, reference = {}, None
 for engine in wanted:
     if engine == 'nanoforge':
         rate, reference = timed(ours(model))
-        results[engine] = {"tokens_per_s": rate, "same_tokens": None}  # the reference the others are held to
+        results[engine] = {"tokens_per_s": rate, "same_tokens": None,  # the reference the others are held to
+                           "weight_gb_s": rate * weight_bytes(model) / 1e9}
     elif engine == 'nanoforge-int8':
-        rate, ids = timed(ours(quantize_int8(copy.deepcopy(model))))
+        int8 = quantize_int8(copy.deepcopy(model))
+        rate, ids = timed(ours(int8))
         results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
-                           if reference else None}
+                           if reference else None, "weight_gb_s": rate * weight_bytes(int8) / 1e9}
     elif engine == 'transformers':
         hf, kind = hf_format.to_hf(model, [])
         def hf_generate(n):
@@ -119,7 +129,9 @@ base = results.get('nanoforge', {}).get('tokens_per_s')
 for engine, r in results.items():
     agree = "" if r["same_tokens"] is None else f", its first {r['same_tokens']} of {gen_tokens} greedy tokens equal to nanoforge's"
     ratio = f" ({r['tokens_per_s'] / base:.2f}x nanoforge float32)" if base and engine != 'nanoforge' else ""
-    print(f"{engine:>15}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{agree}")
+    read = f", weights read at {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else ""
+    print(f"{engine:>15}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{read}{agree}")
+print(f"(the machine copies memory at {machine['memory_gb_s']:.1f} GB/s)")
 if json_out:
     files.write_json(json_out, {"config": config, "machine": machine, "results": results})
     print(f"wrote {json_out}")

@@ -246,20 +246,23 @@ class Engine:
                 self._retire()
 
     def _prefill(self, seqs):
-        """The prompts of the sequences joining, together: all but each prompt's last token in one forward
-        (rows padded on the right to the longest; a row's padding lands in its own slot past its prompt,
-        where its next tokens overwrite it and the mask hides it until then), then each last token at its
-        own position in one more, which gives every row's next-token logits. Two forwards for any number
-        of prompts, where one at a time took one each: time to first token stays near one prompt's."""
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        """The prompts of the sequences joining, together: one forward of all of them, rows padded on the right
+        to the longest (a row's padding lands in its own slot past its prompt, where its next tokens
+        overwrite it and the mask hides it until then). That gives the next-token logits of the rows as long
+        as the longest; a shorter row's last prompt token goes again, at its own position, in one more
+        forward of those rows. One or two forwards for any number of prompts, where one at a time took one
+        each: the time to first token stays near one prompt's."""
         t0 = time.perf_counter()
         longest = max(len(s.prompt) for s in seqs)
-        if longest > 1:
-            body = torch.tensor([s.prompt[:-1] + [0] * (longest - len(s.prompt)) for s in seqs], device=self.device)
-            slot_step(self.model, body, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
-        last = torch.tensor([[s.prompt[-1]] for s in seqs], device=self.device)  # (B, 1)
-        pos = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)  # (B,)
-        logits = slot_step(self.model, last, self.caches, rows, pos)  # (B, V)
+        padded = torch.tensor([s.prompt + [0] * (longest - len(s.prompt)) for s in seqs], device=self.device)  # (B, T)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        logits = slot_step(self.model, padded, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long,
+                                                                              device=self.device))  # (B, V)
+        short = [b for b, s in enumerate(seqs) if len(s.prompt) < longest]
+        if short:
+            last = torch.tensor([[seqs[b].prompt[-1]] for b in short], device=self.device)  # (S, 1)
+            pos = torch.tensor([len(seqs[b].prompt) - 1 for b in short], device=self.device)  # (S,)
+            logits[short] = slot_step(self.model, last, self.caches, rows[short], pos)
         logits = logits.float().cpu()  # the forward is done (on a GPU too) before the clock is read
         done = time.perf_counter()
         for seq, row in zip(seqs, logits):
