@@ -28,6 +28,7 @@ With baseline=True the first trial is train_config's own values: the setting to 
 At the end: the best trial as a ready config file (best_config), the trials against the baseline on
 stdout, and optimisation_history.png, param_importances.png and intermediate_values.png in sweep_dir.
 """
+import contextlib
 import datetime
 import fcntl
 import math
@@ -233,21 +234,49 @@ best_config = best_config or os.path.join(sweep_dir, f"best_{study_name}.py")
 
 os.makedirs(sweep_dir, exist_ok=True)
 url = storage or f"sqlite:///{os.path.abspath(os.path.join(sweep_dir, 'study.db'))}"
+# a bare postgresql:// means psycopg2 to some SQLAlchemy versions and psycopg 3 to others: name the one we install
+url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
 shown = re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)  # never print a database password
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # this script prints one line per trial itself
 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
                                      n_warmup_steps=math.ceil(pruner_warmup / report_every))
-# workers starting together on this machine set the study up one at a time: creating the database
-# tables, enqueueing the baseline and recovering interrupted trials must each happen once
-with open(os.path.join(sweep_dir, "setup.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def setup_lock():
+    """Workers set the study up one at a time: creating the database tables, enqueueing the baseline and
+    recovering interrupted trials must each happen once. On one machine a file lock in sweep_dir does it;
+    workers on many machines share a PostgreSQL server, whose advisory lock (held by one connection until
+    released) every machine sees."""
+    if not url.startswith("postgresql"):
+        with open(os.path.join(sweep_dir, "setup.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    try:
+        engine = sqlalchemy.create_engine(url)
+        conn = engine.connect()
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:  # no psycopg, a wrong host, user or password
+        raise UserError(f"cannot open the study storage {shown}: {str(e).splitlines()[0]}") from None
+    key = sqlalchemy.text("SELECT hashtext(:name)").bindparams(name=f"nanoforge sweep {study_name}")
+    lock_id = conn.execute(key).scalar()
+    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:id)"), {"id": lock_id})
+    try:
+        yield
+    finally:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:id)"), {"id": lock_id})
+        conn.close()
+        engine.dispose()
+
+
+with setup_lock():
     for attempt in range(5):
         try:
             study = optuna.create_study(study_name=study_name, storage=url, direction="minimize",
                                         load_if_exists=True, pruner=pruner)
             break
-        except (ImportError, ValueError) as e:  # a bad URL or a missing database driver (psycopg2 for PostgreSQL)
+        except (ImportError, ValueError) as e:  # a bad URL or a missing database driver (psycopg for PostgreSQL)
             raise UserError(f"cannot open the study storage {shown}: {e}") from None
         except sqlalchemy.exc.SQLAlchemyError:  # another process (another machine) creating the tables just now
             if attempt == 4:

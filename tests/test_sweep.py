@@ -160,3 +160,65 @@ def test_the_shipped_sweep_starts_from_the_quick_start_inside_its_space():
     for key, (kind, *rest) in sweep["space"].items():
         assert key in defaults and (base[key] in rest[0] if kind == "choice" else rest[0] <= base[key] <= rest[1]), key
     assert all(w % base["n_head"] == 0 and (w // base["n_head"]) % 2 == 0 for w in sweep["space"]["n_embd"][1])
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server in a temporary folder, on a free local port, trusting local connections:
+    Debian's postgresql package (.ci/run installs it; a missing one fails, never skips). The server
+    refuses to run as root, so as root it runs as the package's `postgres` user. Yields a database URL."""
+    import glob
+    import shutil as sh
+    import socket
+    import tempfile
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    assert bins, "the PostgreSQL sweep test needs a PostgreSQL server: apt-get install postgresql"
+    bindir = os.path.dirname(bins[-1])
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    home = tempfile.mkdtemp(prefix="nanoforge-pg-")  # not under pytest's tmp_path: only root may enter that
+    if as_user:
+        sh.chown(home, "postgres")
+    data = os.path.join(home, "data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(as_user + [f"{bindir}/initdb", "-D", data, "-U", "sweeper", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(home, "log"), "-w", "-o",
+                              f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   capture_output=True)
+    try:
+        subprocess.run(as_user + [f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "sweeper",
+                                  "sweeps"], check=True, capture_output=True)
+        yield f"postgresql://sweeper@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        sh.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_workers_on_two_machines_share_one_study_on_a_real_postgresql(tmp_path, data_dir, postgres):
+    """Two sweep.py processes, each with its own sweep_dir (as on two machines: no shared file or file lock),
+    one study on a PostgreSQL server, started at the same moment: the study is set up once (each queued
+    setting runs once), the trials are split between them, none runs twice, and both write the same best."""
+    config, settings = write_configs(tmp_path, data_dir, n_trials=4, baseline=False, time_budget=1.0,
+                                     pruner_startup_trials=10, storage=postgres, best_config=None,
+                                     enqueue=[{"learning_rate": 3e-3, "batch_size": 8},
+                                              {"learning_rate": 1e-3, "batch_size": 16}])
+    dirs = [str(tmp_path / f"machine{i}") for i in range(2)]
+    workers = [subprocess.Popen(sweep_cmd(config, f"--sweep_dir={d}"), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for d in dirs]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert "postgresql+psycopg://sweeper@127.0.0.1" in outputs[0]  # it said where the study is
+    storage = postgres.replace("postgresql:", "postgresql+psycopg:")
+    done = optuna.load_study(study_name="tiny", storage=storage).get_trials(deepcopy=False)
+    assert len(done) >= 4 and [t.number for t in done] == list(range(len(done)))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in done), [t.state for t in done]
+    queued = [t.params for t in done if t.system_attrs.get("fixed_params")]
+    assert len(queued) == 2  # the two enqueued settings, enqueued once: not once per worker
+    # each trial ran in exactly one worker's folder, and each worker ran some
+    ran = [{int(n[6:]) for n in os.listdir(d) if n.startswith("trial-")} for d in dirs]
+    assert ran[0].isdisjoint(ran[1]) and ran[0] | ran[1] == {t.number for t in done} and all(ran)
+    best = [open(os.path.join(d, "best_tiny.py")).read().split("\n", 1)[0] for d in dirs]
+    assert best[0] == best[1] and f"trial {min(done, key=lambda t: t.value).number}," in best[0]
