@@ -1,6 +1,8 @@
 """
 Decoding speed of one set of weights in every engine at hand, in one run: nanoforge in float32 and with
-int8 weights (--quantize=int8 of sample.py and serve.py), transformers' stock class on the same weights,
+int8 weights (--quantize=none and int8 of sample.py and serve.py: on a CPU both multiply through
+nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference the kernels
+are held to), transformers' stock class on the same weights,
 and llama.cpp's llama-bench on them exported to GGUF (f32 and q8_0) when llama-bench is on PATH or in
 $LLAMA_CPP_BIN. Batch 1, greedy, after a short prompt; random weights unless init_from (speed does not
 depend on what a model learned). Ratios are against nanoforge float32, and nanoforge's rows give the rate
@@ -25,7 +27,8 @@ from configurator import POSITIVE_INT, check_ranges, configure, knobs
 from model import GPT, GPTConfig
 from nanoforge import errors, files, gguf_format, hardware, hf_format
 from nanoforge.checkpoint import load_model
-from nanoforge.quantize import Int8Linear, quantize_int8
+from nanoforge import cpu_kernels
+from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights
 from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
@@ -36,7 +39,7 @@ init_from = ''  # '': random weights of that shape with GPT-2's tokenizer; or an
 gen_tokens = 128  # new tokens a run
 prompt_len = 16
 repeats = 3  # timed runs of each engine: the median is reported
-engines = 'nanoforge,nanoforge-int8,transformers,llama.cpp-f32,llama.cpp-q8_0'  # those to run, when present
+engines = 'nanoforge,nanoforge-int8,nanoforge-torch,transformers,llama.cpp-f32,llama.cpp-q8_0'  # those to run, when present
 seed = 1337
 json_out = ''
 # -----------------------------------------------------------------------------------------------------
@@ -44,7 +47,7 @@ config = configure(knobs(globals()), sys.argv[1:])
 globals().update(config)
 check_ranges(config, {k: POSITIVE_INT for k in ('gen_tokens', 'prompt_len', 'repeats')})
 wanted = [e for e in engines.split(',') if e]
-known = ('nanoforge', 'nanoforge-int8', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0')
+known = ('nanoforge', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0')
 if unknown := [e for e in wanted if e not in known]:
     raise errors.UserError(f"engines: {unknown[0]!r} is not one of {', '.join(known)}")
 
@@ -62,7 +65,7 @@ prompt = torch.randint(min(tok.vocab_size, model.config.vocab_size), (1, prompt_
                        generator=torch.Generator().manual_seed(seed))  # (1, prompt_len)
 print(f"model: {model.get_num_params() / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
       f"{model.config.n_embd} wide, vocab {model.config.vocab_size}; {gen_tokens} new tokens after {prompt_len}, "
-      f"batch 1, greedy, {torch.get_num_threads()} threads")
+      f"batch 1, greedy, {torch.get_num_threads()} threads; nanoforge multiplies on {cpu_kernels.status()}")
 
 
 def timed(generate):
@@ -83,7 +86,7 @@ def ours(m):
 def weight_bytes(m):
     """Bytes of the matrices a token multiplies by (every Linear and the head; the embedding is looked up):
     what decoding one token must read, at the least."""
-    mats = {id(x.weight): x.weight for x in m.modules() if isinstance(x, (torch.nn.Linear, Int8Linear))}
+    mats = {id(x.weight): x.weight for x in m.modules() if isinstance(x, (torch.nn.Linear, CPULinear, Int8Linear))}
     return sum(w.numel() * w.element_size() for w in mats.values())
 
 
@@ -103,14 +106,15 @@ def llama_bench(gguf_type):
 results, reference = {}, None
 for engine in wanted:
     if engine == 'nanoforge':
-        rate, reference = timed(ours(model))
+        fp32 = decoding_weights(copy.deepcopy(model), "none")
+        rate, reference = timed(ours(fp32))
         results[engine] = {"tokens_per_s": rate, "same_tokens": None,  # the reference the others are held to
-                           "weight_gb_s": rate * weight_bytes(model) / 1e9}
-    elif engine == 'nanoforge-int8':
-        int8 = quantize_int8(copy.deepcopy(model))
-        rate, ids = timed(ours(int8))
+                           "weight_gb_s": rate * weight_bytes(fp32) / 1e9}
+    elif engine in ('nanoforge-int8', 'nanoforge-torch'):
+        m = decoding_weights(copy.deepcopy(model), "int8") if engine == 'nanoforge-int8' else model
+        rate, ids = timed(ours(m))
         results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
-                           if reference else None, "weight_gb_s": rate * weight_bytes(int8) / 1e9}
+                           if reference else None, "weight_gb_s": rate * weight_bytes(m) / 1e9}
     elif engine == 'transformers':
         hf, kind = hf_format.to_hf(model, [])
         def hf_generate(n):

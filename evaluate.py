@@ -33,7 +33,7 @@ from nanoforge.checkpoint import load_model
 from nanoforge.corpus import jsonl_records
 from nanoforge.errors import UserError
 from nanoforge.evaluation import chat_questions, evaluate, generalisation, multiple_choice, run_data_dir, score_split
-from nanoforge.quantize import quantize_weights
+from nanoforge.quantize import decoding_weights
 from nanoforge.tasks import load_chat_task, load_task
 from nanoforge.tokenizer import load_tokenizer
 
@@ -137,7 +137,7 @@ log = print if master else (lambda *a, **k: None)
 
 source = out_dir if init_from == "resume" else init_from
 model, tok_spec, meta = load_model(source, map_location=device)
-model = quantize_weights(model.eval().to(device), quantize)
+model = decoding_weights(model.eval().to(device), quantize)
 tok = load_tokenizer(tok_spec)
 if tok.vocab_size > model.config.vocab_size:  # a token id past the embedding table would crash mid-run
     raise UserError(f"{source} has {model.config.vocab_size} token embeddings but its tokenizer ({tok_spec['kind']}) "

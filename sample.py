@@ -22,7 +22,7 @@ from nanoforge import errors, files, hardware
 from nanoforge.chat_template import CHAT_TOKENS, render
 from nanoforge.checkpoint import load_model
 from nanoforge.errors import UserError
-from nanoforge.quantize import quantize_weights
+from nanoforge.quantize import decoding_weights
 from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
@@ -57,7 +57,7 @@ if temperature < 0:
     raise UserError(f"temperature must be >= 0, got {temperature}")
 
 model, tok_spec, meta = load_model(out_dir if init_from == "resume" else init_from, map_location=device)
-model = quantize_weights(model.eval().to(device), quantize)
+model = decoding_weights(model.eval().to(device), quantize)
 # decoding multiplies one row at a time: the precision is measured at that shape (bf16 rarely pays there)
 dtype, _ = hardware.resolve_dtype(dtype, device, (1, model.config.n_embd))
 if compile:

@@ -35,7 +35,7 @@ from nanoforge.chat_template import CHAT_TOKENS
 from nanoforge.checkpoint import load_model
 from nanoforge.engine import Engine
 from nanoforge.errors import UserError
-from nanoforge.quantize import quantize_weights
+from nanoforge.quantize import decoding_weights
 from nanoforge.server import LOOPBACK, HeaderDeadline, build_app
 from nanoforge.tokenizer import load_tokenizer
 
@@ -75,7 +75,7 @@ if host not in LOOPBACK and not api_key:
 
 source = out_dir if init_from == "resume" else init_from
 model, tok_spec, _ = load_model(source, map_location=device)
-model = quantize_weights(model.eval().to(device), quantize)
+model = decoding_weights(model.eval().to(device), quantize)
 # decoding runs max_batch rows at a time at most: the precision is measured at that shape
 dtype, why = hardware.resolve_dtype(dtype, device, (max_batch, model.config.n_embd))
 tok = load_tokenizer(tok_spec)

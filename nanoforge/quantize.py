@@ -1,25 +1,61 @@
 """
-Weight-only int8 for decoding. A token of decoding reads every weight once and does little arithmetic with
-it: four bytes a weight in float32, one in int8. quantize_int8(model) swaps each Linear of the blocks and
-the LM head for an Int8Linear, weights rounded per output channel (a row of the matrix shares one scale,
-its largest magnitude over 127); activations, norms, embeddings and the KV cache stay as they were. The
-model is for decoding from then on (no gradients, nothing to save).
+Weights for decoding. A token of decoding reads every weight once and does little arithmetic with it: its
+time is the time to read them. Two things shorten it, and decoding_weights(model, quantize) applies both:
 
-    model = quantize_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8
+- On a CPU, the Linear layers and the LM head multiply their few rows of activations through
+  cpu_kernels.c, which reads each weight row once on all threads (torch's matmul runs that shape on one
+  core); more rows than FEW_ROWS (a prompt's prefill) go through torch's matmul as before. CPULinear does
+  it in float32: the same numbers up to the order of the additions.
+- quantize="int8": weight-only int8, four times fewer bytes than float32. Each Linear of the blocks and
+  the LM head becomes an Int8Linear, weights rounded per output channel (a row of the matrix shares one
+  scale, its largest magnitude over 127); norms, embeddings and the KV cache stay as they were.
 
-Int8Linear.forward runs torch's int8-weight matmul on the CPU (torch._weight_int8pack_mm: it widens the
-weights inside the kernel, so no float copy is ever made); Int8Linear.reference dequantizes and multiplies
-in plain float32, the simple path the tests hold it to. The kernel reads one row of activations at a time
-well and many poorly: decoding one sequence is ~1.8x float32's speed, a long prompt's prefill ~2x slower
-(dev/LOG.md has the figures).
+    model = decoding_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8
+
+Int8Linear.forward runs cpu_kernels.linear_q8 on a few rows (activations rounded to int8 in blocks of 32,
+as llama.cpp's q8_0 does), otherwise torch's int8-weight matmul (torch._weight_int8pack_mm, which widens
+the weights inside the kernel: no float copy is made); on a GPU the weight is widened in the matmul.
+Int8Linear.reference dequantizes and multiplies in plain float32, the simple path the tests hold every
+one of them to. The model is for decoding from then on (no gradients, nothing to save).
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nanoforge import cpu_kernels
 from nanoforge.errors import UserError
 
 QUANTIZE = ("none", "int8")  # the choices of --quantize
+FEW_ROWS = 16  # up to this many rows the CPU kernels beat torch's matmuls (dev/LOG.md); a prefill has more
+
+
+def kernel_rows(x2):
+    """Whether activations x2 (M, K) go through cpu_kernels: a few rows on a CPU that has them, unless the
+    caller asked for bf16 matmuls (--dtype=bfloat16 autocast), which are then torch's."""
+    return (x2.size(0) <= FEW_ROWS and x2.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and cpu_kernels.available())
+
+
+class CPULinear(nn.Module):
+    """y = x W^T + b, the same weight and bias as the nn.Linear it replaces (a tied head stays tied): a few
+    rows through cpu_kernels.linear_f32, more through F.linear, its reference."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if not (x2.dtype == torch.float32 and kernel_rows(x2)):
+            return F.linear(x, self.weight, self.bias)
+        y = cpu_kernels.linear_f32(x2.contiguous(), self.weight)  # (M, N)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def reference(self, x):
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int8Linear(nn.Module):
@@ -37,9 +73,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a matrix
-        if x2.device.type == "cpu":
-            # the kernel is fast with bf16 activations only (float32 ones take a path ~15x slower, AVX2 and
+        x2 = x.reshape(-1, self.in_features)  # (M, K): the kernels take a matrix
+        if kernel_rows(x2) and self.in_features % cpu_kernels.BLOCK == 0:
+            y = cpu_kernels.linear_q8(x2.float().contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
+        elif x2.device.type == "cpu":
+            # torch's kernel is fast with bf16 activations only (float32 ones take a path ~15x slower, AVX2 and
             # AVX-512 alike): rounding them to bf16 moves an output by ~0.4% of the largest, int8's own ~0.8%
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales_bf16).to(x.dtype)  # (M, N)
         else:  # a GPU: x (q s)^T = (x q^T) s, the int8 weight widened in the matmul's dtype (compile fuses it)
@@ -55,19 +93,28 @@ class Int8Linear(nn.Module):
         return F.linear(x.float(), self.dequantized(), self.bias)
 
 
+def swap_linears(model, kind):
+    """Replaces every nn.Linear of model (the blocks' and the LM head) by kind(linear), in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, kind(child))
+    return model
+
+
 def quantize_int8(model):
     """Swaps the Linear layers of model's blocks and its LM head for Int8Linear, in place; returns model.
     The token embedding stays float32 (a token reads one row of it: no bandwidth to save), so a head tied
     to it gets its own int8 copy."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, Int8Linear(child))
-    return model
+    return swap_linears(model, Int8Linear)
 
 
-def quantize_weights(model, quantize):
-    """--quantize's value applied to a model loaded for decoding; 'none' leaves it as it is."""
+def decoding_weights(model, quantize):
+    """--quantize's value applied to a model loaded for decoding, in place: 'int8' swaps in Int8Linear
+    layers; 'none' keeps the float weights and, on a CPU with cpu_kernels, multiplies them there."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize must be one of {', '.join(repr(q) for q in QUANTIZE)}, got {quantize!r}")
-    return quantize_int8(model) if quantize == "int8" else model
+    if quantize == "int8":
+        return quantize_int8(model)
+    on_cpu = model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+    return swap_linears(model, CPULinear) if on_cpu and cpu_kernels.available() else model

@@ -147,22 +147,25 @@ def test_synchronize_and_peak_memory_on_cpu():
 
 
 def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
-    """bench_decode.py on a tiny random model: nanoforge float32 and int8 and transformers on the same
-    weights, tokens/s and ratios as printed and in the JSON, and how many greedy tokens each shares with
-    float32 (transformers computes our model: all of them). llama.cpp's rows need llama-bench: left out."""
+    """bench_decode.py on a tiny random model: nanoforge float32 and int8, float32 on torch's matmuls alone,
+    and transformers on the same weights, tokens/s and ratios as printed and in the JSON, and how many
+    greedy tokens each shares with float32 (the reference and transformers compute our model in float32:
+    all of them). llama.cpp's rows need llama-bench: left out."""
     out_json = tmp_path / "decode.json"
     r = subprocess.run([sys.executable, "bench_decode.py", "--n_layer=2", "--n_head=2", "--n_embd=64",
                         "--block_size=128", "--gen_tokens=24", "--repeats=1",
-                        "--engines=nanoforge,nanoforge-int8,transformers", f"--json_out={out_json}"],
+                        "--engines=nanoforge,nanoforge-int8,nanoforge-torch,transformers", f"--json_out={out_json}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)  # conftest set TIKTOKEN_CACHE_DIR
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(out_json.read_text())
     assert machine_of(r.stdout, results)["memory_gb_s"] > 0
     rows = results["results"]
-    assert list(rows) == ["nanoforge", "nanoforge-int8", "transformers"]
+    assert list(rows) == ["nanoforge", "nanoforge-int8", "nanoforge-torch", "transformers"]
+    assert "nanoforge multiplies on nanoforge's CPU kernels" in r.stdout  # this machine has them: they are timed
     base = rows["nanoforge"]["tokens_per_s"]
-    for engine in ("nanoforge-int8", "transformers"):
+    for engine in ("nanoforge-int8", "nanoforge-torch", "transformers"):
         assert rows[engine]["tokens_per_s"] > 0
         assert f"({rows[engine]['tokens_per_s'] / base:.2f}x nanoforge float32)" in r.stdout
         assert 0 <= rows[engine]["same_tokens"] <= 24
     assert rows["transformers"]["same_tokens"] == 24 and rows["transformers"]["class"] == "GPT2LMHeadModel"
+    assert rows["nanoforge-torch"]["same_tokens"] == 24

@@ -1,12 +1,14 @@
 """
-Weight-only int8 decoding (nanoforge/quantize.py) against float32, its reference: the kernel against the
-dequantized weights, and a model trained here on Tiny Shakespeare's characters keeps its greedy text, its
-logits and its held-out loss; the scripts' --quantize flag does what it says, and a wrong value is one line.
+Weights for decoding (nanoforge/quantize.py, nanoforge/cpu_kernels.c) against float32 torch, their
+reference: the CPU kernels against torch's matmuls, the int8 layer against its dequantized weights on every
+path, and a model trained here on Tiny Shakespeare's characters keeps its greedy text, its logits and its
+held-out loss; the scripts' --quantize flag does what it says, and a wrong value is one line.
 """
 import copy
 import json
-import queue
 import os
+import queue
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from conftest import assert_one_line_error, run
 from model import GPT, GPTConfig
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
-from nanoforge.quantize import Int8Linear, quantize_int8
+from nanoforge import cpu_kernels, quantize
+from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, quantize_int8
 from nanoforge.tokenizer import load_tokenizer
 from nanoforge.tokens import open_tokens, split_path
 
@@ -57,9 +60,74 @@ def val_loss(model, val):
         return model(x, y)[1].item()
 
 
+def cpu_has_avx2():
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return "avx2" in flags and "fma" in flags
+
+
+def test_the_cpu_kernels_build_here_once_and_step_aside_cleanly(tmp_path, monkeypatch):
+    """On an x86 CPU with AVX2 and a C compiler (this machine, CI's) the kernels build, into the cache
+    folder, once; with no working compiler or NANOFORGE_CPU_KERNELS=0 they are unavailable with the reason
+    (and the model runs on torch's matmuls), never an error."""
+    def fresh(**env):
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+        monkeypatch.setattr(cpu_kernels, "_why", None)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return cpu_kernels.available()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fresh() == (cpu_has_avx2() and bool(shutil.which("cc"))), cpu_kernels.status()
+    built = list((tmp_path / "nanoforge").iterdir())
+    assert [p.suffix for p in built] == [".so"]  # the library alone: no temporary left beside it
+    stamp = built[0].stat().st_mtime_ns
+    assert fresh() and built[0].stat().st_mtime_ns == stamp  # the second process loads it, no rebuild
+    assert not fresh(CC="false", XDG_CACHE_HOME=str(tmp_path / "other"))
+    assert "false could not build cpu_kernels.c" in cpu_kernels.status()
+    assert not list((tmp_path / "other").rglob("*"))[1:]  # the failed build left nothing but its folder
+    assert not fresh(NANOFORGE_CPU_KERNELS="0") and "NANOFORGE_CPU_KERNELS=0" in cpu_kernels.status()
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.linear_f32(torch.randn(1, 8), torch.randn(4, 8))
+
+
+def q8_reference(x, w, scales):
+    """What linear_q8 computes, in torch: x rounded to int8 in blocks of 32 (each block's largest magnitude
+    on 127), times the dequantized weight."""
+    blocks = x.view(x.size(0), -1, 32)  # (M, K/32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127  # (M, K/32, 1)
+    xq = torch.where(d > 0, torch.round(blocks / d.clamp(min=1e-30)), 0) * d
+    return xq.view_as(x) @ (w.float() * scales[:, None]).T
+
+
+@pytest.mark.skipif(not cpu_has_avx2(), reason="the kernels are written for AVX2 (checked on every x86 CI machine)")
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_the_cpu_kernels_compute_what_torch_does(rows):
+    assert cpu_kernels.available(), cpu_kernels.status()
+    torch.manual_seed(0)
+    for K in (96, 100, 3072):  # float32 takes any width: 100 leaves a remainder after the blocks of 32
+        x, w = torch.randn(rows, K), torch.randn(37, K)
+        torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+    for K in (96, 768):
+        x = torch.randn(rows, K)
+        x[0, 32:64] = 0  # a block of zeros has no scale to divide by
+        x[-1, :32] *= 1000  # one loud block must not drown the others: each block has its own scale
+        w = torch.randint(-127, 128, (300, K), dtype=torch.int8)
+        scales = torch.rand(300) / 100
+        got, ref = cpu_kernels.linear_q8(x, w, scales), q8_reference(x, w, scales)
+        assert got.shape == (rows, 300)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_kernels.linear_q8(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4))
+    with pytest.raises(ValueError, match="contiguous 2-D float32"):
+        cpu_kernels.linear_f32(torch.randn(8, 4).T, torch.randn(4, 8))
+
+
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_int8_linear_is_its_dequantized_weight_in_float32(bias, rows):
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: more than the CPU kernels take
+@pytest.mark.parametrize("kernels", [True, False])  # False: torch's int8 kernel on the same rows
+def test_int8_linear_is_its_dequantized_weight_in_float32(bias, rows, kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.setattr(quantize, "kernel_rows", lambda x2: False)
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=bias)
     q = Int8Linear(linear)
@@ -69,8 +137,23 @@ def test_int8_linear_is_its_dequantized_weight_in_float32(bias, rows):
     x = torch.randn(3, rows, 96)
     got, ref = q(x), q.reference(x)
     assert got.shape == (3, rows, 200) and got.dtype == torch.float32
-    # the kernel takes bf16 activations: its outputs are the reference's to bf16's rounding
+    # the kernels round the activations (to int8 in blocks, or to bf16): the reference's to that rounding
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_float32_decoding_weights_keep_the_models_numbers(trained):
+    """--quantize=none on a CPU: the same weights (the head still tied to the embedding), multiplied by the
+    CPU kernels where they are, give the model's logits and greedy tokens."""
+    model, val, _ = trained
+    k = decoding_weights(copy.deepcopy(model), "none")
+    if cpu_kernels.available():
+        assert all(type(m) is not nn.Linear for m in k.modules()) and isinstance(k.lm_head, CPULinear)
+    assert k.lm_head.weight is k.transformer.wte.weight
+    prompt = val[:16][None]
+    with torch.no_grad():
+        for x in (prompt, prompt[:, :1], val[:40 * 3].view(3, 40)):  # the kernels' rows, and more than they take
+            torch.testing.assert_close(k(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(k.generate(prompt, 48, temperature=0.0), model.generate(prompt, 48, temperature=0.0))
 
 
 def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained):

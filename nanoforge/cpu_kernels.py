@@ -1,0 +1,136 @@
+"""
+The CPU's decoding matmuls (cpu_kernels.c), built once for this machine and called through ctypes.
+
+Decoding multiplies one row of activations (a few, serving several sequences) by each weight matrix: the
+time is the time to read the weights. torch hands that shape to a library that runs it on one core here
+(~12 GB/s on a 2-core AMD EPYC, against the ~25-30 GB/s the machine can stream), and its int8-weight
+kernel reads ~8 GB/s. cpu_kernels.c reads each weight row once for all rows of activations, on all of
+torch's threads, in float32 and in int8 (dev/LOG.md has the measurements).
+
+The C file is compiled on first use with the machine's compiler (`cc`, or $CC) for this CPU
+(-march=native), into ~/.cache/nanoforge (or $XDG_CACHE_HOME/nanoforge), named by a hash of the source,
+the compiler command and the CPU, written beside its place and renamed in. No compiler, no AVX2/FMA (an
+older x86 or an ARM CPU), or NANOFORGE_CPU_KERNELS=0: available() is False and the callers use torch's
+matmuls, the reference the tests hold these to.
+
+    if cpu_kernels.available():
+        y = cpu_kernels.linear_f32(x, w)           # x (M, K) float32, w (N, K) float32 -> (M, N)
+        y = cpu_kernels.linear_q8(x, q, scales)    # q (N, K) int8 with a float32 scale per row
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+BLOCK = 32  # linear_q8 quantizes activations in blocks of this many values: K must be a multiple
+
+_lib = None  # the loaded library, once built
+_why = None  # why it is unavailable, once known
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanoforge")
+
+
+def _cpu_id():
+    """What -march=native depends on: a library built for one CPU may not run on another (a home folder
+    shared between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build():
+    """The path of the compiled library, compiling it if this source, compiler and CPU have none yet."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler ({cc}) on PATH")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    path = os.path.join(cache_dir(), f"cpu_kernels-{key[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"  # beside its place, renamed in: two processes building at once both win
+    try:
+        done = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["(no message)"]
+            raise OSError(f"{cc} could not build {os.path.basename(SOURCE)}: {lines[0]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def available():
+    """True when the kernels are built (or build now) and load on this machine; the first call builds."""
+    global _lib, _why
+    if _lib is not None or _why is not None:
+        return _lib is not None
+    if os.environ.get("NANOFORGE_CPU_KERNELS", "1") == "0":
+        _why = "turned off by NANOFORGE_CPU_KERNELS=0"
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _why = f"they are written for x86-64 with AVX2, this is {platform.machine()}"
+        return False
+    try:
+        lib = ctypes.CDLL(_build())  # torch is imported, so its OpenMP runtime is the one the library uses
+    except OSError as e:
+        _why = str(e)
+        return False
+    P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.linear_f32.argtypes = [P, P, P, I, I, I, T]
+    lib.linear_q8.argtypes = [P, P, P, P, I, I, I, T]
+    _lib = lib
+    return True
+
+
+def status():
+    """One line for benchmarks and logs: whether decoding uses these kernels, and if not why."""
+    return "nanoforge's CPU kernels (cpu_kernels.c)" if available() else f"torch's matmuls ({_why})"
+
+
+def _check(x, w, wdtype):
+    # a wrong pointer or size is a crash, not an exception: every promise the C code relies on is checked
+    # (in one expression: decoding makes ~50 of these calls a token)
+    if (_lib is not None and x.dtype == torch.float32 and w.dtype == wdtype and x.dim() == 2 and w.dim() == 2
+            and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous() and x.size(1) == w.size(1)):
+        return
+    if not available():
+        raise RuntimeError(f"the CPU kernels are not available ({_why}): check available() first")
+    raise ValueError(f"x must be a contiguous 2-D float32 tensor and w a contiguous 2-D {wdtype} one on the "
+                     f"CPU, with as many columns: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+
+
+def linear_f32(x, w):
+    """x (M, K) float32 contiguous, w (N, K) float32 contiguous -> x w^T, (M, N)."""
+    _check(x, w, torch.float32)
+    (M, K), N = x.shape, w.size(0)
+    y = torch.empty(M, N)
+    _lib.linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads())
+    return y
+
+
+def linear_q8(x, w, scales):
+    """x (M, K) float32 contiguous, w (N, K) int8, scales (N,) float32 -> x (w * scales[:, None])^T, (M, N),
+    with x rounded to int8 in blocks of 32 on the way (K a multiple of 32)."""
+    _check(x, w, torch.int8)
+    (M, K), N = x.shape, w.size(0)
+    if K % BLOCK or scales.dtype != torch.float32 or scales.shape != (N,) or not scales.is_contiguous():
+        raise ValueError(f"linear_q8 needs K a multiple of {BLOCK} (got {K}) and {N} contiguous float32 scales")
+    y = torch.empty(M, N)
+    if _lib.linear_q8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads()):
+        raise MemoryError(f"no memory for the int8 copy of a ({M}, {K}) input")
+    return y
