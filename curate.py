@@ -25,7 +25,8 @@ from nanoforge.errors import UserError
 # ------------------------------------------------------------------------------------------------------
 # defaults (config/curate_web.py documents each)
 input = ""                      # comma-separated: files or folders (.txt, .jsonl, .jsonl.gz, .parquet) and
-                                # Hugging Face datasets (owner/name, or hf:FOLDER for any folder datasets reads)
+                                # URLs of them (s3://, gs://, hf://, through fsspec), and Hugging Face datasets
+                                # (owner/name, or hf:FOLDER for any folder datasets reads)
 output = ""                     # the curated folder (must not exist unless overwrite=True)
 overwrite = False
 text_field = "text"

@@ -8,6 +8,7 @@ curate.py's reader (load_documents, with ids and URLs). Also one whole text (rea
 Shakespeare scripts.
 """
 import gzip
+import io
 import json
 import os
 import re
@@ -24,9 +25,10 @@ def jsonl_records(path, problems=None):
     number, reason) instead and the reading goes on. A file that cannot be opened, or is not UTF-8, is a
     one-line error too."""
     try:
-        f = (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig")  # -sig: a BOM is not text
+        raw = open_input(path)  # a local file or a URL
+        f = io.TextIOWrapper(gzip.open(raw) if path.endswith(".gz") else raw, encoding="utf-8-sig")  # -sig: a BOM is not text
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     with f:
         try:
             for n, line in enumerate(f, 1):
@@ -136,8 +138,22 @@ def parse_ext(text):
     return suffixes
 
 
+def is_url(path):
+    """s3://bucket/key, gs://..., hf://datasets/..., file:///...: read through fsspec, as local paths are
+    (the cloud's package, s3fs or gcsfs, installed by the user: fsspec names it when it is missing)."""
+    return "://" in path
+
+
+def open_input(path, mode="rb"):
+    """An input file, local or at a URL, opened for reading (text mode takes UTF-8)."""
+    import fsspec
+    if "t" in mode:
+        return fsspec.open(path, mode, encoding="utf-8-sig").open()
+    return fsspec.open(path, mode).open()
+
+
 def is_binary(path):
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         return b"\0" in f.read(8192)
 
 
@@ -145,32 +161,41 @@ def find_files(inputs, suffixes=None):
     """The input files, in order, and a line saying how many were taken and skipped, by reason: each input
     is a file, or a folder searched recursively for the kinds in `suffixes` (default: every kind in BUILDERS).
     Skipped: other kinds, hidden files and folders (.git, .venv), binary files (a NUL byte in the first 8 KiB),
-    empty files (no documents; datasets' JSON reader fails on them)."""
-    files, skipped, kinds = [], Counter(), Counter()
+    empty files (no documents; datasets' JSON reader fails on them). Inputs may be URLs (is_url), walked
+    the same way through fsspec; local files come back as absolute paths, the others as URLs."""
+    import fsspec
+    files, skipped, kinds, fs_of, named_files = [], Counter(), Counter(), {}, False
     for path in inputs:
-        if os.path.isdir(path):
-            for folder, dirs, names in os.walk(path):
+        try:
+            fs, root = fsspec.core.url_to_fs(path)
+        except (ImportError, ValueError) as e:  # s3:// without s3fs, an unknown protocol
+            raise UserError(f"cannot read {path}: {e}") from None
+        named = fs.unstrip_protocol if is_url(path) else os.path.abspath  # how a found file is given back
+        if fs.isdir(root):
+            for folder, dirs, names in fs.walk(root, topdown=True):  # in os.walk's order: a folder, then its folders
                 skipped["hidden"] += sum(d.startswith(".") for d in dirs) + sum(n.startswith(".") for n in names)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(n for n in names if not n.startswith(".")):
                     if builder_of(name, suffixes):
-                        files.append(os.path.join(folder, name))
+                        files.append(named(folder.rstrip("/") + "/" + name))
+                        fs_of[files[-1]] = fs
                     else:
                         kinds[os.path.splitext(name)[1] or "no ending"] += 1
-        elif os.path.isfile(path):
+        elif fs.isfile(root):
             if not builder_of(path):
                 raise UserError(f"{path}: unknown kind of file; --input takes {', '.join(BUILDERS)} files, or folders")
-            files.append(path)
+            files.append(named(root))
+            fs_of[files[-1]], named_files = fs, True
         else:
             raise UserError(f"input path {path} not found")
     taken = []
     for f in files:
-        if os.path.getsize(f) == 0:
+        if fs_of[f].size(f) == 0:
             skipped["empty"] += 1
         elif builder_of(f) == "text" and is_binary(f):
             skipped["binary"] += 1
         else:
-            taken.append(os.path.abspath(f))
+            taken.append(f)
     if kinds:
         skipped["other kinds (" + ", ".join(f"{k} {n}" for k, n in kinds.most_common(5)) + \
                 (", ..." if len(kinds) > 5 else "") + ")"] = sum(kinds.values())
@@ -178,7 +203,7 @@ def find_files(inputs, suffixes=None):
     line = (f"input: {len(taken):,} files read ({', '.join(f'{k} {n}' for k, n in by_kind.most_common())})"
             + (f"; skipped {sum(skipped.values()):,}: " + ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
                if sum(skipped.values()) else ""))
-    if inputs and not taken and not any(os.path.isfile(p) for p in inputs):
+    if inputs and not taken and not named_files:
         why = ", ".join(f"{n} {why}" for why, n in skipped.items() if n) or "it is empty"
         raise UserError(f"no files to read in {', '.join(inputs)} (skipped: {why}); the kinds read, chosen by --ext: "
                         f"{', '.join(BUILDERS)}")
@@ -269,6 +294,8 @@ def curated_splits(files):
 def is_hub(entry):
     """Is this --input entry a Hugging Face dataset: hf:NAME_OR_FOLDER, or owner/name where no such local
     path exists?"""
+    if is_url(entry):  # hf://datasets/owner/name/file.parquet is a file, read through fsspec
+        return False
     return entry.startswith("hf:") or (not os.path.exists(entry) and re.fullmatch(r"[\w.-]+/[\w.-]+", entry) is not None)
 
 
@@ -279,7 +306,7 @@ def first_bad_file(paths):
     for path in paths:
         try:
             if builder_of(path) != "json":
-                with open(path, encoding="utf-8-sig") as f:
+                with open_input(path, "rt") as f:
                     f.read()
                 continue
             problems = []

@@ -7,14 +7,16 @@ whole pipeline in-process and once as a user runs it (determinism, refusal to ov
 import gzip
 import json
 import os
+import pathlib
 import random
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 import curate
-from nanoforge.corpus import is_hub, load_documents
+from nanoforge.corpus import find_files, is_hub, load_documents, parse_ext
 from nanoforge.curation import pii
 from nanoforge.curation import pipeline
 from nanoforge.curation import quality
@@ -327,6 +329,30 @@ def test_load_errors(tmp_path):
     with pytest.raises(UserError, match="not text"):
         load_documents([str(tmp_path / "c.jsonl.gz")], cfg, str(tmp_path / "c3"), 1)
 
+
+
+def test_inputs_at_urls_read_as_the_same_files(planted, tmp_path):
+    """s3://, gs://, hf:// go through fsspec; file:// takes the same code path, so it stands in for them here."""
+    raw, rows, _ = planted
+    folder = tmp_path / "raw"
+    shutil.copytree(raw, folder)
+    (folder / "notes.md").write_text("a note\n")  # skipped by kind, either way
+    local, found = find_files([str(folder)], parse_ext(".jsonl,.jsonl.gz"))
+    urls, found_at_url = find_files([folder.as_uri()], parse_ext(".jsonl,.jsonl.gz"))
+    assert urls == [pathlib.Path(p).as_uri() for p in local] and len(local) == 2 and found_at_url == found
+    cfg = dict(curate.DEFAULTS)
+    a = load_documents(local, cfg, str(tmp_path / "c1"), 1)
+    b = load_documents(urls, cfg, str(tmp_path / "c2"), 1)
+    assert a.to_list() == b.to_list() and len(a) == len(rows)
+    # the errors name the URL: a missing one, a line that is not JSON, a protocol whose package is missing
+    with pytest.raises(UserError, match="not found"):
+        find_files([(tmp_path / "missing").as_uri()])
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(UserError, match=f"input {(tmp_path / 'bad.jsonl').as_uri()} line 3: "):
+        load_documents([(tmp_path / "bad.jsonl").as_uri()], cfg, str(tmp_path / "c3"), 1)
+    with pytest.raises(UserError, match="cannot read nosuchprotocol://bucket/x"):
+        find_files(["nosuchprotocol://bucket/x"])
+    assert not is_hub("hf://datasets/owner/name/train.parquet") and is_hub("hf:owner/name")
 
 
 def test_hub_dataset_input(tmp_path):

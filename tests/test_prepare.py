@@ -167,8 +167,10 @@ def test_your_text_txt_folder_and_blank_line_split(tmp_path):
     expected = [p.strip("\n") for d in docs for p in d.split("\n\n") if p.strip("\n")] + stories
     check_documents(out, meta, expected, tok)
 
-    out, meta = prepare("your_text", f"--input={folder}", "--val_fraction=0.2", tmp_path=tmp_path / "whole")
+    # the folder again, named by a URL (file:// takes fsspec's path, as s3:// and gs:// do)
+    out, meta = prepare("your_text", f"--input={folder.as_uri()}", "--val_fraction=0.2", tmp_path=tmp_path / "whole")
     check_documents(out, meta, docs, tok)
+    assert meta["source"] == folder.as_uri()
     assert meta["val_documents"] == math.ceil(0.2 * len(docs))
 
 

@@ -18,7 +18,8 @@ data/openwebtext (written to data/openwebtext, which train.py reads by default).
 --tokenizer is gpt2 (default) or a folder written by train_tokenizer.py; char is refused here, as a
 character vocabulary has no end-of-text token to keep documents apart.
 
---input takes files, or folders searched recursively for them:
+--input takes files, or folders searched recursively for them, local or at URLs (s3://, gs://, hf://: fsspec
+with the cloud's package installed):
     .txt, .md, .py, ... text, markup and code (corpus.TEXT_SUFFIXES): one document per file, or with
                         --txt_split=blank documents separated by blank lines (the default for one file alone)
     .jsonl, .jsonl.gz   one JSON object a line, the document in its --text_field
@@ -48,8 +49,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from nanoforge import errors, tokens
-from nanoforge.corpus import (builder_of, curated_splits, find_files, input_error, load_hub, parse_ext, reason,
-                              text_column)
+from nanoforge.corpus import (builder_of, curated_splits, find_files, input_error, is_url, load_hub, open_input,
+                              parse_ext, reason, text_column)
 from nanoforge.errors import UserError
 from nanoforge.files import replace_folder
 from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg
@@ -73,7 +74,7 @@ def tokenize(batch, spec):
 def sha256_files(paths):
     h = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
+        with open_input(path) as f:  # a local file or a URL
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
@@ -162,7 +163,7 @@ if __name__ == "__main__":
             if len(dset):
                 parts.append(("all", text_column(dset, args.text_field, f"dataset {args.dataset}")))
         else:
-            inputs = [os.path.abspath(p) for p in args.input]
+            inputs = [p if is_url(p) else os.path.abspath(p) for p in args.input]
             source, sha256 = inputs[0] if len(inputs) == 1 else inputs, sha256_files(files)
             groups = curated_splits(files) or {"all": files}  # curate.py's output keeps its held-out split
             for group, group_files in groups.items():
