@@ -105,13 +105,15 @@ def status():
 def _check(x, w, wdtype):
     # a wrong pointer or size is a crash, not an exception: every promise the C code relies on is checked
     # (in one expression: decoding makes ~50 of these calls a token)
-    if (_lib is not None and x.dtype == torch.float32 and w.dtype == wdtype and x.dim() == 2 and w.dim() == 2
-            and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous() and x.size(1) == w.size(1)):
+    fits = (x.dtype == torch.float32 and w.dtype == wdtype and x.dim() == 2 and w.dim() == 2 and x.is_cpu
+            and w.is_cpu and x.is_contiguous() and w.is_contiguous() and x.size(1) == w.size(1))
+    if fits and _lib is not None:
         return
-    if not available():
+    if not available():  # the first call builds the library
         raise RuntimeError(f"the CPU kernels are not available ({_why}): check available() first")
-    raise ValueError(f"x must be a contiguous 2-D float32 tensor and w a contiguous 2-D {wdtype} one on the "
-                     f"CPU, with as many columns: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+    if not fits:
+        raise ValueError(f"x must be a contiguous 2-D float32 tensor and w a contiguous 2-D {wdtype} one on the "
+                         f"CPU, with as many columns: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
 
 
 def linear_f32(x, w):

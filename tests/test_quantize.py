@@ -104,17 +104,19 @@ def q8_reference(x, w, scales):
 def test_the_cpu_kernels_compute_what_torch_does(rows):
     assert cpu_kernels.available(), cpu_kernels.status()
     torch.manual_seed(0)
-    for K in (96, 100, 3072):  # float32 takes any width: 100 leaves a remainder after the blocks of 32
+    # float32 takes any width (100: not a multiple of 8, the one-row path); 37 rows of w leave one after the
+    # groups of four
+    for K in (96, 100, 3072):
         x, w = torch.randn(rows, K), torch.randn(37, K)
         torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
     for K in (96, 768):
         x = torch.randn(rows, K)
         x[0, 32:64] = 0  # a block of zeros has no scale to divide by
         x[-1, :32] *= 1000  # one loud block must not drown the others: each block has its own scale
-        w = torch.randint(-127, 128, (300, K), dtype=torch.int8)
-        scales = torch.rand(300) / 100
+        w = torch.randint(-127, 128, (303, K), dtype=torch.int8)  # 303: three rows after the groups of four
+        scales = torch.rand(303) / 100
         got, ref = cpu_kernels.linear_q8(x, w, scales), q8_reference(x, w, scales)
-        assert got.shape == (rows, 300)
+        assert got.shape == (rows, 303)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.linear_q8(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4))
