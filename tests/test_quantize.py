@@ -82,6 +82,14 @@ def test_the_cpu_kernels_build_here_once_and_step_aside_cleanly(tmp_path, monkey
     assert [p.suffix for p in built] == [".so"]  # the library alone: no temporary left beside it
     stamp = built[0].stat().st_mtime_ns
     assert fresh() and built[0].stat().st_mtime_ns == stamp  # the second process loads it, no rebuild
+    # a kernel called before anything asked available() loads the library itself, then computes
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_why", None)
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    x, w8, scales = torch.randn(1, 32), torch.randint(-127, 128, (4, 32), dtype=torch.int8), torch.rand(4)
+    torch.testing.assert_close(cpu_kernels.linear_q8(x, w8, scales), q8_reference(x, w8, scales))
     assert not fresh(CC="false", XDG_CACHE_HOME=str(tmp_path / "other"))
     assert "false could not build cpu_kernels.c" in cpu_kernels.status()
     assert not list((tmp_path / "other").rglob("*"))[1:]  # the failed build left nothing but its folder
