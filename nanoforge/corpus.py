@@ -152,6 +152,13 @@ def open_input(path, mode="rb"):
     return fsspec.open(path, mode).open()
 
 
+def input_size(path):
+    """An input file's size in bytes, local or at a URL."""
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.size(root)
+
+
 def is_binary(path):
     with open_input(path) as f:
         return b"\0" in f.read(8192)

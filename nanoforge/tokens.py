@@ -230,6 +230,43 @@ class ShardWriter:
             self._writer.__exit__(kind, value, tb)
 
 
+class PlacedWriter:
+    """A split of `count` tokens known in advance, in the files TokenWriter (shard_tokens 0) or ShardWriter
+    would write, created whole (header and size) by create(); then any process that can see the folder
+    writes any run of tokens at its place in the split with write_at, in any order, so many workers
+    write one split at once. The same tokens give the same bytes as the sequential writers."""
+
+    def __init__(self, data_dir, split, vocab_size, count, shard_tokens=0):
+        self.vocab_size, self.dtype = vocab_size, token_dtype(vocab_size)
+        if shard_tokens:  # shard i holds tokens [i * shard_tokens, (i + 1) * shard_tokens), the last one fewer
+            self.files = [(shard_path(data_dir, split, i), start, min(shard_tokens, count - start))
+                          for i, start in enumerate(range(0, count, shard_tokens))]
+        else:
+            self.files = [(split_path(data_dir, split), 0, count)]
+
+    def create(self):
+        itemsize = np.dtype(self.dtype).itemsize
+        for path, _, n in self.files:
+            with open(path, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, VERSION, itemsize, n).ljust(HEADER_BYTES, b"\0"))
+                f.truncate(HEADER_BYTES + n * itemsize)  # the tokens' bytes, zeros until written
+
+    def write_at(self, position, ids):
+        """ids, the split's tokens from `position` on, into the file(s) that hold them."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.vocab_size - 1}: {ids.min()}..{ids.max()}")
+        data = ids.astype(self.dtype)
+        for path, start, n in self.files:
+            lo, hi = max(position, start), min(position + data.size, start + n)
+            if lo < hi:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data[lo - position:hi - position].tobytes(), HEADER_BYTES + (lo - start) * data.itemsize)
+                finally:
+                    os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------------------
 # batches
 

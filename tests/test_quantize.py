@@ -89,7 +89,8 @@ def test_the_cpu_kernels_build_here_once_and_step_aside_cleanly(tmp_path, monkey
     torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T)
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     x, w8, scales = torch.randn(1, 32), torch.randint(-127, 128, (4, 32), dtype=torch.int8), torch.rand(4)
-    torch.testing.assert_close(cpu_kernels.linear_q8(x, w8, scales), q8_reference(x, w8, scales))
+    ref = q8_reference(x, w8, scales)
+    torch.testing.assert_close(cpu_kernels.linear_q8(x, w8, scales), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert not fresh(CC="false", XDG_CACHE_HOME=str(tmp_path / "other"))
     assert "false could not build cpu_kernels.c" in cpu_kernels.status()
     assert not list((tmp_path / "other").rglob("*"))[1:]  # the failed build left nothing but its folder

@@ -126,6 +126,30 @@ def test_split_length_needs_more_than_one_block(data_dir):
     assert tokens.split_length(str(data_dir), "val", block_size=63) == 64
 
 
+@pytest.mark.parametrize("shard_tokens", [0, 100, 1000, 1003])  # one file; shards cut mid-run; one full shard
+@pytest.mark.parametrize("vocab_size", [50257, 70000])  # uint16 and uint32 tokens
+def test_placed_writer_writes_the_bytes_of_the_sequential_writers(tmp_path, shard_tokens, vocab_size):
+    """Runs of tokens written at their places, in any order (as Ray's workers do), give the files the
+    sequential writers give, shard edges and headers included."""
+    ids = np.random.default_rng(0).integers(0, vocab_size, 1003)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (tokens.ShardWriter(str(tmp_path / "a"), "train", vocab_size, shard_tokens) if shard_tokens
+          else tokens.TokenWriter(tokens.split_path(str(tmp_path / "a"), "train"), vocab_size)) as w:
+        w.write(ids)
+    placed = tokens.PlacedWriter(str(tmp_path / "b"), "train", vocab_size, len(ids), shard_tokens)
+    placed.create()
+    cuts = [0, 7, 250, 251, 999, 1003]
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        placed.write_at(lo, ids[lo:hi])
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == (-(-1003 // shard_tokens) if shard_tokens else 1)
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="out of range"):
+        placed.write_at(0, [vocab_size])
+
+
 def test_train_starts_deterministic_per_step_and_in_range():
     count, block_size = 1000, 64
     a = tokens.train_starts(seed=1337, step=5, n_rows=32, count=count, block_size=block_size)

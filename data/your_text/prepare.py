@@ -14,6 +14,8 @@ data/openwebtext (written to data/openwebtext, which train.py reads by default).
     python data/your_text/prepare.py --dataset=openwebtext             # OpenWebText from the hub -> data/openwebtext
     python data/your_text/prepare.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT \
         --shard_tokens=100000000 --out_dir=data/fineweb10B      # shards of 100M tokens, FineWeb-style
+    python data/your_text/prepare.py --input=s3://bucket/web/ --engine=ray --ray_address=auto \
+        --shard_tokens=100000000 --out_dir=/mnt/shared/web      # on a Ray cluster's workers (docs/scale.md)
 
 --tokenizer is gpt2 (default) or a folder written by train_tokenizer.py; char is refused here, as a
 character vocabulary has no end-of-text token to keep documents apart.
@@ -33,10 +35,13 @@ folder is built beside its place and renamed in when whole: a failed run leaves 
 is replaced only with --overwrite.
 With --shard_tokens=N the splits are written as shards of N tokens (train_000000.bin, ...), which
 train.py reads as one split; the single-file layout is the default.
+With --engine=ray, the files are read and tokenized on a Ray cluster's workers, which write the token
+files at each document's place; the same bytes as the local engine (nanoforge/ray_data.py, docs/scale.md).
 OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens from it.
 """
 import argparse
 import atexit
+import functools
 import hashlib
 import json
 import math
@@ -49,8 +54,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from nanoforge import errors, tokens
-from nanoforge.corpus import (builder_of, curated_splits, find_files, input_error, is_url, load_hub, open_input,
-                              parse_ext, reason, text_column)
+from nanoforge.corpus import (builder_of, curated_splits, find_files, input_error, input_size, is_url, load_hub,
+                              open_input, parse_ext, reason, text_column)
 from nanoforge.errors import UserError
 from nanoforge.files import replace_folder
 from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg
@@ -71,13 +76,204 @@ def tokenize(batch, spec):
             "bytes": [len(t.encode("utf-8")) for t in texts]}
 
 
-def sha256_files(paths):
+def sha256_file(path):
     h = hashlib.sha256()
-    for path in paths:
-        with open_input(path) as f:  # a local file or a URL
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    with open_input(path) as f:  # a local file or a URL
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
+
+
+def sha256_files(digests):
+    """meta.json's sha256 of the input, from its files' own: one file's is its own (what sha256sum prints),
+    several files' is the sha256 of theirs, one a line in order (so they can be hashed in parallel)."""
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()
+
+
+def read_texts(paths, builder, args, cache_dir, num_proc):
+    """The documents of files of one kind (builder) as a dataset of one column, 'text'; None if empty."""
+    import datasets
+    options = {}
+    if builder == "text":
+        options["sample_by"] = "paragraph" if args.txt_split == "blank" else "document"
+    dset = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
+                                 num_proc=min(num_proc, len(paths)), **options)
+    if builder == "text" and args.txt_split == "blank":
+        # datasets splits on exactly "\n\n": drop the newlines left around a document, and empty ones
+        dset = dset.map(lambda b: {"text": [t.strip("\n") for t in b["text"] if t.strip("\n")]},
+                        batched=True, num_proc=min(num_proc, len(dset)) or None)
+    if not len(dset):
+        return None
+    where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
+    return text_column(dset, "text" if builder == "text" else args.text_field, where)
+
+
+def read_order(files):
+    """(group, builder, paths) in the order the documents are numbered: curate.py's shards by their split
+    (train, then val), any other input as one group; then by kind of file, in order of first appearance."""
+    for group, group_files in (curated_splits(files) or {"all": files}).items():
+        for builder in dict.fromkeys(map(builder_of, group_files)):
+            yield group, builder, [f for f in group_files if builder_of(f) == builder]
+
+
+def val_documents(sizes, sample_bytes, sample_tokens, args):
+    """Which documents are val (sorted indices): a random --val_fraction of them, or more where needed for
+    ~min_val_tokens (bytes a token measured on the first documents: sample_bytes over sample_tokens), but
+    no more than a tenth for that: a val split of 2 tokens scores nothing, and a small corpus still needs
+    its training text. sizes: every document's UTF-8 bytes."""
+    n = len(sizes)
+    bytes_per_token = sample_bytes / max(1, sample_tokens)
+    order = np.random.default_rng(args.seed).permutation(n)
+    enough = int(np.searchsorted(np.cumsum(sizes[order]), args.min_val_tokens * bytes_per_token)) + 1
+    n_val = max(1, math.ceil(args.val_fraction * n), min(enough, n // 10))
+    if n_val >= n:
+        raise UserError(f"only {n} document(s): too few to hold out {n_val} for val and train on the rest")
+    return np.sort(order[:n_val])
+
+
+def prepare_locally(files, args, tok, cache_dir):
+    """The local engine: the input read by datasets into Arrow files on disk (--num_proc processes), split,
+    tokenized in --num_proc processes and written a batch at a time. Returns meta's sha256 and counts."""
+    import datasets
+    parts, paths = [], []
+    try:
+        if files is None:
+            sha256 = None
+            dset = load_hub(args.dataset, args.name, "train", cache_dir, args.num_proc)
+            if len(dset):
+                parts.append(("all", text_column(dset, args.text_field, f"dataset {args.dataset}")))
+        else:
+            for group, builder, paths in read_order(files):
+                dset = read_texts(paths, builder, args, cache_dir, args.num_proc)
+                if dset is not None:
+                    parts.append((group, dset))
+            sha256 = sha256_files([sha256_file(f) for f in files])
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, a file that is not UTF-8, ...
+        raise input_error(reason(e), files or []) from None
+    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
+        raise UserError(f"could not read the input: no JSON lines in {paths[0]}") from None
+    if not parts:
+        raise UserError(f"no documents found in {', '.join(args.input) if args.input else args.dataset}")
+    dset = datasets.concatenate_datasets([d for _, d in parts])
+
+    # split by document, tokenize in parallel, write the token files a batch at a time
+    if {g for g, _ in parts} == {"train", "val"}:  # curated shards: their split, not a random one
+        splits = {k: datasets.concatenate_datasets([d for g, d in parts if g == group])
+                  for k, group in (("train", "train"), ("test", "val"))}
+        print(f"keeping the curated split: {len(splits['train']):,} train, {len(splits['test']):,} val documents")
+    else:
+        sample = [t or "" for t in dset.select(range(min(100, len(dset))))["text"]]
+        sizes = pc.fill_null(pc.binary_length(dset.data.column("text")), 0).to_numpy()
+        val = val_documents(sizes, sizes[:len(sample)].sum(), sum(len(tok.encode(t)) for t in sample), args)
+        splits = {"train": dset.select(np.setdiff1d(np.arange(len(dset)), val)), "test": dset.select(val)}
+    id_type = datasets.Value(np.dtype(tokens.token_dtype(tok.vocab_size)).name)  # uint16 for GPT-2: a small cache
+    # Sequence, not List: List is new in datasets 4, pyproject.toml allows 2.19
+    features = datasets.Features({"ids": datasets.Sequence(id_type), "bytes": datasets.Value("int64")})
+    meta = {"sha256": sha256}
+    for split, part in (("train", splits["train"]), ("val", splits["test"])):
+        part = part.map(tokenize, fn_kwargs={"spec": tok.spec}, batched=True, remove_columns=["text"],
+                        features=features, num_proc=min(args.num_proc, len(part)), desc=f"tokenizing {split}")
+        n_bytes = 0
+        writer = (tokens.ShardWriter(args.out_dir, split, tok.vocab_size, args.shard_tokens) if args.shard_tokens
+                  else tokens.TokenWriter(tokens.split_path(args.out_dir, split), tok.vocab_size))
+        with writer, \
+                tqdm(total=len(part), unit="docs", desc=f"writing {split}.bin") as bar:
+            for batch in part.with_format("arrow").iter(batch_size=1024):  # a pyarrow Table of 1024 documents
+                writer.write(pc.list_flatten(batch["ids"]).to_numpy())
+                n_bytes += pc.sum(batch["bytes"]).as_py()
+                bar.update(batch.num_rows)
+        meta.update({f"{split}_tokens": writer.count, f"{split}_bytes": n_bytes, f"{split}_documents": len(part)})
+    return meta
+
+
+def read_files(item, args):
+    """The documents of a few input files of one kind, in pyarrow tables of up to 10,000 (the Ray engine's
+    reader, on a worker, with a datasets cache of its own): read_texts, as the local engine reads them."""
+    import datasets
+    _, builder, paths = item
+    with tempfile.TemporaryDirectory(prefix="nanoforge_read") as cache:
+        try:
+            dset = read_texts(paths, builder, args, cache, 1)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise input_error(reason(e), paths) from None
+        except StopIteration:
+            raise UserError(f"could not read the input: no JSON lines in {paths[0]}") from None
+        if dset is not None:
+            yield from dset.with_format("arrow").iter(batch_size=10_000)
+
+
+def tokenize_table(table, spec, dtype):
+    """tokenize on a table of documents: their tokens (ids), UTF-8 bytes and token counts, as a table."""
+    import pyarrow as pa
+    out = tokenize({"text": table.column("text").to_pylist()}, spec)
+    ids = pa.array(out["ids"], type=pa.list_(pa.from_numpy_dtype(dtype)))
+    return pa.table({"ids": ids, "bytes": pa.array(out["bytes"], pa.int64()),
+                     "tokens": pc.list_value_length(ids).cast("int64")})
+
+
+def write_block(table, writers, start, in_val, position):
+    """A block of tokenized documents written into the split files at their places (on a worker): each run
+    of documents of one split is one contiguous run of that split's tokens."""
+    index = start[table.column("item").to_numpy()] + table.column("row").to_numpy()  # (n,) in the whole input
+    ids = table.column("ids").combine_chunks()
+    flat, offsets = ids.flatten().to_numpy(), ids.offsets.to_numpy() - ids.offsets[0].as_py()
+    split = in_val[index]
+    runs = np.flatnonzero(np.diff(split.astype(np.int8), prepend=-1))  # where a run of one split begins
+    for a, b in zip(runs, np.append(runs[1:], len(index))):
+        at = int(position[index[a]])
+        assert at + offsets[b] - offsets[a] == position[index[b - 1]] + offsets[b] - offsets[b - 1], "not one run"
+        writers["val" if split[a] else "train"].write_at(at, flat[offsets[a]:offsets[b]])
+
+
+def prepare_on_ray(files, args, tok, cache_dir):
+    """The Ray engine (--engine=ray): each file read and its documents tokenized on the cluster's workers;
+    here only each document's size and token count, to choose the split (val_documents, as the local
+    engine) and each document's place in its split; then the workers write the tokens at their places.
+    The same bytes as the local engine. Returns meta's sha256 and counts."""
+    from nanoforge import ray_data
+    if files is None:
+        raise UserError("--engine=ray reads --input files or URLs (a hub dataset's files: --input=hf://datasets/"
+                        "OWNER/NAME/...); --dataset is read by the local engine")
+    ray_data.connect(args.ray_address)
+    # the reading tasks: files in runs of about a quarter of each worker's share (a task per small file
+    # spent more time in datasets' setup than in reading it), any file larger alone
+    sizes = dict(zip(files, ray_data.map_items(input_size, files)))
+    share = sum(sizes.values()) / (4 * ray_data.cpus())
+    items = []
+    for group, builder, paths in read_order(files):
+        for path in paths:
+            if items and items[-1][:2] == (group, builder) and sum(sizes[p] for p in items[-1][2]) + sizes[path] <= share:
+                items[-1][2].append(path)
+            else:
+                items.append((group, builder, [path]))
+    ds = ray_data.documents(items, functools.partial(read_files, args=args), functools.partial(
+        tokenize_table, spec=tok.spec, dtype=tokens.token_dtype(tok.vocab_size)))
+    cols = ray_data.columns(ds, ["item", "row", "bytes", "tokens"])
+    n = len(cols["item"])
+    if not n:
+        raise UserError(f"no documents found in {', '.join(args.input)}")
+    start = np.concatenate([[0], np.cumsum(np.bincount(cols["item"], minlength=len(items)))[:-1]])  # (files,)
+    assert (start[cols["item"]] + cols["row"] == np.arange(n)).all(), "Ray returned the documents out of order"
+    if {g for g, _, _ in items} == {"train", "val"}:  # curated shards: their split, not a random one
+        in_val = np.array([g == "val" for g, _, _ in items])[cols["item"]]  # (n,)
+        print(f"keeping the curated split: {n - in_val.sum():,} train, {in_val.sum():,} val documents")
+    else:
+        sample = slice(0, min(100, n))  # tokens without the end-of-text token, as the local engine counts them
+        in_val = np.zeros(n, bool)
+        in_val[val_documents(cols["bytes"], cols["bytes"][sample].sum(), (cols["tokens"][sample] - 1).sum(), args)] = True
+    meta, writers, position = {}, {}, np.zeros(n, np.int64)
+    for split, mask in (("train", ~in_val), ("val", in_val)):
+        counts = cols["tokens"][mask]
+        position[mask] = np.cumsum(counts) - counts  # where each document's tokens begin in its split
+        writers[split] = tokens.PlacedWriter(args.out_dir, split, tok.vocab_size, int(counts.sum()), args.shard_tokens)
+        writers[split].create()
+        meta.update({f"{split}_tokens": int(counts.sum()), f"{split}_bytes": int(cols["bytes"][mask].sum()),
+                     f"{split}_documents": int(mask.sum())})
+    written = ray_data.each_block(ds, functools.partial(write_block, writers=writers), start=start, in_val=in_val,
+                                  position=position)
+    assert written == n, f"the workers wrote {written} documents of {n}"
+    print(f"ray: {n:,} documents tokenized and written on {len(ray_data.connect().nodes())} node(s)")
+    return dict(sha256=sha256_files(ray_data.map_items(sha256_file, files)), **meta)
 
 
 # the guard matters: datasets' worker processes may import this file (spawn), and must not rerun the work
@@ -108,6 +304,10 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", help="where train.bin, val.bin, meta.json go (default: data/your_text for "
                         "--input, data/<name> for --dataset)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out_dir")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this machine's processes; ray: a Ray cluster's workers, the same output (%(default)s)")
+    parser.add_argument("--ray_address", default="", help="with --engine=ray: auto (the cluster `ray start` joined "
+                        "this machine to) or HOST:PORT; empty: Ray on this machine alone")
     parser.add_argument("--cache_dir", help="Hugging Face datasets cache (default: a temporary folder in --out_dir "
                         "for --input, Hugging Face's own cache for the hub)")
     args = parser.parse_args()
@@ -155,81 +355,15 @@ if __name__ == "__main__":
     if files and not args.cache_dir:  # a name .gitignore's data/*/*.tmp* covers
         temp_cache = tempfile.TemporaryDirectory(prefix="hf_cache.tmp", dir=args.out_dir)
     cache_dir = args.cache_dir or (temp_cache.name if temp_cache else None)
-    parts = []
-    try:
-        if files is None:
-            source, sha256 = f"huggingface:{args.dataset}", None
-            dset = load_hub(args.dataset, args.name, "train", cache_dir, args.num_proc)
-            if len(dset):
-                parts.append(("all", text_column(dset, args.text_field, f"dataset {args.dataset}")))
-        else:
-            inputs = [p if is_url(p) else os.path.abspath(p) for p in args.input]
-            source, sha256 = inputs[0] if len(inputs) == 1 else inputs, sha256_files(files)
-            groups = curated_splits(files) or {"all": files}  # curate.py's output keeps its held-out split
-            for group, group_files in groups.items():
-                for builder in dict.fromkeys(map(builder_of, group_files)):
-                    paths = [f for f in group_files if builder_of(f) == builder]
-                    options = {}
-                    if builder == "text":
-                        options["sample_by"] = "paragraph" if args.txt_split == "blank" else "document"
-                    dset = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
-                                                 num_proc=min(args.num_proc, len(paths)), **options)
-                    if builder == "text" and args.txt_split == "blank":
-                        # datasets splits on exactly "\n\n": drop the newlines left around a document, and empty ones
-                        dset = dset.map(lambda b: {"text": [t.strip("\n") for t in b["text"] if t.strip("\n")]},
-                                        batched=True, num_proc=min(args.num_proc, len(dset)) or None)
-                    if len(dset):
-                        where = paths[0] if len(paths) == 1 else f"the {builder} files ({paths[0]}, ...)"
-                        parts.append((group, text_column(dset, "text" if builder == "text" else args.text_field, where)))
-    except datasets.exceptions.DatasetGenerationError as e:  # a malformed JSON line, a file that is not UTF-8, ...
-        raise input_error(reason(e), files or []) from None
-    except StopIteration:  # datasets' JSON reader, on a compressed file with nothing inside
-        raise UserError(f"could not read the input: no JSON lines in {paths[0]}") from None
-    if not parts:
-        raise UserError(f"no documents found in {', '.join(args.input) if args.input else args.dataset}")
-    dset = datasets.concatenate_datasets([d for _, d in parts])
-
-    # --------------------------------------------------------------------------------------------------
-    # split by document, tokenize in parallel, write the token files a batch at a time
-
-    if {g for g, _ in parts} == {"train", "val"}:  # curated shards: their split, not a random one
-        splits = {k: datasets.concatenate_datasets([d for g, d in parts if g == group])
-                  for k, group in (("train", "train"), ("test", "val"))}
-        print(f"keeping the curated split: {len(splits['train']):,} train, {len(splits['test']):,} val documents")
-    else:
-        # a random --val_fraction of the documents, or more where needed for ~min_val_tokens (bytes a token
-        # measured on the first 100 documents), but no more than a tenth for that: a val split of 2 tokens
-        # scores nothing, and a small corpus still needs its training text
-        sample = [t or "" for t in dset.select(range(min(100, len(dset))))["text"]]
-        bytes_per_token = sum(len(t.encode("utf-8")) for t in sample) / max(1, sum(len(tok.encode(t)) for t in sample))
-        sizes = pc.fill_null(pc.binary_length(dset.data.column("text")), 0).to_numpy()
-        order = np.random.default_rng(args.seed).permutation(len(dset))
-        enough = int(np.searchsorted(np.cumsum(sizes[order]), args.min_val_tokens * bytes_per_token)) + 1
-        n_val = max(1, math.ceil(args.val_fraction * len(dset)), min(enough, len(dset) // 10))
-        if n_val >= len(dset):
-            raise UserError(f"only {len(dset)} document(s): too few to hold out {n_val} for val and train on the rest")
-        splits = {"train": dset.select(np.sort(order[n_val:])), "test": dset.select(np.sort(order[:n_val]))}
-    id_type = datasets.Value(np.dtype(tokens.token_dtype(tok.vocab_size)).name)  # uint16 for GPT-2: a small cache
-    # Sequence, not List: List is new in datasets 4, pyproject.toml allows 2.19
-    features = datasets.Features({"ids": datasets.Sequence(id_type), "bytes": datasets.Value("int64")})
-    meta = {"tokenizer": tok.spec, "vocab_size": tok.vocab_size, "source": source, "sha256": sha256}
-    for split, part in (("train", splits["train"]), ("val", splits["test"])):
-        part = part.map(tokenize, fn_kwargs={"spec": tok.spec}, batched=True, remove_columns=["text"],
-                        features=features, num_proc=min(args.num_proc, len(part)), desc=f"tokenizing {split}")
-        n_bytes = 0
-        writer = (tokens.ShardWriter(args.out_dir, split, tok.vocab_size, args.shard_tokens) if args.shard_tokens
-                  else tokens.TokenWriter(tokens.split_path(args.out_dir, split), tok.vocab_size))
-        with writer, \
-                tqdm(total=len(part), unit="docs", desc=f"writing {split}.bin") as bar:
-            for batch in part.with_format("arrow").iter(batch_size=1024):  # a pyarrow Table of 1024 documents
-                writer.write(pc.list_flatten(batch["ids"]).to_numpy())
-                n_bytes += pc.sum(batch["bytes"]).as_py()
-                bar.update(batch.num_rows)
-        meta.update({f"{split}_tokens": writer.count, f"{split}_bytes": n_bytes, f"{split}_documents": len(part)})
+    source = (f"huggingface:{args.dataset}" if files is None else
+              [p if is_url(p) else os.path.abspath(p) for p in args.input])
+    meta = {"tokenizer": tok.spec, "vocab_size": tok.vocab_size,
+            "source": source[0] if isinstance(source, list) and len(source) == 1 else source}
+    meta.update((prepare_on_ray if args.engine == "ray" else prepare_locally)(files, args, tok, cache_dir))
     tokens.write_meta(args.out_dir, meta)
     if meta["val_tokens"] < args.min_val_tokens:
         print(f"warning: val holds only {meta['val_tokens']:,} tokens (wanted {args.min_val_tokens:,}, at most a tenth "
-              f"of the {len(dset):,} documents): its loss is noisy. A bigger corpus, or --min_val_tokens lower to say it is fine")
+              f"of the {meta['train_documents'] + meta['val_documents']:,} documents): its loss is noisy. A bigger corpus, or --min_val_tokens lower to say it is fine")
     if temp_cache:
         temp_cache.cleanup()
     replace_folder(args.out_dir, final)

@@ -1,0 +1,132 @@
+"""
+The data stages on Ray, for corpora past one machine (prepare scripts with --engine=ray): the same
+functions the local engine runs, on a Ray cluster's workers through Ray Data, giving the same bytes.
+
+    ray start --head                                  # on one machine; on the others:
+    ray start --address=HEAD_IP:6379
+    python data/your_text/prepare.py --input=s3://bucket/web/ --engine=ray --ray_address=auto ...
+
+Without --ray_address, Ray does what ray.init() does: joins the cluster this machine already runs, else
+starts one on this machine alone (all its cores). Every node needs the same Python
+packages (nanoforge installed, the input readable by its URL or a shared folder) and the output folder
+on a filesystem they all see: the workers write the token files themselves, each document's tokens at
+the place the driver worked out for them (tokens.PlacedWriter).
+"""
+import logging
+
+import numpy as np
+
+from nanoforge.errors import UserError
+
+
+def connect(address=""):
+    """Joins the Ray cluster at `address` ('auto': the one `ray start` made this machine part of; or
+    HOST:PORT); with '', that one if there is one, else a new one on this machine. Ray Data then keeps
+    every dataset in input order."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError("--engine=ray needs Ray: pip install 'ray[data]' (or pip install -e '.[ray]')") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or None, log_to_driver=False, logging_level="ERROR",
+                     configure_logging=True)
+        except ConnectionError as e:
+            raise UserError(f"no Ray cluster at --ray_address={address} ({' '.join(str(e).split())[:200]}); "
+                            f"start one with `ray start --head`, or leave --ray_address out for one on this "
+                            f"machine") from None
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the input's order, on any cluster
+    # a plan and a log path per pass are not news, and a worker's error is raised here by run() (one line
+    # for a UserError, else its traceback), not logged again
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    return ray
+
+
+def user_error(e):
+    """The UserError a Ray task raised (wrapped by Ray in its own exceptions), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError: the worker's exception (it is a UserError too)
+        if isinstance(cause, BaseException):
+            e = cause
+        elif isinstance(e, UserError):
+            return e
+        else:
+            e = e.__cause__ or e.__context__
+    return None
+
+
+def run(fn):
+    """fn() with a worker's UserError raised here as itself, one line, not Ray's traceback of it."""
+    try:
+        return fn()
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        raise UserError(str(error).splitlines()[0]) from None  # Ray appends lines of its own advice
+
+
+def cpus():
+    """The cluster's CPUs, all nodes together."""
+    return max(1, int(connect().cluster_resources().get("CPU", 1)))
+
+
+def map_items(fn, items):
+    """[fn(item) for item in items], one Ray task each, in order."""
+    ray = connect()
+    task = ray.remote(fn)
+    return run(lambda: ray.get([task.remote(item) for item in items]))
+
+
+def documents(items, read, transform):
+    """Pass one over the input: read(item) on a worker yields pyarrow tables of documents (an item is a
+    file), which transform(table) turns into other columns on any worker, in order. Each row gets `item`
+    (the item's position in `items`) and `row` (the document's position in its item), so a later pass
+    knows every document's place in the whole input. Returns the materialized dataset (in Ray's object
+    store, spilled to disk when large)."""
+    import pyarrow as pa
+    ray = connect()
+
+    def read_item(batch):  # a batch of one item: the documents of one file, in tables
+        k = int(batch["item"][0].as_py())
+        row = 0
+        for table in read(items[k]):
+            n = table.num_rows
+            yield table.append_column("item", pa.array(np.full(n, k, np.int64))).append_column(
+                "row", pa.array(np.arange(row, row + n, dtype=np.int64)))
+            row += n
+
+    def apply(table):
+        out = transform(table.drop_columns(["item", "row"]))
+        return out.append_column("item", table.column("item")).append_column("row", table.column("row"))
+
+    ds = ray.data.from_items([{"item": k} for k in range(len(items))], override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(read_item, batch_size=1, batch_format="pyarrow").map_batches(apply, batch_format="pyarrow")
+    return run(ds.materialize)
+
+
+def columns(ds, names):
+    """The chosen (small) columns of a materialized dataset, in order, as numpy arrays on the driver."""
+    parts = {name: [] for name in names}
+    for batch in ds.select_columns(names).iter_batches(batch_size=None, batch_format="numpy"):
+        for name in names:
+            parts[name].append(batch[name])
+    return {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()}
+
+
+def each_block(ds, fn, **shared):
+    """fn(table, **shared) on every block of a materialized dataset, on the workers; `shared` (numpy arrays
+    the size of the corpus, say) is put in the object store once and read there without a copy."""
+    ray = connect()
+    refs = {name: ray.put(value) for name, value in shared.items()}
+
+    def apply(table):
+        fn(table, **{name: ray.get(ref) for name, ref in refs.items()})
+        import pyarrow as pa
+        return pa.table({"rows": [table.num_rows]})
+
+    done = run(lambda: ds.map_batches(apply, batch_format="pyarrow").materialize())
+    return int(columns(done, ["rows"])["rows"].sum())
