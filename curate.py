@@ -12,7 +12,10 @@ url), report.json, report.md and lengths.png. It is written beside its final pla
 when complete; an existing output is refused unless --overwrite=True. Per-document stages run in a
 `datasets` map over num_proc processes (inputs are memory-mapped Arrow on disk, so memory stays flat);
 deduplication and the split need the whole corpus and run in this process over compact per-document keys.
+With --engine=ray the input is read and the per-document stages run on a Ray cluster's workers; the
+corpus-wide passes still run here, over the same keys streamed back: byte for byte the same output.
 """
+import functools
 import os
 import sys
 import tempfile
@@ -38,6 +41,9 @@ hf_max_documents = 0            # > 0: stream only the first N documents of each
 txt_split = "file"              # .txt: one document per file ('file') or per blank-line paragraph ('blank')
 num_proc = "auto"               # processes for the per-document stages; 'auto' = the CPU count
 map_chunk_docs = 50000          # documents per round of worker processes (bounds their memory)
+engine = "local"                # 'local': this machine's processes; 'ray': a Ray cluster's workers, the same output
+ray_address = ""                # with engine='ray': 'auto' (the cluster `ray start` joined), HOST:PORT, or ''
+                                # (ray.init's default: this machine's cluster, else a new one here)
 # 1. cleanup
 cleanup = True
 fix_mojibake = True
@@ -98,6 +104,15 @@ examples_per_reason = 3
 DEFAULTS = knobs(globals())
 # ------------------------------------------------------------------------------------------------------
 
+def read_runs(item, cfg):
+    """engine='ray': the documents (id, text, url) of a run of input files of one kind, read on a worker into
+    its own datasets cache by load_documents, as the local engine reads them; in tables of up to 10,000."""
+    from nanoforge.corpus import load_documents
+    _, paths = item
+    with tempfile.TemporaryDirectory(prefix="nanoforge_read") as cache:
+        yield from load_documents(paths, cfg, cache, 1).with_format("arrow").iter(batch_size=10_000)
+
+
 if __name__ == "__main__":
     errors.friendly_errors()
     defaults = DEFAULTS
@@ -117,11 +132,13 @@ if __name__ == "__main__":
         raise UserError("val_fraction must be in [0, 1), model_keep_fraction in (0, 1], minhash_threshold in (0, 1)")
     if not 0 < classifier_keep_fraction <= 1 or classifier_train_docs < 1:
         raise UserError("classifier_keep_fraction must be in (0, 1] and classifier_train_docs at least 1")
+    if engine not in ("local", "ray"):
+        raise UserError(f"engine must be 'local' or 'ray', got {engine!r}")
     if model_filter and not model_source:
         raise UserError("model_filter=True needs model_source=OUT_DIR (a checkpoint of a model of trusted text)")
     print(f"curating {input} -> {output}; overrides: {overrides(defaults, config)}")
     entries = [p for p in input.split(",") if p]
-    from nanoforge.corpus import find_files, is_hub, load_documents
+    from nanoforge.corpus import by_builder, find_files, is_hub, load_documents
     hub = [p for p in entries if is_hub(p)]
     if not hub:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files need no network; read by datasets at import
@@ -139,21 +156,34 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix=os.path.basename(os.path.abspath(output)) + ".cache", dir=parent) as work, \
             files.atomic_folder(output) as out:
         t0 = time.time()
-        dset = load_documents(inputs, config, os.path.join(work, "cache"), num_proc, hub)
-        print(f"{len(dset):,} documents from {len(inputs)} file(s) and {len(hub)} Hugging Face dataset(s) "
-              f"in {time.time() - t0:.1f} s")
-        classifier = None
+        reference = None
         if classifier_reference:  # stage 6's classifier is trained once, up front, then scores each document
             ref_files, _ = find_files([p for p in classifier_reference.split(",") if p])
             if not ref_files:
                 raise UserError(f"classifier_reference {classifier_reference} holds no documents: its files are empty")
             reference = load_documents(ref_files, dict(config, txt_split=classifier_reference_split, id_field="", url_field=""),
                                       os.path.join(work, "reference"), num_proc)
-            classifier = pipeline.train_classifier(reference, dset, config)
+        if engine == "ray":  # the same stages on a Ray cluster's workers, the same output
+            if hub:
+                raise UserError("engine='ray' reads files and URLs (a hub dataset's files: hf://datasets/OWNER/NAME/...); "
+                                "Hugging Face dataset names are read by the local engine")
+            from nanoforge import ray_data
+            ray_data.connect(ray_address)
+            runs = ray_data.file_runs([(builder, path) for builder, paths in by_builder(inputs) for path in paths])
+            report, n = pipeline.run_on_ray(runs, functools.partial(read_runs, cfg=config), config, out, reference)
+        else:
+            dset = load_documents(inputs, config, os.path.join(work, "cache"), num_proc, hub)
+            n = len(dset)
+            print(f"{n:,} documents from {len(inputs)} file(s) and {len(hub)} Hugging Face dataset(s) "
+                  f"in {time.time() - t0:.1f} s")
+            classifier = None
+            if reference is not None:
+                classifier = pipeline.train_classifier(reference, pipeline.first_texts(dset, classifier_train_docs), config)
+            report = pipeline.run(dset, config, out, num_proc, classifier)
+        if reference is not None:
             print(f"quality classifier trained on {min(len(reference), classifier_train_docs):,} reference and "
-                  f"{min(len(dset), classifier_train_docs):,} corpus documents")
-        report = pipeline.run(dset, config, out, num_proc, classifier)
-        report["config"] = config
+                  f"{min(n, classifier_train_docs):,} corpus documents")
+        report["config"] = {k: v for k, v in config.items() if k not in ("engine", "ray_address")}  # what, not how
         report["input_files"] = inputs + hub  # absolute: the report is the same from any working folder
         write_report(report, out)
     s = report["summary"]

@@ -3,6 +3,7 @@
 #   python data/your_text/prepare.py --input=data/ccweb/curated --out_dir=data/ccweb
 # A Hugging Face dataset instead (online): --input=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT
 # --hf_max_documents=100000 (its first 100,000 documents, streamed; 0 downloads the whole split)
+# On a Ray cluster, the same output: --engine=ray --ray_address=auto (docs/scale.md).
 # Every key is one of curate.py's defaults; this file names the ones a web corpus tunes.
 text_field = "text"
 id_field = "id"

@@ -333,14 +333,19 @@ def input_error(what, paths):
     return UserError(f"could not read the input{' ' + where if where else ''}: {what}")
 
 
+def by_builder(files):
+    """[(builder, paths)]: the files by kind, kinds in order of first appearance, files in order within one;
+    the order the documents are numbered in (both engines, both scripts)."""
+    return [(b, [f for f in files if builder_of(f) == b]) for b in dict.fromkeys(map(builder_of, files))]
+
+
 def load_documents(files, cfg, cache_dir, num_proc, hub=()):
     """One dataset with columns id, text, url: the local files (read by datasets' builders to disk), then
     the Hugging Face datasets named in `hub` (load_hub: a hub name or hf:FOLDER), in order. For curate.py."""
     import datasets
     parts, paths = [], []
     try:
-        for builder in dict.fromkeys(map(builder_of, files)):
-            paths = [f for f in files if builder_of(f) == builder]
+        for builder, paths in by_builder(files):
             options = {"sample_by": "paragraph" if cfg["txt_split"] == "blank" else "document"} if builder == "text" else {}
             d = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir,
                                       num_proc=min(num_proc, len(paths)), **options)

@@ -401,13 +401,14 @@ def test_classifier_filter(tmp_path):
                classifier_keep_fraction=0.5, val_fraction=0.0, url_field="")
     dset = load_documents([str(tmp_path / "in.jsonl.gz")], cfg, str(tmp_path / "cache"), 1)
     ref = load_documents([str(reference)], dict(cfg, txt_split="blank"), str(tmp_path / "ref"), 1)
-    model = pipeline.train_classifier(ref, dset, cfg)
-    again = pipeline.train_classifier(ref, dset, cfg)
+    web = pipeline.first_texts(dset, cfg["classifier_train_docs"])
+    model = pipeline.train_classifier(ref, web, cfg)
+    again = pipeline.train_classifier(ref, web, cfg)
     scores = [quality.score(model, r["text"]) for r in rows]
     assert scores == [quality.score(again, r["text"]) for r in rows]  # deterministic
     assert min(s for s, r in zip(scores, rows) if r["id"][0] == "g") > max(s for s, r in zip(scores, rows) if r["id"][0] == "j")
     with pytest.raises(UserError, match="0 reference and 40 web"):  # raised in the child, re-raised here
-        pipeline.train_classifier(dset.select([]), dset, cfg)
+        pipeline.train_classifier(dset.select([]), web, cfg)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     report = pipeline.run(dset, cfg, str(out_dir), 1, classifier=model)

@@ -1,12 +1,16 @@
 """
 The Ray engine of the data scripts (--engine=ray) on a real Ray cluster of two nodes on this machine
 (Ray's own cluster_utils: a head and a second node, each a raylet with its own workers): the same bytes
-as the local engine, a worker killed mid-run retried by Ray with the same output, errors in one line.
+as the local engine, curate.py's and prepare.py's, a worker killed mid-run retried by Ray with the same
+output, errors in one line.
 """
 import filecmp
+import gzip
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -14,6 +18,7 @@ from conftest import ROOT, SHARED, assert_one_line_error, run  # noqa: E402
 
 ray = pytest.importorskip("ray")  # a test dependency (pyproject's test extra): present in CI
 PREPARE = os.path.join(ROOT, "data", "your_text", "prepare.py")
+CC_WEB = os.path.join(SHARED, "data", "cc_web")
 FAULTS = os.path.join(ROOT, "tests", "faults")
 
 
@@ -50,7 +55,7 @@ def corpus(folder):
     pq.write_table(pa.table({"text": [doc() if i != 7 else "" for i in range(200)]}), folder / "sub" / "b.parquet")
     for i in range(4):
         (folder / f"t{i}.txt").write_text(doc(), encoding="utf-8")
-    return [os.path.join(SHARED, "data", "cc_web"), str(folder)]
+    return [CC_WEB, str(folder)]
 
 
 def same_folders(a, b):
@@ -94,3 +99,50 @@ def test_ray_engine_errors_are_one_line(cluster, tmp_path):
     proc = run(PREPARE, "--dataset=openwebtext", f"--out_dir={tmp_path / 'x'}", *ray_args, check=False)
     assert_one_line_error(proc, "--engine=ray reads --input")
     assert not os.path.exists(tmp_path / "x")
+
+
+def planted(folder):
+    """cc_web's first 300 pages again, in two files: as they are, in capitals (exact copies, once case is
+    folded), with a word in 30 changed (near copies), or with an e-mail address added."""
+    rng = random.Random(5)
+    with gzip.open(os.path.join(CC_WEB, os.listdir(CC_WEB)[0]), "rt", encoding="utf-8") as f:
+        pages = [json.loads(line) for line in f][:300]
+    rows = []
+    for i, page in enumerate(pages):
+        text, kind = page["text"], i % 4
+        if kind == 1:
+            text = text.upper()
+        elif kind == 2:
+            words = text.split(" ")
+            for _ in range(max(1, len(words) // 30)):
+                words[rng.randrange(len(words))] = "zebra"
+            text = " ".join(words)
+        elif kind == 3:
+            text += "\nWrite to jane.doe@example.org for more."
+        rows.append({"id": f"copy{i}", "text": text, "metadata": {"url": f"https://copies.example/{i}"}})
+    folder.mkdir()
+    for k, part in enumerate((rows[:150], rows[150:])):
+        with gzip.open(folder / f"part{k}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return [CC_WEB, str(folder)]
+
+
+def test_curate_on_two_ray_nodes_writes_the_local_engines_bytes(cluster, tmp_path):
+    address, _ = cluster
+    inputs = ",".join(planted(tmp_path / "raw"))
+    outputs = {}
+    for engine in ("local", "ray"):  # a relative output from two working folders: the reports name the same one
+        (tmp_path / engine).mkdir()
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), os.path.join(ROOT, "config", "curate_web.py"),
+                               f"--input={inputs}", "--output=curated", f"--engine={engine}", f"--ray_address={address}",
+                               "--num_proc=1", "--val_fraction=0.05"],
+                              cwd=tmp_path / engine, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[engine] = tmp_path / engine / "curated"
+    assert "on 2 Ray node(s)" in proc.stdout, proc.stdout
+    names = same_folders(outputs["local"], outputs["ray"])  # shards, report.json, report.md, lengths.png
+    assert {"train-00000.jsonl.gz", "val-00000.jsonl.gz", "report.json"} <= set(names)
+    report = json.loads((outputs["ray"] / "report.json").read_text())
+    assert report["summary"]["documents_in"] == 697 + 300
+    for reason in ("dedup:exact", "dedup:near"):  # the copies were found, the same ones by both engines
+        assert report["drop_reasons"][reason] > 0, report["drop_reasons"]

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from nanoforge import errors, tokens
-from nanoforge.corpus import (builder_of, curated_splits, find_files, input_error, input_size, is_url, load_hub,
+from nanoforge.corpus import (builder_of, by_builder, curated_splits, find_files, input_error, is_url, load_hub,
                               open_input, parse_ext, reason, text_column)
 from nanoforge.errors import UserError
 from nanoforge.files import replace_folder
@@ -112,8 +112,8 @@ def read_order(files):
     """(group, builder, paths) in the order the documents are numbered: curate.py's shards by their split
     (train, then val), any other input as one group; then by kind of file, in order of first appearance."""
     for group, group_files in (curated_splits(files) or {"all": files}).items():
-        for builder in dict.fromkeys(map(builder_of, group_files)):
-            yield group, builder, [f for f in group_files if builder_of(f) == builder]
+        for builder, paths in by_builder(group_files):
+            yield group, builder, paths
 
 
 def val_documents(sizes, sample_bytes, sample_tokens, args):
@@ -235,17 +235,8 @@ def prepare_on_ray(files, args, tok, cache_dir):
         raise UserError("--engine=ray reads --input files or URLs (a hub dataset's files: --input=hf://datasets/"
                         "OWNER/NAME/...); --dataset is read by the local engine")
     ray_data.connect(args.ray_address)
-    # the reading tasks: files in runs of about a quarter of each worker's share (a task per small file
-    # spent more time in datasets' setup than in reading it), any file larger alone
-    sizes = dict(zip(files, ray_data.map_items(input_size, files)))
-    share = sum(sizes.values()) / (4 * ray_data.cpus())
-    items = []
-    for group, builder, paths in read_order(files):
-        for path in paths:
-            if items and items[-1][:2] == (group, builder) and sum(sizes[p] for p in items[-1][2]) + sizes[path] <= share:
-                items[-1][2].append(path)
-            else:
-                items.append((group, builder, [path]))
+    runs = ray_data.file_runs([((group, builder), path) for group, builder, paths in read_order(files) for path in paths])
+    items = [(group, builder, paths) for (group, builder), paths in runs]
     ds = ray_data.documents(items, functools.partial(read_files, args=args), functools.partial(
         tokenize_table, spec=tok.spec, dtype=tokens.token_dtype(tok.vocab_size)))
     cols = ray_data.columns(ds, ["item", "row", "bytes", "tokens"])

@@ -19,6 +19,7 @@ from nanoforge.curation import pii
 from nanoforge.curation import quality
 from nanoforge.curation import stages
 from nanoforge.curation.report import SNIPPET, build_report
+from nanoforge.errors import UserError
 
 
 def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=None):
@@ -140,43 +141,49 @@ def in_child(fn, *args):
     return result
 
 
+def texts_of(table):
+    """A table's documents as str, bytes that are not UTF-8 replaced (process counts them; a sample may not fail)."""
+    return [t.decode("utf-8", "replace") if t else "" for t in pc.cast(table.column("text"), pa.large_binary()).to_pylist()]
+
+
+def first_texts(dset, n):
+    """The texts of a dataset's first n documents."""
+    head = dset.select(range(min(len(dset), n))).select_columns(["text"]).with_format("arrow")
+    return [t for batch in head.iter(batch_size=1000) for t in texts_of(batch)]
+
+
 def sample_repeated_lines(dset, cfg):
     """Stage 1's repeated lines, counted on the first repeated_line_sample documents."""
-    head = dset.select(range(min(len(dset), cfg["repeated_line_sample"]))).select_columns(["text"]).with_format("arrow")
-    sample = (t.decode("utf-8", "replace") if t else "" for batch in head.iter(batch_size=1000)
-              for t in pc.cast(batch.column("text"), pa.large_binary()).to_pylist())
-    return stages.repeated_lines(sample, cfg["repeated_line_min_docs"])
+    return stages.repeated_lines(first_texts(dset, cfg["repeated_line_sample"]), cfg["repeated_line_min_docs"])
 
 
-def train_classifier(reference, dset, cfg):
+def train_classifier(reference, corpus_texts, cfg):
     """Stage 7's classifier, trained on the first classifier_train_docs documents of the reference set and
-    of the corpus (in a child process: the corpus pages it reads stay out of this one's memory)."""
-    def texts(d):
-        head = d.select(range(min(len(d), cfg["classifier_train_docs"]))).select_columns(["text"])
-        return [t or "" for batch in head.iter(batch_size=1000) for t in batch["text"]]
-    return in_child(lambda: quality.train(texts(reference), texts(dset)))
+    of the corpus (corpus_texts: its first ones), in a child process, so the pages of the reference it
+    reads stay out of this one's memory."""
+    k = cfg["classifier_train_docs"]
+    return in_child(lambda: quality.train(first_texts(reference, k), corpus_texts[:k]))
+
+
+def blocklists(cfg):
+    """Stage 4's word and domain lists (empty with the filter off), sorted: the map's arguments."""
+    if not cfg["harmful_filter"]:
+        return [], []
+    return sorted(stages.read_list(cfg["blocklist_words"])), sorted(stages.read_list(cfg["blocklist_domains"]))
 
 
 def run(dset, cfg, out, num_proc, classifier=None):
-    """All stages on dset (with the stage 6 classifier when given); writes the shards to `out` and returns
-    the report."""
+    """All stages on dset (with the stage 6 classifier when given), on this machine: the per-document stages
+    in a datasets map over num_proc processes, then finish(). Writes the shards to `out`, returns the report."""
     n = len(dset)
-    ex = defaultdict(list)  # reason -> a few examples
-
-    def example(key, item):
-        if len(ex[key]) < cfg["examples_per_reason"]:
-            ex[key].append(item)
-
     # stage 1 needs the lines repeated across documents: counted on a bounded sample, before the map
     repeated = set()
     if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
         repeated = in_child(sample_repeated_lines, dset, cfg)
-    words = stages.read_list(cfg["blocklist_words"]) if cfg["harmful_filter"] else set()
-    domains = stages.read_list(cfg["blocklist_domains"]) if cfg["harmful_filter"] else set()
+    words, domains = blocklists(cfg)
     # in chunks of map_chunk_docs: each chunk gets fresh worker processes, so the pages of the corpus a
     # worker has read (memory-mapped Arrow, counted in its memory) never add up past one chunk's share
-    kwargs = {"repeated": sorted(repeated), "words": sorted(words), "domains": sorted(domains), "cfg": cfg,
-              "classifier": classifier}
+    kwargs = {"repeated": sorted(repeated), "words": words, "domains": domains, "cfg": cfg, "classifier": classifier}
     # Only the names of each chunk's output files are kept: the dataset datasets hands back has its files
     # memory-mapped and their pages touched (read_all), so it is dropped at once and its map closed.
     files, chunk = [], cfg["map_chunk_docs"]
@@ -189,6 +196,19 @@ def run(dset, cfg, out, num_proc, classifier=None):
         assert len(done) == len(part), f"the map returned {len(done)} rows for {len(part)}"
         files += [c["filename"] for c in done.cache_files]
         del done, part
+    return finish(lambda names: columns(files, names, n), n, cfg, out, classifier)
+
+
+def finish(rows, n, cfg, out, classifier=None):
+    """The corpus-wide passes over the per-document stages' output, in this process, over compact keys
+    (stages 5, 6 and 8), then the shards and the report. rows(names) yields (index, {name: value}) for those
+    columns of process's output, for all n documents in input order (the local engine reads them from its
+    map's files, the Ray engine from its workers' blocks). Writes the shards to `out`, returns the report."""
+    ex = defaultdict(list)  # reason -> a few examples
+
+    def example(key, item):
+        if len(ex[key]) < cfg["examples_per_reason"]:
+            ex[key].append(item)
 
     # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
     # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold).
@@ -204,7 +224,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
     mult = np.random.default_rng(0).integers(1, 2 ** 63, size=r, dtype=np.uint64) | np.uint64(1)  # odd: a fixed mix
     bands = np.zeros((n, b), np.uint64)
     dup_of = {}  # example documents -> the index of the one they duplicate, turned into ids below
-    for i, row in columns(files, n=n, names=["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
+    for i, row in rows(["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
         s = row["status"]
         lengths_in[i], lengths_clean[i] = row["bytes_in"], row["bytes_clean"]
         if not s and cfg["exact_dedup"]:
@@ -247,7 +267,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
         del buckets, first
     if dup_of:  # the examples name documents by id
         wanted = set(dup_of.values())
-        names = {i: row["id"] for i, row in columns(files, n=n, names=["id"]) if i in wanted}
+        names = {i: row["id"] for i, row in rows(["id"]) if i in wanted}
         for (key, k), i in dup_of.items():
             field = "id" if key.endswith(":self") else "duplicate_of"
             ex[key.replace(":self", "")][k][field] = names[i]
@@ -260,7 +280,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
         model.eval()
         tok = load_tokenizer(spec)
         scores = {i: stages.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
-                  for i, row in columns(files, n=n, names=["text"]) if not status[i]}
+                  for i, row in rows(["text"]) if not status[i]}
         keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
             if rank >= keep:
@@ -271,7 +291,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
     # then the classifier_keep_fraction with the highest scores is kept (ties: input order)
     cut = None
     if classifier is not None:
-        scores = {i: (row["score"], row["id"]) for i, row in columns(files, n=n, names=["score", "id"]) if not status[i]}
+        scores = {i: (row["score"], row["id"]) for i, row in rows(["score", "id"]) if not status[i]}
         keep = math.ceil(cfg["classifier_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (-scores[i][0], i))):
             if rank >= keep or scores[i][0] < cfg["classifier_min_score"]:
@@ -281,7 +301,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
                 cut = scores[i][0]  # the lowest score kept
 
     # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
-    hashes = {i: stages.split_hash(row["text"], cfg["split_seed"]) for i, row in columns(files, n=n, names=["text"]) if not status[i]}
+    hashes = {i: stages.split_hash(row["text"], cfg["split_seed"]) for i, row in rows(["text"]) if not status[i]}
     val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
     if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
         val = {min(hashes, key=lambda i: (hashes[i], i))}
@@ -291,7 +311,7 @@ def run(dset, cfg, out, num_proc, classifier=None):
     changes, n_changed = Counter(), 0
     writers = {}
     try:
-        for i, row in columns(files, n=n, names=["id", "text", "pii", "changes", "snippet"]):
+        for i, row in rows(["id", "text", "pii", "changes", "snippet"]):
             if status[i]:
                 continue
             n_changed += bool(row["changes"] or row["pii"])
@@ -328,3 +348,38 @@ def run(dset, cfg, out, num_proc, classifier=None):
         report["classifier"] = {"lowest_score_kept": cut, "keep_fraction": cfg["classifier_keep_fraction"],
                                 "min_score": cfg["classifier_min_score"]}
     return report
+
+
+def run_on_ray(items, read, cfg, out, reference=None):
+    """All stages on a Ray cluster (ray_data.connect first): read(item) yields tables of documents (id,
+    text, url) of each item (a run of input files), on the workers; the per-document stages run there too,
+    their output kept in Ray's object store; finish() runs here over it, as for the local engine. The same
+    shards and report as run(). reference: a dataset of trusted text for stage 6's classifier, or None.
+    Returns the report and the number of documents."""
+    from nanoforge import ray_data
+    docs = ray_data.documents(items, read)  # id, text, url; item, row: each document's place in its item
+    where = ray_data.columns(docs, ["item", "row"])
+    n = len(where["item"])
+    if not n:
+        raise UserError("no documents found in the input: it is empty")
+    start = np.concatenate([[0], np.cumsum(np.bincount(where["item"], minlength=len(items)))[:-1]])  # (items,)
+    assert (start[where["item"]] + where["row"] == np.arange(n)).all(), "Ray returned the documents out of order"
+    print(f"{n:,} documents read on {len(ray_data.connect().nodes())} Ray node(s)")
+    # stage 1's sample and the classifier's corpus side: the first documents, as the local engine takes them
+    k = max(cfg["repeated_line_sample"], cfg["classifier_train_docs"] if reference is not None else 0)
+    first = texts_of(ray_data.head(docs, ["text"], k))
+    repeated = set()
+    if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
+        repeated = stages.repeated_lines(first[:cfg["repeated_line_sample"]], cfg["repeated_line_min_docs"])
+    classifier = None if reference is None else train_classifier(reference, first, cfg)
+    words, domains = blocklists(cfg)
+    schema = features().arrow_schema
+
+    def stages_of(table, start, repeated, words, domains, classifier):  # a block of documents, on a worker
+        index = start[table.column("item").to_numpy()] + table.column("row").to_numpy()  # in the whole input
+        done = process(table.drop_columns(["item", "row"]), index.tolist(), repeated, words, domains, cfg, 0, classifier)
+        return pa.Table.from_pydict(done, schema=schema) if table.num_rows else schema.empty_table()
+
+    done = ray_data.map_blocks(docs, stages_of, start=start, repeated=sorted(repeated), words=words, domains=domains,
+                               classifier=classifier)
+    return finish(lambda names: ray_data.rows(done, names), n, cfg, out, classifier), n
