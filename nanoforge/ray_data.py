@@ -27,15 +27,20 @@ def connect(address=""):
         import ray
         import ray.data
     except ImportError:
-        raise UserError("--engine=ray needs Ray: pip install 'ray[data]' (or pip install -e '.[ray]')") from None
+        raise UserError("--engine=ray needs Ray: pip install 'ray[data]'") from None
     if not ray.is_initialized():
         try:
             ray.init(address=address or None, log_to_driver=False, logging_level="ERROR",
                      configure_logging=True)
+        except ray.exceptions.AuthenticationError as e:
+            raise UserError(f"Ray refused this shell ({' '.join(str(e).split())[:160]}); a cluster with token "
+                            f"authentication needs RAY_AUTH_MODE=token and its token here (~/.ray/auth_token or "
+                            f"RAY_AUTH_TOKEN): docs/scale.md") from None
         except ConnectionError as e:
-            raise UserError(f"no Ray cluster at --ray_address={address} ({' '.join(str(e).split())[:200]}); "
-                            f"start one with `ray start --head`, or leave --ray_address out for one on this "
-                            f"machine") from None
+            raise UserError(f"no Ray cluster answered at --ray_address={address or 'its default'} "
+                            f"({' '.join(str(e).split())[:200]}): none is running (`ray start --head`; or leave "
+                            f"--ray_address out for one on this machine), or it uses token authentication and "
+                            f"this shell lacks RAY_AUTH_MODE=token and its token (docs/scale.md)") from None
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # the input's order, on any cluster
     # a plan and a log path per pass are not news, and a worker's error is raised here by run() (one line
     # for a UserError, else its traceback), not logged again

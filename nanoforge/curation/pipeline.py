@@ -374,6 +374,7 @@ def run_on_ray(items, read, cfg, out, reference=None):
     classifier = None if reference is None else train_classifier(reference, first, cfg)
     words, domains = blocklists(cfg)
     schema = features().arrow_schema
+    print("cleanup, language, quality, harmful, PII on the workers; then deduplication and the split here")
 
     def stages_of(table, start, repeated, words, domains, classifier):  # a block of documents, on a worker
         index = start[table.column("item").to_numpy()] + table.column("row").to_numpy()  # in the whole input
