@@ -1,16 +1,17 @@
 """
-The data stages on Ray, for corpora past one machine (prepare scripts with --engine=ray): the same
-functions the local engine runs, on a Ray cluster's workers through Ray Data, giving the same bytes.
+The data stages on Ray, for corpora past one machine (curate.py and data/your_text/prepare.py with
+--engine=ray): the same functions the local engine runs, on a Ray cluster's workers through Ray Data,
+giving the same bytes.
 
     ray start --head                                  # on one machine; on the others:
     ray start --address=HEAD_IP:6379
     python data/your_text/prepare.py --input=s3://bucket/web/ --engine=ray --ray_address=auto ...
 
 Without --ray_address, Ray does what ray.init() does: joins the cluster this machine already runs, else
-starts one on this machine alone (all its cores). Every node needs the same Python
-packages (nanoforge installed, the input readable by its URL or a shared folder) and the output folder
-on a filesystem they all see: the workers write the token files themselves, each document's tokens at
-the place the driver worked out for them (tokens.PlacedWriter).
+starts one on this machine alone (all its cores). Every node needs the same Python packages (nanoforge
+installed), the input readable at the same URL or shared path, and the output folder on a filesystem
+they all see: the prepare script's workers write the token files themselves, each document's tokens at
+the place the driver worked out for them (tokens.PlacedWriter). docs/scale.md is the runbook.
 """
 import logging
 
@@ -104,15 +105,15 @@ def map_items(fn, items):
 
 
 def documents(items, read, transform=None):
-    """Pass one over the input: read(item) on a worker yields pyarrow tables of documents (an item is a
-    file), which transform(table), if given, turns into other columns on any worker, in order. Each row gets `item`
-    (the item's position in `items`) and `row` (the document's position in its item), so a later pass
-    knows every document's place in the whole input. Returns the materialized dataset (in Ray's object
-    store, spilled to disk when large)."""
+    """Pass one over the input: read(item) on a worker yields pyarrow tables of documents (an item: a run
+    of input files), which transform(table), if given, turns into other columns on any worker, in order.
+    Each row gets `item` (the item's position in `items`) and `row` (the document's position in its
+    item), so a later pass knows every document's place in the whole input. Returns the materialized
+    dataset (in Ray's object store, spilled to disk when large)."""
     import pyarrow as pa
     ray = connect()
 
-    def read_item(batch):  # a batch of one item: the documents of one file, in tables
+    def read_item(batch):  # a batch of one item: its documents, in tables
         k = int(batch["item"][0].as_py())
         row = 0
         for table in read(items[k]):

@@ -239,7 +239,8 @@ def prepare_on_ray(files, args, tok, cache_dir):
         raise UserError("--engine=ray reads --input files or URLs (a hub dataset's files: --input=hf://datasets/"
                         "OWNER/NAME/...); --dataset is read by the local engine")
     ray_data.connect(args.ray_address)
-    runs = ray_data.file_runs([((group, builder), path) for group, builder, paths in read_order(files) for path in paths])
+    keyed = [((group, builder), path) for group, builder, paths in read_order(files) for path in paths]
+    runs = ray_data.file_runs(keyed)
     items = [(group, builder, paths) for (group, builder), paths in runs]
     ds = ray_data.documents(items, functools.partial(read_files, args=args), functools.partial(
         tokenize_table, spec=tok.spec, dtype=tokens.token_dtype(tok.vocab_size)))
@@ -255,7 +256,8 @@ def prepare_on_ray(files, args, tok, cache_dir):
     else:
         sample = slice(0, min(100, n))  # tokens without the end-of-text token, as the local engine counts them
         in_val = np.zeros(n, bool)
-        in_val[val_documents(cols["bytes"], cols["bytes"][sample].sum(), (cols["tokens"][sample] - 1).sum(), args)] = True
+        sample_tokens = (cols["tokens"][sample] - 1).sum()
+        in_val[val_documents(cols["bytes"], cols["bytes"][sample].sum(), sample_tokens, args)] = True
     meta, writers, position = {}, {}, np.zeros(n, np.int64)
     for split, mask in (("train", ~in_val), ("val", in_val)):
         counts = cols["tokens"][mask]
@@ -300,7 +302,8 @@ if __name__ == "__main__":
                         "--input, data/<name> for --dataset)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out_dir")
     parser.add_argument("--engine", choices=["local", "ray"], default="local",
-                        help="local: this machine's processes; ray: a Ray cluster's workers, the same output (%(default)s)")
+                        help="local: this machine's processes; ray: a Ray cluster's workers, the same output "
+                        "(%(default)s)")
     parser.add_argument("--ray_address", default="", help="with --engine=ray: auto (the cluster `ray start` joined "
                         "this machine to) or HOST:PORT; empty: Ray on this machine alone")
     parser.add_argument("--cache_dir", help="Hugging Face datasets cache (default: a temporary folder in --out_dir "

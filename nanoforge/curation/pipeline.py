@@ -143,7 +143,8 @@ def in_child(fn, *args):
 
 def texts_of(table):
     """A table's documents as str, bytes that are not UTF-8 replaced (process counts them; a sample may not fail)."""
-    return [t.decode("utf-8", "replace") if t else "" for t in pc.cast(table.column("text"), pa.large_binary()).to_pylist()]
+    raw = pc.cast(table.column("text"), pa.large_binary()).to_pylist()
+    return [t.decode("utf-8", "replace") if t else "" for t in raw]
 
 
 def first_texts(dset, n):
@@ -378,7 +379,8 @@ def run_on_ray(items, read, cfg, out, reference=None):
 
     def stages_of(table, start, repeated, words, domains, classifier):  # a block of documents, on a worker
         index = start[table.column("item").to_numpy()] + table.column("row").to_numpy()  # in the whole input
-        done = process(table.drop_columns(["item", "row"]), index.tolist(), repeated, words, domains, cfg, 0, classifier)
+        done = process(table.drop_columns(["item", "row"]), index.tolist(), repeated, words, domains, cfg,
+                       classifier=classifier)
         return pa.Table.from_pydict(done, schema=schema) if table.num_rows else schema.empty_table()
 
     done = ray_data.map_blocks(docs, stages_of, start=start, repeated=sorted(repeated), words=words, domains=domains,
