@@ -131,7 +131,7 @@ if runs:
 device, _ = hardware.resolve_device(device)
 ddp, rank, _, world_size, device = parallel.setup_distributed(backend, device)
 master = rank == 0
-dtype, _ = hardware.resolve_dtype(dtype, device)
+dtype, _ = parallel.rank0_choice(hardware.resolve_dtype(dtype, device))  # measured: every rank takes rank 0's
 autocast_ctx = hardware.autocast(device, dtype)
 log = print if master else (lambda *a, **k: None)
 

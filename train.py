@@ -143,6 +143,7 @@ device, device_why = hardware.resolve_device(device)
 ddp, rank, local_rank, world_size, device = parallel.setup_distributed(backend, device, dist_timeout)
 master = rank == 0  # logs, checkpoints, plots
 dtype, dtype_why = hardware.resolve_dtype(dtype, device, (batch_size * block_size, n_embd))
+dtype, dtype_why = parallel.rank0_choice((dtype, dtype_why))  # measured on each rank: rank 0's on every rank
 log = print if master else (lambda *a, **k: None)
 if float32_overrides and dtype == "float32":  # the recipe's fp32 shape, now that the precision is known
     fp32 = conditional_overrides(defaults, sys.argv[1:], float32_overrides, "float32_overrides")
@@ -232,6 +233,7 @@ peak, peak_why = hardware.peak_flops(device, dtype)
 # (the figure is only compared with the ~30 s a compile costs), capped by its time budget
 expected = (max_iters - iter_num) * model.flops_per_token() * tokens_per_iter / world_size / (0.3 * peak)
 compile, compile_why = hardware.resolve_compile(compile, device, min(expected, time_budget or expected))
+compile, compile_why = parallel.rank0_choice((compile, compile_why))  # a measured choice: rank 0's on every rank
 log(f"compile: {compile} ({compile_why})")
 # the fixed evaluation set: eval_iters * batch_size windows a split, fewer where evaluating would take more
 # than a bounded share of the run (the whole run's plan, and a resumed run keeps its checkpoint's size)

@@ -47,6 +47,17 @@ def setup_distributed(backend, device, timeout=600.0):
     return True, rank, local_rank, world_size, device
 
 
+def rank0_choice(value):
+    """value as rank 0 has it, on every rank; value itself in one process. For choices made by measuring
+    (the dtype, compiling): each rank measures for itself, and on a busy machine two ranks once chose
+    differently, so they computed different numbers."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def fully_shard_model(model, device, dtype, compile):
     """FSDP2, applied from outside the model: each transformer block is one unit of sharding (its
     parameters are gathered just before its forward and freed after it, and again for backward), then

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from nanoforge import checkpoint
+from nanoforge import checkpoint, parallel
 from conftest import ROOT, TINY, read_log, run, train_losses
 
 COMMON = [*TINY, "--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=4"]
@@ -168,3 +168,16 @@ def test_fsdp_errors_say_how_to_launch_and_resume(char_data, one, tmp_path):
     assert proc.returncode == 2 and "error: fsdp=True shards" in proc.stderr  # checked before the checkpoint
     proc = run("consolidate.py", one, check=False)
     assert proc.returncode == 2 and "error: no sharded checkpoint in" in proc.stderr
+
+
+def test_every_rank_takes_rank_0s_measured_choices(tmp_path):
+    """The dtype and compile choices are measured on each rank; the ranks must not act on different
+    ones (on a loaded machine two ranks once measured differently and scored different losses)."""
+    script = tmp_path / "choose.py"
+    script.write_text("import os\nfrom nanoforge import parallel\n"
+                      "parallel.setup_distributed('gloo', 'cpu')\n"
+                      "rank = int(os.environ['RANK'])\n"
+                      "print('rank', rank, 'took', parallel.rank0_choice(('bfloat16' if rank == 0 else 'float32', rank)))\n")
+    proc = run(str(script), launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert "rank 0 took ('bfloat16', 0)" in proc.stdout and "rank 1 took ('bfloat16', 0)" in proc.stdout, proc.stdout
+    assert parallel.rank0_choice(("float32", "one process")) == ("float32", "one process")
