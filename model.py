@@ -416,10 +416,9 @@ class GPT(nn.Module):
         context each step from then on, exactly as the reference does."""
         cfg = self.config
         caches, seen = None, idx
-        # one row times lm_head's (V, C) weight reads it row by row, a dot product per token of the
-        # vocabulary; a (C, V) copy streams it as one matrix product, the biggest cost of a cached token
-        # (dev/LOG.md). It costs a copy of the head's weight for the length of the generation
-        # (a head made for decoding, int8 weights or the CPU kernels' (nanoforge/quantize.py), runs as itself)
+        # one row times lm_head's (V, C) weight is a dot product per vocabulary token; a (C, V) copy, kept for
+        # the generation, streams it as one matrix product (dev/LOG.md). A head made for decoding (int8, the
+        # CPU kernels': nanoforge/quantize.py) runs as itself
         head_t = self.lm_head.weight.t().contiguous() if use_kv_cache and type(self.lm_head) is nn.Linear else None
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):

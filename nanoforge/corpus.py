@@ -147,9 +147,7 @@ def is_url(path):
 def open_input(path, mode="rb"):
     """An input file, local or at a URL, opened for reading (text mode takes UTF-8)."""
     import fsspec
-    if "t" in mode:
-        return fsspec.open(path, mode, encoding="utf-8-sig").open()
-    return fsspec.open(path, mode).open()
+    return fsspec.open(path, mode, **({"encoding": "utf-8-sig"} if "t" in mode else {})).open()
 
 
 def input_size(path):
