@@ -212,17 +212,11 @@ def finish(rows, n, cfg, out, classifier=None):
             ex[key].append(item)
 
     # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
-    # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold).
-    # The band index is a few numpy arrays (8 bytes a band a document) rather than datasketch's
-    # MinHashLSH, whose Python set per bucket costs ~5 KB a document and would not fit a big corpus.
+    # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold);
+    # each connected component of that graph keeps its first document (stages.components)
     status, seen = [], {}
     lengths_in, lengths_clean = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    b, r = 0, 0
-    if cfg["near_dedup"]:
-        from datasketch import MinHashLSH
-        lsh = MinHashLSH(threshold=cfg["minhash_threshold"], num_perm=cfg["minhash_num_perm"])
-        b, r = lsh.b, lsh.r
-    mult = np.random.default_rng(0).integers(1, 2 ** 63, size=r, dtype=np.uint64) | np.uint64(1)  # odd: a fixed mix
+    b, r = stages.lsh_shape(cfg["minhash_threshold"], cfg["minhash_num_perm"]) if cfg["near_dedup"] else (0, 0)
     bands = np.zeros((n, b), np.uint64)
     dup_of = {}  # example documents -> the index of the one they duplicate, turned into ids below
     for i, row in rows(["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
@@ -237,9 +231,7 @@ def finish(rows, n, cfg, out, classifier=None):
             else:
                 seen[row["exact"]] = i
         if not s and b:
-            sig = np.array(row["minhash"][:b * r], np.uint64).reshape(b, r)  # (b, r)
-            with np.errstate(over="ignore"):
-                bands[i] = (sig * mult).sum(axis=1)  # (b,) one 64-bit key per band, wrapping
+            bands[i] = stages.band_keys([row["minhash"]], b, r)[0]  # (b,)
         if s and s not in ("dedup:exact", "dedup:near"):
             example(s, {"id": row["id"], "text": row["snippet"]})
         for c in filter(None, row["changes"].split(",")):
@@ -248,24 +240,17 @@ def finish(rows, n, cfg, out, classifier=None):
         status.append(s)
     del seen
     if b:
-        todo = np.array([not s for s in status], bool)  # documents still in the running
-        idx = np.flatnonzero(todo)
-        # per band: which bucket each candidate falls in, and the first kept document seen in each bucket
-        buckets = [np.unique(bands[idx, k], return_inverse=True)[1].astype(np.int64) for k in range(b)]
-        first = [np.full(int(bk.max()) + 1 if len(bk) else 0, -1, np.int64) for bk in buckets]
+        idx = np.flatnonzero([not s for s in status])  # documents still in the running, ascending
+        edges = [stages.band_edges(idx, bands[idx, k]) for k in range(b)]
         del bands
-        for j, i in enumerate(idx.tolist()):
-            hits = [int(first[k][buckets[k][j]]) for k in range(b) if first[k][buckets[k][j]] >= 0]
-            if hits:
-                status[i] = "dedup:near"
-                if len(ex["dedup:near"]) < cfg["examples_per_reason"]:
-                    example("dedup:near", {"id": f"#{i}", "duplicate_of": min(hits)})
-                    dup_of[("dedup:near", len(ex["dedup:near"]) - 1)] = min(hits)
-                    dup_of[("dedup:near:self", len(ex["dedup:near"]) - 1)] = i
-            else:
-                for k in range(b):
-                    first[k][buckets[k][j]] = i
-        del buckets, first
+        root = stages.components(np.concatenate([u for u, _ in edges]), np.concatenate([v for _, v in edges]), n)
+        for i in np.flatnonzero(root != np.arange(n)).tolist():
+            status[i] = "dedup:near"
+            if len(ex["dedup:near"]) < cfg["examples_per_reason"]:
+                example("dedup:near", {"id": f"#{i}", "duplicate_of": int(root[i])})
+                dup_of[("dedup:near", len(ex["dedup:near"]) - 1)] = int(root[i])
+                dup_of[("dedup:near:self", len(ex["dedup:near"]) - 1)] = i
+        del edges, root
     if dup_of:  # the examples name documents by id
         wanted = set(dup_of.values())
         names = {i: row["id"] for i, row in rows(["id"]) if i in wanted}

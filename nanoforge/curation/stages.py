@@ -8,8 +8,10 @@ same functions run in a `datasets` map here or in any distributed engine's map s
     quality_reason(text, lang, cfg) -> None or reason           Gopher / C4 heuristics
     harmful_reason(text, url, words, domains, cfg) -> reason    blocklists
     dedup_key(text), minhash(text, cfg)                         exact and near-duplicate keys
+    band_keys, band_edges, components                           near-duplicates as connected components
     split_of(text, seed, val_fraction)                          stable held-out split
 """
+import functools
 import hashlib
 import html.parser
 import re
@@ -248,6 +250,58 @@ def minhash(text, num_perm, shingle_size, seed):
     m = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
     m.update_batch([s.encode() for s in sorted(shingles)])
     return m.hashvalues.astype(np.uint32).tolist()
+
+
+def lsh_shape(threshold, num_perm):
+    """The bands b and rows per band r of a MinHash signature that datasketch picks for this threshold."""
+    from datasketch import MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def band_keys(signatures, b, r):
+    """(n, num_perm) MinHash signatures -> (n, b) uint64: one key per band of r values. Documents whose
+    keys agree in some band are near-duplicate candidates (LSH). 8 bytes a band a document, rather than
+    datasketch's MinHashLSH, whose Python set per bucket costs ~5 KB a document."""
+    sig = np.asarray(signatures, np.uint64)[:, :b * r].reshape(len(signatures), b, r)  # (n, b, r)
+    with np.errstate(over="ignore"):
+        return (sig * _band_mix(r)).sum(axis=2)  # (n, b), wrapping
+
+
+@functools.lru_cache(maxsize=None)
+def _band_mix(r):
+    return np.random.default_rng(0).integers(1, 2 ** 63, size=r, dtype=np.uint64) | np.uint64(1)  # odd: a fixed mix
+
+
+def band_edges(index, keys):
+    """Documents index (m,), ascending, with one band's keys (m,) -> edges (u, v): every document whose
+    key an earlier one had, to the first document that had it. The same for any split of the documents
+    by key (the engines group them differently)."""
+    _, first, bucket = np.unique(keys, return_index=True, return_inverse=True)
+    v = index[first][bucket.reshape(-1)]  # (m,): the first document of each one's bucket
+    u = index
+    keep = u != v
+    return u[keep], v[keep]
+
+
+def components(u, v, n):
+    """Connected components of the graph on n documents with edges (u, v): (n,) int64, each document's
+    smallest connected document (itself when alone). Near-duplicates are whole components: chains of
+    similar pages all go, and the first in input order stays. Labels only ever move to smaller documents
+    of the same component, and pointer jumping halves the paths each round, so it ends in a few rounds."""
+    label = np.arange(n, dtype=np.int64)
+    u, v = np.asarray(u, np.int64), np.asarray(v, np.int64)
+    while True:
+        m = np.minimum(label[u], label[v])  # (E,): the smaller label at each edge's ends
+        new = label.copy()
+        for ends in (u, v, label[u], label[v]):  # the ends and the roots they point to take it
+            np.minimum.at(new, ends, m)
+        jumped = new[new]
+        while not np.array_equal(jumped, new):
+            new, jumped = jumped, jumped[jumped]
+        if np.array_equal(new, label):
+            return label
+        label = new
 
 
 # ------------------------------------------------------------------------------------------------------
