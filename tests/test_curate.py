@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import curate
@@ -185,6 +186,35 @@ def test_split_hash_is_stable():
     rng = random.Random(4)
     share = sum(stages.split_hash(document(rng, 3), 0) < 0.1 for _ in range(2000)) / 2000
     assert 0.07 < share < 0.13
+
+
+def test_near_duplicates_are_whole_components():
+    """A chain of similar pages (a ~ b ~ c, a not ~ c) goes as one: only its first document stays; the
+    labels are each document's smallest connected one, for any graph (checked against union-find)."""
+    index = np.array([0, 2, 5, 7])
+    u, v = stages.band_edges(index, np.array([9, 4, 9, 1], np.uint64))  # one band: 5 shares 0's bucket
+    assert (u.tolist(), v.tolist()) == ([5], [0])
+    # band 1 joins 0 and 2, band 2 joins 2 and 7: the chain 0 - 2 - 7 (0 and 7 share no band)
+    edges = [stages.band_edges(index, np.array(keys, np.uint64)) for keys in ([1, 1, 3, 4], [5, 6, 7, 6])]
+    root = stages.components(np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges]), 8)
+    assert root.tolist() == [0, 1, 0, 3, 4, 5, 6, 0]
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n, m = int(rng.integers(1, 120)), int(rng.integers(0, 200))
+        u, v = rng.integers(0, n, m), rng.integers(0, n, m)
+        parent = list(range(n))
+
+        def find(x):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+        for a, b in zip(u.tolist(), v.tolist()):
+            ra, rb = find(a), find(b)
+            parent[max(ra, rb)] = min(ra, rb)
+        smallest = {}
+        for i in range(n):
+            smallest.setdefault(find(i), i)
+        assert stages.components(u, v, n).tolist() == [smallest[find(i)] for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------------
