@@ -87,6 +87,8 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=
         out["minhash"].append(sig)
         out["bytes_in"].append(len(raw.encode("utf-8", "surrogatepass")))
         out["bytes_clean"].append(len(text.encode("utf-8", "surrogatepass")))
+        out["bytes_out"].append(len(final.encode("utf-8", "surrogatepass")) if not status else 0)
+        out["split"].append(stages.split_hash(final, cfg["split_seed"]) if not status else 1.0)  # stage 8's number
         out["score"].append(score)
     return dict(out)
 
@@ -97,7 +99,8 @@ def features():
     return datasets.Features({"id": v("string"), "text": v("string"), "snippet": v("string"), "status": v("string"),
                               "changes": v("string"), "pii": v("string"), "lang": v("string"), "exact": v("int64"),
                               "minhash": datasets.Sequence(v("uint32")), "bytes_in": v("int64"),
-                              "bytes_clean": v("int64"), "score": v("float64")})
+                              "bytes_clean": v("int64"), "bytes_out": v("int64"), "split": v("float64"),
+                              "score": v("float64")})
 
 
 def columns(files, names, n):
@@ -197,66 +200,48 @@ def run(dset, cfg, out, num_proc, classifier=None):
         assert len(done) == len(part), f"the map returned {len(done)} rows for {len(part)}"
         files += [c["filename"] for c in done.cache_files]
         del done, part
-    return finish(lambda names: columns(files, names, n), n, cfg, out, classifier)
+    return finish(LocalPasses(lambda names: columns(files, names, n)), n, cfg, out, classifier)
 
 
-def finish(rows, n, cfg, out, classifier=None):
-    """The corpus-wide passes over the per-document stages' output, in this process, over compact keys
-    (stages 5, 6 and 8), then the shards and the report. rows(names) yields (index, {name: value}) for those
-    columns of process's output, for all n documents in input order (the local engine reads them from its
-    map's files, the Ray engine from its workers' blocks). Writes the shards to `out`, returns the report."""
+SHARD_COLUMNS = ["id", "text", "pii", "changes", "snippet"]  # what a shard's writer reads of a document
+
+
+def finish(passes, n, cfg, out, classifier=None):
+    """The corpus-wide passes over the per-document stages' output (stages 5, 6 and 8), then the shards and
+    the report, for n documents. `passes` is the engine's access to that output: LocalPasses here, over
+    the map's files; on Ray, curation/on_ray.py's, whose deduplication and shard writing run on the
+    workers. Both give the same statuses, shards and report. Writes the shards to `out`, returns the report."""
     ex = defaultdict(list)  # reason -> a few examples
 
     def example(key, item):
         if len(ex[key]) < cfg["examples_per_reason"]:
             ex[key].append(item)
 
-    # stage 5: exact then near duplicates, the first in input order kept (deterministic). Near duplicates
-    # share a band of their MinHash signatures (LSH; datasketch picks bands b x rows r for the threshold);
-    # each connected component of that graph keeps its first document (stages.components)
-    status, seen = [], {}
-    lengths_in, lengths_clean = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    b, r = stages.lsh_shape(cfg["minhash_threshold"], cfg["minhash_num_perm"]) if cfg["near_dedup"] else (0, 0)
-    bands = np.zeros((n, b), np.uint64)
-    dup_of = {}  # example documents -> the index of the one they duplicate, turned into ids below
-    for i, row in rows(["id", "status", "snippet", "exact", "minhash", "bytes_in", "bytes_clean", "changes"]):
+    status = []
+    lengths_in, lengths_clean, lengths_out = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    split = np.ones(n)
+    for i, row in passes.rows(["id", "status", "snippet", "bytes_in", "bytes_clean", "bytes_out", "split", "changes"]):
         s = row["status"]
-        lengths_in[i], lengths_clean[i] = row["bytes_in"], row["bytes_clean"]
-        if not s and cfg["exact_dedup"]:
-            if row["exact"] in seen:
-                s = "dedup:exact"
-                if len(ex[s]) < cfg["examples_per_reason"]:
-                    example(s, {"id": row["id"], "duplicate_of": seen[row["exact"]]})
-                    dup_of[(s, len(ex[s]) - 1)] = seen[row["exact"]]
-            else:
-                seen[row["exact"]] = i
-        if not s and b:
-            bands[i] = stages.band_keys([row["minhash"]], b, r)[0]  # (b,)
-        if s and s not in ("dedup:exact", "dedup:near"):
+        lengths_in[i], lengths_clean[i], lengths_out[i], split[i] = row["bytes_in"], row["bytes_clean"], row["bytes_out"], row["split"]
+        if s:
             example(s, {"id": row["id"], "text": row["snippet"]})
         for c in filter(None, row["changes"].split(",")):
             if not s:
                 example(f"changed:{c}", {"id": row["id"]})
         status.append(s)
-    del seen
-    if b:
-        idx = np.flatnonzero([not s for s in status])  # documents still in the running, ascending
-        edges = [stages.band_edges(idx, bands[idx, k]) for k in range(b)]
-        del bands
-        root = stages.components(np.concatenate([u for u, _ in edges]), np.concatenate([v for _, v in edges]), n)
-        for i in np.flatnonzero(root != np.arange(n)).tolist():
-            status[i] = "dedup:near"
-            if len(ex["dedup:near"]) < cfg["examples_per_reason"]:
-                example("dedup:near", {"id": f"#{i}", "duplicate_of": int(root[i])})
-                dup_of[("dedup:near", len(ex["dedup:near"]) - 1)] = int(root[i])
-                dup_of[("dedup:near:self", len(ex["dedup:near"]) - 1)] = i
-        del edges, root
-    if dup_of:  # the examples name documents by id
-        wanted = set(dup_of.values())
-        names = {i: row["id"] for i, row in rows(["id"]) if i in wanted}
-        for (key, k), i in dup_of.items():
-            field = "id" if key.endswith(":self") else "duplicate_of"
-            ex[key.replace(":self", "")][k][field] = names[i]
+
+    # stage 5: exact then near duplicates, the first in input order kept (deterministic)
+    duplicates = passes.duplicates(cfg) if cfg["exact_dedup"] or cfg["near_dedup"] else {}
+    for i, (reason, _) in duplicates.items():
+        status[i] = reason
+    shown, count = [], Counter()  # the first few of each reason, in input order
+    for i, (reason, of) in sorted(duplicates.items()):
+        if count[reason] < cfg["examples_per_reason"]:
+            shown.append((i, reason, of))
+            count[reason] += 1
+    names = passes.ids({k for i, _, of in shown for k in (i, of)})  # the examples name documents by id
+    for i, reason, of in shown:
+        example(reason, {"id": names[i], "duplicate_of": names[of]})
 
     # stage 6: perplexity under a model of trusted text; keep the lowest model_keep_fraction
     if cfg["model_filter"]:
@@ -266,7 +251,7 @@ def finish(rows, n, cfg, out, classifier=None):
         model.eval()
         tok = load_tokenizer(spec)
         scores = {i: stages.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
-                  for i, row in rows(["text"]) if not status[i]}
+                  for i, row in passes.rows(["text"]) if not status[i]}
         keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
             if rank >= keep:
@@ -277,7 +262,7 @@ def finish(rows, n, cfg, out, classifier=None):
     # then the classifier_keep_fraction with the highest scores is kept (ties: input order)
     cut = None
     if classifier is not None:
-        scores = {i: (row["score"], row["id"]) for i, row in rows(["score", "id"]) if not status[i]}
+        scores = {i: (row["score"], row["id"]) for i, row in passes.rows(["score", "id"]) if not status[i]}
         keep = math.ceil(cfg["classifier_keep_fraction"] * len(scores))
         for rank, i in enumerate(sorted(scores, key=lambda i: (-scores[i][0], i))):
             if rank >= keep or scores[i][0] < cfg["classifier_min_score"]:
@@ -286,54 +271,147 @@ def finish(rows, n, cfg, out, classifier=None):
             else:
                 cut = scores[i][0]  # the lowest score kept
 
-    # stage 8: split by a stable hash of the kept text; at least one val document when val_fraction > 0
-    hashes = {i: stages.split_hash(row["text"], cfg["split_seed"]) for i, row in rows(["text"]) if not status[i]}
-    val = {i for i, h in hashes.items() if h < cfg["val_fraction"]}
-    if cfg["val_fraction"] > 0 and not val and len(hashes) > 1:
-        val = {min(hashes, key=lambda i: (hashes[i], i))}
+    # stage 8: split by a stable hash of the kept text (from the map); at least one val document when
+    # val_fraction > 0
+    kept = np.array([not s for s in status], bool)
+    lengths_out[~kept] = 0
+    val = {i for i in np.flatnonzero(kept).tolist() if split[i] < cfg["val_fraction"]}
+    if cfg["val_fraction"] > 0 and not val and kept.sum() > 1:
+        val = {min(np.flatnonzero(kept).tolist(), key=lambda i: (split[i], i))}
 
     # the shards, and what PII was replaced in the documents that were written
-    pii_counts, pii_docs, lengths_out, shards = Counter(), Counter(), np.zeros(n, np.int64), Counter()
-    changes, n_changed = Counter(), 0
-    writers = {}
-    try:
-        for i, row in rows(["id", "text", "pii", "changes", "snippet"]):
-            if status[i]:
-                continue
-            n_changed += bool(row["changes"] or row["pii"])
-            if row["snippet"]:
-                example("cleanup", {"id": row["id"], "changes": row["changes"], "excerpt": row["snippet"]})
-            changes.update(filter(None, row["changes"].split(",")))
-            split = "val" if i in val else "train"
-            if split not in writers or writers[split][2] >= cfg["shard_bytes"]:
-                if split in writers:
-                    writers[split][0].close()
-                    writers[split][1].close()
-                path = os.path.join(out, shard_name(split, shards[split]))
-                shards[split] += 1
-                # mtime=0 and no file name in the header: the same documents give byte-identical shards
-                f = open(path, "wb")
-                writers[split] = [gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=f, mtime=0), f, 0]
-            line = json.dumps({"id": row["id"], "text": row["text"]}, ensure_ascii=False, sort_keys=True) + "\n"
-            data = line.encode("utf-8", "surrogatepass")
-            writers[split][0].write(data)
-            writers[split][2] += len(row["text"].encode("utf-8", "surrogatepass"))
-            lengths_out[i] = len(row["text"].encode("utf-8", "surrogatepass"))
-            for kind, k in json.loads(row["pii"] or "{}").items():
-                pii_counts[kind] += k
-                pii_docs[kind] += 1
-                if len(ex[f"pii:{kind}"]) < cfg["examples_per_reason"]:
-                    at = row["text"].find(f"<{kind}>")
-                    example(f"pii:{kind}", {"id": row["id"], "text": row["text"][max(0, at - 60):at + 60]})
-    finally:
-        for w in writers.values():
-            w[0].close()
-            w[1].close()
+    place, shard_files = plan_shards(kept, val, lengths_out, cfg["shard_bytes"])
+    done = passes.write(place, [os.path.join(out, name) for name in shard_files], cfg)
+    pii_counts, pii_docs, changes = Counter(), Counter(), Counter()
+    for summary in done:
+        pii_counts.update(summary["pii"])
+        pii_docs.update(summary["pii_docs"])
+        changes.update(summary["changes"])
+    n_changed = sum(summary["changed"] for summary in done)
+    for key in sorted({key for summary in done for key in summary["examples"]}):
+        for _, item in sorted((e for summary in done for e in summary["examples"][key]), key=lambda e: e[0]):
+            example(key, item)
     report = build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
     if classifier is not None:
         report["classifier"] = {"lowest_score_kept": cut, "keep_fraction": cfg["classifier_keep_fraction"],
                                 "min_score": cfg["classifier_min_score"]}
     return report
+
+
+def plan_shards(kept, val, sizes, shard_bytes):
+    """Where each kept document is written: (n,) shard numbers (-1: not written) and the shards' file
+    names. Train and val documents go to their own shards in input order; a shard takes documents until
+    it holds shard_bytes of text."""
+    place, names, current, count = np.full(len(kept), -1, np.int64), [], {}, Counter()
+    for i in np.flatnonzero(kept).tolist():
+        split = "val" if i in val else "train"
+        if split not in current or current[split][1] >= shard_bytes:
+            current[split] = [len(names), 0]
+            names.append(shard_name(split, count[split]))
+            count[split] += 1
+        place[i] = current[split][0]
+        current[split][1] += sizes[i]
+    return place, names
+
+
+class ShardFile:
+    """One shard, gzip'd JSONL, written document by document in input order, counting what the report needs
+    (PII replaced, what cleanup changed) and keeping its first examples of each kind with their documents'
+    positions (the report takes the first ones of all shards). mtime=0 and no file name in the gzip
+    header: the same documents give byte-identical shards on every engine and run."""
+
+    def __init__(self, path, cfg):
+        self.f = open(path, "wb")
+        self.gz = gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=self.f, mtime=0)
+        self.k = cfg["examples_per_reason"]
+        self.summary = {"pii": Counter(), "pii_docs": Counter(), "changes": Counter(), "changed": 0,
+                        "examples": defaultdict(list)}
+
+    def example(self, key, i, item):
+        if len(self.summary["examples"][key]) < self.k:
+            self.summary["examples"][key].append((i, item))
+
+    def add(self, i, row):
+        """Document i, a row of SHARD_COLUMNS."""
+        s = self.summary
+        s["changed"] += bool(row["changes"] or row["pii"])
+        if row["snippet"]:
+            self.example("cleanup", i, {"id": row["id"], "changes": row["changes"], "excerpt": row["snippet"]})
+        s["changes"].update(filter(None, row["changes"].split(",")))
+        line = json.dumps({"id": row["id"], "text": row["text"]}, ensure_ascii=False, sort_keys=True) + "\n"
+        self.gz.write(line.encode("utf-8", "surrogatepass"))
+        for kind, k in json.loads(row["pii"] or "{}").items():
+            s["pii"][kind] += k
+            s["pii_docs"][kind] += 1
+            at = row["text"].find(f"<{kind}>")
+            self.example(f"pii:{kind}", i, {"id": row["id"], "text": row["text"][max(0, at - 60):at + 60]})
+
+    def close(self):
+        self.gz.close()
+        self.f.close()
+        return self.summary
+
+
+def find_duplicates(docs, cfg):
+    """Stage 5 over docs, (index, {exact, minhash}) of the documents every per-document stage kept, in input
+    order: {index: (reason, index of the document it duplicates)}. Exact duplicates share a key and name
+    the first that had it. Near duplicates share a band of their MinHash signatures (LSH; datasketch picks
+    bands b x rows r for the threshold); each connected component keeps its first document
+    (stages.components; an exact duplicate shares its first copy's bands, so leaving it out of the graph
+    or not gives the same components)."""
+    first, exact, index, bands = {}, {}, [], []
+    b, r = stages.lsh_shape(cfg["minhash_threshold"], cfg["minhash_num_perm"]) if cfg["near_dedup"] else (0, 0)
+    for i, row in docs:
+        if cfg["exact_dedup"]:
+            j = first.setdefault(row["exact"], i)
+            if j != i:
+                exact[i] = ("dedup:exact", j)
+        if b:
+            index.append(i)
+            bands.append(stages.band_keys([row["minhash"]], b, r)[0])  # (b,)
+    del first
+    if not index:
+        return exact
+    index, bands = np.array(index, np.int64), np.array(bands, np.uint64)  # (m,), (m, b)
+    edges = [stages.band_edges(index, bands[:, k]) for k in range(b)]
+    root = stages.components(np.concatenate([u for u, _ in edges]), np.concatenate([v for _, v in edges]),
+                             int(index[-1]) + 1)
+    near = {i: ("dedup:near", int(root[i])) for i in np.flatnonzero(root != np.arange(len(root))).tolist()}
+    return {**near, **exact}  # an exact duplicate is named as one
+
+
+class LocalPasses:
+    """finish()'s passes on this machine, over rows(names): (index, {name: value}) for those columns of
+    every document, in input order (read from the map's files)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def duplicates(self, cfg):
+        return find_duplicates(((i, row) for i, row in self.rows(["status", "exact", "minhash"]) if not row["status"]), cfg)
+
+    def ids(self, wanted):
+        return {i: row["id"] for i, row in self.rows(["id"]) if i in wanted} if wanted else {}
+
+    def write(self, place, paths, cfg):
+        """Each document i with place[i] >= 0 into the shard at paths[place[i]]; the shards' summaries."""
+        last = np.full(len(paths), -1, np.int64)
+        np.maximum.at(last, place[place >= 0], np.flatnonzero(place >= 0))  # each shard's last document
+        files, done = {}, []
+        try:
+            for i, row in self.rows(SHARD_COLUMNS):
+                p = int(place[i])
+                if p < 0:
+                    continue
+                if p not in files:
+                    files[p] = ShardFile(paths[p], cfg)
+                files[p].add(i, row)
+                if i == last[p]:
+                    done.append(files.pop(p).close())
+        finally:
+            for f in files.values():
+                f.close()
+        return done
 
 
 def run_on_ray(items, read, cfg, out, reference=None):
@@ -370,4 +448,4 @@ def run_on_ray(items, read, cfg, out, reference=None):
 
     done = ray_data.map_blocks(docs, stages_of, start=start, repeated=sorted(repeated), words=words, domains=domains,
                                classifier=classifier)
-    return finish(lambda names: ray_data.rows(done, names), n, cfg, out, classifier), n
+    return finish(LocalPasses(lambda names: ray_data.rows(done, names)), n, cfg, out, classifier), n
