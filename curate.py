@@ -170,7 +170,8 @@ if __name__ == "__main__":
             from nanoforge import ray_data
             ray_data.connect(ray_address)
             runs = ray_data.file_runs([(builder, path) for builder, paths in by_builder(inputs) for path in paths])
-            report, n = pipeline.run_on_ray(runs, functools.partial(read_runs, cfg=config), config, out, reference)
+            from nanoforge.curation import on_ray
+            report, n = on_ray.run(runs, functools.partial(read_runs, cfg=config), config, out, reference)
         else:
             dset = load_documents(inputs, config, os.path.join(work, "cache"), num_proc, hub)
             n = len(dset)

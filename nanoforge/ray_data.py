@@ -42,7 +42,11 @@ def connect(address=""):
                             f"({' '.join(str(e).split())[:200]}): none is running (`ray start --head`; or leave "
                             f"--ray_address out for one on this machine), or it uses token authentication and "
                             f"this shell lacks RAY_AUTH_MODE=token and its token (docs/scale.md)") from None
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the input's order, on any cluster
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the input's order, on any cluster
+    # groupby's shuffle: Ray's sort-based one took 1.5 s for a groupby of 7,000 rows on 2 cores where the
+    # default hash shuffle's actors took 7 s, and a curation run makes a dozen (dev/LOG.md)
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     # a plan and a log path per pass are not news, and a worker's error is raised here by run() (one line
     # for a UserError, else its traceback), not logged again
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
@@ -178,3 +182,50 @@ def each_block(ds, fn, **shared):
         fn(table, **kwargs)
         return pa.table({"rows": [table.num_rows]})
     return int(columns(map_blocks(ds, done, **shared), ["rows"])["rows"].sum())
+
+
+def group_map(ds, by, fn, **shared):
+    """fn(group, **shared) -> {column: numpy array} for each group of rows of ds sharing `by` (a column
+    or a list of them; group: {column: numpy array}, in no particular order), on the workers, through Ray
+    Data's shuffle; materialized. `shared` goes to the object store once."""
+    ray = connect()
+    refs = {name: ray.put(value) for name, value in shared.items()}
+    return run(lambda: ds.groupby(by).map_groups(
+        lambda group: fn(group, **{name: ray.get(ref) for name, ref in refs.items()}), batch_format="numpy").materialize())
+
+
+def _large_star(group):
+    """Large-star at node u: every larger neighbour links to the smallest of u and its neighbours."""
+    u, nbrs = int(group["u"][0]), np.unique(group["v"])
+    m, big = min(u, int(nbrs[0])), nbrs[nbrs > u]
+    changed = np.zeros(len(big), np.int64)
+    changed[:1] = m < u  # a link moved: (u, v) became (v, m)
+    return {"u": big, "v": np.full(len(big), m, np.int64), "changed": changed}
+
+
+def _small_star(group):
+    """Small-star at node u over its smaller neighbours: u and all of them link to the smallest."""
+    u, nbrs = int(group["u"][0]), np.unique(group["v"])
+    m, rest = int(nbrs[0]), np.append(nbrs[1:], u)
+    changed = np.zeros(len(rest), np.int64)
+    changed[:1] = len(nbrs) > 1  # u had more than one smaller neighbour
+    return {"u": rest, "v": np.full(len(rest), m, np.int64), "changed": changed}
+
+
+def components(edges):
+    """Connected components of the graph whose edges (u, v) (int64 columns) a dataset holds, computed on the
+    workers: large-star and small-star steps in turn (Kiveris et al., "Connected Components in MapReduce
+    and Beyond", 2014), each a groupby by node, until neither changes a link. Then every component is a
+    star around its smallest node. Returns {node: smallest node of its component} for every node of an
+    edge but those smallest ones, on the driver (the same as stages.components gives on one machine)."""
+    both = lambda b: {"u": np.concatenate([b["u"], b["v"]]), "v": np.concatenate([b["v"], b["u"]])}  # noqa: E731
+    down = lambda b: {"u": np.maximum(b["u"], b["v"])[b["u"] != b["v"]],  # noqa: E731
+                      "v": np.minimum(b["u"], b["v"])[b["u"] != b["v"]]}
+    edges = edges.select_columns(["u", "v"])
+    while True:
+        large = group_map(edges.map_batches(both, batch_format="numpy"), "u", _large_star)
+        small = group_map(large.select_columns(["u", "v"]).map_batches(down, batch_format="numpy"), "u", _small_star)
+        if not run(lambda: (large.sum("changed") or 0) + (small.sum("changed") or 0)):
+            found = columns(small, ["u", "v"])
+            return dict(zip(found["u"].tolist(), found["v"].tolist()))
+        edges = small.select_columns(["u", "v"])

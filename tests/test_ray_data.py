@@ -142,14 +142,37 @@ def test_curate_on_two_ray_nodes_writes_the_local_engines_bytes(cluster, tmp_pat
         (tmp_path / engine).mkdir()
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), os.path.join(ROOT, "config", "curate_web.py"),
                                f"--input={inputs}", "--output=curated", f"--engine={engine}", f"--ray_address={address}",
-                               "--num_proc=1", "--val_fraction=0.05"],
+                               "--num_proc=1", "--val_fraction=0.05", "--shard_bytes=100000"],
                               cwd=tmp_path / engine, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[engine] = tmp_path / engine / "curated"
     assert "on 2 Ray node(s)" in proc.stdout, proc.stdout
     names = same_folders(outputs["local"], outputs["ray"])  # shards, report.json, report.md, lengths.png
-    assert {"train-00000.jsonl.gz", "val-00000.jsonl.gz", "report.json"} <= set(names)
+    assert {"train-00000.jsonl.gz", "train-00001.jsonl.gz", "val-00000.jsonl.gz", "report.json"} <= set(names)
     report = json.loads((outputs["ray"] / "report.json").read_text())
     assert report["summary"]["documents_in"] == 2 * 250
     for reason in ("dedup:exact", "dedup:near"):  # the copies were found, the same ones by both engines
         assert report["drop_reasons"][reason] > 0, report["drop_reasons"]
+
+
+def test_connected_components_on_the_workers_match_one_machines(cluster):
+    """Near-duplicate clusters computed by groupbys on the workers (ray_data.components) are the ones
+    stages.components finds in one process: each node of a component names its smallest node, chains
+    (a ~ b ~ c with a, c unlike) and self-links included."""
+    import numpy as np
+    from nanoforge import ray_data
+    from nanoforge.curation import stages
+    address, _ = cluster
+    rng = np.random.default_rng(7)
+    n = 400
+    u, v = rng.integers(0, n, 300), rng.integers(0, n, 300)
+    u, v = np.append(u, [5, 6, 7, 9]), np.append(v, [6, 7, 8, 9])  # a chain 5-6-7-8, a self-link
+    ray_data.connect(address)
+    try:
+        edges = ray.data.from_items([{"u": int(a), "v": int(b)} for a, b in zip(u, v)], override_num_blocks=4)
+        found = ray_data.components(edges)
+    finally:
+        ray.shutdown()
+    root = stages.components(u, v, n)
+    assert found == {i: int(root[i]) for i in range(n) if root[i] != i}
+    assert found[8] == root[5] <= 5  # the chain's far end goes with its first node

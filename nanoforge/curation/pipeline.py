@@ -289,7 +289,7 @@ def finish(passes, n, cfg, out, classifier=None):
         changes.update(summary["changes"])
     n_changed = sum(summary["changed"] for summary in done)
     for key in sorted({key for summary in done for key in summary["examples"]}):
-        for _, item in sorted((e for summary in done for e in summary["examples"][key]), key=lambda e: e[0]):
+        for _, item in sorted((e for summary in done for e in summary["examples"].get(key, [])), key=lambda e: e[0]):
             example(key, item)
     report = build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
     if classifier is not None:
@@ -412,40 +412,3 @@ class LocalPasses:
             for f in files.values():
                 f.close()
         return done
-
-
-def run_on_ray(items, read, cfg, out, reference=None):
-    """All stages on a Ray cluster (ray_data.connect first): read(item) yields tables of documents (id,
-    text, url) of each item (a run of input files), on the workers; the per-document stages run there too,
-    their output kept in Ray's object store; finish() runs here over it, as for the local engine. The same
-    shards and report as run(). reference: a dataset of trusted text for stage 6's classifier, or None.
-    Returns the report and the number of documents."""
-    from nanoforge import ray_data
-    docs = ray_data.documents(items, read)  # id, text, url; item, row: each document's place in its item
-    where = ray_data.columns(docs, ["item", "row"])
-    n = len(where["item"])
-    if not n:
-        raise UserError("no documents found in the input: it is empty")
-    start = np.concatenate([[0], np.cumsum(np.bincount(where["item"], minlength=len(items)))[:-1]])  # (items,)
-    assert (start[where["item"]] + where["row"] == np.arange(n)).all(), "Ray returned the documents out of order"
-    print(f"{n:,} documents read on {len(ray_data.connect().nodes())} Ray node(s)")
-    # stage 1's sample and the classifier's corpus side: the first documents, as the local engine takes them
-    k = max(cfg["repeated_line_sample"], cfg["classifier_train_docs"] if reference is not None else 0)
-    first = texts_of(ray_data.head(docs, ["text"], k))
-    repeated = set()
-    if cfg["cleanup"] and cfg["repeated_line_min_docs"] > 0:
-        repeated = stages.repeated_lines(first[:cfg["repeated_line_sample"]], cfg["repeated_line_min_docs"])
-    classifier = None if reference is None else train_classifier(reference, first, cfg)
-    words, domains = blocklists(cfg)
-    schema = features().arrow_schema
-    print("cleanup, language, quality, harmful, PII on the workers; then deduplication and the split here")
-
-    def stages_of(table, start, repeated, words, domains, classifier):  # a block of documents, on a worker
-        index = start[table.column("item").to_numpy()] + table.column("row").to_numpy()  # in the whole input
-        done = process(table.drop_columns(["item", "row"]), index.tolist(), repeated, words, domains, cfg,
-                       classifier=classifier)
-        return pa.Table.from_pydict(done, schema=schema) if table.num_rows else schema.empty_table()
-
-    done = ray_data.map_blocks(docs, stages_of, start=start, repeated=sorted(repeated), words=words, domains=domains,
-                               classifier=classifier)
-    return finish(LocalPasses(lambda names: ray_data.rows(done, names)), n, cfg, out, classifier), n
