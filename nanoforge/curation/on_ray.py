@@ -72,7 +72,7 @@ def _wanted_rows(table, wanted):
 def _band_rows(table, b, r):
     """A block of documents still in the running -> one row per band: (index, band, key)."""
     index = table.column("index").to_numpy()
-    keys = stages.band_keys(table.column("minhash").to_pylist(), b, r) if table.num_rows else np.zeros((0, b), np.uint64)
+    keys = stages.band_keys(table.column("minhash").to_pylist(), b, r)  # (rows, b)
     return pa.table({"index": np.repeat(index, b), "band": np.tile(np.arange(b, dtype=np.int64), len(index)),
                      "key": keys.reshape(-1).view(np.int64)})
 

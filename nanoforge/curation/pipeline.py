@@ -359,7 +359,7 @@ def find_duplicates(docs, cfg):
     bands b x rows r for the threshold); each connected component keeps its first document
     (stages.components; an exact duplicate shares its first copy's bands, so leaving it out of the graph
     or not gives the same components)."""
-    first, exact, index, bands = {}, {}, [], []
+    first, exact, index, bands, signatures = {}, {}, [], [], []
     b, r = stages.lsh_shape(cfg["minhash_threshold"], cfg["minhash_num_perm"]) if cfg["near_dedup"] else (0, 0)
     for i, row in docs:
         if cfg["exact_dedup"]:
@@ -368,11 +368,14 @@ def find_duplicates(docs, cfg):
                 exact[i] = ("dedup:exact", j)
         if b:
             index.append(i)
-            bands.append(stages.band_keys([row["minhash"]], b, r)[0])  # (b,)
+            signatures.append(row["minhash"])
+            if len(signatures) == 4096:  # band keys a few thousand at a time: 8 bytes a band a document
+                bands.append(stages.band_keys(signatures, b, r))
+                signatures = []
     del first
     if not index:
         return exact
-    index, bands = np.array(index, np.int64), np.array(bands, np.uint64)  # (m,), (m, b)
+    index, bands = np.array(index, np.int64), np.concatenate(bands + [stages.band_keys(signatures, b, r)])  # (m,), (m, b)
     edges = [stages.band_edges(index, bands[:, k]) for k in range(b)]
     root = stages.components(np.concatenate([u for u, _ in edges]), np.concatenate([v for _, v in edges]),
                              int(index[-1]) + 1)

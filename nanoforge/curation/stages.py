@@ -263,6 +263,8 @@ def band_keys(signatures, b, r):
     """(n, num_perm) MinHash signatures -> (n, b) uint64: one key per band of r values. Documents whose
     keys agree in some band are near-duplicate candidates (LSH). 8 bytes a band a document, rather than
     datasketch's MinHashLSH, whose Python set per bucket costs ~5 KB a document."""
+    if not len(signatures):
+        return np.zeros((0, b), np.uint64)
     sig = np.asarray(signatures, np.uint64)[:, :b * r].reshape(len(signatures), b, r)  # (n, b, r)
     with np.errstate(over="ignore"):
         return (sig * _band_mix(r)).sum(axis=2)  # (n, b), wrapping
