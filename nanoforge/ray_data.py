@@ -222,6 +222,8 @@ def components(edges):
     down = lambda b: {"u": np.maximum(b["u"], b["v"])[b["u"] != b["v"]],  # noqa: E731
                       "v": np.minimum(b["u"], b["v"])[b["u"] != b["v"]]}
     edges = edges.select_columns(["u", "v"])
+    if not run(edges.count):
+        return {}
     while True:
         large = group_map(edges.map_batches(both, batch_format="numpy"), "u", _large_star)
         small = group_map(large.select_columns(["u", "v"]).map_batches(down, batch_format="numpy"), "u", _small_star)

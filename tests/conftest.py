@@ -228,7 +228,7 @@ def machine_of(stdout, results):
     lines = stdout.splitlines()
     machine = [i for i, ln in enumerate(lines) if ln.startswith("machine:")]
     assert len(machine) == 1, stdout
-    first_result = min(i for i, ln in enumerate(lines) if any(u in ln for u in ("tokens/s", "tok/s", "ms/step", "MiB")))
+    first_result = min(i for i, ln in enumerate(lines) if any(u in ln for u in ("tokens/s", "tok/s", "ms/step", "MiB", "documents/s")))
     assert machine[0] < first_result, stdout
     m = results["machine"]
     assert m["line"] == lines[machine[0]]

@@ -169,3 +169,22 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
         assert 0 <= rows[engine]["same_tokens"] <= 24
     assert rows["transformers"]["same_tokens"] == 24 and rows["transformers"]["class"] == "GPT2LMHeadModel"
     assert rows["nanoforge-torch"]["same_tokens"] == 24
+
+
+def test_bench_data_times_the_engines_on_one_corpus(tmp_path):
+    """bench_data.py with the local engine on one copy of the Common Crawl sample: the machine line, the
+    corpus size, each run's time and the median's documents per second per core, as printed and in the
+    JSON (the Ray and datatrove rows are the same code path with another command: not run here)."""
+    out_json = tmp_path / "data.json"
+    r = subprocess.run([sys.executable, "bench_data.py", "--engines=local", "--copies=1", "--repeats=1",
+                        f"--json_out={out_json}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads(out_json.read_text())
+    assert machine_of(r.stdout, results)["memory_gb_s"] > 0
+    assert results["documents"] == 697 and "corpus: 697 documents" in r.stdout
+    local = results["engines"]["local"]
+    assert len(local["seconds"]) == 1 and local["median_s"] == local["seconds"][0] > 0
+    assert local["docs_per_s_per_core"] == 697 / local["median_s"] / results["cores"]
+    assert f"{local['docs_per_s_per_core']:,.0f} documents/s per core" in r.stdout
+    bad = subprocess.run([sys.executable, "bench_data.py", "--engines=spark"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: engines: 'spark' is not one of local, ray, ray-2nodes, datatrove"
