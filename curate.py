@@ -12,8 +12,8 @@ url), report.json, report.md and lengths.png. It is written beside its final pla
 when complete; an existing output is refused unless --overwrite=True. Per-document stages run in a
 `datasets` map over num_proc processes (inputs are memory-mapped Arrow on disk, so memory stays flat);
 deduplication and the split need the whole corpus and run in this process over compact per-document keys.
-With --engine=ray the input is read and the per-document stages run on a Ray cluster's workers; the
-corpus-wide passes still run here, over the same keys streamed back: byte for byte the same output.
+With --engine=ray every stage runs on a Ray cluster's workers (deduplication as groupbys, each shard
+written by a worker; docs/scale.md): byte for byte the same output.
 """
 import functools
 import os
