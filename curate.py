@@ -120,7 +120,7 @@ if __name__ == "__main__":
     globals().update(config)
     if not input or not output:
         raise UserError("give --input=FILES_OR_FOLDERS and --output=FOLDER")
-    if os.path.exists(output) and not overwrite:
+    if files.output_exists(output) and not overwrite:
         raise UserError(f"output {output} exists; pass --overwrite=True to replace it")
     if num_proc == "auto":
         num_proc = os.cpu_count() or 1
@@ -149,8 +149,9 @@ if __name__ == "__main__":
     print(found)
     if not inputs and not hub:
         raise UserError(f"no documents found in {input}: the files are empty")
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
+    parent = None if files.is_url(output) else os.path.dirname(os.path.abspath(output))  # a URL: local scratch
+    if parent:
+        os.makedirs(parent, exist_ok=True)
     # the datasets caches go in a scratch folder beside the output, the curated corpus into its own, which
     # replaces an old output (overwrite=True) only once it is whole
     with tempfile.TemporaryDirectory(prefix=os.path.basename(os.path.abspath(output)) + ".cache", dir=parent) as work, \
@@ -169,6 +170,7 @@ if __name__ == "__main__":
                                 "Hugging Face dataset names are read by the local engine")
             from nanoforge import ray_data
             ray_data.connect(ray_address)
+            ray_data.require_shared_output(output, "--output")
             runs = ray_data.file_runs([(builder, path) for builder, paths in by_builder(inputs) for path in paths])
             from nanoforge.curation import on_ray
             report, n = on_ray.run(runs, functools.partial(read_runs, cfg=config), config, out, reference)

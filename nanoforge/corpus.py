@@ -16,6 +16,7 @@ import urllib.request
 from collections import Counter
 
 from nanoforge import files
+from nanoforge.files import is_url
 from nanoforge.errors import UserError
 
 
@@ -136,12 +137,6 @@ def parse_ext(text):
     if unknown:
         raise UserError(f"--ext={text}: {', '.join(unknown)} is not a kind this reads; choose from {', '.join(BUILDERS)}")
     return suffixes
-
-
-def is_url(path):
-    """s3://bucket/key, gs://..., hf://datasets/..., file:///...: read through fsspec, as local paths are
-    (the cloud's package, s3fs or gcsfs, installed by the user: fsspec names it when it is missing)."""
-    return "://" in path
 
 
 def open_input(path, mode="rb"):

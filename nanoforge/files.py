@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 
 from nanoforge.errors import UserError
 
@@ -104,10 +105,52 @@ def replace_folder(new, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_url(path):
+    """s3://bucket/key, gs://..., hf://datasets/..., file:///...: read and written through fsspec (the
+    cloud's package, s3fs or gcsfs, installed by the user: fsspec names it when it is missing)."""
+    return "://" in path
+
+
+def output_exists(path):
+    """Whether a folder or file is at `path`, a local path or a URL."""
+    if not is_url(path):
+        return os.path.exists(path)
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(root)
+
+
+def publish_folder(local, url):
+    """Uploads the finished local folder to `url` (s3://..., file://...): beside its place first (URL.tmpPID),
+    then moved in, replacing what was there. On a filesystem the move is a rename; on object storage it is
+    object by object, so a reader sees the old output or whole files of the new one."""
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    staged = f"{root}.tmp{os.getpid()}"
+    try:
+        fs.put(local.rstrip("/") + "/", staged + "/", recursive=True)  # the folder's contents, into staged
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        fs.mv(staged, root, recursive=True)
+    finally:
+        if fs.exists(staged):
+            fs.rm(staged, recursive=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(path):
     """Yields an empty temporary folder beside `path` to fill; on success it replaces `path`
-    (replace_folder). A crash or Ctrl-C mid-write leaves the old folder and removes the half-written one."""
+    (replace_folder). A crash or Ctrl-C mid-write leaves the old folder and removes the half-written one.
+    A URL `path`: the folder is filled in a local temporary folder and published there (publish_folder)."""
+    if is_url(path):
+        tmp = tempfile.mkdtemp(prefix="nanoforge-output.")
+        try:
+            yield tmp
+            publish_folder(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     path = os.path.normpath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -79,6 +79,17 @@ def run(fn):
         raise UserError(str(error).splitlines()[0]) from None  # Ray appends lines of its own advice
 
 
+def require_shared_output(output, flag):
+    """The workers write the output files themselves: into the driver's local staging folder when the output
+    is a URL (published when whole), which other nodes cannot reach. One line when the cluster has more."""
+    from nanoforge.files import is_url
+    nodes = [node for node in connect().nodes() if node["Alive"]]
+    if is_url(output) and len(nodes) > 1:
+        raise UserError(f"{flag}={output}: on a Ray cluster of {len(nodes)} nodes the workers write the output "
+                        f"in place, so it must be a folder every node sees (a shared filesystem); write it there "
+                        f"and copy it up, or run on one node")
+
+
 def cpus():
     """The cluster's CPUs, all nodes together."""
     return max(1, int(connect().cluster_resources().get("CPU", 1)))

@@ -484,6 +484,19 @@ def test_cli_deterministic_and_careful(planted, tmp_path):
     assert {"report.json", "report.md", "lengths.png", "train-00000.jsonl.gz", "val-00000.jsonl.gz"} <= set(names)
     for name in names:  # byte-identical, the report and the plot included
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    # the output named by a URL (file:// takes fsspec's path, as s3:// and gs:// do): built here, published
+    # there when whole, the same files (the report names its output); an existing one refused
+    at_url = tmp_path / "bucket" / "curated"
+    result = run_curate(*args, f"--output={at_url.as_uri()}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(at_url)) == names and os.listdir(at_url.parent) == ["curated"]
+    for name in names:
+        want = (first / name).read_bytes()
+        if name == "report.json":
+            want = want.replace(b'"output": "curated"', f'"output": "{at_url.as_uri()}"'.encode())
+        assert (at_url / name).read_bytes() == want, name
+    result = run_curate(*args, f"--output={at_url.as_uri()}")
+    assert result.returncode == 2 and "exists" in result.stderr and "Traceback" not in result.stderr
     report = json.loads((first / "report.json").read_text())
     assert report["summary"]["documents_in"] == len(rows)
     # the stages' columns add up: each stage takes in what the one before put out, the first takes the input

@@ -172,6 +172,16 @@ def test_your_text_txt_folder_and_blank_line_split(tmp_path):
     check_documents(out, meta, docs, tok)
     assert meta["source"] == folder.as_uri()
     assert meta["val_documents"] == math.ceil(0.2 * len(docs))
+    # and written to a URL: built here, published there when whole; the same bytes; an existing one refused
+    at_url = tmp_path / "bucket" / "data"
+    result = run("your_text", f"--input={folder.as_uri()}", "--val_fraction=0.2", f"--out_dir={at_url.as_uri()}",
+                 tmp_path=tmp_path / "whole")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(at_url)) == sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    assert all((at_url / name).read_bytes() == (out / name).read_bytes() for name in os.listdir(out))
+    assert os.listdir(at_url.parent) == ["data"]  # nothing staged left beside it
+    result = run("your_text", f"--input={folder.as_uri()}", f"--out_dir={at_url.as_uri()}", tmp_path=tmp_path / "whole")
+    assert_one_line_error(result, "already holds a prepared dataset")
 
 
 @pytest.mark.slow  # three runs of the script

@@ -107,6 +107,10 @@ def test_ray_engine_errors_are_one_line(cluster, tmp_path):
     assert_one_line_error(proc, f"{tmp_path / 'raw' / 'bad.jsonl'} line 2")
     proc = run(PREPARE, "--dataset=openwebtext", f"--out_dir={tmp_path / 'x'}", *ray_args, check=False)
     assert_one_line_error(proc, "--engine=ray reads --input")
+    # an output at a URL is staged on this machine, which the other node's workers cannot reach
+    proc = run(PREPARE, f"--input={tmp_path / 'raw' / 'good.jsonl'}", f"--out_dir={(tmp_path / 'x').as_uri()}",
+               *ray_args, check=False)
+    assert_one_line_error(proc, "on a Ray cluster of 2 nodes the workers write the output in place")
     assert not os.path.exists(tmp_path / "x")
 
 

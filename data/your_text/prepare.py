@@ -54,10 +54,10 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from nanoforge import errors, tokens
-from nanoforge.corpus import (builder_of, by_builder, curated_splits, find_files, input_error, is_url, load_hub,
-                              open_input, parse_ext, reason, text_column)
+from nanoforge.corpus import (builder_of, by_builder, curated_splits, find_files, input_error, load_hub, open_input,
+                              parse_ext, reason, text_column)
 from nanoforge.errors import UserError
-from nanoforge.files import replace_folder
+from nanoforge.files import is_url, output_exists, publish_folder, replace_folder
 from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -239,6 +239,7 @@ def prepare_on_ray(files, args, tok, cache_dir):
         raise UserError("--engine=ray reads --input files or URLs (a hub dataset's files: --input=hf://datasets/"
                         "OWNER/NAME/...); --dataset is read by the local engine")
     ray_data.connect(args.ray_address)
+    ray_data.require_shared_output(args.final_out_dir, "--out_dir")
     keyed = [((group, builder), path) for group, builder, paths in read_order(files) for path in paths]
     runs = ray_data.file_runs(keyed)
     items = [(group, builder, paths) for (group, builder), paths in runs]
@@ -317,7 +318,7 @@ if __name__ == "__main__":
     if not args.out_dir:  # data/<name>: data/openwebtext is what train.py reads by default, data/book for book.txt
         name = os.path.basename(os.path.normpath(args.input[0] if args.input else args.dataset))
         args.out_dir = os.path.join(os.path.dirname(here), name.split(".")[0] or "your_text")
-    if os.path.exists(os.path.join(args.out_dir, "meta.json")) and not args.overwrite:
+    if output_exists(f"{args.out_dir.rstrip('/')}/meta.json") and not args.overwrite:
         raise UserError(f"{args.out_dir} already holds a prepared dataset; pass --overwrite to replace it (it is "
                         f"replaced only once the new one is whole), or another --out_dir")
     if not 0 < args.val_fraction < 1:
@@ -346,7 +347,12 @@ if __name__ == "__main__":
     # the documents, as one Arrow-backed dataset with a 'text' column
 
     # built beside its place and renamed in when whole: a run that fails or is stopped leaves no half a dataset
-    final, args.out_dir = args.out_dir, f"{os.path.normpath(args.out_dir)}.tmp{os.getpid()}"
+    # (a URL out_dir: built in a local temporary folder and published there when whole)
+    final = args.final_out_dir = args.out_dir
+    if is_url(final):
+        args.out_dir = os.path.join(tempfile.mkdtemp(prefix="nanoforge-output."), "data")
+    else:
+        args.out_dir = f"{os.path.normpath(args.out_dir)}.tmp{os.getpid()}"
     atexit.register(shutil.rmtree, args.out_dir, ignore_errors=True)
     os.makedirs(args.out_dir)
     temp_cache = None
@@ -364,7 +370,11 @@ if __name__ == "__main__":
               f"of the {meta['train_documents'] + meta['val_documents']:,} documents): its loss is noisy. A bigger corpus, or --min_val_tokens lower to say it is fine")
     if temp_cache:
         temp_cache.cleanup()
-    replace_folder(args.out_dir, final)
+    if is_url(final):
+        publish_folder(args.out_dir, final)
+        shutil.rmtree(os.path.dirname(args.out_dir), ignore_errors=True)
+    else:
+        replace_folder(args.out_dir, final)
     args.out_dir = final
     print(f"{'GPT-2 BPE' if tok.spec['kind'] == 'gpt2' else 'trained BPE ' + tok.spec['path']}, vocab size {tok.vocab_size:,}")
     for split in ("train", "val"):
