@@ -136,9 +136,10 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.attn_dropout_p if self.training else 0.0
         if self.use_sdpa and (self.sdpa_backward or not torch.is_grad_enabled()):
             # fused kernels (flash / memory-efficient on CUDA). is_causal assumes an aligned square mask: a cache
-            # holding keys before the queries gives its own, except for one query, which sees every key
+            # holding keys before the queries gives its own, except for one query, which sees every key (a plain
+            # bool: compiled with dynamic shapes, `T > 1` alone is symbolic, which SDPA refuses)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=mask is None and T > 1)
+                                               is_causal=True if mask is None and T > 1 else False)
         else:
             y = attention_reference(q, k, v, dropout_p, self.training, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again

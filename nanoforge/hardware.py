@@ -194,6 +194,16 @@ def prepare_to_compile(model, undo=False):
         lm_head_loss.keep_eager_under_compile()
 
 
+def compile_decoding(model):
+    """--compile for decoding, in place: the model's forward, which each step of generate_stream calls,
+    compiled with dynamic shapes (prompts differ in length, the cache grows). torch.compile(model) would
+    not do it: generate_stream is the original module's method and calls the original forward. The CPU
+    kernels enter the graph as torch operators (cpu_kernels.linear_f32_op, linear_q8_op)."""
+    prepare_to_compile(model)
+    model.forward = torch.compile(model.forward, dynamic=True)
+    return model
+
+
 def sdpa_backward(device, dtype):
     """Whether attention takes the fused SDPA kernel where a backward follows (CausalSelfAttention's
     sdpa_backward, set by the scripts that train). Not in bf16 on a CPU: PyTorch's CPU flash-attention

@@ -49,7 +49,8 @@ class CPULinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if not (x2.dtype == torch.float32 and kernel_rows(x2)):
             return F.linear(x, self.weight, self.bias)
-        y = cpu_kernels.linear_f32(x2.contiguous(), self.weight)  # (M, N)
+        kernel = cpu_kernels.linear_f32_op if torch.compiler.is_compiling() else cpu_kernels.linear_f32
+        y = kernel(x2.contiguous(), self.weight)  # (M, N)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -75,7 +76,8 @@ class Int8Linear(nn.Module):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernels take a matrix
         if kernel_rows(x2) and self.in_features % cpu_kernels.BLOCK == 0:
-            y = cpu_kernels.linear_q8(x2.float().contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
+            kernel = cpu_kernels.linear_q8_op if torch.compiler.is_compiling() else cpu_kernels.linear_q8
+            y = kernel(x2.float().contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
         elif x2.device.type == "cpu":
             # torch's kernel is fast with bf16 activations only (float32 ones take a path ~15x slower, AVX2 and
             # AVX-512 alike): rounding them to bf16 moves an output by ~0.4% of the largest, int8's own ~0.8%
@@ -114,7 +116,8 @@ def decoding_weights(model, quantize):
     layers; 'none' keeps the float weights and, on a CPU with cpu_kernels, multiplies them there."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize must be one of {', '.join(repr(q) for q in QUANTIZE)}, got {quantize!r}")
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    kernels = on_cpu and cpu_kernels.available()  # built now, not inside the first step (or a compiled graph)
     if quantize == "int8":
         return quantize_int8(model)
-    on_cpu = model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
-    return swap_linears(model, CPULinear) if on_cpu and cpu_kernels.available() else model
+    return swap_linears(model, CPULinear) if kernels and model.lm_head.weight.dtype == torch.float32 else model

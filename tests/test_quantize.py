@@ -167,6 +167,25 @@ def test_float32_decoding_weights_keep_the_models_numbers(trained):
     assert torch.equal(k.generate(prompt, 48, temperature=0.0), model.generate(prompt, 48, temperature=0.0))
 
 
+@pytest.mark.slow  # two compiles
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained, quant):
+    """sample.py --compile: the forward each step calls, compiled with the CPU kernels inside the graph as
+    torch operators (no graph break at each Linear), gives the eager model's greedy tokens and logits."""
+    from torch._dynamo.utils import counters
+    from nanoforge import hardware
+    model, val, _ = trained
+    eager = decoding_weights(copy.deepcopy(model), quant)
+    compiled = hardware.compile_decoding(decoding_weights(copy.deepcopy(model), quant))
+    torch._dynamo.reset()
+    counters.clear()
+    prompt = val[:16][None]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(prompt)[0], eager(prompt)[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(compiled.generate(prompt, 24, temperature=0.0), eager.generate(prompt, 24, temperature=0.0))
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained):
     model, val, _ = trained
     fp32_loss = val_loss(model, val)
