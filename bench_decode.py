@@ -2,10 +2,11 @@
 Decoding speed of one set of weights in every engine at hand, in one run: nanoforge in float32 and with
 int8 weights (--quantize=none and int8 of sample.py and serve.py: on a CPU both multiply through
 nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference the kernels
-are held to), transformers' stock class on the same weights,
-and llama.cpp's llama-bench on them exported to GGUF (f32 and q8_0) when llama-bench is on PATH or in
-$LLAMA_CPP_BIN. Batch 1, greedy, after a short prompt; random weights unless init_from (speed does not
-depend on what a model learned). Ratios are against nanoforge float32, and nanoforge's rows give the rate
+are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them exported
+to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN; on request, nanoforge-compiled
+and nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, the compile not timed).
+Batch 1, greedy, after a short prompt; random weights unless init_from (speed does not depend on what a
+model learned). Ratios are against nanoforge float32, and nanoforge's rows give the rate
 its weights were read at beside the machine's measured copy bandwidth; the machine line comes first.
 
     python bench_decode.py                                # GPT-2-124M shape with GPT-2's vocabulary
@@ -47,7 +48,8 @@ config = configure(knobs(globals()), sys.argv[1:])
 globals().update(config)
 check_ranges(config, {k: POSITIVE_INT for k in ('gen_tokens', 'prompt_len', 'repeats')})
 wanted = [e for e in engines.split(',') if e]
-known = ('nanoforge', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0')
+known = ('nanoforge', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0',
+         'nanoforge-compiled', 'nanoforge-int8-compiled')  # the last two: sample.py --compile (~1 min to compile each)
 if unknown := [e for e in wanted if e not in known]:
     raise errors.UserError(f"engines: {unknown[0]!r} is not one of {', '.join(known)}")
 
@@ -110,8 +112,10 @@ for engine in wanted:
         rate, reference = timed(ours(fp32))
         results[engine] = {"tokens_per_s": rate, "same_tokens": None,  # the reference the others are held to
                            "weight_gb_s": rate * weight_bytes(fp32) / 1e9}
-    elif engine in ('nanoforge-int8', 'nanoforge-torch'):
-        m = decoding_weights(copy.deepcopy(model), "int8") if engine == 'nanoforge-int8' else model
+    elif engine in ('nanoforge-int8', 'nanoforge-torch', 'nanoforge-compiled', 'nanoforge-int8-compiled'):
+        m = decoding_weights(copy.deepcopy(model), "int8" if 'int8' in engine else "none") if engine != 'nanoforge-torch' else model
+        if engine.endswith('-compiled'):
+            hardware.compile_decoding(m)  # timed() warms it up: the compile is not in the rate
         rate, ids = timed(ours(m))
         results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
                            if reference else None, "weight_gb_s": rate * weight_bytes(m) / 1e9}
@@ -134,7 +138,7 @@ for engine, r in results.items():
     agree = "" if r["same_tokens"] is None else f", its first {r['same_tokens']} of {gen_tokens} greedy tokens equal to nanoforge's"
     ratio = f" ({r['tokens_per_s'] / base:.2f}x nanoforge float32)" if base and engine != 'nanoforge' else ""
     read = f", weights read at {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else ""
-    print(f"{engine:>15}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{read}{agree}")
+    print(f"{engine:>23}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{read}{agree}")
 print(f"(the machine copies memory at {machine['memory_gb_s']:.1f} GB/s)")
 if json_out:
     files.write_json(json_out, {"config": config, "machine": machine, "results": results})
