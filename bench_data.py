@@ -88,7 +88,11 @@ try:
 
     def command(engine, output):
         if engine == 'datatrove':
-            return [sys.executable, os.path.join(ROOT, "dev", "datatrove_curate.py"), source, output, f"{output}.work"]
+            import curate
+            from nanoforge.curation import stages
+            b, r = stages.lsh_shape(curate.DEFAULTS["minhash_threshold"], curate.DEFAULTS["minhash_num_perm"])
+            return [sys.executable, os.path.join(ROOT, "dev", "datatrove_curate.py"), source, output, f"{output}.work",
+                    str(curate.DEFAULTS["minhash_shingle_size"]), str(b), str(r)]
         args = [sys.executable, os.path.join(ROOT, "curate.py"), os.path.join(ROOT, curate_config),
                 f"--input={source}", f"--output={output}"]
         if engine == 'ray':  # a Ray of its own on this machine, not the two-node cluster also running here

@@ -6,13 +6,11 @@ bands and rows curate.py uses (SHA-1 shingle hashes as datasketch's; signatures,
 the filter),
 written as JSONL. On datatrove's local executor with this machine's cores. Needs datatrove and spacy.
 
-$ python dev/datatrove_curate.py INPUT_FOLDER OUTPUT_FOLDER WORK_FOLDER
+$ python dev/datatrove_curate.py INPUT_FOLDER OUTPUT_FOLDER WORK_FOLDER SHINGLE_WORDS BANDS ROWS
+(bench_data.py passes curate.py's shingle size and the bands and rows its threshold gives)
 """
 import os
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def english(doc):
@@ -20,7 +18,7 @@ def english(doc):
     return stages.language(doc.text)[0] == "en"
 
 
-def main(source, output, work):
+def main(source, output, work, shingle, b, r):
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                           MinhashDedupFilter, MinhashDedupSignature)
@@ -29,12 +27,9 @@ def main(source, output, work):
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
-    import curate
-    from nanoforge.curation import stages
-    b, r = stages.lsh_shape(curate.DEFAULTS["minhash_threshold"], curate.DEFAULTS["minhash_num_perm"])
     # shingles hashed with SHA-1, as datasketch (ours) does; datatrove's default xxhash wrapper hands
     # xxhash 4 a str, which it refuses
-    minhash = MinhashConfig(n_grams=curate.DEFAULTS["minhash_shingle_size"], num_buckets=b, hashes_per_bucket=r,
+    minhash = MinhashConfig(n_grams=shingle, num_buckets=b, hashes_per_bucket=r,
                             hash_config=HashConfig(precision=64, hash_fc="sha1"))
     tasks = len([f for f in os.listdir(source) if f.endswith((".jsonl", ".jsonl.gz"))])
     steps = [  # (pipeline, tasks): each step runs after the one before
@@ -52,4 +47,4 @@ def main(source, output, work):
 
 
 if __name__ == "__main__":  # datatrove's workers start from a fresh interpreter that imports this file
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:4], *map(int, sys.argv[4:7]))
