@@ -174,11 +174,12 @@ def test_every_rank_takes_rank_0s_measured_choices(tmp_path):
     """The dtype and compile choices are measured on each rank; the ranks must not act on different
     ones (on a loaded machine two ranks once measured differently and scored different losses)."""
     script = tmp_path / "choose.py"
-    script.write_text("import os\nfrom nanoforge import parallel\n"
+    script.write_text("import os\nimport torch\nfrom nanoforge import parallel\n"
                       "parallel.setup_distributed('gloo', 'cpu')\n"
                       "rank = int(os.environ['RANK'])\n"
                       "took = parallel.rank0_choice(('bfloat16' if rank == 0 else 'float32', rank))\n"
-                      f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(took))\n")
+                      f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(took))\n"
+                      "torch.distributed.destroy_process_group()\n")  # as train.py: gloo can abort at exit otherwise
     run(str(script), launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
     # each rank writes its own file: the two ranks share one stdout, where their prints can interleave
     took = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
