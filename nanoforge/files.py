@@ -111,12 +111,21 @@ def is_url(path):
     return "://" in path
 
 
+def url_fs(url):
+    """(fsspec filesystem, path in it) of a URL; a protocol fsspec does not know, or whose package is not
+    installed (s3fs, gcsfs), is one line that says so."""
+    import fsspec
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot use {url}: {e}") from None
+
+
 def output_exists(path):
     """Whether a folder or file is at `path`, a local path or a URL."""
     if not is_url(path):
         return os.path.exists(path)
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = url_fs(path)
     return fs.exists(root)
 
 
@@ -124,8 +133,7 @@ def publish_folder(local, url):
     """Uploads the finished local folder to `url` (s3://..., file://...): beside its place first (URL.tmpPID),
     then moved in, replacing what was there. On a filesystem the move is a rename; on object storage it is
     object by object, so a reader sees the old output or whole files of the new one."""
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = url_fs(url)
     root = root.rstrip("/")
     staged = f"{root}.tmp{os.getpid()}"
     try:

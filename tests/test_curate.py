@@ -497,6 +497,9 @@ def test_cli_deterministic_and_careful(planted, tmp_path):
         assert (at_url / name).read_bytes() == want, name
     result = run_curate(*args, f"--output={at_url.as_uri()}")
     assert result.returncode == 2 and "exists" in result.stderr and "Traceback" not in result.stderr
+    result = run_curate(*args, "--output=nosuchprotocol://bucket/curated")  # or s3:// without s3fs
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: cannot use nosuchprotocol://bucket/curated: Protocol not known: nosuchprotocol"), result.stderr
     report = json.loads((first / "report.json").read_text())
     assert report["summary"]["documents_in"] == len(rows)
     # the stages' columns add up: each stage takes in what the one before put out, the first takes the input

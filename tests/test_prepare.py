@@ -182,6 +182,8 @@ def test_your_text_txt_folder_and_blank_line_split(tmp_path):
     assert os.listdir(at_url.parent) == ["data"]  # nothing staged left beside it
     result = run("your_text", f"--input={folder.as_uri()}", f"--out_dir={at_url.as_uri()}", tmp_path=tmp_path / "whole")
     assert_one_line_error(result, "already holds a prepared dataset")
+    result = run("your_text", f"--input={folder.as_uri()}", "--out_dir=nosuchprotocol://bucket/data", tmp_path=tmp_path)
+    assert_one_line_error(result, "cannot use nosuchprotocol://bucket/data/meta.json: Protocol not known")
 
 
 @pytest.mark.slow  # three runs of the script
