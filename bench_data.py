@@ -58,7 +58,7 @@ if 'datatrove' in wanted:
         wanted.remove('datatrove')
 
 machine = hardware.machine_line('cpu')
-work = tempfile.mkdtemp(prefix="bench_data.")
+work, cluster = tempfile.mkdtemp(prefix="bench_data."), None
 try:
     source = input
     if not source:  # the default corpus
@@ -78,7 +78,6 @@ try:
                     for _ in gzip.open(os.path.join(source, f), "rt"))
     print(f"corpus: {documents:,} documents in {source}")
 
-    cluster = None
     if 'ray-2nodes' in wanted:  # started before the clock, as a user's cluster is already up
         from ray.cluster_utils import Cluster
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -86,13 +85,15 @@ try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
 
+    import curate
+    from nanoforge.curation import stages
+    bands = stages.lsh_shape(curate.DEFAULTS["minhash_threshold"], curate.DEFAULTS["minhash_num_perm"])  # (b, r)
+    minhash_shape = [str(curate.DEFAULTS["minhash_shingle_size"]), *map(str, bands)]  # datatrove's, as ours
+
     def command(engine, output):
         if engine == 'datatrove':
-            import curate
-            from nanoforge.curation import stages
-            b, r = stages.lsh_shape(curate.DEFAULTS["minhash_threshold"], curate.DEFAULTS["minhash_num_perm"])
             return [sys.executable, os.path.join(ROOT, "dev", "datatrove_curate.py"), source, output, f"{output}.work",
-                    str(curate.DEFAULTS["minhash_shingle_size"]), str(b), str(r)]
+                    *minhash_shape]
         args = [sys.executable, os.path.join(ROOT, "curate.py"), os.path.join(ROOT, curate_config),
                 f"--input={source}", f"--output={output}"]
         if engine == 'ray':  # a Ray of its own on this machine, not the two-node cluster also running here
@@ -114,8 +115,6 @@ try:
             shutil.rmtree(output, ignore_errors=True)
             shutil.rmtree(f"{output}.work", ignore_errors=True)
             print(f"  run {rep + 1}: {engine} {seconds:.1f} s", flush=True)
-    if cluster is not None:
-        cluster.shutdown()
 
     cores = os.cpu_count()
     results = {}
@@ -129,5 +128,7 @@ try:
     if json_out:
         from nanoforge.files import write_json
         write_json(json_out, {"machine": machine, "documents": documents, "cores": cores, "engines": results})
-finally:
+finally:  # the two-node cluster goes too when a run fails
+    if cluster is not None:
+        cluster.shutdown()
     shutil.rmtree(work, ignore_errors=True)

@@ -135,9 +135,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)  # (B, nh, pos + T, hs): everything seen so far
         dropout_p = self.attn_dropout_p if self.training else 0.0
         if self.use_sdpa and (self.sdpa_backward or not torch.is_grad_enabled()):
-            # fused kernels (flash / memory-efficient on CUDA). is_causal assumes an aligned square mask: a cache
-            # holding keys before the queries gives its own, except for one query, which sees every key (a plain
-            # bool: compiled with dynamic shapes, `T > 1` alone is symbolic, which SDPA refuses)
+            # fused kernels (flash / memory-efficient on CUDA). is_causal (a plain bool: T is symbolic when compiled)
+            # assumes an aligned square mask: cached keys before the queries bring their own; one query sees all
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                is_causal=True if mask is None and T > 1 else False)
         else:

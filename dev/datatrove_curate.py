@@ -2,9 +2,8 @@
 datatrove's curation pipeline, shaped as curate.py's, for bench_data.py to time beside ours: read JSONL,
 keep English (py3langid, the identifier curate.py uses: datatrove's own fastText model is a download),
 Gopher repetition and quality filters, PII formatting, then MinHash deduplication with word pairs and the
-bands and rows curate.py uses (SHA-1 shingle hashes as datasketch's; signatures, buckets, clusters in one task as datatrove does,
-the filter),
-written as JSONL. On datatrove's local executor with this machine's cores. Needs datatrove and spacy.
+bands and rows curate.py uses (SHA-1 shingle hashes as datasketch's; signatures, buckets, clusters in one
+task as datatrove does, the filter), written as JSONL. On datatrove's local executor with this machine's cores. Needs datatrove and spacy.
 
 $ python dev/datatrove_curate.py INPUT_FOLDER OUTPUT_FOLDER WORK_FOLDER SHINGLE_WORDS BANDS ROWS
 (bench_data.py passes curate.py's shingle size and the bands and rows its threshold gives)

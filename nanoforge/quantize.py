@@ -116,8 +116,8 @@ def decoding_weights(model, quantize):
     layers; 'none' keeps the float weights and, on a CPU with cpu_kernels, multiplies them there."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize must be one of {', '.join(repr(q) for q in QUANTIZE)}, got {quantize!r}")
-    on_cpu = model.lm_head.weight.device.type == "cpu"
-    kernels = on_cpu and cpu_kernels.available()  # built now, not inside the first step (or a compiled graph)
+    # built now, not inside the first step (or a compiled graph)
+    kernels = model.lm_head.weight.device.type == "cpu" and cpu_kernels.available()
     if quantize == "int8":
         return quantize_int8(model)
     return swap_linears(model, CPULinear) if kernels and model.lm_head.weight.dtype == torch.float32 else model

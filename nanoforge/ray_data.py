@@ -201,8 +201,8 @@ def group_map(ds, by, fn, **shared):
     Data's shuffle; materialized. `shared` goes to the object store once."""
     ray = connect()
     refs = {name: ray.put(value) for name, value in shared.items()}
-    return run(lambda: ds.groupby(by).map_groups(
-        lambda group: fn(group, **{name: ray.get(ref) for name, ref in refs.items()}), batch_format="numpy").materialize())
+    each = lambda group: fn(group, **{name: ray.get(ref) for name, ref in refs.items()})  # noqa: E731
+    return run(lambda: ds.groupby(by).map_groups(each, batch_format="numpy").materialize())
 
 
 def _large_star(group):

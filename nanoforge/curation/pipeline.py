@@ -222,7 +222,8 @@ def finish(passes, n, cfg, out, classifier=None):
     split = np.ones(n)
     for i, row in passes.rows(["id", "status", "snippet", "bytes_in", "bytes_clean", "bytes_out", "split", "changes"]):
         s = row["status"]
-        lengths_in[i], lengths_clean[i], lengths_out[i], split[i] = row["bytes_in"], row["bytes_clean"], row["bytes_out"], row["split"]
+        lengths_in[i], lengths_clean[i], lengths_out[i] = row["bytes_in"], row["bytes_clean"], row["bytes_out"]
+        split[i] = row["split"]
         if s:
             example(s, {"id": row["id"], "text": row["snippet"]})
         for c in filter(None, row["changes"].split(",")):
@@ -288,8 +289,9 @@ def finish(passes, n, cfg, out, classifier=None):
         pii_docs.update(summary["pii_docs"])
         changes.update(summary["changes"])
     n_changed = sum(summary["changed"] for summary in done)
-    for key in sorted({key for summary in done for key in summary["examples"]}):
-        for _, item in sorted((e for summary in done for e in summary["examples"].get(key, [])), key=lambda e: e[0]):
+    for key in sorted({key for summary in done for key in summary["examples"]}):  # each shard's first, in order
+        found = [e for summary in done for e in summary["examples"].get(key, [])]  # (index, item)
+        for _, item in sorted(found, key=lambda e: e[0]):
             example(key, item)
     report = build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts, pii_docs, changes, n_changed, ex)
     if classifier is not None:
@@ -375,7 +377,8 @@ def find_duplicates(docs, cfg):
     del first
     if not index:
         return exact
-    index, bands = np.array(index, np.int64), np.concatenate(bands + [stages.band_keys(signatures, b, r)])  # (m,), (m, b)
+    index = np.array(index, np.int64)  # (m,)
+    bands = np.concatenate(bands + [stages.band_keys(signatures, b, r)])  # (m, b)
     edges = [stages.band_edges(index, bands[:, k]) for k in range(b)]
     root = stages.components(np.concatenate([u for u, _ in edges]), np.concatenate([v for _, v in edges]),
                              int(index[-1]) + 1)
@@ -391,7 +394,8 @@ class LocalPasses:
         self.rows = rows
 
     def duplicates(self, cfg):
-        return find_duplicates(((i, row) for i, row in self.rows(["status", "exact", "minhash"]) if not row["status"]), cfg)
+        docs = ((i, row) for i, row in self.rows(["status", "exact", "minhash"]) if not row["status"])
+        return find_duplicates(docs, cfg)
 
     def ids(self, wanted):
         return {i: row["id"] for i, row in self.rows(["id"]) if i in wanted} if wanted else {}
