@@ -231,7 +231,11 @@ class Engine:
                     if joining:
                         self._prefill(joining)
                     self._retire()
-                    if self.running:
+                    # prompts that came in during that prefill go first, while slots are free: a burst of
+                    # clients waits for two prefills, not two with a decode step between (at most max_batch
+                    # prefills in a row, since each takes a slot)
+                    more = joining and self.waiting and self.free
+                    if self.running and not more:
                         self._decode()
                     self._retire()
                 if self.step_delay:

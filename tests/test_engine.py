@@ -133,3 +133,40 @@ def test_engine_refuses_past_its_queue_and_stops_at_the_context():
     # prompt and reply fill the 16-token context: 13 tokens after a 3-token prompt, not the 50 asked for
     assert results[0][1:] == ("length", 13) and results[1][1:] == ("length", 13)
     engine.close()
+
+
+def test_prompts_that_arrive_during_a_prefill_are_prefilled_before_the_next_decode_step():
+    """A burst of clients: the first prompt is being prefilled alone when the others arrive. They are
+    prefilled next, before the first sequence takes a decode step, so their first tokens wait for one
+    forward, not two; every sequence still gets model.generate's tokens."""
+    import threading
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
+    tok = CharTokenizer(CHARS)
+    forward, calls, arrived = model.forward, [], threading.Event()
+
+    def recording(idx, **kw):  # the engine's forwards, in order: (rows, columns); the first waits for the rest
+        calls.append(tuple(idx.shape))
+        if len(calls) == 1:
+            assert arrived.wait(60)
+        return forward(idx, **kw)
+
+    model.forward = recording
+    engine = Engine(model, tok, max_batch=4)
+    prompts = ["the quick", "brown fox", "jumps over", "the lazy dog"]
+    events = Events(len(prompts))
+    seqs = [Sequence(tok.encode(p), 6, events.sink(i), temperature=0.0, text=TextStream(tok))
+            for i, p in enumerate(prompts)]
+    engine.submit(seqs[:1])
+    while not calls:  # the first prompt's prefill has begun
+        threading.Event().wait(0.01)
+    engine.submit(seqs[1:])
+    arrived.set()
+    results = events.wait()
+    engine.close()
+    model.forward = forward
+    assert calls[:2] == [(1, len(prompts[0])), (3, len(prompts[3]))]  # the first prefill, then the others'
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p)
+        expected = tok.decode(model.generate(torch.tensor([ids]), 6, top_k=1)[0, len(ids):].tolist())
+        assert results[i] == (expected, "length", 6)
