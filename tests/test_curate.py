@@ -529,3 +529,26 @@ def test_cli_deterministic_and_careful(planted, tmp_path):
     result = run_curate(f"--input={empty}", f"--output={tmp_path / 'x'}")
     assert result.returncode == 2 and "empty" in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_stage_6_cut_keeps_the_best_fraction_less_those_below_the_floor():
+    """pipeline.rank_order and ranked_cut, which both engines' passes use, against the rule written as a
+    loop over every document: best first (ties in input order), the first `keep` kept unless below the floor."""
+    rng = random.Random(7)
+    for trial in range(200):
+        n = rng.randint(1, 40)
+        index = np.array(sorted(rng.sample(range(1000), n)), np.int64)
+        score = np.array([rng.choice([0.1, 0.5, 0.9, rng.random()]) for _ in range(n)])  # ties, often
+        highest = trial % 2 == 0
+        floor = rng.choice([None, 0.3]) if highest else None
+        keep = rng.randint(1, n)
+        order = pipeline.rank_order(index, score, highest)
+        got = pipeline.ranked_cut(index[order], score[order], keep, highest, floor)
+        ranked = sorted(range(n), key=lambda j: (-score[j] if highest else score[j], index[j]))
+        dropped, last = [], None
+        for rank, j in enumerate(ranked):
+            if rank >= keep or (floor is not None and score[j] < floor):
+                dropped.append((int(index[j]), float(score[j])))
+            else:
+                last = float(score[j])
+        assert got == (dropped, last)

@@ -7,6 +7,7 @@ output, errors in one line.
 import filecmp
 import gzip
 import json
+import math
 import os
 import random
 import subprocess
@@ -138,15 +139,34 @@ def planted(folder):
     return [str(folder)]
 
 
+def trusted_model(folder):
+    """A small character model of random weights, for stage 6's perplexity: a ranking like any other."""
+    import torch
+    from model import GPT, GPTConfig
+    from nanoforge.checkpoint import save_checkpoint
+    from nanoforge.tokenizer import CharTokenizer
+    tok = CharTokenizer("".join(chr(c) for c in range(32, 127)) + "\n")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
+    folder.mkdir()
+    save_checkpoint(str(folder / "ckpt.pt"), model, {"tokenizer": tok.spec})
+    return str(folder)
+
+
 def test_curate_on_two_ray_nodes_writes_the_local_engines_bytes(cluster, tmp_path):
+    """Every stage, the two stage 6 filters included (their keep-fractions cut by Ray Data's sort on the
+    cluster, and the classifier's floor), gives the local engine's shards and report."""
     address, _ = cluster
     inputs = ",".join(planted(tmp_path / "raw"))
+    stage6 = ["--model_filter=True", f"--model_source={trusted_model(tmp_path / 'trusted')}", "--model_keep_fraction=0.9",
+              f"--classifier_reference={os.path.join(SHARED, 'data', 'tinystories', 'tinystories_valid_head.txt')}",
+              "--classifier_train_docs=200", "--classifier_keep_fraction=0.9", "--classifier_min_score=0.3"]
     outputs = {}
     for engine in ("local", "ray"):  # a relative output from two working folders: the reports name the same one
         (tmp_path / engine).mkdir()
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), os.path.join(ROOT, "config", "curate_web.py"),
                                f"--input={inputs}", "--output=curated", f"--engine={engine}", f"--ray_address={address}",
-                               "--num_proc=1", "--val_fraction=0.05", "--shard_bytes=100000"],
+                               "--num_proc=1", "--val_fraction=0.05", "--shard_bytes=30000", *stage6],
                               cwd=tmp_path / engine, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[engine] = tmp_path / engine / "curated"
@@ -155,8 +175,11 @@ def test_curate_on_two_ray_nodes_writes_the_local_engines_bytes(cluster, tmp_pat
     assert {"train-00000.jsonl.gz", "train-00001.jsonl.gz", "val-00000.jsonl.gz", "report.json"} <= set(names)
     report = json.loads((outputs["ray"] / "report.json").read_text())
     assert report["summary"]["documents_in"] == 2 * 250
-    for reason in ("dedup:exact", "dedup:near"):  # the copies were found, the same ones by both engines
+    for reason in ("dedup:exact", "dedup:near", "model:perplexity", "model:classifier"):  # the same ones by both
         assert report["drop_reasons"][reason] > 0, report["drop_reasons"]
+    alive = report["summary"]["kept"] + report["drop_reasons"]["model:classifier"]  # those the classifier scored
+    assert report["drop_reasons"]["model:classifier"] > alive - math.ceil(0.9 * alive)  # the floor took some too
+    assert report["classifier"]["lowest_score_kept"] >= 0.3
 
 
 def test_connected_components_on_the_workers_match_one_machines(cluster):

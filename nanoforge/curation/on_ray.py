@@ -69,6 +69,20 @@ def _wanted_rows(table, wanted):
     return table.filter(pa.compute.is_in(table.column("index"), value_set=pa.array(wanted)))
 
 
+def _ranked_rows(table, alive, column, highest):
+    """A block's documents still in the running -> (index, score, order): order sorts them best first
+    (pipeline.rank_order's order: the score, negated when the highest is best, then the index)."""
+    table = table.filter(pa.array(alive[table.column("index").to_numpy()]))
+    score = table.column(column).to_numpy()
+    return pa.table({"index": table.column("index"), "score": score, "order": -score if highest else score})
+
+
+def _score_rows(table, floor, below):
+    """The rows of a block scoring below floor (below=True), or the others."""
+    low = pa.compute.less(table.column("score"), floor)
+    return table.filter(low if below else pa.compute.invert(low))
+
+
 def _band_rows(table, b, r):
     """A block of documents still in the running -> one row per band: (index, band, key)."""
     index = table.column("index").to_numpy()
@@ -126,6 +140,27 @@ class RayPasses:
         found = ray_data.columns(ray_data.map_blocks(self.done.select_columns(["index", "id"]), _wanted_rows,
                                                      wanted=np.array(sorted(wanted), np.int64)), ["index", "id"])
         return dict(zip(found["index"].tolist(), found["id"].tolist()))
+
+    def ranked(self, column, alive, keep, highest=False, floor=None):
+        """pipeline.ranked_cut over the documents with alive[i], ranked by Ray Data's distributed sort and
+        split at `keep`: the kept part stays on the workers; what is dropped comes back (the rest, and with
+        a floor the kept part's rows below it), with the score of the last one kept."""
+        if not alive.any():
+            return [], None
+        live = ray_data.map_blocks(self.done.select_columns(["index", column]), _ranked_rows, alive=alive,
+                                   column=column, highest=highest)
+        ordered = ray_data.run(lambda: live.sort(["order", "index"]).materialize())
+        kept, rest = ordered.split_at_indices([keep])
+        out = [rest]
+        if floor is not None:
+            out = [ray_data.map_blocks(kept, _score_rows, floor=floor, below=True), rest]
+            kept = ray_data.map_blocks(kept, _score_rows, floor=floor, below=False)
+        parts = [ray_data.columns(part, ["index", "score", "order"]) for part in out]
+        index, score, order = (np.concatenate([p[name] for p in parts]) for name in ("index", "score", "order"))
+        ranks = np.lexsort((index, order))  # in rank order, whatever order Ray returned the rows in
+        last = ray_data.run(lambda: kept.max("order")) if kept.count() else None
+        return (list(zip(index[ranks].tolist(), score[ranks].astype(float).tolist())),
+                None if last is None else float(-last if highest else last))
 
     def write(self, place, paths, cfg):
         """Each document i with place[i] >= 0 into the shard at paths[place[i]], a worker per shard (the

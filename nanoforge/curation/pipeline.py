@@ -4,6 +4,7 @@ and pii.py in a parallel map, then the corpus-wide passes (deduplication, model 
 keys, write the shards and the report. Every input document ends with one status: '' (kept) or the reason
 it was dropped; kept documents list what changed them.
 """
+import functools
 import gzip
 import json
 import math
@@ -24,8 +25,9 @@ from nanoforge.errors import UserError
 
 def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=None):
     """The per-document stages 1-4 and 7 (PII) on a batch, plus the dedup keys of the text before PII (stage 5
-    runs later, corpus-wide; PII replacements are only counted for documents that survive it), and the
-    quality classifier's score (stage 6 keeps the best scores corpus-wide)."""
+    runs later, corpus-wide; PII replacements are only counted for documents that survive it), and stage 6's
+    numbers: the quality classifier's score and the perplexity under the model of trusted text (stage 6
+    keeps the best of them corpus-wide)."""
     out = defaultdict(list)
     repeated = frozenset(repeated)  # a sorted list in fn_kwargs (datasets hashes it); a set to look up
     languages = set(cfg["languages"].split(","))
@@ -90,7 +92,27 @@ def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=
         out["bytes_out"].append(len(final.encode("utf-8", "surrogatepass")) if not status else 0)
         out["split"].append(stages.split_hash(final, cfg["split_seed"]) if not status else 1.0)  # stage 8's number
         out["score"].append(score)
+    out["perplexity"] = [-1.0] * len(out["status"])
+    if cfg["model_filter"]:  # the kept text, as it will be written (after PII)
+        import torch
+        model, tok = trusted_model(cfg["model_source"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: the same number in every engine's workers, whatever their threads
+        try:
+            out["perplexity"] = [stages.perplexity(model, tok, t, cfg["model_max_tokens"]) if not status else -1.0
+                                 for t, status in zip(out["text"], out["status"])]
+        finally:
+            torch.set_num_threads(threads)
     return dict(out)
+
+
+@functools.lru_cache(maxsize=1)
+def trusted_model(source):
+    """Stage 6's model of trusted text and its tokenizer, loaded once in each process that scores."""
+    from nanoforge import checkpoint
+    from nanoforge.tokenizer import load_tokenizer
+    model, spec, _ = checkpoint.load_model(source)
+    return model.eval(), load_tokenizer(spec)
 
 
 def features():
@@ -100,7 +122,7 @@ def features():
                               "changes": v("string"), "pii": v("string"), "lang": v("string"), "exact": v("int64"),
                               "minhash": datasets.Sequence(v("uint32")), "bytes_in": v("int64"),
                               "bytes_clean": v("int64"), "bytes_out": v("int64"), "split": v("float64"),
-                              "score": v("float64")})
+                              "score": v("float64"), "perplexity": v("float64")})
 
 
 def columns(files, names, n):
@@ -244,33 +266,25 @@ def finish(passes, n, cfg, out, classifier=None):
     for i, reason, of in shown:
         example(reason, {"id": names[i], "duplicate_of": names[of]})
 
-    # stage 6: perplexity under a model of trusted text; keep the lowest model_keep_fraction
+    # stage 6: perplexity under a model of trusted text (from the map); keep the lowest model_keep_fraction
     if cfg["model_filter"]:
-        from nanoforge import checkpoint
-        from nanoforge.tokenizer import load_tokenizer
-        model, spec, _ = checkpoint.load_model(cfg["model_source"])
-        model.eval()
-        tok = load_tokenizer(spec)
-        scores = {i: stages.perplexity(model, tok, row["text"], cfg["model_max_tokens"])
-                  for i, row in passes.rows(["text"]) if not status[i]}
-        keep = math.ceil(cfg["model_keep_fraction"] * len(scores))
-        for rank, i in enumerate(sorted(scores, key=lambda i: (scores[i], i))):
-            if rank >= keep:
-                status[i] = "model:perplexity"
-                example("model:perplexity", {"id": f"#{i}", "perplexity": round(scores[i], 2)})
+        alive = np.array([not s for s in status], bool)
+        dropped, _ = passes.ranked("perplexity", alive, math.ceil(cfg["model_keep_fraction"] * alive.sum()))
+        for i, score in dropped:
+            status[i] = "model:perplexity"
+            example("model:perplexity", {"id": f"#{i}", "perplexity": round(score, 2)})
 
-    # stage 6, DCLM style: the classifier's scores (from the map); below classifier_min_score is dropped,
-    # then the classifier_keep_fraction with the highest scores is kept (ties: input order)
+    # stage 6, DCLM style: the classifier's scores (from the map); the classifier_keep_fraction with the
+    # highest scores is kept, less any below classifier_min_score
     cut = None
     if classifier is not None:
-        scores = {i: (row["score"], row["id"]) for i, row in passes.rows(["score", "id"]) if not status[i]}
-        keep = math.ceil(cfg["classifier_keep_fraction"] * len(scores))
-        for rank, i in enumerate(sorted(scores, key=lambda i: (-scores[i][0], i))):
-            if rank >= keep or scores[i][0] < cfg["classifier_min_score"]:
-                status[i] = "model:classifier"
-                example("model:classifier", {"id": scores[i][1], "score": round(scores[i][0], 4)})
-            else:
-                cut = scores[i][0]  # the lowest score kept
+        alive = np.array([not s for s in status], bool)
+        dropped, cut = passes.ranked("score", alive, math.ceil(cfg["classifier_keep_fraction"] * alive.sum()),
+                                     highest=True, floor=cfg["classifier_min_score"])
+        names = passes.ids({i for i, _ in dropped[:cfg["examples_per_reason"]]})
+        for i, score in dropped:
+            status[i] = "model:classifier"
+            example("model:classifier", {"id": names.get(i), "score": round(score, 4)})
 
     # stage 8: split by a stable hash of the kept text (from the map); at least one val document when
     # val_fraction > 0
@@ -386,6 +400,22 @@ def find_duplicates(docs, cfg):
     return {**near, **exact}  # an exact duplicate is named as one
 
 
+def rank_order(index, score, highest):
+    """The order stage 6 ranks documents in: best score first (highest, or lowest for perplexity), ties in
+    input order. Returns the positions of index/score (numpy arrays) in that order."""
+    return np.lexsort((index, -score if highest else score))
+
+
+def ranked_cut(index, score, keep, highest=False, floor=None):
+    """Stage 6's cut over documents (index, score) already in rank_order: the first `keep` are kept, less
+    those scoring below floor (with highest=True those come last among them). Returns (the dropped ones
+    as [(index, score)] in rank order, the score of the last one kept or None)."""
+    assert floor is None or highest, "a floor is a lowest score to keep: for the highest-first ranking"
+    kept = keep if floor is None else min(keep, int(np.searchsorted(-score[:keep], -floor, side="right")))
+    dropped = list(zip(index[kept:].tolist(), score[kept:].tolist()))
+    return dropped, (float(score[kept - 1]) if kept else None)
+
+
 class LocalPasses:
     """finish()'s passes on this machine, over rows(names): (index, {name: value}) for those columns of
     every document, in input order (read from the map's files)."""
@@ -399,6 +429,13 @@ class LocalPasses:
 
     def ids(self, wanted):
         return {i: row["id"] for i, row in self.rows(["id"]) if i in wanted} if wanted else {}
+
+    def ranked(self, column, alive, keep, highest=False, floor=None):
+        """ranked_cut over the documents with alive[i] and their `column` (a stage 6 number)."""
+        rows = [(i, row[column]) for i, row in self.rows([column]) if alive[i]]
+        index, score = np.array([i for i, _ in rows], np.int64), np.array([v for _, v in rows], np.float64)
+        order = rank_order(index, score, highest)
+        return ranked_cut(index[order], score[order], keep, highest, floor)
 
     def write(self, place, paths, cfg):
         """Each document i with place[i] >= 0 into the shard at paths[place[i]]; the shards' summaries."""
