@@ -77,7 +77,10 @@ def configure(defaults, argv, script=None, given=None):
             where = f"argument '{arg}'"
             if key not in defaults:
                 raise _unknown_key(key, defaults, where)
-            config[key] = _check_type(key, parse_value(text), defaults[key], where)
+            value = parse_value(text)
+            if isinstance(defaults[key], str) and defaults[key] != "auto" and not isinstance(value, str):
+                value = text  # a string knob takes the text as written: --clients=16 is "16", not 16
+            config[key] = _check_type(key, value, defaults[key], where)
             if given is not None:
                 given.add(key)
         else:

@@ -87,11 +87,20 @@ def test_unknown_key_with_no_close_match_lists_known_keys():
 
 
 @pytest.mark.parametrize("arg", ["--batch_size=abc", "--batch_size=3.5", "--batch_size=True",
-                                 "--compile=1", "--compile='1'", "--compile=yes", "--learning_rate=fast",
-                                 "--dataset=1"])
+                                 "--compile=1", "--compile='1'", "--compile=yes", "--learning_rate=fast"])
 def test_values_must_keep_the_defaults_type(arg):
     with pytest.raises(UserError, match=f"config key '{arg[2:].split('=')[0]}'.*expects"):
         configure(DEFAULTS, [arg])
+
+
+def test_a_string_knob_takes_its_text_as_written_on_the_command_line(tmp_path):
+    """bench_serve.py --clients=16 is the text '16' (its knob lists levels as text), not the int 16; in a
+    config file, Python's own types still hold."""
+    assert configure(DEFAULTS, ["--dataset=16"])["dataset"] == "16"
+    assert configure(DEFAULTS, ["--dataset=[1, 2]", "--start=3e-4"]) == dict(DEFAULTS, dataset="[1, 2]", start="3e-4")
+    assert configure(DEFAULTS, ["--dataset='owt'"])["dataset"] == "owt"  # quoted as Python: still the string
+    with pytest.raises(UserError, match="dataset.*expects str"):
+        configure(DEFAULTS, [write(tmp_path, "dataset = 1\n")])
 
 
 def test_type_errors_in_config_file(tmp_path):
