@@ -21,6 +21,7 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --fsdp=
 Resume exactly where a run stopped (Ctrl-C and SIGTERM save a checkpoint first):
 $ python train.py config/train_shakespeare_char_cpu.py --init_from=resume
 """
+import gc
 import math
 import sys
 import time
@@ -441,4 +442,8 @@ if master:
         log(f"loss curve: {runlog.plot_losses(out_dir)}")
 if ddp:  # leave together: a rank that exits while another still works (consolidating) can fail its teardown
     dist.barrier()
+    # DDP's reducer holds the process group and its gloo work: freed now, while the interpreter is whole; left
+    # to its exit, a gloo thread's teardown aborted a rank ('terminate called without an active exception')
+    step_model = sync = None
+    gc.collect()
     dist.destroy_process_group()
