@@ -3,6 +3,8 @@ nanoforge/engine.py in-process: the continuous-batching loop gives every sequenc
 are reused cleanly, and the text stream never splits a character or shows a stop string.
 """
 import queue
+import threading
+import time
 
 import pytest
 import torch
@@ -139,7 +141,6 @@ def test_prompts_that_arrive_during_a_prefill_are_prefilled_before_the_next_deco
     """A burst of clients: the first prompt is being prefilled alone when the others arrive. They are
     prefilled next, before the first sequence takes a decode step, so their first tokens wait for one
     forward, not two; every sequence still gets model.generate's tokens."""
-    import threading
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
     tok = CharTokenizer(CHARS)
@@ -159,7 +160,7 @@ def test_prompts_that_arrive_during_a_prefill_are_prefilled_before_the_next_deco
             for i, p in enumerate(prompts)]
     engine.submit(seqs[:1])
     while not calls:  # the first prompt's prefill has begun
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
     engine.submit(seqs[1:])
     arrived.set()
     results = events.wait()
