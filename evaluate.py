@@ -131,8 +131,6 @@ if runs:
 device, _ = hardware.resolve_device(device)
 ddp, rank, _, world_size, device = parallel.setup_distributed(backend, device)
 master = rank == 0
-dtype, _ = parallel.rank0_choice(hardware.resolve_dtype(dtype, device))  # measured: every rank takes rank 0's
-autocast_ctx = hardware.autocast(device, dtype)
 log = print if master else (lambda *a, **k: None)
 
 source = out_dir if init_from == "resume" else init_from
@@ -145,6 +143,9 @@ if tok.vocab_size > model.config.vocab_size:  # a token id past the embedding ta
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     raise UserError(f"block_size={block_size} is longer than the model's context {model.config.block_size}")
+# measured at this model's matmuls (a tiny model stays float32 on every machine); every rank takes rank 0's
+dtype, _ = parallel.rank0_choice(hardware.resolve_dtype(dtype, device, (batch_size * block_size, model.config.n_embd)))
+autocast_ctx = hardware.autocast(device, dtype)
 if dataset == "auto":
     data_dir = data_dir or run_data_dir(meta)
     if data_dir and not os.path.exists(os.path.join(data_dir, "meta.json")) and (task or chat_task):
@@ -159,7 +160,7 @@ log(f"model: {source}, {model.get_num_params() / 1e6:.2f}M parameters, context {
     f"device {device}, {dtype}, {world_size} process(es)")
 
 result = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "source": source,
-          "iter": meta.get("iter_num"), "world_size": world_size}
+          "iter": meta.get("iter_num"), "world_size": world_size, "dtype": dtype}
 if quantize != "none":  # the scores are the quantized model's, not the checkpoint's own
     result["quantize"] = quantize
 if init_from == "resume" and (evals := runlog.evaluations(runlog.read_log(out_dir))):

@@ -306,7 +306,8 @@ def held_out_loss(run_dir):
     device, _ = hardware.resolve_device(base["device"])
     model, tok_spec, meta = load_model(run_dir, map_location=device)
     token_bytes = torch.tensor(load_tokenizer(tok_spec).token_bytes(), dtype=torch.float64)
-    autocast_ctx = hardware.autocast(device, hardware.resolve_dtype(base["dtype"], device)[0])
+    shape = (32 * model.config.block_size, model.config.n_embd)  # score_split's batch of 32 windows
+    autocast_ctx = hardware.autocast(device, hardware.resolve_dtype(base["dtype"], device, shape)[0])
     scores = score_split(model.to(device), run_data_dir(meta), "val", token_bytes, 32, device, autocast_ctx)
     return scores["loss"]
 
