@@ -9,7 +9,8 @@ perplexity and/or a reference-vs-web classifier (optional) -> held-out split.
 
 The output folder holds train-00000.jsonl.gz, ..., val-00000.jsonl.gz (one JSON object a line: id, text,
 url), report.json, report.md and lengths.png. It is written beside its final place and renamed into it
-when complete; an existing output is refused unless --overwrite=True. Per-document stages run in a
+when complete (an --output URL, s3://...: staged beside it at the URL, URL.tmpPID, and moved in); an
+existing output is refused unless --overwrite=True. Per-document stages run in a
 `datasets` map over num_proc processes (inputs are memory-mapped Arrow on disk, so memory stays flat);
 deduplication and the split need the whole corpus and run in this process over compact per-document keys.
 With --engine=ray every stage runs on a Ray cluster's workers (deduplication as groupbys, each shard
@@ -155,7 +156,7 @@ if __name__ == "__main__":
     # the datasets caches go in a scratch folder beside the output, the curated corpus into its own, which
     # replaces an old output (overwrite=True) only once it is whole
     with tempfile.TemporaryDirectory(prefix=os.path.basename(os.path.abspath(output)) + ".cache", dir=parent) as work, \
-            files.atomic_folder(output) as out:
+            files.atomic_folder(output, at_url=True) as out:
         t0 = time.time()
         reference = None
         if classifier_reference:  # stage 6's classifier is trained once, up front, then scores each document
@@ -170,7 +171,6 @@ if __name__ == "__main__":
                                 "Hugging Face dataset names are read by the local engine")
             from nanoforge import ray_data
             ray_data.connect(ray_address)
-            ray_data.require_shared_output(output, "--output")
             runs = ray_data.file_runs([(builder, path) for builder, paths in by_builder(inputs) for path in paths])
             from nanoforge.curation import on_ray
             report, n = on_ray.run(runs, functools.partial(read_runs, cfg=config), config, out, reference)

@@ -6,6 +6,7 @@ runs out of one out_dir.
 import contextlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 
@@ -86,10 +87,7 @@ def _remove_if_unused(out_dir):
 
 
 def write_json(path, obj):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 
@@ -129,15 +127,52 @@ def output_exists(path):
     return fs.exists(root)
 
 
+def staged_url(url):
+    """Where an output at `url` is built before it is moved in: beside its place (URL.tmpPID), a URL too, so
+    this process's Ray workers, on any machine, can write into it."""
+    return f"{url.rstrip('/')}.tmp{os.getpid()}"
+
+
+def remove_url(url):
+    """Removes the folder or file at `url`, if there is one (a staged output left by a failed run)."""
+    fs, root = url_fs(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def open_output(path):
+    """A file opened to write bytes at `path`, a local path or a URL (through fsspec: on object storage the
+    object appears when the file is closed). A URL's folders are made as needed."""
+    if not is_url(path):
+        return open(path, "wb")
+    fs, root = url_fs(path)
+    fs.makedirs(posixpath.dirname(root), exist_ok=True)
+    return fs.open(root, "wb")
+
+
+def write_bytes(path, data):
+    """`data` as the file at `path`: a local file renamed in when whole (atomic_path); at a URL, written
+    there (inside a staged folder, which is what moves in whole)."""
+    if is_url(path):
+        with open_output(path) as f:
+            f.write(data)
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 def publish_folder(local, url):
-    """Uploads the finished local folder to `url` (s3://..., file://...): beside its place first (URL.tmpPID),
-    then moved in, replacing what was there. On a filesystem the move is a rename; on object storage it is
-    object by object, so a reader sees the old output or whole files of the new one."""
+    """Uploads the finished local folder to `url` (s3://..., file://...): into its staged place first
+    (staged_url, where this run's workers may have written files already), then moved in, replacing what was
+    there. On a filesystem the move is a rename; on object storage it is object by object, so a reader sees
+    the old output or whole files of the new one."""
     fs, root = url_fs(url)
     root = root.rstrip("/")
-    staged = f"{root}.tmp{os.getpid()}"
+    _, staged = url_fs(staged_url(url))
     try:
-        fs.put(local.rstrip("/") + "/", staged + "/", recursive=True)  # the folder's contents, into staged
+        if local is not None:
+            fs.put(local.rstrip("/") + "/", staged + "/", recursive=True)  # the folder's contents, into staged
         if fs.exists(root):
             fs.rm(root, recursive=True)
         fs.mv(staged, root, recursive=True)
@@ -147,10 +182,23 @@ def publish_folder(local, url):
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
+def atomic_folder(path, at_url=False):
     """Yields an empty temporary folder beside `path` to fill; on success it replaces `path`
     (replace_folder). A crash or Ctrl-C mid-write leaves the old folder and removes the half-written one.
-    A URL `path`: the folder is filled in a local temporary folder and published there (publish_folder)."""
+    A URL `path`: the folder is filled in a local temporary folder and published there (publish_folder);
+    with at_url=True it is built at the URL itself (staged_url: the yielded folder is a URL, written with
+    open_output and write_bytes, by Ray workers on any machine too) and moved in when whole."""
+    if is_url(path) and at_url:
+        staged = staged_url(path)
+        fs, root = url_fs(staged)
+        remove_url(staged)
+        fs.makedirs(root, exist_ok=True)
+        try:
+            yield staged
+            publish_folder(None, path)
+        finally:
+            remove_url(staged)
+        return
     if is_url(path):
         tmp = tempfile.mkdtemp(prefix="nanoforge-output.")
         try:

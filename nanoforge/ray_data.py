@@ -9,9 +9,10 @@ giving the same bytes.
 
 Without --ray_address, Ray does what ray.init() does: joins the cluster this machine already runs, else
 starts one on this machine alone (all its cores). Every node needs the same Python packages (nanoforge
-installed), the input readable at the same URL or shared path, and the output folder on a filesystem
-they all see: the prepare script's workers write the token files themselves, each document's tokens at
-the place the driver worked out for them (tokens.PlacedWriter). docs/scale.md is the runbook.
+installed), the input readable at the same URL or shared path, and the output at a URL (s3://...) or
+in a folder on a filesystem they all see: the workers write the output files themselves (curated shards;
+token files, each document's tokens at the place the driver worked out for them, tokens.PlacedWriter).
+docs/scale.md is the runbook.
 """
 import logging
 
@@ -77,17 +78,6 @@ def run(fn):
         if error is None:
             raise
         raise UserError(str(error).splitlines()[0]) from None  # Ray appends lines of its own advice
-
-
-def require_shared_output(output, flag):
-    """The workers write the output files themselves: into the driver's local staging folder when the output
-    is a URL (published when whole), which other nodes cannot reach. One line when the cluster has more."""
-    from nanoforge.files import is_url
-    nodes = [node for node in connect().nodes() if node["Alive"]]
-    if is_url(output) and len(nodes) > 1:
-        raise UserError(f"{flag}={output}: on a Ray cluster of {len(nodes)} nodes the workers write the output "
-                        f"in place, so it must be a folder every node sees (a shared filesystem); write it there "
-                        f"and copy it up, or run on one node")
 
 
 def cpus():

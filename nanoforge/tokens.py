@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from nanoforge.errors import UserError
-from nanoforge.files import REPO, atomic_path, write_json
+from nanoforge.files import REPO, atomic_path, open_output, write_json
 
 MAGIC = b"NFTOKENS"
 VERSION = 1
@@ -234,7 +234,9 @@ class PlacedWriter:
     """A split of `count` tokens known in advance, in the files TokenWriter (shard_tokens 0) or ShardWriter
     would write, created whole (header and size) by create(); then any process that can see the folder
     writes any run of tokens at its place in the split with write_at, in any order, so many workers
-    write one split at once. The same tokens give the same bytes as the sequential writers."""
+    write one split at once. The same tokens give the same bytes as the sequential writers.
+    Object storage writes whole objects only: there each file's runs (pieces) are gathered and written
+    at once by write_file."""
 
     def __init__(self, data_dir, split, vocab_size, count, shard_tokens=0):
         self.vocab_size, self.dtype = vocab_size, token_dtype(vocab_size)
@@ -244,27 +246,51 @@ class PlacedWriter:
         else:
             self.files = [(split_path(data_dir, split), 0, count)]
 
+    def header(self, n):
+        return _HEADER.pack(MAGIC, VERSION, np.dtype(self.dtype).itemsize, n).ljust(HEADER_BYTES, b"\0")
+
     def create(self):
-        itemsize = np.dtype(self.dtype).itemsize
         for path, _, n in self.files:
             with open(path, "wb") as f:
-                f.write(_HEADER.pack(MAGIC, VERSION, itemsize, n).ljust(HEADER_BYTES, b"\0"))
-                f.truncate(HEADER_BYTES + n * itemsize)  # the tokens' bytes, zeros until written
+                f.write(self.header(n))
+                f.truncate(HEADER_BYTES + n * np.dtype(self.dtype).itemsize)  # the tokens' bytes, zeros until written
 
-    def write_at(self, position, ids):
-        """ids, the split's tokens from `position` on, into the file(s) that hold them."""
+    def pieces(self, position, ids):
+        """ids, the split's tokens from `position` on -> (file number, position in that file, tokens as the
+        file's dtype) for each file they fall in."""
         ids = np.asarray(ids)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"token id out of range 0..{self.vocab_size - 1}: {ids.min()}..{ids.max()}")
         data = ids.astype(self.dtype)
-        for path, start, n in self.files:
+        for k, (_, start, n) in enumerate(self.files):
             lo, hi = max(position, start), min(position + data.size, start + n)
             if lo < hi:
-                fd = os.open(path, os.O_WRONLY)
-                try:
-                    os.pwrite(fd, data[lo - position:hi - position].tobytes(), HEADER_BYTES + (lo - start) * data.itemsize)
-                finally:
-                    os.close(fd)
+                yield k, lo - start, data[lo - position:hi - position]
+
+    def write_at(self, position, ids):
+        """ids, the split's tokens from `position` on, into the file(s) that hold them."""
+        for k, at, data in self.pieces(position, ids):
+            fd = os.open(self.files[k][0], os.O_WRONLY)
+            try:
+                os.pwrite(fd, data.tobytes(), HEADER_BYTES + at * data.itemsize)
+            finally:
+                os.close(fd)
+
+    def write_file(self, k, at, parts):
+        """File k whole, from all its pieces: `parts` (bytes) beginning at token positions `at`, in any order,
+        covering it exactly once. Written through open_output (a local path or a URL)."""
+        path, _, n = self.files[k]
+        itemsize = np.dtype(self.dtype).itemsize
+        order = sorted(range(len(parts)), key=lambda j: at[j])
+        covered = 0
+        for j in order:
+            assert at[j] == covered, f"the pieces of {path} do not cover its tokens once"
+            covered += len(parts[j]) // itemsize
+        assert covered == n, f"the pieces of {path} hold {covered} of its {n} tokens"
+        with open_output(path) as f:
+            f.write(self.header(n))
+            for j in order:
+                f.write(parts[j])
 
 
 # ------------------------------------------------------------------------------------------------------

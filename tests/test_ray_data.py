@@ -94,7 +94,17 @@ def test_prepare_on_two_ray_nodes_writes_the_local_engines_bytes_even_when_a_wor
     assert "train_000001.bin" in names and "val_000000.bin" in names  # documents cross the shards' edges
     meta = json.loads((tmp_path / "ray" / "meta.json").read_text())
     assert meta["train_documents"] + meta["val_documents"] == 250 + 200 + 4 and meta["val_tokens"] >= 2000
-    assert sorted(os.listdir(tmp_path)) == ["local", "raw", "ray"]  # nothing half-made left beside them
+    # to a URL (object storage: whole objects only; file:// takes fsspec's path, as s3:// does): each file's
+    # pieces gathered on a worker and written at once into the folder staged beside it there, then moved in
+    at_url = (tmp_path / "bucket" / "tokens").as_uri()
+    open(armed, "w").close()  # armed again: a worker writing tokens in place (os.pwrite) would die
+    proc = run(PREPARE, *args, f"--out_dir={at_url}", "--engine=ray", f"--ray_address={address}")
+    assert os.path.exists(armed), "tokens were written in place, not as whole files"
+    os.remove(armed)
+    assert "on 2 node(s)" in proc.stdout, proc.stdout
+    assert same_folders(tmp_path / "local", tmp_path / "bucket" / "tokens") == names
+    assert os.listdir(tmp_path / "bucket") == ["tokens"]  # nothing staged left beside it
+    assert sorted(os.listdir(tmp_path)) == ["bucket", "local", "raw", "ray"]  # nothing half-made left beside them
 
 
 def test_ray_engine_errors_are_one_line(cluster, tmp_path):
@@ -108,10 +118,6 @@ def test_ray_engine_errors_are_one_line(cluster, tmp_path):
     assert_one_line_error(proc, f"{tmp_path / 'raw' / 'bad.jsonl'} line 2")
     proc = run(PREPARE, "--dataset=openwebtext", f"--out_dir={tmp_path / 'x'}", *ray_args, check=False)
     assert_one_line_error(proc, "--engine=ray reads --input")
-    # an output at a URL is staged on this machine, which the other node's workers cannot reach
-    proc = run(PREPARE, f"--input={tmp_path / 'raw' / 'good.jsonl'}", f"--out_dir={(tmp_path / 'x').as_uri()}",
-               *ray_args, check=False)
-    assert_one_line_error(proc, "on a Ray cluster of 2 nodes the workers write the output in place")
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -161,16 +167,22 @@ def test_curate_on_two_ray_nodes_writes_the_local_engines_bytes(cluster, tmp_pat
     stage6 = ["--model_filter=True", f"--model_source={trusted_model(tmp_path / 'trusted')}", "--model_keep_fraction=0.9",
               f"--classifier_reference={os.path.join(SHARED, 'data', 'tinystories', 'tinystories_valid_head.txt')}",
               "--classifier_train_docs=200", "--classifier_keep_fraction=0.9", "--classifier_min_score=0.3"]
-    outputs = {}
-    for engine in ("local", "ray"):  # a relative output from two working folders: the reports name the same one
-        (tmp_path / engine).mkdir()
+    # the local engine into a folder, the Ray engine to a URL (file:// takes fsspec's path, as s3:// does): its
+    # workers write the shards into the folder staged beside it there, moved in when whole
+    outputs = {"local": tmp_path / "local" / "curated", "ray": tmp_path / "bucket" / "curated"}
+    for engine, out in outputs.items():
+        out.parent.mkdir()
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), os.path.join(ROOT, "config", "curate_web.py"),
-                               f"--input={inputs}", "--output=curated", f"--engine={engine}", f"--ray_address={address}",
+                               f"--input={inputs}", f"--output={out if engine == 'local' else out.as_uri()}",
+                               f"--engine={engine}", f"--ray_address={address}",
                                "--num_proc=1", "--val_fraction=0.05", "--shard_bytes=30000", *stage6],
-                              cwd=tmp_path / engine, capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outputs[engine] = tmp_path / engine / "curated"
     assert "on 2 Ray node(s)" in proc.stdout, proc.stdout
+    assert os.listdir(tmp_path / "bucket") == ["curated"]  # nothing staged left beside it
+    # the reports differ only in the output they name
+    report_json = outputs["ray"] / "report.json"
+    report_json.write_text(report_json.read_text().replace(outputs["ray"].as_uri(), str(outputs["local"])))
     names = same_folders(outputs["local"], outputs["ray"])  # shards, report.json, report.md, lengths.png
     assert {"train-00000.jsonl.gz", "train-00001.jsonl.gz", "val-00000.jsonl.gz", "report.json"} <= set(names)
     report = json.loads((outputs["ray"] / "report.json").read_text())

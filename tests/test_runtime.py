@@ -237,6 +237,28 @@ def test_write_json_is_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["config.json"]
 
 
+def test_an_output_at_a_url_is_built_beside_its_place_there_and_moved_in_whole(tmp_path):
+    """atomic_folder(URL, at_url=True), as curate.py and the Ray workers write: the folder to fill is a URL
+    beside the output's place (file:// takes fsspec's path, as s3:// does), its files written through
+    open_output and write_bytes; the old output stays whole until the new one is, and a failure leaves
+    the old one and nothing staged."""
+    url = (tmp_path / "bucket" / "out").as_uri()
+    with files.atomic_folder(url, at_url=True) as out:
+        assert out == files.staged_url(url) and files.is_url(out)
+        with files.open_output(f"{out}/deep/shard.bin") as f:  # folders made as needed
+            f.write(b"\0\1\2")
+        files.write_json(f"{out}/report.json", {"docs": 3})
+        assert not (tmp_path / "bucket" / "out").exists()  # not there until whole
+    assert (tmp_path / "bucket" / "out" / "deep" / "shard.bin").read_bytes() == b"\0\1\2"
+    assert json.loads((tmp_path / "bucket" / "out" / "report.json").read_text()) == {"docs": 3}
+    with pytest.raises(RuntimeError):
+        with files.atomic_folder(url, at_url=True) as out:
+            files.write_bytes(f"{out}/report.json", b"half")
+            raise RuntimeError("a crash mid-run")
+    assert json.loads((tmp_path / "bucket" / "out" / "report.json").read_text()) == {"docs": 3}  # the old one
+    assert os.listdir(tmp_path / "bucket") == ["out"]  # nothing staged left
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
     from model import GPT, GPTConfig

@@ -15,7 +15,7 @@ data/openwebtext (written to data/openwebtext, which train.py reads by default).
     python data/your_text/prepare.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT \
         --shard_tokens=100000000 --out_dir=data/fineweb10B      # shards of 100M tokens, FineWeb-style
     python data/your_text/prepare.py --input=s3://bucket/web/ --engine=ray --ray_address=auto \
-        --shard_tokens=100000000 --out_dir=/mnt/shared/web      # on a Ray cluster's workers (docs/scale.md)
+        --shard_tokens=100000000 --out_dir=s3://bucket/web_tokens   # on a Ray cluster's workers (docs/scale.md)
 
 --tokenizer is gpt2 (default) or a folder written by train_tokenizer.py; char is refused here, as a
 character vocabulary has no end-of-text token to keep documents apart.
@@ -31,12 +31,13 @@ Hugging Face `datasets` turns the input into memory-mapped Arrow files on disk a
 flat however large the corpus. Local inputs are cached in a temporary folder inside --out_dir, removed
 at the end; the hub download goes to Hugging Face's cache (or --cache_dir), so a rerun reuses it.
 Without --out_dir, --input=book.txt writes to data/book and --dataset=NAME to data/<NAME's last part>. The
-folder is built beside its place and renamed in when whole: a failed run leaves none, and an existing dataset
-is replaced only with --overwrite.
+folder is built beside its place and renamed in when whole (an --out_dir URL: staged beside it there, then
+moved in): a failed run leaves none, and an existing dataset is replaced only with --overwrite.
 With --shard_tokens=N the splits are written as shards of N tokens (train_000000.bin, ...), which
 train.py reads as one split; the single-file layout is the default.
 With --engine=ray, the files are read and tokenized on a Ray cluster's workers, which write the token
-files at each document's place; the same bytes as the local engine (nanoforge/ray_data.py, docs/scale.md).
+files at each document's place (a folder every node sees), or each file whole at an --out_dir URL; the same
+bytes as the local engine (nanoforge/ray_data.py, docs/scale.md).
 OpenWebText takes ~54 GB of cache; nanoGPT got ~9.0B train and ~4.4M val tokens from it.
 """
 import argparse
@@ -57,7 +58,7 @@ from nanoforge import errors, tokens
 from nanoforge.corpus import (builder_of, by_builder, curated_splits, find_files, input_error, load_hub, open_input,
                               parse_ext, reason, text_column)
 from nanoforge.errors import UserError
-from nanoforge.files import is_url, output_exists, publish_folder, replace_folder
+from nanoforge.files import is_url, output_exists, publish_folder, remove_url, replace_folder, staged_url
 from nanoforge.tokenizer import load_tokenizer, tokenizer_from_arg
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -215,9 +216,9 @@ def tokenize_table(table, spec, dtype):
     return pa.concat_tables(parts)
 
 
-def write_block(table, writers, start, in_val, position):
-    """A block of tokenized documents written into the split files at their places (on a worker): each run
-    of documents of one split is one contiguous run of that split's tokens."""
+def split_runs(table, start, in_val, position):
+    """A block of tokenized documents (on a worker) -> (split, place in the split, tokens) for each run of
+    documents of one split: such a run is one contiguous run of that split's tokens."""
     index = start[table.column("item").to_numpy()] + table.column("row").to_numpy()  # (n,) in the whole input
     ids = table.column("ids").combine_chunks()
     flat, offsets = ids.flatten().to_numpy(), ids.offsets.to_numpy() - ids.offsets[0].as_py()
@@ -226,7 +227,37 @@ def write_block(table, writers, start, in_val, position):
     for a, b in zip(runs, np.append(runs[1:], len(index))):
         at = int(position[index[a]])
         assert at + offsets[b] - offsets[a] == position[index[b - 1]] + offsets[b] - offsets[b - 1], "not one run"
-        writers["val" if split[a] else "train"].write_at(at, flat[offsets[a]:offsets[b]])
+        yield "val" if split[a] else "train", at, flat[offsets[a]:offsets[b]]
+
+
+def write_block(table, writers, start, in_val, position):
+    """A block of tokenized documents written into the split files at their places (a filesystem every
+    worker sees)."""
+    for split, at, ids in split_runs(table, start, in_val, position):
+        writers[split].write_at(at, ids)
+
+
+def block_pieces(table, writers, start, in_val, position):
+    """A block's tokens cut at the files' edges, a row a piece (split, file, at, ids), to be gathered by file
+    (an output at a URL: object storage writes whole objects)."""
+    import pyarrow as pa
+    dtype = next(iter(writers.values())).dtype
+    cols = {"split": [], "file": [], "at": [], "ids": []}
+    for split, at, ids in split_runs(table, start, in_val, position):
+        for k, offset, piece in writers[split].pieces(at, ids):
+            for name, value in zip(cols, (split, k, offset, piece)):
+                cols[name].append(value)
+    return pa.table({"split": pa.array(cols["split"], pa.string()), "file": pa.array(cols["file"], pa.int64()),
+                     "at": pa.array(cols["at"], pa.int64()),
+                     "ids": pa.array(cols["ids"], pa.list_(pa.from_numpy_dtype(dtype)))})
+
+
+def write_whole(group, writers):
+    """All the pieces of one file, gathered on a worker: the file written at once."""
+    split, k = str(group["split"][0]), int(group["file"][0])
+    w = writers[split]
+    w.write_file(k, group["at"].tolist(), [np.asarray(ids, w.dtype).tobytes() for ids in group["ids"]])
+    return {"split": np.array([split], object), "file": np.array([k]), "tokens": np.array([w.files[k][2]])}
 
 
 def prepare_on_ray(files, args, tok, cache_dir):
@@ -239,7 +270,6 @@ def prepare_on_ray(files, args, tok, cache_dir):
         raise UserError("--engine=ray reads --input files or URLs (a hub dataset's files: --input=hf://datasets/"
                         "OWNER/NAME/...); --dataset is read by the local engine")
     ray_data.connect(args.ray_address)
-    ray_data.require_shared_output(args.final_out_dir, "--out_dir")
     keyed = [((group, builder), path) for group, builder, paths in read_order(files) for path in paths]
     runs = ray_data.file_runs(keyed)
     items = [(group, builder, paths) for (group, builder), paths in runs]
@@ -259,17 +289,32 @@ def prepare_on_ray(files, args, tok, cache_dir):
         in_val = np.zeros(n, bool)
         sample_tokens = (cols["tokens"][sample] - 1).sum()
         in_val[val_documents(cols["bytes"], cols["bytes"][sample].sum(), sample_tokens, args)] = True
+    # the token files go into the output folder, which every node must see; at a URL (object storage), into
+    # its staged folder there (files.staged_url, the one the driver publishes meta.json into and moves in)
+    at_url = is_url(args.final_out_dir)
+    folder = staged_url(args.final_out_dir) if at_url else args.out_dir
     meta, writers, position = {}, {}, np.zeros(n, np.int64)
     for split, mask in (("train", ~in_val), ("val", in_val)):
         counts = cols["tokens"][mask]
         position[mask] = np.cumsum(counts) - counts  # where each document's tokens begin in its split
-        writers[split] = tokens.PlacedWriter(args.out_dir, split, tok.vocab_size, int(counts.sum()), args.shard_tokens)
-        writers[split].create()
+        writers[split] = tokens.PlacedWriter(folder, split, tok.vocab_size, int(counts.sum()), args.shard_tokens)
+        if not at_url:
+            writers[split].create()
         meta.update({f"{split}_tokens": int(counts.sum()), f"{split}_bytes": int(cols["bytes"][mask].sum()),
                      f"{split}_documents": int(mask.sum())})
-    written = ray_data.each_block(ds, functools.partial(write_block, writers=writers), start=start, in_val=in_val,
-                                  position=position)
-    assert written == n, f"the workers wrote {written} documents of {n}"
+    places = dict(start=start, in_val=in_val, position=position)
+    if at_url:  # each file's pieces gathered on a worker (Ray Data's shuffle), which writes it whole
+        pieces = ray_data.map_blocks(ds, functools.partial(block_pieces, writers=writers), **places)
+        done = ray_data.columns(ray_data.group_map(pieces, ["split", "file"], functools.partial(
+            write_whole, writers=writers)), ["split", "file", "tokens"])
+        for split, w in writers.items():  # a split of no tokens has a file of none, which no piece reached
+            for k, (_, _, count) in enumerate(w.files):
+                if count == 0:
+                    w.write_file(k, [], [])
+        assert done["tokens"].sum() == meta["train_tokens"] + meta["val_tokens"], "the workers lost tokens"
+    else:  # every worker writes its documents' tokens in place
+        written = ray_data.each_block(ds, functools.partial(write_block, writers=writers), **places)
+        assert written == n, f"the workers wrote {written} documents of {n}"
     print(f"ray: {n:,} documents tokenized and written on {len(ray_data.connect().nodes())} node(s)")
     return dict(sha256=sha256_files(ray_data.map_items(sha256_file, files)), **meta)
 
@@ -347,10 +392,12 @@ if __name__ == "__main__":
     # the documents, as one Arrow-backed dataset with a 'text' column
 
     # built beside its place and renamed in when whole: a run that fails or is stopped leaves no half a dataset
-    # (a URL out_dir: built in a local temporary folder and published there when whole)
+    # (a URL out_dir: built in a local temporary folder, and the Ray engine's token files in its staged folder
+    # at the URL, published there when whole)
     final = args.final_out_dir = args.out_dir
     if is_url(final):
         args.out_dir = os.path.join(tempfile.mkdtemp(prefix="nanoforge-output."), "data")
+        atexit.register(remove_url, staged_url(final))  # what the Ray engine's workers wrote there, if not moved in
     else:
         args.out_dir = f"{os.path.normpath(args.out_dir)}.tmp{os.getpid()}"
     atexit.register(shutil.rmtree, args.out_dir, ignore_errors=True)

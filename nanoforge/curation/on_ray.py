@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from nanoforge import files
 from nanoforge import ray_data
 from nanoforge.curation import pipeline
 from nanoforge.curation import stages
@@ -164,12 +165,13 @@ class RayPasses:
 
     def write(self, place, paths, cfg):
         """Each document i with place[i] >= 0 into the shard at paths[place[i]], a worker per shard (the
-        output folder is on a filesystem every node sees); the shards' summaries."""
+        output folder is on a filesystem every node sees, or staged at a URL); the shards' summaries."""
         def with_shard(table, place):
             table = table.append_column("shard", pa.array(place[table.column("index").to_numpy()]))
             return table.filter(pa.compute.greater_equal(table.column("shard"), 0))
 
-        paths = [os.path.abspath(path) for path in paths]  # a worker's working folder is not this one's
+        paths = [path if files.is_url(path) else os.path.abspath(path) for path in paths]  # not relative to a
+        # worker's working folder
         placed = ray_data.map_blocks(self.done.select_columns(["index", *pipeline.SHARD_COLUMNS]), with_shard,
                                      place=place)
         rows = ray_data.columns(ray_data.group_map(placed, "shard", _write_shard, paths=paths, cfg=cfg), ["summary"])

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from nanoforge import files
 from nanoforge.corpus import shard_name
 from nanoforge.curation import pii
 from nanoforge.curation import quality
@@ -337,7 +338,7 @@ class ShardFile:
     header: the same documents give byte-identical shards on every engine and run."""
 
     def __init__(self, path, cfg):
-        self.f = open(path, "wb")
+        self.f = files.open_output(path)  # a local file or, at a URL output, an object of the staged folder
         self.gz = gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=self.f, mtime=0)
         self.k = cfg["examples_per_reason"]
         self.summary = {"pii": Counter(), "pii_docs": Counter(), "changes": Counter(), "changed": 0,

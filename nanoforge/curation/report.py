@@ -3,13 +3,14 @@ curate.py's report: documents and bytes into and out of each stage, the drop rea
 examples of each (report.json), the same as a readable page (report.md) with the document lengths before
 and after (lengths.png). Examples of personal data show the placeholder, never the data.
 """
+import io
 import math
 import os
 from collections import Counter
 
 import numpy as np
 
-from nanoforge.files import atomic_path, write_json
+from nanoforge.files import write_bytes, write_json
 
 SNIPPET = 160
 
@@ -74,7 +75,7 @@ def build_report(status, lengths_in, lengths_clean, lengths_out, val, pii_counts
 
 
 def write_report(report, out):
-    """report.json, lengths.png and report.md in out."""
+    """report.json, lengths.png and report.md in out (a folder, or a staged folder at a URL)."""
     lengths = report.pop("lengths")
     write_json(os.path.join(out, "report.json"), report)
     import matplotlib
@@ -90,9 +91,10 @@ def write_report(report, out):
     ax.set_ylabel("documents")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(os.path.join(out, "lengths.png")) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: byte-identical reruns
+    png = io.BytesIO()
+    fig.savefig(png, format="png", metadata={"Software": None})  # no version stamp: byte-identical reruns
     plt.close(fig)
+    write_bytes(os.path.join(out, "lengths.png"), png.getvalue())
     s = report["summary"]
     md = ["# Curation report\n", f"{s['documents_in']:,} documents in ({s['bytes_in']:,} bytes): {s['kept']:,} kept "
           f"({s['changed']:,} of them changed), {s['dropped']:,} dropped; {s['bytes_out']:,} bytes out; "
@@ -117,6 +119,4 @@ def write_report(report, out):
         md.append(f"**{key}**\n")
         md += [f"- `{it['id']}`" + "".join(f", {k}: {str(v)[:SNIPPET]!r}" for k, v in it.items() if k != "id") for it in items]
         md.append("")
-    with atomic_path(os.path.join(out, "report.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(md) + "\n")
+    write_bytes(os.path.join(out, "report.md"), ("\n".join(md) + "\n").encode("utf-8"))
