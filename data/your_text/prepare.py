@@ -257,7 +257,7 @@ def write_whole(group, writers):
     split, k = str(group["split"][0]), int(group["file"][0])
     w = writers[split]
     w.write_file(k, group["at"].tolist(), [np.asarray(ids, w.dtype).tobytes() for ids in group["ids"]])
-    return {"split": np.array([split], object), "file": np.array([k]), "tokens": np.array([w.files[k][2]])}
+    return {"tokens": np.array([w.files[k][2]])}
 
 
 def prepare_on_ray(files, args, tok, cache_dir):
@@ -306,7 +306,7 @@ def prepare_on_ray(files, args, tok, cache_dir):
     if at_url:  # each file's pieces gathered on a worker (Ray Data's shuffle), which writes it whole
         pieces = ray_data.map_blocks(ds, functools.partial(block_pieces, writers=writers), **places)
         done = ray_data.columns(ray_data.group_map(pieces, ["split", "file"], functools.partial(
-            write_whole, writers=writers)), ["split", "file", "tokens"])
+            write_whole, writers=writers)), ["tokens"])
         for split, w in writers.items():  # a split of no tokens has a file of none, which no piece reached
             for k, (_, _, count) in enumerate(w.files):
                 if count == 0:

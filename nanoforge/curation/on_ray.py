@@ -170,8 +170,8 @@ class RayPasses:
             table = table.append_column("shard", pa.array(place[table.column("index").to_numpy()]))
             return table.filter(pa.compute.greater_equal(table.column("shard"), 0))
 
-        paths = [path if files.is_url(path) else os.path.abspath(path) for path in paths]  # not relative to a
-        # worker's working folder
+        # absolute: a worker's working folder is not this one's (a URL is one already)
+        paths = [path if files.is_url(path) else os.path.abspath(path) for path in paths]
         placed = ray_data.map_blocks(self.done.select_columns(["index", *pipeline.SHARD_COLUMNS]), with_shard,
                                      place=place)
         rows = ray_data.columns(ray_data.group_map(placed, "shard", _write_shard, paths=paths, cfg=cfg), ["summary"])
