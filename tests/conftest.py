@@ -157,9 +157,9 @@ class ForkServer:
         changed = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
         return self.proc.poll() is None and not any(k.startswith(IMPORT_TIME_ENV) for k in changed)
 
-    def run(self, argv, env, timeout):
+    def run(self, argv, env, timeout, cwd):
         out, err = os.path.join(self.tmp, "out"), os.path.join(self.tmp, "err")
-        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": ROOT, "out": out, "err": err}) + "\n")
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": cwd, "out": out, "err": err}) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self.proc.stdout.readline())["pid"]
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -176,19 +176,19 @@ class ForkServer:
 _fork_server = []
 
 
-def run(script, *args, check=True, env=None, timeout=300, launcher=None):
-    """Runs a script of the repo (or `-c CODE`) from the repo root as a user does, in a new process (a fork
-    of the worker's fork server, above, where it can); with check, a non-zero exit fails the test with the
-    script's output."""
+def run(script, *args, check=True, env=None, timeout=300, launcher=None, cwd=ROOT):
+    """Runs a script of the repo (or `-c CODE`) from a folder (the repo root unless told) as a user does, in a
+    new process (a fork of the worker's fork server, above, where it can); with check, a non-zero exit fails
+    the test with the script's output."""
     argv = [script] if script == "-c" else [os.path.join(ROOT, script)]
     env_used = dict(os.environ if env is None else env)
     if launcher is None and os.environ.get("NANOFORGE_TEST_FORK", "1") != "0" and not _fork_server:
         _fork_server.append(ForkServer())
     if launcher is None and _fork_server and _fork_server[0].takes(env_used):
-        proc = _fork_server[0].run([*argv, *args], env_used, timeout)
+        proc = _fork_server[0].run([*argv, *args], env_used, timeout, str(cwd))
     else:
         proc = subprocess.run([*(launcher or [sys.executable]), *argv, *args], capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=timeout)
+                              cwd=cwd, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc

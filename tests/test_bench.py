@@ -11,14 +11,13 @@ import pytest
 
 from nanoforge import hardware
 
-from conftest import ROOT, machine_of  # noqa: E402
+from conftest import ROOT, machine_of, run  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
         "--batch_size=4", "--warmup_steps=1", "--timed_steps=3", "--gen_tokens=40", "--device=cpu"]
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return run("bench.py", *args, check=False, timeout=120)
 
 
 def test_bench_machine_mode_names_the_cpu_and_its_figures(tmp_path):
@@ -152,10 +151,9 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
     greedy tokens each shares with float32 (the reference and transformers compute our model in float32:
     all of them). llama.cpp's rows need llama-bench: left out."""
     out_json = tmp_path / "decode.json"
-    r = subprocess.run([sys.executable, "bench_decode.py", "--n_layer=2", "--n_head=2", "--n_embd=64",
-                        "--block_size=128", "--gen_tokens=24", "--repeats=1",
-                        "--engines=nanoforge,nanoforge-int8,nanoforge-torch,transformers", f"--json_out={out_json}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)  # conftest set TIKTOKEN_CACHE_DIR
+    r = run("bench_decode.py", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--gen_tokens=24",
+            "--repeats=1", "--engines=nanoforge,nanoforge-int8,nanoforge-torch,transformers", f"--json_out={out_json}",
+            check=False, timeout=600)  # conftest set TIKTOKEN_CACHE_DIR
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(out_json.read_text())
     assert machine_of(r.stdout, results)["memory_gb_s"] > 0
@@ -176,8 +174,8 @@ def test_bench_data_times_the_engines_on_one_corpus(tmp_path):
     corpus size, each run's time and the median's documents per second per core, as printed and in the
     JSON (the Ray and datatrove rows are the same code path with another command: not run here)."""
     out_json = tmp_path / "data.json"
-    r = subprocess.run([sys.executable, "bench_data.py", "--engines=local", "--copies=1", "--repeats=1",
-                        f"--json_out={out_json}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run("bench_data.py", "--engines=local", "--copies=1", "--repeats=1", f"--json_out={out_json}", check=False,
+            timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(out_json.read_text())
     assert machine_of(r.stdout, results)["memory_gb_s"] > 0
@@ -186,5 +184,5 @@ def test_bench_data_times_the_engines_on_one_corpus(tmp_path):
     assert len(local["seconds"]) == 1 and local["median_s"] == local["seconds"][0] > 0
     assert local["docs_per_s_per_core"] == 697 / local["median_s"] / results["cores"]
     assert f"{local['docs_per_s_per_core']:,.0f} documents/s per core" in r.stdout
-    bad = subprocess.run([sys.executable, "bench_data.py", "--engines=spark"], cwd=ROOT, capture_output=True, text=True)
+    bad = run("bench_data.py", "--engines=spark", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: engines: 'spark' is not one of local, ray, ray-2nodes, datatrove"

@@ -4,17 +4,14 @@ and a malformed shape. Speeds depend on the machine, so these assert what is rep
 figures relate, never how fast.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, machine_of  # noqa: E402
+from conftest import assert_one_line_error, machine_of, run  # noqa: E402
 
 
 def run_bench_serve(*args):
-    return subprocess.run([sys.executable, "bench_serve.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return run("bench_serve.py", *args, check=False, timeout=600)
 
 
 @pytest.mark.slow

@@ -5,17 +5,14 @@ assert what is reported and how it follows from the runs' own logs, never how fa
 """
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, machine_of  # noqa: E402
+from conftest import assert_one_line_error, machine_of, run  # noqa: E402
 
 
 def run_ttl(*args):
-    return subprocess.run([sys.executable, "bench_time_to_loss.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return run("bench_time_to_loss.py", *args, check=False, timeout=600)
 
 
 @pytest.mark.slow

@@ -8,8 +8,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -191,10 +189,8 @@ def test_documents_corpus_with_trained_tokenizer(trained, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     env_args = (f"--input={path}", f"--tokenizer={tok.spec['path']}", "--num_proc=1", f"--out_dir={tmp_path / 'out'}")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "your_text", "prepare.py"), *env_args],
-                          capture_output=True, text=True, env=dict(ENV, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                                                                    HF_HOME=str(tmp_path / "hf")), timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run("data/your_text/prepare.py", *env_args,
+        env=dict(ENV, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf")))
     meta = tokens.read_meta(str(tmp_path / "out"))
     assert meta["tokenizer"] == tok.spec
     found = []

@@ -10,8 +10,6 @@ import os
 import pathlib
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from nanoforge.curation import stages
 from nanoforge.curation.report import explain, write_report
 from nanoforge.errors import UserError
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, run  # noqa: E402
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
          "government company number group problem fact river garden kitchen window mountain village teacher "
          "doctor market letter music story morning evening summer winter city country family friend school "
@@ -466,8 +464,7 @@ def test_report_shows_what_cleanup_changed(planted, tmp_path):
 
 
 def run_curate(*args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "curate.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=dict(os.environ, HF_DATASETS_OFFLINE="1"))
+    return run("curate.py", *args, check=False, cwd=cwd or os.getcwd(), env=dict(os.environ, HF_DATASETS_OFFLINE="1"))
 
 
 @pytest.mark.slow

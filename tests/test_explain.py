@@ -8,8 +8,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -218,11 +216,10 @@ def test_bpe_merges_rebuild_each_token():
 @pytest.mark.slow
 def test_train_keeps_the_last_checkpoints(tmp_path, char_data):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={char_data}", f"--out_dir={out}",
-                    "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
-                    "--gradient_accumulation_steps=1", "--max_iters=20", "--eval_interval=5", "--eval_iters=1",
-                    "--keep_checkpoints=2", "--device=cpu", "--compile=False", "--dtype=float32", "--plot=False",
-                    "--warmup_iters=2", "--lr_decay_iters=20"], check=True, capture_output=True, cwd=ROOT)
+    run("train.py", f"--data_dir={char_data}", f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+        "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=20", "--eval_interval=5",
+        "--eval_iters=1", "--keep_checkpoints=2", "--device=cpu", "--compile=False", "--dtype=float32", "--plot=False",
+        "--warmup_iters=2", "--lr_decay_iters=20")
     kept = kept_checkpoints(out)
     assert [it for it, _ in kept] == [15, 20]
     model, _, meta = load_model(kept[-1][1])
@@ -318,9 +315,8 @@ def test_tinystories_prepare_ends_each_story(tmp_path):
         text = f.read()
     ranks, _ = train_bpe([text], 300, progress=False)  # a tiny BPE trained here: the test needs no files
     save_bpe(tmp_path / "tok", ranks, "gpt4", SPECIAL_TOKENS)
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "tinystories", "prepare.py"), f"--input={sample}",
-                    f"--tokenizer={tmp_path / 'tok'}", f"--out_dir={tmp_path / 'data'}", "--val_fraction=0.2"],
-                   check=True, capture_output=True)
+    run("data/tinystories/prepare.py", f"--input={sample}", f"--tokenizer={tmp_path / 'tok'}",
+        f"--out_dir={tmp_path / 'data'}", "--val_fraction=0.2")
     meta = tokens.read_meta(tmp_path / "data")
     tok = load_tokenizer(meta["tokenizer"])
     stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
@@ -333,6 +329,5 @@ def test_tinystories_prepare_ends_each_story(tmp_path):
 def test_bad_prompts_fail_in_one_line(tmp_path, char_tok):
     make_run(tmp_path, char_tok)
     for prompt, said in (("x" * 65, "at most 64"), ("", "empty"), ("\u00e9t\u00e9", "not in this model's vocabulary")):
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "explain.py"), f"--out_dir={tmp_path}",
-                              f"--prompt={prompt}"], capture_output=True, text=True, cwd=ROOT)
+        out = run("explain.py", f"--out_dir={tmp_path}", f"--prompt={prompt}", check=False)
         assert out.returncode != 0 and said in out.stderr and "Traceback" not in out.stderr, out.stderr

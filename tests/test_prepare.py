@@ -1,5 +1,5 @@
 """
-The dataset preparation scripts, run the way a user runs them (a subprocess each, output in tmp_path):
+The dataset preparation scripts, run the way a user runs them (a new process each, output in tmp_path):
 nanoGPT's token counts for Tiny Shakespeare, token files that decode back to the text exactly, and a
 one-line error for bad input. Hermetic: the GPT-2 BPE comes from the shared tiktoken cache, Hugging Face
 is kept offline and its cache goes to tmp_path.
@@ -8,8 +8,6 @@ import gzip
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,8 @@ import pytest
 from nanoforge import tokens
 from nanoforge.tokenizer import load_tokenizer
 
-from conftest import ROOT, SHAKESPEARE, SHARED  # noqa: E402
+from conftest import SHAKESPEARE, SHARED  # noqa: E402
+from conftest import run as run_script
 
 # documents that test the edges: unicode, newlines, an empty one, and the end-of-text marker as plain text
 DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog.\nSecond line {i}." for i in range(12)] + [
@@ -32,8 +31,7 @@ DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog.\nSecond lin
 def run(script, *args, tmp_path):
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.path.join(SHARED, "assets", "tiktoken_cache"),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "data", script, "prepare.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return run_script(os.path.join("data", script, "prepare.py"), *args, env=env, check=False)
 
 
 def prepare(script, *args, tmp_path):
