@@ -74,15 +74,17 @@ TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_emb
 
 
 # A script started by the tests spends ~2-3 s importing torch before it does anything (most of the suite's
-# time). So each test worker keeps one Python that has imported torch and numpy and nothing else, and runs
-# each script in a fork of it: a new process, with the script's own argv, working folder, environment,
-# stdin (empty), stdout and stderr, run as __main__ as `python script.py` runs it, its exit code, excepthook
-# (the one-line errors), threads and atexit handlers at the end. What torch reads when it is imported
-# (the CPU capability it may use, oneDNN's ISA, threads) must be the same as the fork server's; a run that
-# sets those differently, a launcher (torchrun), or NANOFORGE_TEST_FORK=0 gets a fresh interpreter.
+# time), and every one that trains ~1 s more importing torch's compiler (torch.optim's optimizers load
+# torch._dynamo when built, compiling or not). So each test worker keeps one Python that has imported
+# torch, its compiler and numpy and nothing else, and runs each script in a fork of it: a new process,
+# with the script's own argv, working folder, environment, stdin (empty), stdout and stderr, run as
+# __main__ as `python script.py` runs it, its exit code, excepthook (the one-line errors), threads and
+# atexit handlers at the end. What torch reads when it is imported (the CPU capability it may use,
+# oneDNN's ISA, threads, the C++ compiler) must be the same as the fork server's; a run that sets those
+# differently, a launcher (torchrun), or NANOFORGE_TEST_FORK=0 gets a fresh interpreter.
 FORK_SERVER = r"""
 import atexit, json, os, runpy, sys, threading, traceback, types
-import numpy, torch  # the cost paid once, not by every script
+import numpy, torch, torch._dynamo  # the cost paid once, not by every script
 
 
 def exit_code(e):
@@ -143,7 +145,8 @@ for line in sys.stdin:
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
 """
-IMPORT_TIME_ENV = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "KMP_", "OMP_", "TORCH", "PYTORCH", "CUDA", "LD_", "PYTHON")
+IMPORT_TIME_ENV = ("ATEN_", "ONEDNN_", "DNNL_", "MKL", "KMP_", "OMP_", "TORCH", "PYTORCH", "CUDA", "LD_", "PYTHON",
+                   "CXX", "CC", "INDUCTOR", "AOT")  # the compiler's configuration reads these when imported
 
 
 class ForkServer:
