@@ -102,25 +102,19 @@ static inline __m256i block_dot(__m256i ax, __m256i x, const int8_t *w) {
 #endif
 }
 
-/* one output of int8: block by block, each block's integer dot product times x's block scale d */
-static float dot_q8(const int8_t *qx, const float *d, const int8_t *w, int64_t B) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t b = 0; b < B; b++) {
-        __m256i xb = _mm256_loadu_si256((const __m256i *)(qx + b * 32));
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(_mm256_sign_epi8(xb, xb), xb, w + b * 32)),
-                            _mm256_set1_ps(d[b]), a);
-    }
-    return sum8(a);
-}
-
 /* int8 weights with one float scale per row: y = x (w * s)^T, x rounded to int8 in blocks of 32 first
  * (quantize_blocks), so y[m, n] = s[n] * sum over blocks b of d[m, b] * (block b's integer dot product).
- * Four rows of w at a time, as linear_f32 does (each block of x is loaded and its signs taken once for
- * four rows); the last N % 4 rows one at a time. K is a multiple of 32. Returns nonzero if there was no
- * memory for x's int8 copy. */
+ * w is packed (cpu_kernels.pack_q8): rows in groups of four, and within a group the four rows' block b
+ * side by side, 128 bytes, then their block b + 1: a group streams front to back, where four separate rows
+ * were four streams (int8 from memory went from ~24 to ~28 GB/s on an AMD Zen 4). The last group is padded
+ * with zero rows, whose outputs are not written. Each block of x is loaded and its signs taken once for four
+ * rows. Rows of x go MROWS at a time, so a chunk of them (int8) stays in cache while every group of w
+ * passes it (a prompt's prefill: without it, each group would read all of x again from memory). K is a
+ * multiple of 32. Returns nonzero if there was no memory for x's int8 copy. */
+#define MROWS 64
 int linear_q8(const float *x, const int8_t *w, const float *s, float *y, int64_t M, int64_t K, int64_t N,
               int threads) {
-    const int64_t B = K / 32;
+    const int64_t B = K / 32, G = (N + 3) / 4;
     int8_t *qx = malloc(M * K);
     float *dx = malloc(M * B * sizeof(float));
     if (!qx || !dx) {
@@ -129,38 +123,35 @@ int linear_q8(const float *x, const int8_t *w, const float *s, float *y, int64_t
         return 1;
     }
     quantize_blocks(x, qx, dx, M * B);  /* M * K values: microseconds, next to reading w */
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) {
-        const int8_t *w0 = w + n * K;
-        if (n + 4 > N) {
-            for (int64_t r = n; r < N; r++)
-                for (int64_t m = 0; m < M; m++)
-                    y[m * N + r] = dot_q8(qx + m * K, dx + m * B, w + r * K, B) * s[r];
-            continue;
-        }
-        const int8_t *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *qm = qx + m * K;
-            const float *dm = dx + m * B;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            for (int64_t b = 0; b < B; b++) {
-                /* the four rows are 4K contiguous bytes, 128 of them a step: ask for the two cache lines
-                 * 4 KiB ahead. The hardware's prefetcher alone left int8 at 16 GB/s from memory on a
-                 * Sapphire Rapids-class Xeon (float32, 4x the bytes a step, reaches the copy rate without) */
-                const char *ahead = (const char *)w0 + 4096 + b * 128;
-                _mm_prefetch(ahead, _MM_HINT_T0);
-                _mm_prefetch(ahead + 64, _MM_HINT_T0);
-                __m256i xb = _mm256_loadu_si256((const __m256i *)(qm + b * 32));
-                __m256i ax = _mm256_sign_epi8(xb, xb);
-                __m256 d = _mm256_set1_ps(dm[b]);
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, w0 + b * 32)), d, a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, w1 + b * 32)), d, a1);
-                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, w2 + b * 32)), d, a2);
-                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, w3 + b * 32)), d, a3);
+    for (int64_t m0 = 0; m0 < M; m0 += MROWS) {
+        const int64_t m1 = m0 + MROWS < M ? m0 + MROWS : M;
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *wg = w + g * 4 * K;
+            for (int64_t m = m0; m < m1; m++) {
+                const int8_t *qm = qx + m * K;
+                const float *dm = dx + m * B;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                for (int64_t b = 0; b < B; b++) {
+                    const int8_t *wb = wg + b * 128;  /* block b of the four rows */
+                    /* ask for the two cache lines 4 KiB ahead: the hardware's prefetcher alone left int8 at
+                     * 16 GB/s from memory on a Sapphire Rapids-class Xeon (float32, 4x the bytes a step,
+                     * reaches the copy rate without) */
+                    _mm_prefetch((const char *)wb + 4096, _MM_HINT_T0);
+                    _mm_prefetch((const char *)wb + 4096 + 64, _MM_HINT_T0);
+                    __m256i xb = _mm256_loadu_si256((const __m256i *)(qm + b * 32));
+                    __m256i ax = _mm256_sign_epi8(xb, xb);
+                    __m256 d = _mm256_set1_ps(dm[b]);
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, wb)), d, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, wb + 32)), d, a1);
+                    a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, wb + 64)), d, a2);
+                    a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(ax, xb, wb + 96)), d, a3);
+                }
+                const float out[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+                for (int64_t r = 0; r < 4 && 4 * g + r < N; r++)
+                    y[m * N + 4 * g + r] = out[r] * s[4 * g + r];
             }
-            float *ym = y + m * N + n;
-            ym[0] = sum8(a0) * s[n], ym[1] = sum8(a1) * s[n + 1], ym[2] = sum8(a2) * s[n + 2], ym[3] = sum8(a3) * s[n + 3];
         }
     }
     free(qx);

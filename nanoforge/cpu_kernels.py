@@ -15,7 +15,8 @@ matmuls, the reference the tests hold these to.
 
     if cpu_kernels.available():
         y = cpu_kernels.linear_f32(x, w)           # x (M, K) float32, w (N, K) float32 -> (M, N)
-        y = cpu_kernels.linear_q8(x, q, scales)    # q (N, K) int8 with a float32 scale per row
+        q = cpu_kernels.pack_q8(w8)                # w8 (N, K) int8 -> the order linear_q8 reads it in
+        y = cpu_kernels.linear_q8(x, q, scales)    # with a float32 scale per row of w8, (N,)
 """
 import ctypes
 import hashlib
@@ -102,36 +103,63 @@ def status():
     return "nanoforge's CPU kernels (cpu_kernels.c)" if available() else f"torch's matmuls ({_why})"
 
 
-def _check(x, w, wdtype):
+def _check(x, w, wdtype, wshape):
     # a wrong pointer or size is a crash, not an exception: every promise the C code relies on is checked
     # (in one expression: decoding makes ~50 of these calls a token)
-    fits = (x.dtype == torch.float32 and w.dtype == wdtype and x.dim() == 2 and w.dim() == 2 and x.is_cpu
-            and w.is_cpu and x.is_contiguous() and w.is_contiguous() and x.size(1) == w.size(1))
+    fits = (x.dtype == torch.float32 and w.dtype == wdtype and x.dim() == 2 and w.shape == wshape and x.is_cpu
+            and w.is_cpu and x.is_contiguous() and w.is_contiguous())
     if fits and _lib is not None:
         return
     if not available():  # the first call builds the library
         raise RuntimeError(f"the CPU kernels are not available ({_why}): check available() first")
     if not fits:
-        raise ValueError(f"x must be a contiguous 2-D float32 tensor and w a contiguous 2-D {wdtype} one on the "
-                         f"CPU, with as many columns: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+        raise ValueError(f"x must be a contiguous 2-D float32 tensor and w a contiguous {wdtype} one of shape "
+                         f"{tuple(wshape)}, both on the CPU: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
 
 
 def linear_f32(x, w):
     """x (M, K) float32 contiguous, w (N, K) float32 contiguous -> x w^T, (M, N)."""
-    _check(x, w, torch.float32)
+    _check(x, w, torch.float32, (w.size(0), x.size(-1)))
     (M, K), N = x.shape, w.size(0)
     y = torch.empty(M, N)
     _lib.linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads())
     return y
 
 
+def packed_shape(N, K):
+    """The shape of pack_q8's result for an (N, K) weight: (groups of four rows, blocks of 32, 4, 32)."""
+    return (N + 3) // 4, K // BLOCK, 4, BLOCK
+
+
+def pack_q8(w):
+    """w (N, K) int8 -> the layout linear_q8 reads, packed_shape(N, K): rows in groups of four, the last
+    padded with zero rows, and within a group the four rows' first block of 32 side by side, then their
+    second, ...: the bytes in the order the kernel uses them (cpu_kernels.c says why). K a multiple of 32."""
+    N, K = w.shape
+    if K % BLOCK:
+        raise ValueError(f"pack_q8 needs K a multiple of {BLOCK}, got {K}")
+    G = (N + 3) // 4
+    w = torch.cat([w, w.new_zeros(4 * G - N, K)]) if N % 4 else w  # (4G, K)
+    return w.reshape(G, 4, K // BLOCK, BLOCK).transpose(1, 2).contiguous()  # (G, K/32, 4, 32)
+
+
+def unpack_q8(packed, N):
+    """pack_q8's inverse: the (N, K) int8 weight (a copy)."""
+    G, B = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(4 * G, B * BLOCK)[:N].contiguous()
+
+
 def linear_q8(x, w, scales):
-    """x (M, K) float32 contiguous, w (N, K) int8, scales (N,) float32 -> x (w * scales[:, None])^T, (M, N),
-    with x rounded to int8 in blocks of 32 on the way (K a multiple of 32)."""
-    _check(x, w, torch.int8)
-    (M, K), N = x.shape, w.size(0)
-    if K % BLOCK or scales.dtype != torch.float32 or scales.shape != (N,) or not scales.is_contiguous():
-        raise ValueError(f"linear_q8 needs K a multiple of {BLOCK} (got {K}) and {N} contiguous float32 scales")
+    """x (M, K) float32 contiguous, w an (N, K) int8 weight packed by pack_q8, scales (N,) float32 ->
+    x (w * scales[:, None])^T, (M, N), with x rounded to int8 in blocks of 32 on the way (K a multiple of 32).
+    Any number of rows: a prompt's prefill runs here too."""
+    K, N = x.size(-1), scales.size(0)
+    if K % BLOCK:
+        raise ValueError(f"linear_q8 needs K a multiple of {BLOCK}, got {K}")
+    _check(x, w, torch.int8, packed_shape(N, K))
+    M = x.size(0)
+    if scales.dtype != torch.float32 or scales.dim() != 1 or not scales.is_contiguous():
+        raise ValueError(f"linear_q8 needs {N} contiguous float32 scales, got {scales.dtype} {tuple(scales.shape)}")
     y = torch.empty(M, N)
     if _lib.linear_q8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads()):
         raise MemoryError(f"no memory for the int8 copy of a ({M}, {K}) input")
@@ -158,4 +186,4 @@ def linear_q8_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torc
 
 @linear_q8_op.register_fake
 def _(x, w, scales):
-    return x.new_empty(x.size(0), w.size(0))
+    return x.new_empty(x.size(0), scales.size(0))

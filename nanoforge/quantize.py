@@ -4,17 +4,19 @@ time is the time to read them. Two things shorten it, and decoding_weights(model
 
 - On a CPU, the Linear layers and the LM head multiply their few rows of activations through
   cpu_kernels.c, which reads each weight row once on all threads (torch's matmul runs that shape on one
-  core); more rows than FEW_ROWS (a prompt's prefill) go through torch's matmul as before. CPULinear does
-  it in float32: the same numbers up to the order of the additions.
+  core). CPULinear does it in float32, the same numbers up to the order of the additions, and hands more
+  rows than FEW_ROWS (a prompt's prefill) to torch's matmul as before.
 - quantize="int8": weight-only int8, four times fewer bytes than float32. Each Linear of the blocks and
   the LM head becomes an Int8Linear, weights rounded per output channel (a row of the matrix shares one
   scale, its largest magnitude over 127); norms, embeddings and the KV cache stay as they were.
 
     model = decoding_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8
 
-Int8Linear.forward runs cpu_kernels.linear_q8 on a few rows (activations rounded to int8 in blocks of 32,
-as llama.cpp's q8_0 does), otherwise torch's int8-weight matmul (torch._weight_int8pack_mm, which widens
-the weights inside the kernel: no float copy is made); on a GPU the weight is widened in the matmul.
+Int8Linear.forward runs cpu_kernels.linear_q8 (activations rounded to int8 in blocks of 32, as llama.cpp's
+q8_0 does) on any number of rows: it reads int8 weights faster than torch's int8-weight matmul one row at a
+time and multiplies faster at a prompt's many (dev/LOG.md). Without the kernels it is that matmul
+(torch._weight_int8pack_mm, which widens the weights inside the kernel: no float copy is made); on a GPU
+the weight is widened in the matmul.
 Int8Linear.reference dequantizes and multiplies in plain float32, the simple path the tests hold every
 one of them to. The model is for decoding from then on (no gradients, nothing to save).
 """
@@ -26,12 +28,12 @@ from nanoforge import cpu_kernels
 from nanoforge.errors import UserError
 
 QUANTIZE = ("none", "int8")  # the choices of --quantize
-FEW_ROWS = 16  # up to this many rows the CPU kernels beat torch's matmuls (dev/LOG.md); a prefill has more
+FEW_ROWS = 16  # up to this many rows the float32 kernel beats torch's matmuls (dev/LOG.md); a prefill has more
 
 
 def kernel_rows(x2):
-    """Whether activations x2 (M, K) go through cpu_kernels: a few rows on a CPU that has them, unless the
-    caller asked for bf16 matmuls (--dtype=bfloat16 autocast), which are then torch's."""
+    """Whether float32 activations x2 (M, K) go through cpu_kernels: a few rows on a CPU that has them,
+    unless the caller asked for bf16 matmuls (--dtype=bfloat16 autocast), which are then torch's."""
     return (x2.size(0) <= FEW_ROWS and x2.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and cpu_kernels.available())
 
@@ -60,22 +62,31 @@ class CPULinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 (out, in) and one float32 scale per output row."""
+    """y = x W^T + b with W stored as int8 (out, in) and one float32 scale per output row. On a CPU with the
+    kernels (and in_features a multiple of their blocks) the int8 weight is stored packed in the order
+    cpu_kernels.linear_q8 reads it (cpu_kernels.pack_q8), and every product, a prompt's prefill too, runs
+    there; elsewhere it stays (out, in) for torch's kernels."""
 
     def __init__(self, linear):
         super().__init__()
         w = linear.weight.detach().float()  # (N, K)
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,): the row's largest weight lands on 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))  # (N, K)
-        self.register_buffer("scales", scale)  # (N,)
-        self.register_buffer("scales_bf16", scale.to(torch.bfloat16))  # (N,): the kernel's, as its activations
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.packed = w.device.type == "cpu" and self.in_features % cpu_kernels.BLOCK == 0 and cpu_kernels.available()
+        self.register_buffer("weight", cpu_kernels.pack_q8(q) if self.packed else q)  # (G, K/32, 4, 32) or (N, K)
+        self.register_buffer("scales", scale)  # (N,)
+        self.register_buffer("scales_bf16", scale.to(torch.bfloat16))  # (N,): torch's kernel's, as its activations
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def int8_weight(self):
+        """The (N, K) int8 weight, unpacked if it is stored packed."""
+        return cpu_kernels.unpack_q8(self.weight, self.out_features) if self.packed else self.weight
 
     def forward(self, x):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernels take a matrix
-        if kernel_rows(x2) and self.in_features % cpu_kernels.BLOCK == 0:
+        if self.packed and x2.device.type == "cpu":
             kernel = cpu_kernels.linear_q8_op if torch.compiler.is_compiling() else cpu_kernels.linear_q8
             y = kernel(x2.float().contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
         elif x2.device.type == "cpu":
@@ -83,13 +94,13 @@ class Int8Linear(nn.Module):
             # AVX-512 alike): rounding them to bf16 moves an output by ~0.4% of the largest, int8's own ~0.8%
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales_bf16).to(x.dtype)  # (M, N)
         else:  # a GPU: x (q s)^T = (x q^T) s, the int8 weight widened in the matmul's dtype (compile fuses it)
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)  # (M, N)
+            y = F.linear(x2, self.int8_weight().to(x2.dtype)) * self.scales.to(x2.dtype)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape, self.out_features)
 
     def dequantized(self):
-        return self.weight.float() * self.scales[:, None]  # (N, K): the float32 weight the int8 one stands for
+        return self.int8_weight().float() * self.scales[:, None]  # (N, K): the float32 weight the int8 one stands for
 
     def reference(self, x):
         return F.linear(x.float(), self.dequantized(), self.bias)

@@ -19,7 +19,7 @@ from conftest import assert_one_line_error, run
 from model import GPT, GPTConfig
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
-from nanoforge import cpu_kernels, quantize
+from nanoforge import cpu_kernels
 from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, quantize_int8
 from nanoforge.tokenizer import load_tokenizer
 from nanoforge.tokens import open_tokens, split_path
@@ -90,7 +90,8 @@ def test_the_cpu_kernels_build_here_once_and_step_aside_cleanly(tmp_path, monkey
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     x, w8, scales = torch.randn(1, 32), torch.randint(-127, 128, (4, 32), dtype=torch.int8), torch.rand(4)
     ref = q8_reference(x, w8, scales)
-    torch.testing.assert_close(cpu_kernels.linear_q8(x, w8, scales), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    got = cpu_kernels.linear_q8(x, cpu_kernels.pack_q8(w8), scales)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert not fresh(CC="false", XDG_CACHE_HOME=str(tmp_path / "other"))
     assert "false could not build cpu_kernels.c" in cpu_kernels.status()
     assert not list((tmp_path / "other").rglob("*"))[1:]  # the failed build left nothing but its folder
@@ -109,7 +110,7 @@ def q8_reference(x, w, scales):
 
 
 @pytest.mark.skipif(not cpu_has_avx2(), reason="the kernels are written for AVX2 (checked on every x86 CI machine)")
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 150])  # 150: past the int8 kernel's chunk of 64 rows, a prefill's
 def test_the_cpu_kernels_compute_what_torch_does(rows):
     assert cpu_kernels.available(), cpu_kernels.status()
     torch.manual_seed(0)
@@ -118,36 +119,42 @@ def test_the_cpu_kernels_compute_what_torch_does(rows):
     for K in (96, 100, 3072):
         x, w = torch.randn(rows, K), torch.randn(37, K)
         torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
-    for K in (96, 768):
+    for K, N in ((96, 303), (768, 300)):  # 303: the last group of four padded with a zero row
         x = torch.randn(rows, K)
         x[0, 32:64] = 0  # a block of zeros has no scale to divide by
         x[-1, :32] *= 1000  # one loud block must not drown the others: each block has its own scale
-        w = torch.randint(-127, 128, (303, K), dtype=torch.int8)  # 303: three rows after the groups of four
-        scales = torch.rand(303) / 100
-        got, ref = cpu_kernels.linear_q8(x, w, scales), q8_reference(x, w, scales)
-        assert got.shape == (rows, 303)
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        scales = torch.rand(N) / 100
+        packed = cpu_kernels.pack_q8(w)
+        assert packed.shape == cpu_kernels.packed_shape(N, K) and torch.equal(cpu_kernels.unpack_q8(packed, N), w)
+        got, ref = cpu_kernels.linear_q8(x, packed, scales), q8_reference(x, w, scales)
+        assert got.shape == (rows, N)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.linear_q8(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4))
     with pytest.raises(ValueError, match="contiguous 2-D float32"):
         cpu_kernels.linear_f32(torch.randn(8, 4).T, torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"of shape \(1, 1, 4, 32\)"):  # an unpacked weight is refused, not misread
+        cpu_kernels.linear_q8(torch.randn(1, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: more than the CPU kernels take
-@pytest.mark.parametrize("kernels", [True, False])  # False: torch's int8 kernel on the same rows
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: a prefill's, more than the float32 kernel takes
+@pytest.mark.parametrize("kernels", [True, False])  # False: torch's int8 kernel, where the CPU kernels are not
 def test_int8_linear_is_its_dequantized_weight_in_float32(bias, rows, kernels, monkeypatch):
     if not kernels:
-        monkeypatch.setattr(quantize, "kernel_rows", lambda x2: False)
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     torch.manual_seed(0)
-    linear = nn.Linear(96, 200, bias=bias)
+    linear = nn.Linear(96, 202, bias=bias)  # 202 rows: the packed weight's last group is padded
     q = Int8Linear(linear)
-    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127  # each row's largest weight on 127
+    assert q.packed == (kernels and cpu_kernels.available())
+    w8 = q.int8_weight()
+    assert w8.shape == (202, 96) and w8.dtype == torch.int8 and w8.abs().max() == 127  # each row's largest on 127
     # per output row, the rounding moves a weight by at most half a step of that row's scale
     assert (q.dequantized() - linear.weight).abs().le(q.scales[:, None] / 2 + 1e-7).all()
     x = torch.randn(3, rows, 96)
     got, ref = q(x), q.reference(x)
-    assert got.shape == (3, rows, 200) and got.dtype == torch.float32
+    assert got.shape == (3, rows, 202) and got.dtype == torch.float32
     # the kernels round the activations (to int8 in blocks, or to bf16): the reference's to that rounding
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
 
