@@ -208,12 +208,12 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of one layer for all positions generated so far, preallocated to block_size. Every
-    cache (also engine.py's) has what attention asks: `length` (the next query's position), mask, append."""
+    """Keys and values of one layer for all positions so far, preallocated to block_size, unset (only the first
+    `length` are read). Every cache (also engine.py's) has what attention asks: `length`, mask, append."""
 
     def __init__(self, B, nh, max_len, hs, device, dtype):
-        self.k = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
-        self.v = torch.zeros(B, nh, max_len, hs, device=device, dtype=dtype)
+        self.k = torch.empty(B, nh, max_len, hs, device=device, dtype=dtype)
+        self.v = torch.empty(B, nh, max_len, hs, device=device, dtype=dtype)
         self.length = 0
 
     def mask(self, T):

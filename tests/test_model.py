@@ -131,6 +131,8 @@ def test_kv_cache_chunks_match_full_forward(pos_emb, use_sdpa, monkeypatch):
     idx = torch.randint(0, 64, (2, 11))
     full, _ = m(idx, targets=idx)  # (B, T, V): with targets every position's logits come back
     caches = new_caches(m, 2)
+    for c in caches:  # allocated unset: a position not yet written must never be read (NaN would spread)
+        c.k.fill_(float("nan")), c.v.fill_(float("nan"))
     pieces = [(0, 7), (7, 10), (10, 11)]
     for a, b in pieces:
         chunk, _ = m(idx[:, a:b], targets=idx[:, a:b], kv_caches=caches)
