@@ -178,7 +178,8 @@ def test_float32_decoding_weights_keep_the_models_numbers(trained):
 def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     """sample.py --compile: the forward each step calls, compiled with the CPU kernels inside the graph as
     torch operators (no graph break at each Linear), gives the eager model's greedy tokens and logits. One
-    compile covers both kernels: the blocks in float32 (CPULinear), the head in int8."""
+    compile covers both kernels: the blocks in float32 (CPULinear), the head in int8. Attention there is
+    attention_reference's operations (compile_decoding), held to the eager SDPA's numbers."""
     from torch._dynamo.utils import counters
     from nanoforge import hardware
     model, val, _ = trained
@@ -192,6 +193,13 @@ def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
         torch.testing.assert_close(compiled(prompt)[0], eager(prompt)[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(compiled.generate(prompt, 24, temperature=0.0), eager.generate(prompt, 24, temperature=0.0))
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    # the compiled step skips the guards on the model's modules: a second model of the same shape, int8
+    # throughout, compiled in the same process (bench_decode.py does) must run its own step, not the first
+    # one's (it did: a KeyError)
+    other = decoding_weights(copy.deepcopy(model), "int8")
+    other_compiled = hardware.compile_decoding(copy.deepcopy(other))
+    assert torch.equal(other_compiled.generate(prompt, 8, temperature=0.0), other.generate(prompt, 8, temperature=0.0))
+    assert torch.equal(compiled.generate(prompt, 4, temperature=0.0), eager.generate(prompt, 4, temperature=0.0))
 
 
 def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained):
