@@ -5,7 +5,8 @@ nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the
 are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them exported
 to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN; on request, nanoforge-compiled
 and nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, the compile not timed).
-Batch 1, greedy, after a short prompt; random weights unless init_from (speed does not depend on what a
+Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as llama-bench's
+tg does); random weights unless init_from (speed does not depend on what a
 model learned). Ratios are against nanoforge float32, and nanoforge's rows give the rate
 its weights were read at beside the machine's measured copy bandwidth; the machine line comes first.
 
@@ -37,7 +38,7 @@ errors.friendly_errors()
 # -----------------------------------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size, vocab_size = 12, 12, 768, 1024, 50257  # GPT-2-124M (ignored with init_from)
 init_from = ''  # '': random weights of that shape with GPT-2's tokenizer; or an out_dir, checkpoint or HF folder
-gen_tokens = 128  # new tokens a run
+gen_tokens = 128  # new tokens a run (the rate counts the gen_tokens - 1 after the first)
 prompt_len = 16
 repeats = 3  # timed runs of each engine: the median is reported
 engines = 'nanoforge,nanoforge-int8,nanoforge-torch,transformers,llama.cpp-f32,llama.cpp-q8_0'  # those to run, when present
@@ -46,7 +47,8 @@ json_out = ''
 # -----------------------------------------------------------------------------------------------------
 config = configure(knobs(globals()), sys.argv[1:])
 globals().update(config)
-check_ranges(config, {k: POSITIVE_INT for k in ('gen_tokens', 'prompt_len', 'repeats')})
+check_ranges(config, {**{k: POSITIVE_INT for k in ('prompt_len', 'repeats')},
+                      'gen_tokens': (lambda v: v >= 2, "an int >= 2 (the rate counts the steps after the first)")})
 wanted = [e for e in engines.split(',') if e]
 known = ('nanoforge', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0',
          'nanoforge-compiled', 'nanoforge-int8-compiled')  # the last two: sample.py --compile (~1 min to compile each)
@@ -71,18 +73,38 @@ print(f"model: {model.get_num_params() / 1e6:.1f}M parameters, {model.config.n_l
 
 
 def timed(generate):
-    """(median tokens/s over repeats, the last run's new ids): a short untimed run first warms it up."""
+    """(median tokens/s over repeats, the last run's new ids). generate(n) returns (n new ids, the seconds from
+    the first new token to the last): the rate counts the n - 1 decoding steps after the prompt's prefill,
+    as llama-bench's tg does (it decodes with no prompt). A short untimed run first warms it up."""
     generate(4)
     rates, ids = [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        ids = generate(gen_tokens)
-        rates.append(gen_tokens / (time.perf_counter() - t0))
+        ids, seconds = generate(gen_tokens)
+        rates.append((gen_tokens - 1) / seconds)
     return sorted(rates)[len(rates) // 2], ids
 
 
 def ours(m):
-    return lambda n: torch.cat(list(m.generate_stream(prompt, n, top_k=1)), dim=1)[0].tolist()
+    def generate(n):
+        ids, times = [], []
+        for nxt in m.generate_stream(prompt, n, top_k=1):
+            ids.append(nxt.item())
+            times.append(time.perf_counter())
+        return ids, times[-1] - times[0]
+    return generate
+
+
+class Clock:
+    """A transformers streamer that notes when each new token arrives (put gets the prompt first)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 def weight_bytes(m):
@@ -122,9 +144,11 @@ for engine in wanted:
     elif engine == 'transformers':
         hf, kind = hf_format.to_hf(model, [])
         def hf_generate(n):
+            clock = Clock()
             with torch.no_grad():
-                out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            return out[0, prompt_len:].tolist()
+                out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                  streamer=clock)
+            return out[0, prompt_len:].tolist(), clock.times[-1] - clock.times[1]
         rate, ids = timed(hf_generate)
         results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
                            if reference else None, "class": hf_format.HF_CLASS[kind]}

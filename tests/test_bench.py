@@ -11,7 +11,7 @@ import pytest
 
 from nanoforge import hardware
 
-from conftest import ROOT, machine_of, run  # noqa: E402
+from conftest import ROOT, assert_one_line_error, machine_of, run  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
         "--batch_size=4", "--warmup_steps=1", "--timed_steps=3", "--gen_tokens=40", "--device=cpu"]
 
@@ -167,6 +167,8 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
         assert 0 <= rows[engine]["same_tokens"] <= 24
     assert rows["transformers"]["same_tokens"] == 24 and rows["transformers"]["class"] == "GPT2LMHeadModel"
     assert rows["nanoforge-torch"]["same_tokens"] == 24
+    # the rate counts the steps after the first token: one token has none to count
+    assert_one_line_error(run("bench_decode.py", "--gen_tokens=1", check=False), "gen_tokens", "an int >= 2")
 
 
 def test_bench_data_times_the_engines_on_one_corpus(tmp_path):
