@@ -110,7 +110,11 @@ class Clock:
 def weight_bytes(m):
     """Bytes of the matrices a token multiplies by (every Linear and the head; the embedding is looked up):
     what decoding one token must read, at the least."""
-    mats = {id(x.weight): x.weight for x in m.modules() if isinstance(x, (torch.nn.Linear, CPULinear, Int8Linear))}
+    mats = {}
+    for x in m.modules():
+        if isinstance(x, (torch.nn.Linear, CPULinear, Int8Linear)):
+            w = x.packed_weight if isinstance(x, CPULinear) and x.packed else x.weight  # what the products read
+            mats[id(w)] = w
     return sum(w.numel() * w.element_size() for w in mats.values())
 
 

@@ -14,7 +14,8 @@ older x86 or an ARM CPU), or NANOFORGE_CPU_KERNELS=0: available() is False and t
 matmuls, the reference the tests hold these to.
 
     if cpu_kernels.available():
-        y = cpu_kernels.linear_f32(x, w)           # x (M, K) float32, w (N, K) float32 -> (M, N)
+        p = cpu_kernels.pack_f32(w)                # w (N, K) float32 -> the order linear_f32 reads it in
+        y = cpu_kernels.linear_f32(x, p, N)        # x (M, K) float32 -> x w^T, (M, N)
         q = cpu_kernels.pack_q8(w8)                # w8 (N, K) int8 -> the order linear_q8 reads it in
         y = cpu_kernels.linear_q8(x, q, scales)    # with a float32 scale per row of w8, (N,)
 """
@@ -30,6 +31,7 @@ import torch
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 32  # linear_q8 quantizes activations in blocks of this many values: K must be a multiple
+F32_BLOCK = 16  # linear_f32's weights are packed in blocks of this many floats: K must be a multiple
 
 _lib = None  # the loaded library, once built
 _why = None  # why it is unavailable, once known
@@ -117,36 +119,48 @@ def _check(x, w, wdtype, wshape):
                          f"{tuple(wshape)}, both on the CPU: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
 
 
-def linear_f32(x, w):
-    """x (M, K) float32 contiguous, w (N, K) float32 contiguous -> x w^T, (M, N)."""
-    _check(x, w, torch.float32, (w.size(0), x.size(-1)))
-    (M, K), N = x.shape, w.size(0)
-    y = torch.empty(M, N)
-    _lib.linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads())
-    return y
+def packed_shape(N, K, block):
+    """The shape of a packed (N, K) weight: (groups of four rows, blocks, 4, block)."""
+    return (N + 3) // 4, K // block, 4, block
 
 
-def packed_shape(N, K):
-    """The shape of pack_q8's result for an (N, K) weight: (groups of four rows, blocks of 32, 4, 32)."""
-    return (N + 3) // 4, K // BLOCK, 4, BLOCK
+def _pack(w, block):
+    """w (N, K) -> packed_shape(N, K, block): rows in groups of four, the last padded with zero rows, and
+    within a group the four rows' first block side by side, then their second, ...: the bytes in the order
+    the kernels use them (cpu_kernels.c says why). K a multiple of block."""
+    N, K = w.shape
+    if K % block:
+        raise ValueError(f"packing needs K a multiple of {block}, got {K}")
+    G = (N + 3) // 4
+    w = torch.cat([w, w.new_zeros(4 * G - N, K)]) if N % 4 else w  # (4G, K)
+    return w.reshape(G, 4, K // block, block).transpose(1, 2).contiguous()  # (G, K/block, 4, block)
+
+
+def pack_f32(w):
+    """w (N, K) float32 -> the layout linear_f32 reads, in blocks of F32_BLOCK."""
+    return _pack(w, F32_BLOCK)
 
 
 def pack_q8(w):
-    """w (N, K) int8 -> the layout linear_q8 reads, packed_shape(N, K): rows in groups of four, the last
-    padded with zero rows, and within a group the four rows' first block of 32 side by side, then their
-    second, ...: the bytes in the order the kernel uses them (cpu_kernels.c says why). K a multiple of 32."""
-    N, K = w.shape
-    if K % BLOCK:
-        raise ValueError(f"pack_q8 needs K a multiple of {BLOCK}, got {K}")
-    G = (N + 3) // 4
-    w = torch.cat([w, w.new_zeros(4 * G - N, K)]) if N % 4 else w  # (4G, K)
-    return w.reshape(G, 4, K // BLOCK, BLOCK).transpose(1, 2).contiguous()  # (G, K/32, 4, 32)
+    """w (N, K) int8 -> the layout linear_q8 reads, in blocks of BLOCK."""
+    return _pack(w, BLOCK)
 
 
-def unpack_q8(packed, N):
-    """pack_q8's inverse: the (N, K) int8 weight (a copy)."""
-    G, B = packed.shape[:2]
-    return packed.transpose(1, 2).reshape(4 * G, B * BLOCK)[:N].contiguous()
+def unpack(packed, N):
+    """pack_f32's or pack_q8's inverse: the (N, K) weight (a copy)."""
+    G, B, _, block = packed.shape
+    return packed.transpose(1, 2).reshape(4 * G, B * block)[:N].contiguous()
+
+
+def linear_f32(x, w, N):
+    """x (M, K) float32 contiguous, w an (N, K) float32 weight packed by pack_f32 -> x w^T, (M, N)."""
+    K = x.size(-1)
+    if K % F32_BLOCK:
+        raise ValueError(f"linear_f32 needs K a multiple of {F32_BLOCK}, got {K}")
+    _check(x, w, torch.float32, packed_shape(N, K, F32_BLOCK))
+    y = torch.empty(x.size(0), N)
+    _lib.linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(0), K, N, torch.get_num_threads())
+    return y
 
 
 def linear_q8(x, w, scales):
@@ -156,7 +170,7 @@ def linear_q8(x, w, scales):
     K, N = x.size(-1), scales.size(0)
     if K % BLOCK:
         raise ValueError(f"linear_q8 needs K a multiple of {BLOCK}, got {K}")
-    _check(x, w, torch.int8, packed_shape(N, K))
+    _check(x, w, torch.int8, packed_shape(N, K, BLOCK))
     M = x.size(0)
     if scales.dtype != torch.float32 or scales.dim() != 1 or not scales.is_contiguous():
         raise ValueError(f"linear_q8 needs {N} contiguous float32 scales, got {scales.dtype} {tuple(scales.shape)}")
@@ -170,13 +184,13 @@ def linear_q8(x, w, scales):
 # (a ctypes call inside a traced function would break the graph at every layer). Eager code calls the
 # functions above directly: the operator's dispatch costs ~10 us a call, ~0.5 ms a token.
 @torch.library.custom_op("nanoforge::linear_f32", mutates_args=())
-def linear_f32_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return linear_f32(x.contiguous(), w)
+def linear_f32_op(x: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
+    return linear_f32(x.contiguous(), w, N)
 
 
 @linear_f32_op.register_fake
-def _(x, w):
-    return x.new_empty(x.size(0), w.size(0))
+def _(x, w, N):
+    return x.new_empty(x.size(0), N)
 
 
 @torch.library.custom_op("nanoforge::linear_q8", mutates_args=())

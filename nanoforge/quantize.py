@@ -39,26 +39,41 @@ def kernel_rows(x2):
 
 
 class CPULinear(nn.Module):
-    """y = x W^T + b, the same weight and bias as the nn.Linear it replaces (a tied head stays tied): a few
-    rows through cpu_kernels.linear_f32, more through F.linear, its reference."""
+    """y = x W^T + b, the weight and bias of the nn.Linear it replaces, the weight stored packed in the order
+    cpu_kernels.linear_f32 reads it (cpu_kernels.pack_f32). A few rows go through that kernel; more (a
+    prompt's prefill) and bf16 autocast through F.linear, the reference, on the weight unpacked (a copy: ~1 ms
+    for one of GPT-2's matrices, beside its products at a prefill's rows). keep_weight: the (N, K) weight is
+    kept too, shared as it was (GPT-2's head, tied to the token embedding, which needs it; the chunked loss
+    reads lm_head.weight). A width the kernel does not take (not a multiple of its blocks) stays unpacked, on
+    F.linear."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, keep_weight=False):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
+        self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = self.in_features % cpu_kernels.F32_BLOCK == 0
+        if self.packed:
+            self.register_buffer("packed_weight", cpu_kernels.pack_f32(linear.weight.detach()))  # (G, K/16, 4, 16)
+        if keep_weight or not self.packed:
+            self.weight = linear.weight  # (N, K)
+
+    def full_weight(self):
+        """The (N, K) weight: the one kept, or the packed one unpacked."""
+        kept = getattr(self, "weight", None)
+        return kept if kept is not None else cpu_kernels.unpack(self.packed_weight, self.out_features)
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if not (x2.dtype == torch.float32 and kernel_rows(x2)):
-            return F.linear(x, self.weight, self.bias)
+        if not (self.packed and x2.dtype == torch.float32 and kernel_rows(x2)):
+            return F.linear(x, self.full_weight(), self.bias)
         kernel = cpu_kernels.linear_f32_op if torch.compiler.is_compiling() else cpu_kernels.linear_f32
-        y = kernel(x2.contiguous(), self.weight)  # (M, N)
+        y = kernel(x2.contiguous(), self.packed_weight, self.out_features)  # (M, N)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def reference(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.full_weight(), self.bias)
 
 
 class Int8Linear(nn.Module):
@@ -81,7 +96,7 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self):
         """The (N, K) int8 weight, unpacked if it is stored packed."""
-        return cpu_kernels.unpack_q8(self.weight, self.out_features) if self.packed else self.weight
+        return cpu_kernels.unpack(self.weight, self.out_features) if self.packed else self.weight
 
     def forward(self, x):
         shape = x.shape[:-1]
@@ -131,4 +146,7 @@ def decoding_weights(model, quantize):
     kernels = model.lm_head.weight.device.type == "cpu" and cpu_kernels.available()
     if quantize == "int8":
         return quantize_int8(model)
-    return swap_linears(model, CPULinear) if kernels and model.lm_head.weight.dtype == torch.float32 else model
+    if not (kernels and model.lm_head.weight.dtype == torch.float32):
+        return model
+    model.lm_head = CPULinear(model.lm_head, keep_weight=True)  # first: swap_linears then passes it by
+    return swap_linears(model, CPULinear)

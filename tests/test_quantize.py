@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import assert_one_line_error, run
 from model import GPT, GPTConfig
@@ -85,8 +86,8 @@ def test_the_cpu_kernels_build_here_once_and_step_aside_cleanly(tmp_path, monkey
     # a kernel called before anything asked available() loads the library itself, then computes
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setattr(cpu_kernels, "_why", None)
-    x, w = torch.randn(1, 8), torch.randn(4, 8)
-    torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T)
+    x, w = torch.randn(1, 16), torch.randn(4, 16)
+    torch.testing.assert_close(cpu_kernels.linear_f32(x, cpu_kernels.pack_f32(w), 4), x @ w.T)
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     x, w8, scales = torch.randn(1, 32), torch.randint(-127, 128, (4, 32), dtype=torch.int8), torch.rand(4)
     ref = q8_reference(x, w8, scales)
@@ -97,7 +98,7 @@ def test_the_cpu_kernels_build_here_once_and_step_aside_cleanly(tmp_path, monkey
     assert not list((tmp_path / "other").rglob("*"))[1:]  # the failed build left nothing but its folder
     assert not fresh(NANOFORGE_CPU_KERNELS="0") and "NANOFORGE_CPU_KERNELS=0" in cpu_kernels.status()
     with pytest.raises(RuntimeError, match="not available"):
-        cpu_kernels.linear_f32(torch.randn(1, 8), torch.randn(4, 8))
+        cpu_kernels.linear_f32(torch.randn(1, 16), cpu_kernels.pack_f32(torch.randn(4, 16)), 4)
 
 
 def q8_reference(x, w, scales):
@@ -114,11 +115,11 @@ def q8_reference(x, w, scales):
 def test_the_cpu_kernels_compute_what_torch_does(rows):
     assert cpu_kernels.available(), cpu_kernels.status()
     torch.manual_seed(0)
-    # float32 takes any width (100: not a multiple of 8, the one-row path); 37 rows of w leave one after the
-    # groups of four
-    for K in (96, 100, 3072):
+    for K in (96, 3072):  # 37 rows of w: the last group of four padded with three zero rows
         x, w = torch.randn(rows, K), torch.randn(37, K)
-        torch.testing.assert_close(cpu_kernels.linear_f32(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+        packed = cpu_kernels.pack_f32(w)
+        assert packed.shape == cpu_kernels.packed_shape(37, K, 16) and torch.equal(cpu_kernels.unpack(packed, 37), w)
+        torch.testing.assert_close(cpu_kernels.linear_f32(x, packed, 37), x @ w.T, rtol=1e-5, atol=1e-4)
     for K, N in ((96, 303), (768, 300)):  # 303: the last group of four padded with a zero row
         x = torch.randn(rows, K)
         x[0, 32:64] = 0  # a block of zeros has no scale to divide by
@@ -126,14 +127,16 @@ def test_the_cpu_kernels_compute_what_torch_does(rows):
         w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
         scales = torch.rand(N) / 100
         packed = cpu_kernels.pack_q8(w)
-        assert packed.shape == cpu_kernels.packed_shape(N, K) and torch.equal(cpu_kernels.unpack_q8(packed, N), w)
+        assert packed.shape == cpu_kernels.packed_shape(N, K, 32) and torch.equal(cpu_kernels.unpack(packed, N), w)
         got, ref = cpu_kernels.linear_q8(x, packed, scales), q8_reference(x, w, scales)
         assert got.shape == (rows, N)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.linear_q8(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4))
     with pytest.raises(ValueError, match="contiguous 2-D float32"):
-        cpu_kernels.linear_f32(torch.randn(8, 4).T, torch.randn(4, 8))
+        cpu_kernels.linear_f32(torch.randn(16, 4).T, cpu_kernels.pack_f32(torch.randn(4, 16)), 4)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernels.linear_f32(torch.randn(1, 100), torch.zeros(1, 6, 4, 16), 4)
     with pytest.raises(ValueError, match=r"of shape \(1, 1, 4, 32\)"):  # an unpacked weight is refused, not misread
         cpu_kernels.linear_q8(torch.randn(1, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4))
 
@@ -166,7 +169,13 @@ def test_float32_decoding_weights_keep_the_models_numbers(trained):
     k = decoding_weights(copy.deepcopy(model), "none")
     if cpu_kernels.available():
         assert all(type(m) is not nn.Linear for m in k.modules()) and isinstance(k.lm_head, CPULinear)
+        c_fc = k.transformer.h[0].mlp.c_fc  # a block's weight is stored once, packed, and unpacks to itself
+        assert c_fc.packed and getattr(c_fc, "weight", None) is None
+        assert torch.equal(c_fc.full_weight(), model.transformer.h[0].mlp.c_fc.weight)
     assert k.lm_head.weight is k.transformer.wte.weight
+    odd = CPULinear(nn.Linear(100, 7))  # a width the kernel does not take stays as it is, on F.linear
+    x = torch.randn(2, 100)
+    assert not odd.packed and torch.equal(odd(x), F.linear(x, odd.weight, odd.bias))
     prompt = val[:16][None]
     with torch.no_grad():
         for x in (prompt, prompt[:, :1], val[:40 * 3].view(3, 40)):  # the kernels' rows, and more than they take
