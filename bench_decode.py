@@ -5,10 +5,12 @@ nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the
 are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them exported
 to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN; on request, nanoforge-compiled
 and nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, the compile not timed).
-Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as llama-bench's
-tg does); random weights unless init_from (speed does not depend on what a
-model learned). Ratios are against nanoforge float32, and nanoforge's rows give the rate
-its weights were read at beside the machine's measured copy bandwidth; the machine line comes first.
+Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as
+llama-bench's tg does); random weights unless init_from (speed does not depend on what a model learned).
+The engines take turns, repeat after repeat, so a machine whose speed drifts moves them all alike; each row
+gives its median. Ratios are against nanoforge float32 and, for nanoforge's rows, against llama.cpp at the
+same precision (the median of each repeat's own ratio), and nanoforge's rows give the rate its weights were
+read at beside the machine's measured copy bandwidth; the machine line comes first.
 
     python bench_decode.py                                # GPT-2-124M shape with GPT-2's vocabulary
     python bench_decode.py --init_from=out-shakespeare-char-cpu --gen_tokens=256
@@ -72,17 +74,9 @@ print(f"model: {model.get_num_params() / 1e6:.1f}M parameters, {model.config.n_l
       f"batch 1, greedy, {torch.get_num_threads()} threads; nanoforge multiplies on {cpu_kernels.status()}")
 
 
-def timed(generate):
-    """(median tokens/s over repeats, the last run's new ids). generate(n) returns (n new ids, the seconds from
-    the first new token to the last): the rate counts the n - 1 decoding steps after the prompt's prefill,
-    as llama-bench's tg does (it decodes with no prompt). A short untimed run first warms it up."""
-    generate(4)
-    rates, ids = [], None
-    for _ in range(repeats):
-        ids, seconds = generate(gen_tokens)
-        rates.append((gen_tokens - 1) / seconds)
-    return sorted(rates)[len(rates) // 2], ids
-
+# Each engine is a function of n returning (tokens/s, the n new ids or None): the rate counts the n - 1
+# decoding steps after the first new token, as llama-bench's tg does (it decodes with no prompt), so a
+# prompt's prefill is in no engine's rate.
 
 def ours(m):
     def generate(n):
@@ -90,7 +84,7 @@ def ours(m):
         for nxt in m.generate_stream(prompt, n, top_k=1):
             ids.append(nxt.item())
             times.append(time.perf_counter())
-        return ids, times[-1] - times[0]
+        return (n - 1) / (times[-1] - times[0]), ids
     return generate
 
 
@@ -118,55 +112,82 @@ def weight_bytes(m):
     return sum(w.numel() * w.element_size() for w in mats.values())
 
 
-def llama_bench(gguf_type):
-    """llama.cpp's own benchmark on our weights in GGUF: its tokens/s for gen_tokens generated (no prompt)."""
+def llama_bench(gguf_type, folder):
+    """llama.cpp's own benchmark on our weights exported to GGUF in folder: one run of gen_tokens generated
+    (no prompt), or None without llama-bench."""
     found = shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None)
     if not found:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.gguf")
-        gguf_format.write(model, tok, path, gguf_type)
-        out = subprocess.run([found, "-m", path, "-p", "0", "-n", str(gen_tokens), "-t", str(torch.get_num_threads()),
-                              "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True).stdout
-    return {"tokens_per_s": json.loads(out)[0]["avg_ts"], "same_tokens": None}
+    path = os.path.join(folder, f"model-{gguf_type}.gguf")
+    gguf_format.write(model, tok, path, gguf_type)
+    def generate(n):
+        out = subprocess.run([found, "-m", path, "-p", "0", "-n", str(n), "-t", str(torch.get_num_threads()),
+                              "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)[0]["avg_ts"], None
+    return generate
 
 
-results, reference = {}, None
+def transformers_engine():
+    hf, kind = hf_format.to_hf(model, [])
+    def generate(n):
+        clock = Clock()
+        with torch.no_grad():
+            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                              streamer=clock)
+        return (n - 1) / (clock.times[-1] - clock.times[1]), out[0, prompt_len:].tolist()
+    return generate, hf_format.HF_CLASS[kind]
+
+
+engines, results, tmp = {}, {}, tempfile.TemporaryDirectory()
 for engine in wanted:
-    if engine == 'nanoforge':
-        fp32 = decoding_weights(copy.deepcopy(model), "none")
-        rate, reference = timed(ours(fp32))
-        results[engine] = {"tokens_per_s": rate, "same_tokens": None,  # the reference the others are held to
-                           "weight_gb_s": rate * weight_bytes(fp32) / 1e9}
-    elif engine in ('nanoforge-int8', 'nanoforge-torch', 'nanoforge-compiled', 'nanoforge-int8-compiled'):
+    if engine.startswith('nanoforge'):
         m = decoding_weights(copy.deepcopy(model), "int8" if 'int8' in engine else "none") if engine != 'nanoforge-torch' else model
         if engine.endswith('-compiled'):
-            hardware.compile_decoding(m)  # timed() warms it up: the compile is not in the rate
-        rate, ids = timed(ours(m))
-        results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
-                           if reference else None, "weight_gb_s": rate * weight_bytes(m) / 1e9}
+            hardware.compile_decoding(m)  # compiled by the warm-up run below: the compile is not in the rate
+        engines[engine], results[engine] = ours(m), {"weight_bytes": weight_bytes(m)}
     elif engine == 'transformers':
-        hf, kind = hf_format.to_hf(model, [])
-        def hf_generate(n):
-            clock = Clock()
-            with torch.no_grad():
-                out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                                  streamer=clock)
-            return out[0, prompt_len:].tolist(), clock.times[-1] - clock.times[1]
-        rate, ids = timed(hf_generate)
-        results[engine] = {"tokens_per_s": rate, "same_tokens": hf_format.leading_agreement(ids, reference)
-                           if reference else None, "class": hf_format.HF_CLASS[kind]}
-    elif (r := llama_bench(engine.split('-')[1])) is not None:
-        results[engine] = r
+        engines[engine], hf_class = transformers_engine()
+        results[engine] = {"class": hf_class}
+    elif (generate := llama_bench(engine.split('-')[1], tmp.name)) is not None:
+        engines[engine], results[engine] = generate, {}
     else:
         print(f"{engine}: llama-bench is not on PATH or in $LLAMA_CPP_BIN: skipped")
+
+# every engine once untimed (warm caches, compiles), then the repeats in turn, engine after engine: a machine
+# whose speed drifts (a shared host) moves them all alike, and each repeat's ratios are taken within it
+rates, ids = {e: [] for e in engines}, {}
+for engine, generate in engines.items():
+    if not engine.startswith('llama.cpp'):  # llama-bench warms up itself
+        generate(4)
+for _ in range(repeats):
+    for engine, generate in engines.items():
+        rate, ids[engine] = generate(gen_tokens)
+        rates[engine].append(rate)
+tmp.cleanup()
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+reference = ids.get('nanoforge')
+for engine, r in results.items():
+    r["tokens_per_s"] = median(rates[engine])
+    r["same_tokens"] = hf_format.leading_agreement(ids[engine], reference) \
+        if ids[engine] is not None and reference is not None and engine != 'nanoforge' else None
+    if "weight_bytes" in r:
+        r["weight_gb_s"] = r["tokens_per_s"] * r.pop("weight_bytes") / 1e9
+    peer = 'llama.cpp-q8_0' if 'int8' in engine else 'llama.cpp-f32'
+    if engine.startswith('nanoforge') and peer in rates:  # the median of the repeats' own ratios
+        r["vs_llama_cpp"] = median([a / b for a, b in zip(rates[engine], rates[peer])])
 
 base = results.get('nanoforge', {}).get('tokens_per_s')
 for engine, r in results.items():
     agree = "" if r["same_tokens"] is None else f", its first {r['same_tokens']} of {gen_tokens} greedy tokens equal to nanoforge's"
     ratio = f" ({r['tokens_per_s'] / base:.2f}x nanoforge float32)" if base and engine != 'nanoforge' else ""
+    peer = f", {r['vs_llama_cpp']:.2f}x llama.cpp's {'q8_0' if 'int8' in engine else 'f32'}" if "vs_llama_cpp" in r else ""
     read = f", weights read at {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else ""
-    print(f"{engine:>23}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{read}{agree}")
+    print(f"{engine:>23}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{peer}{read}{agree}")
 print(f"(the machine copies memory at {machine['memory_gb_s']:.1f} GB/s)")
 if json_out:
     files.write_json(json_out, {"config": config, "machine": machine, "results": results})

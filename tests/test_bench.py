@@ -4,6 +4,7 @@ Speeds depend on the machine, so these assert what is reported and how the figur
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,6 +170,24 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
     assert rows["nanoforge-torch"]["same_tokens"] == 24
     # the rate counts the steps after the first token: one token has none to count
     assert_one_line_error(run("bench_decode.py", "--gen_tokens=1", check=False), "gen_tokens", "an int >= 2")
+
+
+@pytest.mark.skipif(not shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None),
+                    reason="llama.cpp's llama-bench is not on PATH or in $LLAMA_CPP_BIN")
+def test_bench_decode_sets_nanoforge_beside_llama_cpp_at_each_precision(tmp_path):
+    """With llama-bench at hand, its f32 and q8_0 rows run on our weights in GGUF, taking turns with ours, and
+    each nanoforge row gives its ratio to llama.cpp at its own precision."""
+    out_json = tmp_path / "decode.json"
+    r = run("bench_decode.py", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--gen_tokens=24",
+            "--repeats=2", "--engines=nanoforge,nanoforge-int8,llama.cpp-f32,llama.cpp-q8_0", f"--json_out={out_json}",
+            check=False, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out_json.read_text())["results"]
+    assert sorted(rows) == ["llama.cpp-f32", "llama.cpp-q8_0", "nanoforge", "nanoforge-int8"]
+    assert rows["llama.cpp-f32"]["tokens_per_s"] > 0 and rows["llama.cpp-q8_0"]["tokens_per_s"] > 0
+    for engine, peer in (("nanoforge", "f32"), ("nanoforge-int8", "q8_0")):
+        assert rows[engine]["vs_llama_cpp"] > 0
+        assert f"{rows[engine]['vs_llama_cpp']:.2f}x llama.cpp's {peer}" in r.stdout
 
 
 def test_bench_data_times_the_engines_on_one_corpus(tmp_path):
