@@ -3,8 +3,8 @@ Decoding speed of one set of weights in every engine at hand, in one run: nanofo
 int8 weights (--quantize=none and int8 of sample.py and serve.py: on a CPU both multiply through
 nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference the kernels
 are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them exported
-to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN; on request, nanoforge-compiled
-and nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, the compile not timed).
+to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN, and nanoforge-compiled and
+nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, ~1 min each, not timed).
 Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as
 llama-bench's tg does); random weights unless init_from (speed does not depend on what a model learned).
 The engines take turns, repeat after repeat, so a machine whose speed drifts moves them all alike; each row
@@ -43,7 +43,8 @@ init_from = ''  # '': random weights of that shape with GPT-2's tokenizer; or an
 gen_tokens = 128  # new tokens a run (the rate counts the gen_tokens - 1 after the first)
 prompt_len = 16
 repeats = 3  # timed runs of each engine: the median is reported
-engines = 'nanoforge,nanoforge-int8,nanoforge-torch,transformers,llama.cpp-f32,llama.cpp-q8_0'  # those to run, when present
+engines = ('nanoforge,nanoforge-int8,nanoforge-compiled,nanoforge-int8-compiled,nanoforge-torch,transformers,'
+           'llama.cpp-f32,llama.cpp-q8_0')  # those to run, when present
 seed = 1337
 json_out = ''
 # -----------------------------------------------------------------------------------------------------
