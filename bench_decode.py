@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,8 +115,8 @@ def weight_bytes(m):
 
 
 def llama_bench(gguf_type, folder):
-    """llama.cpp's own benchmark on our weights exported to GGUF in folder: one run of gen_tokens generated
-    (no prompt), or None without llama-bench."""
+    """llama.cpp's own benchmark on our weights exported to GGUF in folder: an engine whose run is one of
+    llama-bench's, n tokens generated (no prompt); None without llama-bench."""
     found = shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None)
     if not found:
         return None
@@ -167,26 +168,23 @@ for _ in range(repeats):
 tmp.cleanup()
 
 
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
-
-
 reference = ids.get('nanoforge')
 for engine, r in results.items():
-    r["tokens_per_s"] = median(rates[engine])
+    r["tokens_per_s"] = statistics.median_high(rates[engine])
     r["same_tokens"] = hf_format.leading_agreement(ids[engine], reference) \
         if ids[engine] is not None and reference is not None and engine != 'nanoforge' else None
     if "weight_bytes" in r:
         r["weight_gb_s"] = r["tokens_per_s"] * r.pop("weight_bytes") / 1e9
     peer = 'llama.cpp-q8_0' if 'int8' in engine else 'llama.cpp-f32'
     if engine.startswith('nanoforge') and peer in rates:  # the median of the repeats' own ratios
-        r["vs_llama_cpp"] = median([a / b for a, b in zip(rates[engine], rates[peer])])
+        r["vs_llama_cpp"] = statistics.median_high([a / b for a, b in zip(rates[engine], rates[peer])])
+        r["llama_cpp_peer"] = peer
 
 base = results.get('nanoforge', {}).get('tokens_per_s')
 for engine, r in results.items():
     agree = "" if r["same_tokens"] is None else f", its first {r['same_tokens']} of {gen_tokens} greedy tokens equal to nanoforge's"
     ratio = f" ({r['tokens_per_s'] / base:.2f}x nanoforge float32)" if base and engine != 'nanoforge' else ""
-    peer = f", {r['vs_llama_cpp']:.2f}x llama.cpp's {'q8_0' if 'int8' in engine else 'f32'}" if "vs_llama_cpp" in r else ""
+    peer = f", {r['vs_llama_cpp']:.2f}x llama.cpp's {r['llama_cpp_peer'].split('-')[1]}" if "vs_llama_cpp" in r else ""
     read = f", weights read at {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else ""
     print(f"{engine:>23}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{peer}{read}{agree}")
 print(f"(the machine copies memory at {machine['memory_gb_s']:.1f} GB/s)")

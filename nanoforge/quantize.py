@@ -91,7 +91,8 @@ class Int8Linear(nn.Module):
         self.packed = w.device.type == "cpu" and self.in_features % cpu_kernels.BLOCK == 0 and cpu_kernels.available()
         self.register_buffer("weight", cpu_kernels.pack_q8(q) if self.packed else q)  # (G, K/32, 4, 32) or (N, K)
         self.register_buffer("scales", scale)  # (N,)
-        self.register_buffer("scales_bf16", scale.to(torch.bfloat16))  # (N,): torch's kernel's, as its activations
+        if not self.packed:  # (N,): torch's int8 kernel's, in bf16 as its activations
+            self.register_buffer("scales_bf16", scale.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
     def int8_weight(self):
