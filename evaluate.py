@@ -135,6 +135,7 @@ log = print if master else (lambda *a, **k: None)
 
 source = out_dir if init_from == "resume" else init_from
 model, tok_spec, meta = load_model(source, map_location=device)
+n_params = model.get_num_params()  # counted before int8: its weights are buffers, not parameters
 model = decoding_weights(model.eval().to(device), quantize)
 tok = load_tokenizer(tok_spec)
 if tok.vocab_size > model.config.vocab_size:  # a token id past the embedding table would crash mid-run
@@ -156,7 +157,7 @@ elif dataset and not data_dir:
     data_dir = tokens.dataset_dir(dataset)
 if not data_dir and not (task or chat_task):
     raise UserError("nothing to score: pass --dataset/--data_dir (held-out text), --task and/or --chat_task")
-log(f"model: {source}, {model.get_num_params() / 1e6:.2f}M parameters, context {model.config.block_size}; "
+log(f"model: {source}, {n_params / 1e6:.2f}M parameters, context {model.config.block_size}; "
     f"device {device}, {dtype}, {world_size} process(es)")
 
 result = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "source": source,

@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import queue
+import re
 import shutil
 
 import numpy as np
@@ -276,8 +277,11 @@ def test_sample_and_evaluate_take_quantize(trained, char_data):
     for flag, m in (((), model), (("--quantize=int8",), quantize_int8(load_model(out_dir)[0]))):
         expected = "ROMEO:" + tok.decode(m.generate(prompt, 40, temperature=0.0)[0, prompt.size(1):].tolist())
         assert run(*args, *flag).stdout == expected + "\n---------------\n"
-    for q in ((), ("--quantize=int8",)):
-        run("evaluate.py", f"--out_dir={out_dir}", f"--data_dir={char_data}", "--device=cpu", "--dtype=float32", *q)
+    logs = [run("evaluate.py", f"--out_dir={out_dir}", f"--data_dir={char_data}", "--device=cpu", "--dtype=float32",
+                *q).stdout for q in ((), ("--quantize=int8",))]
+    # the same model, the same count: int8 keeps its weights as buffers, which the count once left out
+    counts = [re.search(r"([\d.]+)M parameters", out).group(1) for out in logs]
+    assert counts == [f"{model.get_num_params() / 1e6:.2f}"] * 2
     fp32, int8 = [json.loads(line) for line in open(os.path.join(out_dir, "eval.jsonl"))][-2:]
     assert "quantize" not in fp32 and int8["quantize"] == "int8"  # the record says which model it scored
     assert abs(int8["loss"] - fp32["loss"]) <= 0.005 * fp32["loss"] and int8["tokens"] == fp32["tokens"]
