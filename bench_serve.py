@@ -40,6 +40,7 @@ prompt_len = 16  # tokens of each (random) prompt
 device = "auto"  # serve.py's: auto, cpu, cuda, cuda:N, mps
 dtype = "auto"  # serve.py's: auto, float32, bfloat16, float16
 quantize = "none"  # serve.py's: 'int8' serves int8 weights
+compile = False  # serve.py's: compile the decode step (its compile, before serving, is not timed)
 seed = 1337
 json_out = ""  # a path: also write the results there as JSON
 # -----------------------------------------------------------------------------------------------------
@@ -116,8 +117,9 @@ for shape, (L, H, C) in dims.items():
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         server = subprocess.Popen([sys.executable, serve_py, f"--out_dir={tmp}", f"--port={port}",
-                                   f"--device={device}", f"--dtype={dtype}", f"--quantize={quantize}", f"--max_batch={max(levels)}",
-                                   "--log_level=warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                   f"--device={device}", f"--dtype={dtype}", f"--quantize={quantize}",
+                                   f"--compile={compile}", f"--max_batch={max(levels)}", "--log_level=warning"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
             while True:  # until /health answers

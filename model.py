@@ -330,7 +330,7 @@ class GPT(nn.Module):
         head_t: lm_head's weight as a contiguous (C, V) copy, for decoding (generate_stream makes it)."""
         T = idx.size(1)
         pos = kv_caches[0].length if kv_caches is not None else 0  # int, or (B,): rows at their own positions
-        end = (int(pos.max()) if torch.is_tensor(pos) else pos) + T  # plain ints: no graph break compiled
+        end = (kv_caches[0].longest if torch.is_tensor(pos) else pos) + T  # an int (per-row caches know their longest)
         assert end <= self.config.block_size, f"sequence of {end} exceeds block_size {self.config.block_size}"
         x = self.transformer.drop(self.embed(idx, pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):

@@ -25,7 +25,9 @@ own may call it unless --cors_origins="https://a.example,https://b.example" (or 
 to its own host names (--allowed_hosts adds more): nanoforge/server.py says why, guard by guard.
 """
 import os
+import signal
 import sys
+import threading
 
 import uvicorn
 
@@ -60,6 +62,7 @@ header_timeout = 10.0  # seconds a connection may take to send a request's heade
 device = "auto"
 dtype = "auto"
 quantize = "none"  # 'int8': weight-only int8 Linear layers and head for decoding (nanoforge/quantize.py)
+compile = False  # compile the decode step (torch.compile): faster tokens, after ~1-2 min of compiling at start
 log_level = "info"  # uvicorn's: 'warning' hides the per-request lines
 step_delay = 0.0  # seconds to pause after each decode step: a slow model on purpose, to watch queueing and Stop
 # -----------------------------------------------------------------------------------------------------
@@ -75,16 +78,21 @@ if host not in LOOPBACK and not api_key:
 
 source = out_dir if init_from == "resume" else init_from
 model, tok_spec, _ = load_model(source, map_location=device)
+n_params = model.get_num_params()  # counted before int8: its weights are buffers, not parameters
 model = decoding_weights(model.eval().to(device), quantize)
 # decoding runs max_batch rows at a time at most: the precision is measured at that shape
 dtype, why = hardware.resolve_dtype(dtype, device, (max_batch, model.config.n_embd))
+if compile:
+    print("compiling the decode step (once per batch kind, before serving)...", flush=True)
+    hardware.compile_decoding(model)
 tok = load_tokenizer(tok_spec)
 model_name = model_name or os.path.basename(os.path.normpath(source))
 has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
-engine = Engine(model, tok, device, dtype, max_batch=max_batch, max_queue=max_queue, step_delay=step_delay)
+engine = Engine(model, tok, device, dtype, max_batch=max_batch, max_queue=max_queue, step_delay=step_delay,
+                warm_up=compile, thread=False)
 with open(os.path.join(files.REPO, "nanoforge", "pages", "chat.html"), "rb") as f:
     chat_page = f.read()
-print(f"model {model_name}: {model.get_num_params() / 1e6:.2f}M params, context {model.config.block_size}, "
+print(f"model {model_name}: {n_params / 1e6:.2f}M params, context {model.config.block_size}, "
       f"{'chat template' if has_chat else 'no chat tokens: /v1/completions only'}; {device}, {dtype} ({why})")
 
 # the names the Host header may carry: loopback, the address listened on; any where it listens on every one
@@ -96,6 +104,31 @@ app = build_app(engine, tok, model.config.block_size, model_name, api_key=api_ke
                 max_tokens_cap=max_tokens_cap, max_n=max_n, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                 max_sequences=max_batch + max_queue, chat_page=chat_page)
 HeaderDeadline.header_timeout = header_timeout
+web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeaderDeadline,
+                                    timeout_keep_alive=5))
+exit_code = []
+
+
+def serve_http():
+    try:
+        web.run()
+    except SystemExit as e:  # uvicorn could not start (the port is taken): it has said why
+        exit_code.append(e.code)
+    except BaseException:
+        exit_code.append(1)
+        raise
+    finally:
+        engine.close()  # the requests are answered: the model's loop ends, and with it this script
+
+
+def shut_down(signum, frame):  # what uvicorn does on the main thread: finish the running requests; twice: now
+    web.force_exit = web.should_exit
+    web.should_exit = True
+
+
+signal.signal(signal.SIGINT, shut_down)
+signal.signal(signal.SIGTERM, shut_down)
 print(f"serving on http://{host}:{port} (chat page at /, OpenAI API at /v1)", flush=True)
-uvicorn.run(app, host=host, port=port, log_level=log_level, http=HeaderDeadline, timeout_keep_alive=5)
-engine.close()
+threading.Thread(target=serve_http, name="http").start()
+engine.run()  # the model on this thread, the one that loaded it: Engine.run says why it is faster here
+sys.exit(exit_code[0] if exit_code else 0)

@@ -45,12 +45,14 @@ class SlotKVCache:
 
     def set_rows(self, rows, pos):
         # rows: (B,) slot of each batch row; pos: (B,) its first new position. `length` is what attention
-        # reads as the position of its first query, a tensor here: rotary takes it per row
-        self.rows, self.length = rows, pos
-        # rows that are consecutive slots (the usual case) are read as a slice, a view; others are gathered,
-        # a copy of every cached key and value each step (a fifth of a 16-row step of the 124M shape)
+        # reads as the position of its first query, a tensor here: rotary takes it per row. `longest`, the
+        # largest as an int, read here outside the model: a compiled forward reads it with no graph break
+        self.rows, self.length, self.longest = rows, pos, int(pos.max())
+        # rows that are consecutive slots (the usual case) are read as a slice from the first, a view; others
+        # are gathered, a copy of every cached key and value each step (a fifth of a 16-row step of the 124M
+        # shape). An int, not a slice: a compiled forward takes it as a symbol, not a constant per batch size
         first = int(rows[0])
-        self.span = slice(first, first + len(rows)) if rows.tolist() == list(range(first, first + len(rows))) else None
+        self.first = first if rows.tolist() == list(range(first, first + len(rows))) else None
 
     def append(self, k, v):
         B, _, T, _ = k.size()  # (B, nh, T, hs)
@@ -58,14 +60,15 @@ class SlotKVCache:
         # advanced indices around a slice put their dims first: the target is (B, T, nh, hs)
         self.k[self.rows[:, None], :, where] = k.transpose(1, 2).to(self.k.dtype)
         self.v[self.rows[:, None], :, where] = v.transpose(1, 2).to(self.v.dtype)
-        L = int(where[:, -1].max()) + 1  # the longest row's length after this step
-        rows = self.span if self.span is not None else self.rows
-        return self.k[rows, :, :L], self.v[rows, :, :L]  # (B, nh, L, hs), short rows padded
+        L = self.longest + T  # the longest row's length after this step
+        if self.first is not None:
+            return self.k.narrow(0, self.first, B)[:, :, :L], self.v.narrow(0, self.first, B)[:, :, :L]
+        return self.k[self.rows, :, :L], self.v[self.rows, :, :L]  # (B, nh, L, hs), short rows padded
 
     def mask(self, T):
         # query i of row b sits at position pos[b] + i and sees keys 0 .. pos[b] + i (causal, and never
         # the padding past its own end); the same before and after append: `length` moves with set_rows
-        L = int(self.length.max()) + T
+        L = self.longest + T
         seen = self.length[:, None] + torch.arange(T, device=self.length.device)  # (B, T)
         keys = torch.arange(L, device=self.length.device)  # (L,)
         return (keys[None, None, :] <= seen[:, :, None])[:, None]  # (B, 1, T, L)
@@ -159,7 +162,10 @@ def timings(prompt_n, prompt_ms, predicted_n, predicted_ms):
 
 class Engine:
 
-    def __init__(self, model, tok, device="cpu", dtype="float32", max_batch=16, max_queue=64, step_delay=0.0):
+    def __init__(self, model, tok, device="cpu", dtype="float32", max_batch=16, max_queue=64, step_delay=0.0,
+                 warm_up=False, thread=True):
+        """thread=True runs the loop on a thread of its own, started here; False leaves it to run(), on the
+        caller's thread. On a CPU the loop is faster on the thread that loaded the model (see run)."""
         cfg = model.config
         self.model, self.tok, self.device, self.dtype = model, tok, device, dtype
         self.block_size, self.max_queue = cfg.block_size, max_queue
@@ -177,8 +183,20 @@ class Engine:
         # a model whose vocabulary was padded past its tokenizer's (nanoGPT's 50304 for GPT-2's 50257) must
         # never sample a padding id: there is no text for it
         self.n_real = min(tok.vocab_size, cfg.vocab_size)
-        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.thread.start()
+        if warm_up:
+            self._warm_up()
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True) if thread else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def run(self):
+        """The loop, on the calling thread, until close() (called from another thread). serve.py runs it on
+        the main thread and its web server on another: PyTorch's OpenMP runtime (libgomp) keeps its threads
+        spinning between parallel regions only while it manages no more threads than there are cores. The
+        main thread has its team from loading the model; a second thread's parallel operations make a second
+        team, and from then on every region's threads sleep and are woken: on 2 cores each int8 product of a
+        decode step took twice as long (dev/LOG.md)."""
+        self._loop()
 
     # ------------------------------------------------------------------------------------------------
     # called from other threads
@@ -207,7 +225,20 @@ class Engine:
         with self.wake:
             self.stopping = True
             self.wake.notify()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _warm_up(self):
+        """One decode step of each kind of batch a compiled model (hardware.compile_decoding) makes a graph for:
+        one row, consecutive slots, slots apart. It compiles them now, before serving, not in clients' requests.
+        The steps write position 1 of free slots, which a prefill overwrites before anything reads it: at
+        position 0 the one key would be a size-1 dimension, which torch.compile makes a graph of its own."""
+        kinds = [[0], [0, 1], [0, 2]][:min(3, len(self.free))]
+        with hardware.autocast(self.device, self.dtype):
+            for rows in kinds:
+                idx = torch.zeros(len(rows), 1, dtype=torch.long, device=self.device)  # (B, 1)
+                slot_step(self.model, idx, self.caches, torch.tensor(rows, device=self.device),
+                          torch.ones(len(rows), dtype=torch.long, device=self.device))
 
     # ------------------------------------------------------------------------------------------------
     # the engine thread
@@ -260,13 +291,16 @@ class Engine:
         longest = max(len(s.prompt) for s in seqs)
         padded = torch.tensor([s.prompt + [0] * (longest - len(s.prompt)) for s in seqs], device=self.device)  # (B, T)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-        logits = slot_step(self.model, padded, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long,
-                                                                              device=self.device))  # (B, V)
-        short = [b for b, s in enumerate(seqs) if len(s.prompt) < longest]
-        if short:
-            last = torch.tensor([[seqs[b].prompt[-1]] for b in short], device=self.device)  # (S, 1)
-            pos = torch.tensor([len(seqs[b].prompt) - 1 for b in short], device=self.device)  # (S,)
-            logits[short] = slot_step(self.model, last, self.caches, rows[short], pos)
+        # prompts run eagerly where the model is compiled (hardware.compile_decoding): the decode step is where a
+        # compiled forward pays, and its few shapes compile once; a prompt's time is in its matrix products
+        with torch.compiler.set_stance("force_eager"):
+            logits = slot_step(self.model, padded, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long,
+                                                                                  device=self.device))  # (B, V)
+            short = [b for b, s in enumerate(seqs) if len(s.prompt) < longest]
+            if short:
+                last = torch.tensor([[seqs[b].prompt[-1]] for b in short], device=self.device)  # (S, 1)
+                pos = torch.tensor([len(seqs[b].prompt) - 1 for b in short], device=self.device)  # (S,)
+                logits[short] = slot_step(self.model, last, self.caches, rows[short], pos)
         logits = logits.float().cpu()  # the forward is done (on a GPU too) before the clock is read
         done = time.perf_counter()
         for seq, row in zip(seqs, logits):

@@ -69,16 +69,9 @@ class Events(queue.Queue):
         return results
 
 
-def test_engine_decodes_more_sequences_than_slots_with_each_ones_own_tokens():
-    """Five greedy sequences of different prompt lengths and lengths on two slots: they join as slots
-    free up (a reused slot still holds its last sequence's keys, which its mask must hide) and each gets
-    exactly model.generate's tokens for its prompt alone."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
-    tok = CharTokenizer(CHARS)
-    engine = Engine(model, tok, max_batch=2, max_queue=8)
-    prompts = ["a", "the quick brown fox", "jumps", "over the lazy dog, and then", "z"]
-    lengths = [12, 5, 20, 9, 15]
+def assert_each_gets_its_own_tokens(engine, model, tok, prompts, lengths):
+    """Submits greedy sequences for the prompts at once, each its own length: each must get exactly
+    model.generate's tokens for its prompt alone. Returns the sequences."""
     events = Events(len(prompts))
     seqs = [Sequence(tok.encode(p), n, events.sink(i), temperature=0.0, text=TextStream(tok))
             for i, (p, n) in enumerate(zip(prompts, lengths))]
@@ -88,6 +81,19 @@ def test_engine_decodes_more_sequences_than_slots_with_each_ones_own_tokens():
         ids = tok.encode(p)
         expected = tok.decode(model.generate(torch.tensor([ids]), n, top_k=1)[0, len(ids):].tolist())
         assert results[i] == (expected, "length", n)
+    return seqs
+
+
+def test_engine_decodes_more_sequences_than_slots_with_each_ones_own_tokens():
+    """Five greedy sequences of different prompt lengths and lengths on two slots: they join as slots
+    free up (a reused slot still holds its last sequence's keys, which its mask must hide) and each gets
+    exactly model.generate's tokens for its prompt alone."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
+    tok = CharTokenizer(CHARS)
+    engine = Engine(model, tok, max_batch=2, max_queue=8)
+    assert_each_gets_its_own_tokens(engine, model, tok, ["a", "the quick brown fox", "jumps",
+                                                         "over the lazy dog, and then", "z"], [12, 5, 20, 9, 15])
     assert engine.stats()["free_slots"] == 2
     engine.close()
 
@@ -115,6 +121,30 @@ def test_prompts_that_arrive_together_are_prefilled_together_with_each_ones_own_
         ids = tok.encode(p)
         expected = tok.decode(model.generate(torch.tensor([ids]), 16, top_k=1)[0, len(ids):].tolist())
         assert results[i] == (expected, "length", 16)
+
+
+def test_engine_runs_on_the_callers_thread_until_closed():
+    """serve.py's arrangement: the loop on the main thread (Engine.run), requests and close() from another
+    thread. Each sequence gets model.generate's tokens, and run() returns once close() is called."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
+    tok = CharTokenizer(CHARS)
+    engine = Engine(model, tok, max_batch=2, thread=False)
+    assert engine.thread is None
+    done = []
+
+    def client():
+        try:
+            done.append(assert_each_gets_its_own_tokens(engine, model, tok, ["the quick", "brown fox", "jumps"],
+                                                        [10, 10, 10]))
+        finally:
+            engine.close()
+
+    web = threading.Thread(target=client)
+    web.start()
+    engine.run()  # returns when the client thread closes the engine
+    web.join()
+    assert len(done) == 1  # the client's assertions passed
 
 
 def test_engine_refuses_past_its_queue_and_stops_at_the_context():
@@ -171,3 +201,33 @@ def test_prompts_that_arrive_during_a_prefill_are_prefilled_before_the_next_deco
         ids = tok.encode(p)
         expected = tok.decode(model.generate(torch.tensor([ids]), 6, top_k=1)[0, len(ids):].tolist())
         assert results[i] == (expected, "length", 6)
+
+
+@pytest.mark.slow  # compiles
+def test_a_compiled_engine_compiles_before_serving_and_gives_the_eager_tokens():
+    """serve.py --compile: the decode step compiled (hardware.compile_decoding), with int8 weights on the CPU
+    kernels. Warm-up compiles every kind of batch at start (one row, consecutive slots, slots apart); serving
+    then compiles nothing more and breaks no graph, and each sequence gets the eager model's tokens. Three
+    sequences on three slots, ending one by one: first the middle one (then slots 0 and 2 decode, then slot 2
+    alone), in the second round the first one (then slots 1 and 2), reusing the slots."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from nanoforge import hardware
+    from nanoforge.quantize import decoding_weights
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(CHARS))).eval()
+    eager = decoding_weights(model, "int8")
+    tok = CharTokenizer(CHARS)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(hardware.compile_decoding(copy.deepcopy(eager)), tok, max_batch=3, warm_up=True)
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    assert compiled_at_start >= 2
+    prompts = ["the quick", "brown fox", "jumps over the"]
+    for lengths in ([20, 4, 24], [4, 20, 24]):
+        assert_each_gets_its_own_tokens(engine, eager, tok, prompts, lengths)
+    engine.close()
+    assert counters["stats"]["unique_graphs"] == compiled_at_start and not counters["graph_break"], \
+        (dict(counters["stats"]), dict(counters["graph_break"]))

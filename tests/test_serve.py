@@ -5,6 +5,7 @@ chat tokens (checkpoint.save_checkpoint), so the server's greedy text can be hel
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -513,3 +514,28 @@ def test_help_lists_the_knobs_without_loading_a_model():
     assert proc.returncode == 0 and "usage: python serve.py" in proc.stdout
     for knob in ("--host='127.0.0.1'", "--api_key=''", "--max_batch=16", "--max_queue=64", "--cors_origins=''"):
         assert knob in proc.stdout
+
+
+def test_a_signal_finishes_the_running_request_and_a_taken_port_is_an_error(chat_ckpt):
+    """The model's loop runs on serve.py's main thread and the web server on another: Ctrl-C (SIGINT) or
+    SIGTERM still stops it the way uvicorn alone did, the request in flight answered first, exit status 0;
+    a port already taken is uvicorn's one-line error and a non-zero exit, not a server that never answers."""
+    proc, url = start_server(chat_ckpt[0], "--step_delay=0.02")
+    port = url.rsplit(":", 1)[1]
+    taken = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={chat_ckpt[0]}",
+                            f"--port={port}", "--device=cpu", "--dtype=float32"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+    assert taken.returncode != 0 and "address already in use" in taken.stdout + taken.stderr, taken.stderr[-2000:]
+    answer = {}
+    slow = threading.Thread(target=lambda: answer.update(httpx.post(url + "/v1/completions", timeout=60, json={
+        "prompt": "ab", "max_tokens": 40, "temperature": 0}).json()))
+    slow.start()
+    while health(url)["running"] == 0:  # the request is being decoded (40 steps of at least 20 ms)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    slow.join(60)
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 40
+    assert proc.wait(timeout=30) == 0
+    proc2, _ = start_server(chat_ckpt[0])
+    proc2.send_signal(signal.SIGTERM)
+    assert proc2.wait(timeout=30) == 0
