@@ -530,7 +530,7 @@ def test_a_signal_finishes_the_running_request_and_a_taken_port_is_an_error(chat
     slow = threading.Thread(target=lambda: answer.update(httpx.post(url + "/v1/completions", timeout=60, json={
         "prompt": "ab", "max_tokens": 40, "temperature": 0}).json()))
     slow.start()
-    while health(url)["running"] == 0:  # the request is being decoded (40 steps of at least 20 ms)
+    while health(url)["running"] == 0 and slow.is_alive():  # the request is being decoded (40 steps of 20+ ms)
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     slow.join(60)
