@@ -34,8 +34,8 @@ FEW_ROWS = 32  # up to this many rows the float32 kernel is as fast as torch's m
 def kernel_rows(x2):
     """Whether float32 activations x2 (M, K) go through cpu_kernels: a few rows on a CPU that has them,
     unless the caller asked for bf16 matmuls (--dtype=bfloat16 autocast), which are then torch's."""
-    return (x2.size(0) <= FEW_ROWS and x2.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and cpu_kernels.available())
+    return (x2.dtype == torch.float32 and x2.size(0) <= FEW_ROWS and x2.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and cpu_kernels.available())
 
 
 class CPULinear(nn.Module):
@@ -64,7 +64,7 @@ class CPULinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if not (self.packed and x2.dtype == torch.float32 and kernel_rows(x2)):
+        if not (self.packed and kernel_rows(x2)):
             return F.linear(x, self.full_weight(), self.bias)
         kernel = cpu_kernels.linear_f32_op if torch.compiler.is_compiling() else cpu_kernels.linear_f32
         y = kernel(x2.contiguous(), self.packed_weight, self.out_features)  # (M, N)
