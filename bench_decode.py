@@ -19,7 +19,6 @@ read at beside the machine's measured copy bandwidth; the machine line comes fir
 import copy
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def weight_bytes(m):
 def llama_bench(gguf_type, folder):
     """llama.cpp's own benchmark on our weights exported to GGUF in folder: an engine whose run is one of
     llama-bench's, n tokens generated (no prompt); None without llama-bench."""
-    found = shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None)
+    found = gguf_format.llama_cpp_program("llama-bench")
     if not found:
         return None
     path = os.path.join(folder, f"model-{gguf_type}.gguf")

@@ -23,6 +23,8 @@ vocabulary is written as byte-level tokens, one per character, with merges that 
 multi-byte character (no merge crosses a character: a continuation byte never starts one).
 """
 import math
+import os
+import shutil
 
 import numpy as np
 import torch
@@ -35,6 +37,13 @@ TYPES = ("f32", "f16", "q8_0")
 ARCH = dict(gpt2="gpt2", llama="llama", qwen3="qwen3", arcee="arcee", apertus="apertus")
 ROTATE_HALF = {"qwen3", "apertus"}  # llama.cpp's NEOX rotary layout
 PRE = {PATTERNS["gpt2"]: "gpt-2", PATTERNS["gpt4"]: "llama-bpe"}
+
+
+def llama_cpp_program(name):
+    """The path of llama.cpp's program `name` (llama-bench, llama-server, llama-completion) in the folder
+    $LLAMA_CPP_BIN names or, without it, on PATH; None where it is in neither. The benchmarks and tests that set
+    our models beside llama.cpp run it on the GGUF files written here."""
+    return shutil.which(name, path=os.environ.get("LLAMA_CPP_BIN") or None)
 
 
 def check_type(gguf_type):

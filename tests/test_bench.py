@@ -4,13 +4,12 @@ Speeds depend on the machine, so these assert what is reported and how the figur
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from nanoforge import hardware
+from nanoforge import gguf_format, hardware
 
 from conftest import ROOT, assert_one_line_error, machine_of, run  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--vocab_size=100",
@@ -172,7 +171,7 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
     assert_one_line_error(run("bench_decode.py", "--gen_tokens=1", check=False), "gen_tokens", "an int >= 2")
 
 
-@pytest.mark.skipif(not shutil.which("llama-bench", path=os.environ.get("LLAMA_CPP_BIN") or None),
+@pytest.mark.skipif(not gguf_format.llama_cpp_program("llama-bench"),
                     reason="llama.cpp's llama-bench is not on PATH or in $LLAMA_CPP_BIN")
 def test_bench_decode_sets_nanoforge_beside_llama_cpp_at_each_precision(tmp_path):
     """With llama-bench at hand, its f32 and q8_0 rows run on our weights in GGUF, taking turns with ours, and

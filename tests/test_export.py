@@ -7,7 +7,6 @@ on PATH (or in $LLAMA_CPP_BIN), its greedy text equals sample.py's.
 """
 import json
 import os
-import shutil
 import socket
 import subprocess
 
@@ -233,8 +232,7 @@ def test_gguf_character_vocabulary_joins_multi_byte_characters(tokenizers):
 
 
 def llama_completion():
-    found = shutil.which("llama-completion", path=os.environ.get("LLAMA_CPP_BIN") or None)
-    return found
+    return gguf_format.llama_cpp_program("llama-completion")
 
 
 def run_llama(args, **kw):
@@ -264,7 +262,8 @@ def test_llama_cpp_continues_the_gguf_greedily_as_sample_py(kind, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not llama_completion(), reason="llama.cpp's llama-completion is not on PATH or in $LLAMA_CPP_BIN")
+@pytest.mark.skipif(not gguf_format.llama_cpp_program("llama-server"),
+                    reason="llama.cpp's llama-server is not on PATH or in $LLAMA_CPP_BIN")
 @pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
 def test_llama_cpp_splits_and_tokenizes_text_as_we_do(kind, tokenizers, tmp_path):
     """llama-server's /tokenize on the GGUF (its named pre-tokenizer, our merges) gives our ids."""
@@ -276,7 +275,7 @@ def test_llama_cpp_splits_and_tokenizes_text_as_we_do(kind, tokenizers, tmp_path
     with socket.socket() as s:  # a free port: the test workers run side by side
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([os.path.join(os.path.dirname(llama_completion()), "llama-server"), "-m", path,
+    server = subprocess.Popen([gguf_format.llama_cpp_program("llama-server"), "-m", path,
                                "--port", str(port), "-t", "1", "-c", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
