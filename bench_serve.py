@@ -4,8 +4,14 @@ the same greedy completions from N clients, one at a time and then all at once; 
 and their ratio, which is what continuous batching buys; and the time to first token (p50, p95) of the
 clients that came together, which batched prefill keeps near one client's.
 
+With llama.cpp's llama-server in $LLAMA_CPP_BIN or on PATH, the same weights are also served by it (exported
+to GGUF: f32, or q8_0 beside --quantize=int8; as many slots as clients, each block_size long, continuous
+batching) and asked the same, the two servers taking turns at every level of clients; serve.py's rows then
+give their rate against llama-server's at the same level.
+
     python bench_serve.py --vocab_size=50304                     # 4x4x256 and 12x12x768, at 1, 4, 16 clients
     python bench_serve.py --shapes=4x4x256 --clients="1 8" --completion_tokens=64 --json_out=serve.json
+    LLAMA_CPP_BIN=~/llama.cpp/build/bin python bench_serve.py --shapes=12x12x768 --vocab_size=50304 --quantize=int8
 
 Every request is completion_tokens greedy tokens after a prompt_len-token prompt, streamed; aggregate
 tokens/s is the completion tokens of all over the wall time from the first request to the last [DONE].
@@ -25,8 +31,9 @@ import torch
 
 from configurator import configure, knobs, overrides
 from model import GPT, GPTConfig
-from nanoforge import errors, files, hardware
+from nanoforge import errors, files, gguf_format, hardware
 from nanoforge.checkpoint import save_checkpoint
+from nanoforge.tokenizer import load_tokenizer
 
 errors.friendly_errors()
 
@@ -41,6 +48,7 @@ device = "auto"  # serve.py's: auto, cpu, cuda, cuda:N, mps
 dtype = "auto"  # serve.py's: auto, float32, bfloat16, float16
 quantize = "none"  # serve.py's: 'int8' serves int8 weights
 compile = False  # serve.py's: compile the decode step (its compile, before serving, is not timed)
+engines = "serve.py,llama-server"  # the servers to run, in turn; llama-server only when it is found
 seed = 1337
 json_out = ""  # a path: also write the results there as JSON
 # -----------------------------------------------------------------------------------------------------
@@ -59,15 +67,26 @@ if not dims or not levels or min(levels) < 1 or any(len(d) != 3 or min(d) < 1 fo
                            f"got {shapes!r} and {clients!r}")
 if vocab_size < 50257 or min(completion_tokens, prompt_len) < 1:
     raise errors.UserError("vocab_size must be >= 50257 (GPT-2's tokenizer); completion_tokens, prompt_len >= 1")
+wanted = [e for e in engines.split(",") if e]
+if not wanted or set(wanted) - {"serve.py", "llama-server"}:
+    raise errors.UserError(f"engines must be serve.py, llama-server or both, separated by ','; got {engines!r}")
+llama_server = gguf_format.llama_cpp_program("llama-server") if "llama-server" in wanted else None
+if "llama-server" in wanted and not llama_server:
+    if wanted == ["llama-server"]:
+        raise errors.UserError("llama-server is not in $LLAMA_CPP_BIN or on PATH: build llama.cpp and point "
+                               "LLAMA_CPP_BIN at the folder that holds it, or leave it out of --engines")
+    print("llama-server: not in $LLAMA_CPP_BIN or on PATH: skipped")
+    wanted.remove("llama-server")
+gguf_type = "q8_0" if quantize == "int8" else "f32"  # llama.cpp's precision beside serve.py's
 machine = hardware.machine_line(hardware.resolve_device(device)[0])
 
 
-def stream(url, prompt):
+def stream(url, prompt, extra):
     """One greedy streamed completion, read to [DONE]: (its completion tokens, from the usage chunk; seconds
-    from sending the request to its first chunk, the time to first token)."""
+    from sending the request to its first chunk, the time to first token). extra: more fields of the body."""
     t0, first = time.perf_counter(), None
     body = json.dumps({"prompt": prompt, "max_tokens": completion_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+                       "stream_options": {"include_usage": True}, **extra}).encode()
     req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
     used = 0
     with urllib.request.urlopen(req, timeout=600) as r:
@@ -80,20 +99,20 @@ def stream(url, prompt):
     return used, first
 
 
-def timed(url, prompts, together):
+def timed(url, prompts, together, extra):
     """(completion tokens of all, seconds from the first request to the last [DONE], each one's time to
     first token)."""
     used = [(0, None)] * len(prompts)
     t0 = time.perf_counter()
     if together:
-        threads = [threading.Thread(target=lambda i=i: used.__setitem__(i, stream(url, prompts[i])))
+        threads = [threading.Thread(target=lambda i=i: used.__setitem__(i, stream(url, prompts[i], extra)))
                    for i in range(len(prompts))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     else:
-        used = [stream(url, p) for p in prompts]
+        used = [stream(url, p, extra) for p in prompts]
     return sum(u for u, _ in used), time.perf_counter() - t0, [f for _, f in used]
 
 
@@ -103,61 +122,101 @@ def percentile(xs, q):
     return xs[max(0, -(-len(xs) * q // 100) - 1)]
 
 
+def start(cmd, url, log_path):
+    """Starts a server, its output to log_path; returns it once its /health answers 200 (llama-server's
+    answers 503 while it loads)."""
+    log = open(log_path, "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    log.close()  # the child has its own copy
+    while True:
+        if server.poll() is not None:
+            with open(log_path) as f:
+                sys.exit(f"error: {os.path.basename(cmd[0])} exited:\n{f.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            return server
+        except OSError:
+            time.sleep(0.2)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # -----------------------------------------------------------------------------------------------------
-# each shape: a checkpoint of random weights, serve.py on a free port, then every level of clients
+# each shape: a checkpoint of random weights (and its GGUF), the servers on free ports, then every level of
+# clients, each server in turn: a machine whose speed drifts moves both alike
 serve_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
+# llama-server fills a slot's KV cache again for a prompt it has seen unless told not to; serve.py keeps no
+# prompts, and the levels ask the same prompts again
+extras = {"serve.py": {}, "llama-server": {"cache_prompt": False}}
 rows = []
 for shape, (L, H, C) in dims.items():
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=block_size, vocab_size=vocab_size))
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(os.path.join(tmp, "ckpt.pt"), model, {"tokenizer": {"kind": "gpt2"}})
+        commands = {}
+        if "serve.py" in wanted:
+            save_checkpoint(os.path.join(tmp, "ckpt.pt"), model, {"tokenizer": {"kind": "gpt2"}})
+            commands["serve.py"] = lambda port: [
+                sys.executable, serve_py, f"--out_dir={tmp}", f"--port={port}", f"--device={device}", f"--dtype={dtype}",
+                f"--quantize={quantize}", f"--compile={compile}", f"--max_batch={max(levels)}", "--log_level=warning"]
+        if "llama-server" in wanted:
+            gguf = os.path.join(tmp, f"model-{gguf_type}.gguf")
+            gguf_format.write(model, load_tokenizer({"kind": "gpt2"}), gguf, gguf_type)
+            commands["llama-server"] = lambda port: [
+                llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(torch.get_num_threads()),
+                "-np", str(max(levels)), "-c", str(max(levels) * block_size), "-cb"]
         del model
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = subprocess.Popen([sys.executable, serve_py, f"--out_dir={tmp}", f"--port={port}",
-                                   f"--device={device}", f"--dtype={dtype}", f"--quantize={quantize}",
-                                   f"--compile={compile}", f"--max_batch={max(levels)}", "--log_level=warning"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
+        servers, urls = {}, {}
         try:
-            while True:  # until /health answers
-                if server.poll() is not None:
-                    sys.exit(f"error: serve.py exited:\n{server.stdout.read()[-2000:]}")
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=1).read()
-                    break
-                except OSError:
-                    time.sleep(0.2)
+            for engine, command in commands.items():
+                port = free_port()
+                urls[engine] = f"http://127.0.0.1:{port}"
+                servers[engine] = start(command(port), urls[engine], os.path.join(tmp, f"{engine}.log"))
             g = torch.Generator().manual_seed(seed)
             prompts = [torch.randint(50257, (prompt_len,), generator=g).tolist() for _ in range(max(levels))]
-            timed(url, prompts[:2], True)  # warm-up: first calls pay for allocation and kernel choice
+            for engine, url in urls.items():
+                timed(url, prompts[:2], True, extras[engine])  # warm-up: first calls pay for allocation, kernel choice
             for c in levels:
-                one = timed(url, prompts[:c], False)
-                together = timed(url, prompts[:c], True)
-                ttft = together[2]
-                rows.append(dict(shape=shape, clients=c, tokens=one[0], one_at_a_time_tokens_per_s=one[0] / one[1],
-                                 together_tokens_per_s=together[0] / together[1],
-                                 speedup=(together[0] / together[1]) / (one[0] / one[1]),
-                                 ttft_p50_s=percentile(ttft, 50), ttft_p95_s=percentile(ttft, 95)))
-                r = rows[-1]
-                print(f"serve: {shape} {c:>2} clients: one at a time {r['one_at_a_time_tokens_per_s']:,.1f} tokens/s, "
-                      f"together {r['together_tokens_per_s']:,.1f} tokens/s ({r['speedup']:.2f}x), time to first "
-                      f"token p50 {r['ttft_p50_s'] * 1000:,.0f} ms, p95 {r['ttft_p95_s'] * 1000:,.0f} ms", flush=True)
+                for engine, url in urls.items():
+                    one = timed(url, prompts[:c], False, extras[engine])
+                    together = timed(url, prompts[:c], True, extras[engine])
+                    ttft = together[2]
+                    rows.append(dict(engine=engine, shape=shape, clients=c, tokens=one[0],
+                                     one_at_a_time_tokens_per_s=one[0] / one[1],
+                                     together_tokens_per_s=together[0] / together[1],
+                                     speedup=(together[0] / together[1]) / (one[0] / one[1]),
+                                     ttft_p50_s=percentile(ttft, 50), ttft_p95_s=percentile(ttft, 95)))
+                    r = rows[-1]
+                    print(f"{engine}: {shape} {c:>2} clients: one at a time {r['one_at_a_time_tokens_per_s']:,.1f} "
+                          f"tokens/s, together {r['together_tokens_per_s']:,.1f} tokens/s ({r['speedup']:.2f}x), "
+                          f"time to first token p50 {r['ttft_p50_s'] * 1000:,.0f} ms, p95 {r['ttft_p95_s'] * 1000:,.0f} ms",
+                          flush=True)
+                if len(urls) == 2:  # serve.py's rates against llama-server's, both ways of asking
+                    mine, theirs = rows[-2], rows[-1]
+                    mine["vs_llama_server"] = {k: mine[k] / theirs[k] for k in
+                                               ("one_at_a_time_tokens_per_s", "together_tokens_per_s")}
         finally:
-            server.terminate()
-            server.wait()
+            for server in servers.values():
+                server.terminate()
+                server.wait()
 
-print(f"\nserve.py, {completion_tokens} greedy tokens per request after {prompt_len} prompt tokens, streamed "
-      f"(block_size {block_size}, vocab {vocab_size}):")
-print("| shape (L x H x C) | clients | one at a time (tokens/s) | together (tokens/s) | speedup | "
-      "first token p50 / p95 (ms) |")
-print("|---|---:|---:|---:|---:|---:|")
+both = "llama-server" in wanted and "serve.py" in wanted  # serve.py's rows then give their ratios to it
+peer = f", llama-server on the same weights in GGUF {gguf_type}" if "llama-server" in wanted else ""
+print(f"\n{' and '.join(wanted)}, {completion_tokens} greedy tokens per request after {prompt_len} prompt tokens, "
+      f"streamed (block_size {block_size}, vocab {vocab_size}{peer}):")
+print("| server | shape (L x H x C) | clients | one at a time (tokens/s) | together (tokens/s) | speedup | "
+      "first token p50 / p95 (ms) |" + (" vs llama-server (one / together) |" if both else ""))
+print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if both else ""))
 for r in rows:
-    print(f"| {r['shape']} | {r['clients']} | {r['one_at_a_time_tokens_per_s']:,.1f} | "
+    vs = r.get("vs_llama_server")
+    vs = f" {vs['one_at_a_time_tokens_per_s']:.2f}x / {vs['together_tokens_per_s']:.2f}x |" if vs else " |" if both else ""
+    print(f"| {r['engine']} | {r['shape']} | {r['clients']} | {r['one_at_a_time_tokens_per_s']:,.1f} | "
           f"{r['together_tokens_per_s']:,.1f} | {r['speedup']:.2f}x | "
-          f"{r['ttft_p50_s'] * 1000:,.0f} / {r['ttft_p95_s'] * 1000:,.0f} |")
+          f"{r['ttft_p50_s'] * 1000:,.0f} / {r['ttft_p95_s'] * 1000:,.0f} |{vs}")
 if json_out:
     files.write_json(json_out, {"config": config, "machine": machine, "serve": rows})
     print(f"wrote {json_out}")
