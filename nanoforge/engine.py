@@ -32,46 +32,70 @@ from nanoforge import hardware, sampling
 from nanoforge.errors import UserError
 
 
-class SlotKVCache:
-    """Keys and values of one layer for continuous batching: S slots, each holding one sequence of its own
-    length, preallocated to block_size. Before a forward the caller says which slots the batch rows
-    continue and where each row's new tokens start (set_rows); append then writes each row at its own
-    position and hands back the rows padded to the longest, and mask says which of those keys are real.
-    The interface of model.KVCache (length, mask, append), so the model's attention runs it unchanged."""
+class SlotRows:
+    """Where one forward's batch rows sit in the slot caches, worked out once for all the layers: row b continues
+    slot rows[b] (B,) with T new tokens from position pos[b] (B,). The ints are read here, outside the model,
+    so a compiled forward reads them with no graph break."""
 
-    def __init__(self, S, nh, max_len, hs, device, dtype):
-        self.k = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
-        self.v = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
-
-    def set_rows(self, rows, pos):
-        # rows: (B,) slot of each batch row; pos: (B,) its first new position. `length` is what attention
-        # reads as the position of its first query, a tensor here: rotary takes it per row. `longest`, the
-        # largest as an int, read here outside the model: a compiled forward reads it with no graph break
-        self.rows, self.length, self.longest = rows, pos, int(pos.max())
+    def __init__(self, rows, pos, T):
+        self.rows, self.pos = rows, pos
+        self.longest = int(pos.max())  # the largest first position
         # rows that are consecutive slots (the usual case) are read as a slice from the first, a view; others
         # are gathered, a copy of every cached key and value each step (a fifth of a 16-row step of the 124M
         # shape). An int, not a slice: a compiled forward takes it as a symbol, not a constant per batch size
         first = int(rows[0])
         self.first = first if rows.tolist() == list(range(first, first + len(rows))) else None
+        # one row, or prompts that all start at 0 (a prefill), in consecutive slots: the new keys are one block
+        # of the cache, which eager PyTorch writes fastest as a slice. A decode step of many rows takes the
+        # general path even when they are aligned, so that a compiled step has one graph for one row and one
+        # for many
+        self.aligned = (len(rows) == 1 or T > 1) and self.first is not None and int(pos.min()) == self.longest
+        # aligned, one query sees every key and a prompt's queries are plainly causal: attention needs no mask
+        self.causal = self.aligned and (T == 1 or self.longest == 0)
+        self.where = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T) positions written
+
+
+class SlotKVCache:
+    """Keys and values of one layer for continuous batching: S slots, each holding one sequence of its own
+    length, preallocated to block_size. Before a forward the caller says which slots the batch rows
+    continue and where each row's new tokens start (set_rows, a SlotRows); append then writes each row at
+    its own position and hands back the rows padded to the longest, and mask says which of those keys are
+    real. The interface of model.KVCache (length, mask, append), so the model's attention runs it unchanged."""
+
+    def __init__(self, S, nh, max_len, hs, device, dtype):
+        self.k = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
+        self.v = torch.zeros(S, nh, max_len, hs, device=device, dtype=dtype)
+
+    def set_rows(self, rows):
+        # `length` is what attention reads as the position of its first query, a tensor here: rotary takes
+        # it per row. `longest` is the largest as an int, what the model checks against block_size
+        self.rows, self.length, self.longest = rows, rows.pos, rows.longest
 
     def append(self, k, v):
         B, _, T, _ = k.size()  # (B, nh, T, hs)
-        where = self.length[:, None] + torch.arange(T, device=k.device)  # (B, T) positions written
-        # advanced indices around a slice put their dims first: the target is (B, T, nh, hs)
-        self.k[self.rows[:, None], :, where] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[self.rows[:, None], :, where] = v.transpose(1, 2).to(self.v.dtype)
-        L = self.longest + T  # the longest row's length after this step
-        if self.first is not None:
-            return self.k.narrow(0, self.first, B)[:, :, :L], self.v.narrow(0, self.first, B)[:, :, :L]
-        return self.k[self.rows, :, :L], self.v[self.rows, :, :L]  # (B, nh, L, hs), short rows padded
+        r, L = self.rows, self.rows.longest + T  # L: the longest row's length after this step
+        # compiled, the indexed write below fuses; a slice's start would be guarded on (a graph for slot 0)
+        if r.aligned and not torch.compiler.is_compiling():  # slots first .. first + B - 1, positions longest .. L - 1
+            self.k[r.first:r.first + B, :, r.longest:L] = k
+            self.v[r.first:r.first + B, :, r.longest:L] = v
+        else:
+            # advanced indices around a slice put their dims first: the target is (B, T, nh, hs)
+            self.k[r.rows[:, None], :, r.where] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[r.rows[:, None], :, r.where] = v.transpose(1, 2).to(self.v.dtype)
+        if r.first is not None:
+            return self.k.narrow(0, r.first, B)[:, :, :L], self.v.narrow(0, r.first, B)[:, :, :L]
+        return self.k[r.rows, :, :L], self.v[r.rows, :, :L]  # (B, nh, L, hs), short rows padded
 
     def mask(self, T):
-        # query i of row b sits at position pos[b] + i and sees keys 0 .. pos[b] + i (causal, and never
-        # the padding past its own end); the same before and after append: `length` moves with set_rows
-        L = self.longest + T
-        seen = self.length[:, None] + torch.arange(T, device=self.length.device)  # (B, T)
-        keys = torch.arange(L, device=self.length.device)  # (L,)
-        return (keys[None, None, :] <= seen[:, :, None])[:, None]  # (B, 1, T, L)
+        # query i of row b sits at position pos[b] + i and sees keys 0 .. pos[b] + i (causal, and never the
+        # padding past its own end); the same before and after append. Made in each layer, from the positions
+        # SlotRows gives: a compiled step then has no mask among its inputs, whose length would be a size of
+        # its own to specialize on
+        if self.rows.causal:  # one row that sees every key, or aligned prompts: causal attention does it
+            return None
+        where = self.rows.where
+        keys = torch.arange(self.rows.longest + T, device=where.device)  # (L,)
+        return (keys[None, None, :] <= where[:, :, None])[:, None]  # (B, 1, T, L)
 
 
 @torch.no_grad()
@@ -81,8 +105,9 @@ def slot_step(model, idx, caches, rows, pos):
     row's next-token logits, (B, V), those after its last column. Prefill gives the joining prompts as
     rows with T > 1; a decode step is all running sequences with T = 1. Rows at different positions give the same logits as each alone through
     model.generate's KVCache (tested): it is the model's own forward, only the cache differs."""
+    where = SlotRows(rows, pos, idx.size(1))
     for cache in caches:
-        cache.set_rows(rows, pos)
+        cache.set_rows(where)
     logits, _ = model(idx, kv_caches=caches)  # (B, 1, V): the last position's
     return logits[:, -1]
 

@@ -72,3 +72,16 @@ def test_batched_logits_match_single_sequence_logits():
     for row, p in enumerate((a, b)):
         alone, _ = model(torch.tensor([p]))  # (1, 1, V), no cache at all
         torch.testing.assert_close(together[row], alone[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slot", [0, 2])
+def test_a_row_continued_by_several_tokens_at_once_matches_the_model_alone(slot):
+    """A prompt given in two parts, the second several tokens at once after the cached first (queries that
+    must not see the keys after their own, in a cache already holding some): the logits of the whole alone."""
+    model = tiny("rope")
+    p = list(range(1, 12))
+    caches = slot_caches(model, 3)
+    slot_step(model, torch.tensor([p[:5]]), caches, torch.tensor([slot]), torch.tensor([0]))
+    logits = slot_step(model, torch.tensor([p[5:]]), caches, torch.tensor([slot]), torch.tensor([5]))  # (1, V)
+    alone, _ = model(torch.tensor([p]))  # (1, 1, V)
+    torch.testing.assert_close(logits[0], alone[0, -1], rtol=1e-5, atol=1e-5)
