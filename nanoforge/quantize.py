@@ -5,7 +5,7 @@ time is the time to read them. Two things shorten it, and decoding_weights(model
 - On a CPU, the Linear layers and the LM head multiply their few rows of activations through
   cpu_kernels.c, which reads each weight row once on all threads (torch's matmul runs that shape on one
   core). CPULinear does it in float32, the same numbers up to the order of the additions, and hands more
-  rows than FEW_ROWS (a prompt's prefill) to torch's matmul as before.
+  rows than FEW_ROWS (a long prompt's prefill) to torch's matmul as before.
 - quantize="int8": weight-only int8, four times fewer bytes than float32. Each Linear of the blocks and
   the LM head becomes an Int8Linear, weights rounded per output channel (a row of the matrix shares one
   scale, its largest magnitude over 127); norms, embeddings and the KV cache stay as they were.
@@ -28,7 +28,9 @@ from nanoforge import cpu_kernels
 from nanoforge.errors import UserError
 
 QUANTIZE = ("none", "int8")  # the choices of --quantize
-FEW_ROWS = 32  # up to this many rows the float32 kernel is as fast as torch's matmuls or faster (dev/LOG.md)
+# up to this many rows the float32 kernel is as fast as torch's matmuls or faster, and a prefill of them spares
+# unpacking every weight (GPT-2's: ~25 ms); past them torch's blocked matmul pulls ahead (dev/LOG.md)
+FEW_ROWS = 128
 
 
 def kernel_rows(x2):
@@ -40,8 +42,8 @@ def kernel_rows(x2):
 
 class CPULinear(nn.Module):
     """y = x W^T + b, the weight and bias of the nn.Linear it replaces, the weight stored packed in the order
-    cpu_kernels.linear_f32 reads it (cpu_kernels.pack_f32). A few rows go through that kernel; more (a
-    prompt's prefill) and bf16 autocast through F.linear, the reference, on the weight unpacked (a copy: ~1 ms
+    cpu_kernels.linear_f32 reads it (cpu_kernels.pack_f32). Up to FEW_ROWS rows go through that kernel; more (a
+    long prompt's prefill) and bf16 autocast through F.linear, the reference, on the weight unpacked (a copy: ~1 ms
     for one of GPT-2's matrices, beside its products at a prefill's rows). keep_weight: the (N, K) weight is
     kept too, shared as it was (GPT-2's head, tied to the token embedding, which needs it; the chunked loss
     reads lm_head.weight). A width the kernel does not take (not a multiple of its blocks) stays unpacked, on

@@ -21,7 +21,7 @@ from conftest import assert_one_line_error, run
 from model import GPT, GPTConfig
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
-from nanoforge import cpu_kernels
+from nanoforge import cpu_kernels, quantize
 from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, quantize_int8
 from nanoforge.tokenizer import load_tokenizer
 from nanoforge.tokens import open_tokens, split_path
@@ -179,7 +179,9 @@ def test_float32_decoding_weights_keep_the_models_numbers(trained):
     assert not odd.packed and torch.equal(odd(x), F.linear(x, odd.weight, odd.bias))
     prompt = val[:16][None]
     with torch.no_grad():
-        for x in (prompt, prompt[:, :1], val[:40 * 3].view(3, 40)):  # the kernels' rows, and more than they take
+        more = val[:3 * BLOCK].view(3, BLOCK)  # more rows than the kernel takes: torch's matmul, the weight unpacked
+        assert more.numel() > quantize.FEW_ROWS
+        for x in (prompt, prompt[:, :1], more):
             torch.testing.assert_close(k(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(k.generate(prompt, 48, temperature=0.0), model.generate(prompt, 48, temperature=0.0))
 
