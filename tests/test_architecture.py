@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache, ReLUSquared
-import model
 from nanoforge import hardware, training
 
 gelu_tanh_sigmoid = hardware.GELUTanhSigmoid()  # the form compiled runs take

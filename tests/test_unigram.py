@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import HARD, assert_one_line_error, corpus_lines, run

@@ -21,7 +21,6 @@ from nanoforge.curation import pii
 from nanoforge.curation import quality
 from nanoforge.curation import stages
 from nanoforge.curation.report import SNIPPET, build_report
-from nanoforge.errors import UserError
 
 
 def process(batch, indices, repeated, words, domains, cfg, offset=0, classifier=None):
