@@ -26,14 +26,15 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* float32: y = x W^T, W packed (cpu_kernels.pack_f32): rows in groups of four, and within a group the four
- * rows' 16 floats of block b side by side, 256 bytes, then block b + 1. A thread takes a contiguous run of
+/* float32: y = x W^T + bias (bias NULL: none; added here, where a separate add took as long as the call),
+ * W packed (cpu_kernels.pack_f32): rows in groups of four, and within a group the four rows' 16 floats of block b side by side, 256 bytes, then block b + 1. A thread takes a contiguous run of
  * groups (a static schedule) and streams it front to back: each load of x feeds four rows' FMAs, and four
  * separate rows read in place were four streams (27.8-22.8 GB/s from memory on an AMD Zen 4 that way,
  * 32.6-28.3 packed). The last group is padded with zero rows, whose outputs are not written. K is a
  * multiple of 16. */
 #define KC 1024  /* floats of each row a pass takes: four rows' 16 KB stay in the L1 while every row of x passes */
-void linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t K, int64_t N, int threads) {
+void linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                int threads) {
     const int64_t G = (N + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < G; g++) {
@@ -60,7 +61,7 @@ void linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t K, 
                 const float out[4] = {sum8(_mm256_add_ps(a0, b0)), sum8(_mm256_add_ps(a1, b1)),
                                       sum8(_mm256_add_ps(a2, b2)), sum8(_mm256_add_ps(a3, b3))};
                 for (int64_t r = 0; r < 4 && 4 * g + r < N; r++)
-                    y[m * N + 4 * g + r] = k0 ? y[m * N + 4 * g + r] + out[r] : out[r];
+                    y[m * N + 4 * g + r] = out[r] + (k0 ? y[m * N + 4 * g + r] : bias ? bias[4 * g + r] : 0.0f);
             }
         }
     }
@@ -97,8 +98,8 @@ static inline __m256i block_dot(__m256i ax, __m256i x, const int8_t *w) {
 #endif
 }
 
-/* int8 weights with one float scale per row: y = x (w * s)^T, x rounded to int8 in blocks of 32 first
- * (quantize_blocks), so y[m, n] = s[n] * sum over blocks b of d[m, b] * (block b's integer dot product).
+/* int8 weights with one float scale per row: y = x (w * s)^T + bias (bias NULL: none), x rounded to int8 in
+ * blocks of 32 first (quantize_blocks), so y[m, n] = s[n] * sum over blocks b of d[m, b] * (block b's integer dot product).
  * w is packed (cpu_kernels.pack_q8): rows in groups of four, and within a group the four rows' block b
  * side by side, 128 bytes, then their block b + 1: a group streams front to back, where four separate rows
  * were four streams (int8 from memory went from ~24 to ~28 GB/s on an AMD Zen 4). The last group is padded
@@ -107,8 +108,8 @@ static inline __m256i block_dot(__m256i ax, __m256i x, const int8_t *w) {
  * passes it (a prompt's prefill: without it, each group would read all of x again from memory). K is a
  * multiple of 32. Returns nonzero if there was no memory for x's int8 copy. */
 #define MROWS 64
-int linear_q8(const float *x, const int8_t *w, const float *s, float *y, int64_t M, int64_t K, int64_t N,
-              int threads) {
+int linear_q8(const float *x, const int8_t *w, const float *s, const float *bias, float *y, int64_t M, int64_t K,
+              int64_t N, int threads) {
     const int64_t B = K / 32, G = (N + 3) / 4;
     int8_t *qx = malloc(M * K);
     float *dx = malloc(M * B * sizeof(float));
@@ -145,7 +146,7 @@ int linear_q8(const float *x, const int8_t *w, const float *s, float *y, int64_t
                 }
                 const float out[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
                 for (int64_t r = 0; r < 4 && 4 * g + r < N; r++)
-                    y[m * N + 4 * g + r] = out[r] * s[4 * g + r];
+                    y[m * N + 4 * g + r] = out[r] * s[4 * g + r] + (bias ? bias[4 * g + r] : 0.0f);
             }
         }
     }

@@ -14,10 +14,10 @@ older x86 or an ARM CPU), or NANOFORGE_CPU_KERNELS=0: available() is False and t
 matmuls, the reference the tests hold these to.
 
     if cpu_kernels.available():
-        p = cpu_kernels.pack_f32(w)                # w (N, K) float32 -> the order linear_f32 reads it in
-        y = cpu_kernels.linear_f32(x, p, N)        # x (M, K) float32 -> x w^T, (M, N)
-        q = cpu_kernels.pack_q8(w8)                # w8 (N, K) int8 -> the order linear_q8 reads it in
-        y = cpu_kernels.linear_q8(x, q, scales)    # with a float32 scale per row of w8, (N,)
+        p = cpu_kernels.pack_f32(w)                 # w (N, K) float32 -> the order linear_f32 reads it in
+        y = cpu_kernels.linear_f32(x, p, N, b)      # x (..., K) float32 -> x w^T + b, (..., N); b may be None
+        q = cpu_kernels.pack_q8(w8)                 # w8 (N, K) int8 -> the order linear_q8 reads it in
+        y = cpu_kernels.linear_q8(x, q, scales, b)  # with a float32 scale per row of w8, (N,)
 """
 import ctypes
 import hashlib
@@ -94,8 +94,8 @@ def available():
         _why = str(e)
         return False
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.linear_f32.argtypes = [P, P, P, I, I, I, T]
-    lib.linear_q8.argtypes = [P, P, P, P, I, I, I, T]
+    lib.linear_f32.argtypes = [P, P, P, P, I, I, I, T]
+    lib.linear_q8.argtypes = [P, P, P, P, P, I, I, I, T]
     _lib = lib
     return True
 
@@ -105,18 +105,25 @@ def status():
     return "nanoforge's CPU kernels (cpu_kernels.c)" if available() else f"torch's matmuls ({_why})"
 
 
-def _check(x, w, wdtype, wshape):
+def _vector(v, N):
+    """Whether v is what the kernels read as a float32 vector of N (a scale or bias per output)."""
+    return v.dtype == torch.float32 and v.shape == (N,) and v.is_cpu and v.is_contiguous()
+
+
+def _check(x, w, wdtype, wshape, bias, N):
+    """The pointer to bias's data (0 for None) once x, w and bias are what the C code expects."""
     # a wrong pointer or size is a crash, not an exception: every promise the C code relies on is checked
     # (in one expression: decoding makes ~50 of these calls a token)
-    fits = (x.dtype == torch.float32 and w.dtype == wdtype and x.dim() == 2 and w.shape == wshape and x.is_cpu
-            and w.is_cpu and x.is_contiguous() and w.is_contiguous())
-    if fits and _lib is not None:
-        return
+    fits = (x.dtype == torch.float32 and w.dtype == wdtype and x.dim() >= 1 and w.shape == wshape and x.is_cpu
+            and w.is_cpu and x.is_contiguous() and w.is_contiguous() and (bias is None or _vector(bias, N)))
     if not available():  # the first call builds the library
         raise RuntimeError(f"the CPU kernels are not available ({_why}): check available() first")
-    if not fits:
-        raise ValueError(f"x must be a contiguous 2-D float32 tensor and w a contiguous {wdtype} one of shape "
-                         f"{tuple(wshape)}, both on the CPU: got {x.dtype} {tuple(x.shape)}, {w.dtype} {tuple(w.shape)}")
+    if fits:
+        return 0 if bias is None else bias.data_ptr()
+    got = "" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)}"
+    raise ValueError(f"x must be a contiguous float32 tensor, w a contiguous {wdtype} one of shape "
+                     f"{tuple(wshape)} and bias None or {N} contiguous float32s, all on the CPU: got {x.dtype} "
+                     f"{tuple(x.shape)}, {w.dtype} {tuple(w.shape)}{got}")
 
 
 def packed_shape(N, K, block):
@@ -152,30 +159,33 @@ def unpack(packed, N):
     return packed.transpose(1, 2).reshape(4 * G, B * block)[:N].contiguous()
 
 
-def linear_f32(x, w, N):
-    """x (M, K) float32 contiguous, w an (N, K) float32 weight packed by pack_f32 -> x w^T, (M, N)."""
+def linear_f32(x, w, N, bias=None):
+    """x (..., K) float32 contiguous, w an (N, K) float32 weight packed by pack_f32, bias None or (N,) float32
+    -> x w^T + bias, (..., N), as F.linear: x's leading dims are its M rows (no reshape on the way: decoding
+    makes ~50 of these calls a token, and each of its small operations costs a microsecond or two)."""
     K = x.size(-1)
     if K % F32_BLOCK:
         raise ValueError(f"linear_f32 needs K a multiple of {F32_BLOCK}, got {K}")
-    _check(x, w, torch.float32, packed_shape(N, K, F32_BLOCK))
-    y = torch.empty(x.size(0), N)
-    _lib.linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(0), K, N, torch.get_num_threads())
+    b = _check(x, w, torch.float32, packed_shape(N, K, F32_BLOCK), bias, N)
+    y = torch.empty(*x.shape[:-1], N)
+    _lib.linear_f32(x.data_ptr(), w.data_ptr(), b, y.data_ptr(), x.numel() // K, K, N, torch.get_num_threads())
     return y
 
 
-def linear_q8(x, w, scales):
-    """x (M, K) float32 contiguous, w an (N, K) int8 weight packed by pack_q8, scales (N,) float32 ->
-    x (w * scales[:, None])^T, (M, N), with x rounded to int8 in blocks of 32 on the way (K a multiple of 32).
-    Any number of rows: a prompt's prefill runs here too."""
+def linear_q8(x, w, scales, bias=None):
+    """x (..., K) float32 contiguous, w an (N, K) int8 weight packed by pack_q8, scales (N,) float32, bias None
+    or (N,) float32 -> x (w * scales[:, None])^T + bias, (..., N), with x rounded to int8 in blocks of 32 on
+    the way (K a multiple of 32). Any number of rows: a prompt's prefill runs here too."""
     K, N = x.size(-1), scales.size(0)
     if K % BLOCK:
         raise ValueError(f"linear_q8 needs K a multiple of {BLOCK}, got {K}")
-    _check(x, w, torch.int8, packed_shape(N, K, BLOCK))
-    M = x.size(0)
-    if scales.dtype != torch.float32 or scales.dim() != 1 or not scales.is_contiguous():
+    b = _check(x, w, torch.int8, packed_shape(N, K, BLOCK), bias, N)
+    M = x.numel() // K
+    if not _vector(scales, N):
         raise ValueError(f"linear_q8 needs {N} contiguous float32 scales, got {scales.dtype} {tuple(scales.shape)}")
-    y = torch.empty(M, N)
-    if _lib.linear_q8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads()):
+    y = torch.empty(*x.shape[:-1], N)
+    if _lib.linear_q8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), b, y.data_ptr(), M, K, N,
+                      torch.get_num_threads()):
         raise MemoryError(f"no memory for the int8 copy of a ({M}, {K}) input")
     return y
 
@@ -186,20 +196,20 @@ def linear_q8(x, w, scales):
 # rather than with torch.library.custom_op, whose wrapper cost ~17 us a call against ~9 (~0.4 ms of a
 # compiled int8 token of GPT-2, 49 calls; dev/LOG.md); they have no autograd: decoding needs none.
 _ops = torch.library.Library("nanoforge", "DEF")
-_ops.define("linear_f32(Tensor x, Tensor w, int N) -> Tensor")
-_ops.define("linear_q8(Tensor x, Tensor w, Tensor scales) -> Tensor")
-_ops.impl("linear_f32", lambda x, w, N: linear_f32(x.contiguous(), w, N), "CPU")
-_ops.impl("linear_q8", lambda x, w, scales: linear_q8(x.contiguous(), w, scales), "CPU")
+_ops.define("linear_f32(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
+_ops.define("linear_q8(Tensor x, Tensor w, Tensor scales, Tensor? bias=None) -> Tensor")
+_ops.impl("linear_f32", lambda x, w, N, bias=None: linear_f32(x.contiguous(), w, N, bias), "CPU")
+_ops.impl("linear_q8", lambda x, w, scales, bias=None: linear_q8(x.contiguous(), w, scales, bias), "CPU")
 
 
 @torch.library.register_fake("nanoforge::linear_f32")
-def _(x, w, N):
-    return x.new_empty(x.size(0), N)
+def _(x, w, N, bias=None):
+    return x.new_empty(*x.shape[:-1], N)
 
 
 @torch.library.register_fake("nanoforge::linear_q8")
-def _(x, w, scales):
-    return x.new_empty(x.size(0), scales.size(0))
+def _(x, w, scales, bias=None):
+    return x.new_empty(*x.shape[:-1], scales.size(0))
 
 
 linear_f32_op = torch.ops.nanoforge.linear_f32.default

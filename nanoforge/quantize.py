@@ -33,10 +33,10 @@ QUANTIZE = ("none", "int8")  # the choices of --quantize
 FEW_ROWS = 128
 
 
-def kernel_rows(x2):
-    """Whether float32 activations x2 (M, K) go through cpu_kernels: a few rows on a CPU that has them,
+def kernel_rows(x):
+    """Whether float32 activations x (..., K) go through cpu_kernels: a few rows on a CPU that has them,
     unless the caller asked for bf16 matmuls (--dtype=bfloat16 autocast), which are then torch's."""
-    return (x2.dtype == torch.float32 and x2.size(0) <= FEW_ROWS and x2.device.type == "cpu"
+    return (x.dtype == torch.float32 and x.numel() <= FEW_ROWS * x.size(-1) and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu") and cpu_kernels.available())
 
 
@@ -65,14 +65,10 @@ class CPULinear(nn.Module):
         return kept if kept is not None else cpu_kernels.unpack(self.packed_weight, self.out_features)
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if not (self.packed and kernel_rows(x2)):
+        if not (self.packed and kernel_rows(x)):
             return F.linear(x, self.full_weight(), self.bias)
         kernel = cpu_kernels.linear_f32_op if torch.compiler.is_compiling() else cpu_kernels.linear_f32
-        y = kernel(x2.contiguous(), self.packed_weight, self.out_features)  # (M, N)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return kernel(x.contiguous(), self.packed_weight, self.out_features, self.bias)  # (..., N), the bias added
 
     def reference(self, x):
         return F.linear(x, self.full_weight(), self.bias)
@@ -102,12 +98,12 @@ class Int8Linear(nn.Module):
         return cpu_kernels.unpack(self.weight, self.out_features) if self.packed else self.weight
 
     def forward(self, x):
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, K): the kernels take a matrix
-        if self.packed and x2.device.type == "cpu":
+        if self.packed and x.device.type == "cpu":  # the bias is added in the kernel: a call less a layer
             kernel = cpu_kernels.linear_q8_op if torch.compiler.is_compiling() else cpu_kernels.linear_q8
-            y = kernel(x2.float().contiguous(), self.weight, self.scales).to(x.dtype)  # (M, N)
-        elif x2.device.type == "cpu":
+            return kernel(x.float().contiguous(), self.weight, self.scales, self.bias).to(x.dtype)  # (..., N)
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K): torch's int8 kernel takes a matrix
+        if x2.device.type == "cpu":
             # torch's kernel is fast with bf16 activations only (float32 ones take a path ~15x slower, AVX2 and
             # AVX-512 alike): rounding them to bf16 moves an output by ~0.4% of the largest, int8's own ~0.8%
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales_bf16).to(x.dtype)  # (M, N)

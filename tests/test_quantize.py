@@ -121,6 +121,11 @@ def test_the_cpu_kernels_compute_what_torch_does(rows):
         packed = cpu_kernels.pack_f32(w)
         assert packed.shape == cpu_kernels.packed_shape(37, K, 16) and torch.equal(cpu_kernels.unpack(packed, 37), w)
         torch.testing.assert_close(cpu_kernels.linear_f32(x, packed, 37), x @ w.T, rtol=1e-5, atol=1e-4)
+        # as F.linear: a bias added (in the kernel), and leading dims kept (rows split as a model's (B, T))
+        bias = torch.randn(37)
+        got = cpu_kernels.linear_f32(x.view(1, rows, K), packed, 37, bias)
+        assert got.shape == (1, rows, 37)
+        torch.testing.assert_close(got, F.linear(x, w, bias)[None], rtol=1e-5, atol=1e-4)
     for K, N in ((96, 303), (768, 300)):  # 303: the last group of four padded with a zero row
         x = torch.randn(rows, K)
         x[0, 32:64] = 0  # a block of zeros has no scale to divide by
@@ -132,10 +137,19 @@ def test_the_cpu_kernels_compute_what_torch_does(rows):
         got, ref = cpu_kernels.linear_q8(x, packed, scales), q8_reference(x, w, scales)
         assert got.shape == (rows, N)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        bias = torch.randn(N)
+        got = cpu_kernels.linear_q8(x.view(rows, 1, K), packed, scales, bias)
+        assert got.shape == (rows, 1, N)
+        torch.testing.assert_close(got, (ref + bias)[:, None], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_kernels.linear_q8(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4))
-    with pytest.raises(ValueError, match="contiguous 2-D float32"):
+    with pytest.raises(ValueError, match="contiguous float32"):
         cpu_kernels.linear_f32(torch.randn(16, 4).T, cpu_kernels.pack_f32(torch.randn(4, 16)), 4)
+    with pytest.raises(ValueError, match="bias None or 4 contiguous float32s"):  # a wrong bias is never read past its end
+        cpu_kernels.linear_f32(torch.randn(1, 16), cpu_kernels.pack_f32(torch.randn(4, 16)), 4, torch.zeros(3))
+    with pytest.raises(ValueError, match="bias None or 4 contiguous float32s"):
+        cpu_kernels.linear_q8(torch.randn(1, 32), cpu_kernels.pack_q8(torch.zeros(4, 32, dtype=torch.int8)),
+                              torch.ones(4), torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="multiple of 16"):
         cpu_kernels.linear_f32(torch.randn(1, 100), torch.zeros(1, 6, 4, 16), 4)
     with pytest.raises(ValueError, match=r"of shape \(1, 1, 4, 32\)"):  # an unpacked weight is refused, not misread
