@@ -206,7 +206,7 @@ def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     torch operators (no graph break at each Linear), gives the eager model's greedy tokens and logits. One
     compile covers both kernels: the blocks in float32 (CPULinear), the head in int8. Attention there is
     attention_reference's operations (compile_decoding), held to the eager SDPA's numbers."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
     from nanoforge import hardware
     model, val, _ = trained
     eager = decoding_weights(copy.deepcopy(model), "none")
@@ -214,11 +214,15 @@ def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     compiled = hardware.compile_decoding(copy.deepcopy(eager))
     torch._dynamo.reset()
     counters.clear()
+    clear_compilation_metrics()
     prompt = val[:16][None]
     with torch.no_grad():
         torch.testing.assert_close(compiled(prompt)[0], eager(prompt)[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(compiled.generate(prompt, 24, temperature=0.0), eager.generate(prompt, 24, temperature=0.0))
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    # each graph traced once: the modules' floats are constants from the start, no restart to specialize them
+    # (a restart retraced every graph, a third of the compile's time)
+    assert [m.restart_reasons for m in get_compilation_metrics()] == [set()] * counters["stats"]["unique_graphs"]
     # the compiled step skips the guards on the model's modules: a second model of the same shape, int8
     # throughout, compiled in the same process (bench_decode.py does) must run its own step, not the first
     # one's (it did: a KeyError)
