@@ -4,7 +4,8 @@ int8 weights (--quantize=none and int8 of sample.py and serve.py: on a CPU both 
 nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference the kernels
 are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them exported
 to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN, and nanoforge-compiled and
-nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, ~1 min each, not timed).
+nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, ~10 s each with inductor's cache
+warm, ~1 min cold, not timed).
 Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as
 llama-bench's tg does); random weights unless init_from (speed does not depend on what a model learned).
 The engines take turns, repeat after repeat, so a machine whose speed drifts moves them all alike; each row
@@ -54,7 +55,7 @@ check_ranges(config, {**{k: POSITIVE_INT for k in ('prompt_len', 'repeats')},
                       'gen_tokens': (lambda v: v >= 2, "an int >= 2 (the rate counts the steps after the first)")})
 wanted = [e for e in engines.split(',') if e]
 known = ('nanoforge', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0',
-         'nanoforge-compiled', 'nanoforge-int8-compiled')  # the last two: sample.py --compile (~1 min to compile each)
+         'nanoforge-compiled', 'nanoforge-int8-compiled')  # the last two: sample.py --compile (~10 s to compile each; ~1 min cold)
 if unknown := [e for e in wanted if e not in known]:
     raise errors.UserError(f"engines: {unknown[0]!r} is not one of {', '.join(known)}")
 

@@ -62,7 +62,7 @@ header_timeout = 10.0  # seconds a connection may take to send a request's heade
 device = "auto"
 dtype = "auto"
 quantize = "none"  # 'int8': weight-only int8 Linear layers and head for decoding (nanoforge/quantize.py)
-compile = False  # compile the decode step (torch.compile): faster tokens, after ~1-2 min of compiling at start
+compile = False  # compile the decode step (torch.compile): faster tokens, after ~30 s of compiling (1.5 min cold)
 log_level = "info"  # uvicorn's: 'warning' hides the per-request lines
 step_delay = 0.0  # seconds to pause after each decode step: a slow model on purpose, to watch queueing and Stop
 # -----------------------------------------------------------------------------------------------------
