@@ -34,6 +34,15 @@ def stages(run_dir):
         return json.load(f)["stages"]
 
 
+def signal_masks(pid):
+    """The signals process pid blocks, ignores and catches (/proc's hex masks; SIGINT is 0x2)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return ", ".join(ln.strip() for ln in f if ln.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    except OSError:
+        return "its masks unreadable"
+
+
 def last_json_line(path):
     with open(path) as f:
         return json.loads(f.read().splitlines()[-1])
@@ -44,17 +53,24 @@ def finished(tmp_path_factory):
     """A miniature speedrun interrupted (SIGINT to its process group, as Ctrl-C does) once pretraining is
     recorded as done, then rerun to the end. Returns (run_dir, the rerun's output, digests taken at the stop)."""
     run_dir = str(tmp_path_factory.mktemp("speedrun") / "run")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "speedrun.py"), MINI, f"--run_dir={run_dir}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
+    # Ctrl-C reaches a terminal's foreground job. A suite started in the background by a script (`... &`)
+    # inherits SIGINT ignored, and so would the run: with a handler here, the run starts with SIGINT's default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "speedrun.py"), MINI, f"--run_dir={run_dir}"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline, sent = time.monotonic() + 600, None
     while proc.poll() is None and time.monotonic() < deadline:
         if os.path.exists(os.path.join(run_dir, "stages.json")) and "pretrain" in stages(run_dir):
+            sent = signal_masks(proc.pid)  # for a failure's message
             os.killpg(proc.pid, signal.SIGINT)
             break
         time.sleep(0.2)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
+    assert proc.returncode == 130, f"SIGINT {'sent, ' + sent if sent else 'never sent'}\n{out[-3000:]}"
     assert "rerun the same command to go on" in out
     done_first = list(stages(run_dir))
     assert done_first[:4] == ["curate", "tokenizer", "prepare", "pretrain"] and "report" not in done_first
