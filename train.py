@@ -326,6 +326,7 @@ stop = training.StopSignals(log, out_dir, saved_iter=iter_num if resume else Non
 # training loop
 
 out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
+stopping = False  # a stop was asked for, on any rank (all agree through the all-reduce), or during an evaluation
 busy = hardware.busy_line(device)  # other work on the cores slows every step: said at start, or once it shows
 if busy:
     log(busy)
@@ -341,6 +342,7 @@ while True:
                                       autocast_ctx, rank, world_size) for split, (path, starts) in eval_sets.items()}
         except training.Stopped:
             log(f"stop requested during the evaluation at iteration {iter_num}: dropped it")
+            stopping = True
             break
         finally:
             stop.in_eval = False
@@ -395,7 +397,9 @@ while True:
                          torch.tensor(float(spent), device=device)])
     if ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    step_loss, stop.requested, out_of_time = stats[0].item() / world_size, stats[1].item() > 0, stats[2].item() > 0
+    # stop.requested is the signal handler's alone: assigned here, a signal landing after the tensor above read it
+    # would be overwritten by the stale False (Ctrl-C lost); such a late one goes into the next step's all-reduce
+    step_loss, stopping, out_of_time = stats[0].item() / world_size, stats[1].item() > 0, stats[2].item() > 0
     training.check_finite(step_loss, iter_num, out_dir)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
@@ -417,12 +421,12 @@ while True:
         record(dict(iter=iter_num, loss=step_loss, lr=lr, ms=round(dt * 1000, 2), tokens_per_s=round(tok_s),
                     mfu=mfu, train_time=round(train_time, 3)))
     iter_num += 1
-    if stop.requested:
+    if stopping:
         break
 
 # a stop keeps the training done so far: the model as of its last finished step, unless out_dir already holds
 # it, or holds the best model and always_save_checkpoint=False asked to keep only that
-if stop.requested and not eval_only:
+if stopping and not eval_only:
     if iter_num == start_iter and stop.saved_iter is None:
         log(f"stop requested before the first training step; nothing to save, {stop.kept()}")
     elif stop.saved_iter == iter_num:

@@ -253,6 +253,32 @@ def test_sigterm_saves_and_exits_cleanly(char_data, tmp_path):
     assert sorted(train_losses(out)) == list(range(last + 3))
 
 
+# SIGTERM delivered inside the third step's torch.stack, after the stop flag was read into the all-reduced
+# tensor and before the step reads it back: the window where a Ctrl-C under load used to be lost
+LATE_SIGNAL = """
+import os, runpy, signal, sys, torch
+real, steps = torch.stack, []
+def stack(*args, **kwargs):
+    out = real(*args, **kwargs)
+    if sys._getframe(1).f_code.co_filename.endswith("train.py"):  # the training step's, not an evaluation's
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before this returns
+    return out
+torch.stack = stack
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_stop_asked_between_a_steps_all_reduce_and_its_end_is_kept(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    proc = run("-c", LATE_SIGNAL, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={char_data}", f"--out_dir={out}",
+               "--max_iters=40", "--eval_interval=1000")
+    assert "stop requested" in proc.stdout, proc.stdout[-1500:]
+    assert sorted(train_losses(out)) == list(range(4))  # the step it landed in, then the next, which carries it
+
+
 def test_sigterm_during_the_first_evaluation_stops_at_once_and_claims_no_file(char_data, tmp_path):
     # an evaluation is dropped when a stop is asked for during it: the run ends there, not minutes later,
     # and with no training done yet it saves nothing and says so (it used to claim a checkpoint it never wrote)
