@@ -386,7 +386,7 @@ if __name__ == "__main__":
             args.txt_split = "blank" if len(files) == 1 and builder_of(files[0]) == "text" else "file"
     if files:
         os.environ["HF_HUB_OFFLINE"] = "1"  # local files need no network; read by datasets at import
-    import datasets
+    import datasets  # noqa: F401 -- imported now, after that setting: the functions below import it again
 
     # --------------------------------------------------------------------------------------------------
     # the documents, as one Arrow-backed dataset with a 'text' column
