@@ -275,8 +275,7 @@ eval_model = model
 if compile and not fsdp:  # fsdp compiled each block already
     log("compiling the model (a minute on a laptop; not counted in the training time)...")
     eval_model, compile_time = hardware.compile_model(model, warmup_step, log)
-    compile = eval_model is not model
-    if compile:
+    if compile := eval_model is not model:
         log(f"compiled in {compile_time:.1f}s")
 step_model = DDP(eval_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
     if ddp and not fsdp else eval_model
@@ -325,10 +324,9 @@ stop = training.StopSignals(log, out_dir, saved_iter=iter_num if resume else Non
 # -----------------------------------------------------------------------------------------------------
 # training loop
 
-out_of_time = False  # time_budget spent (all ranks agree through the all-reduce)
-stopping = False  # a stop was asked for, on any rank (all agree through the all-reduce), or during an evaluation
-busy = hardware.busy_line(device)  # other work on the cores slows every step: said at start, or once it shows
-if busy:
+# time_budget spent; a stop asked for on any rank or during an evaluation (ranks agree through the all-reduce)
+out_of_time = stopping = False
+if busy := hardware.busy_line(device):  # other work on the cores slows every step: said now, or once it shows
     log(busy)
 busy_said = busy is not None
 while True:
@@ -397,8 +395,7 @@ while True:
                          torch.tensor(float(spent), device=device)])
     if ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    # stop.requested is the signal handler's alone: assigned here, a signal landing after the tensor above read it
-    # would be overwritten by the stale False (Ctrl-C lost); such a late one goes into the next step's all-reduce
+    # stop.requested stays the handler's: one landing after the read above goes into the next step's all-reduce
     step_loss, stopping, out_of_time = stats[0].item() / world_size, stats[1].item() > 0, stats[2].item() > 0
     training.check_finite(step_loss, iter_num, out_dir)
     if grad_clip != 0.0:

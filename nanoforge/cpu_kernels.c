@@ -27,11 +27,11 @@ static inline float sum8(__m256 v) {
 }
 
 /* float32: y = x W^T + bias (bias NULL: none; added here, where a separate add took as long as the call),
- * W packed (cpu_kernels.pack_f32): rows in groups of four, and within a group the four rows' 16 floats of block b side by side, 256 bytes, then block b + 1. A thread takes a contiguous run of
- * groups (a static schedule) and streams it front to back: each load of x feeds four rows' FMAs, and four
- * separate rows read in place were four streams (27.8-22.8 GB/s from memory on an AMD Zen 4 that way,
- * 32.6-28.3 packed). The last group is padded with zero rows, whose outputs are not written. K is a
- * multiple of 16. */
+ * W packed (cpu_kernels.pack_f32): rows in groups of four, and within a group the four rows' 16 floats of
+ * block b side by side, 256 bytes, then block b + 1. A thread takes a contiguous run of groups (a static
+ * schedule) and streams it front to back: each load of x feeds four rows' FMAs, and four separate rows read
+ * in place were four streams (27.8-22.8 GB/s from memory on an AMD Zen 4 that way, 32.6-28.3 packed). The
+ * last group is padded with zero rows, whose outputs are not written. K is a multiple of 16. */
 #define KC 1024  /* floats of each row a pass takes: four rows' 16 KB stay in the L1 while every row of x passes */
 void linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
                 int threads) {
@@ -99,7 +99,8 @@ static inline __m256i block_dot(__m256i ax, __m256i x, const int8_t *w) {
 }
 
 /* int8 weights with one float scale per row: y = x (w * s)^T + bias (bias NULL: none), x rounded to int8 in
- * blocks of 32 first (quantize_blocks), so y[m, n] = s[n] * sum over blocks b of d[m, b] * (block b's integer dot product).
+ * blocks of 32 first (quantize_blocks), so y[m, n] = s[n] * sum over blocks b of d[m, b] * (block b's
+ * integer dot product).
  * w is packed (cpu_kernels.pack_q8): rows in groups of four, and within a group the four rows' block b
  * side by side, 128 bytes, then their block b + 1: a group streams front to back, where four separate rows
  * were four streams (int8 from memory went from ~24 to ~28 GB/s on an AMD Zen 4). The last group is padded

@@ -225,7 +225,7 @@ def compile_decoding(model):
     def forward(*args, **kwargs):
         # floats read off the modules (dropout's p, an embedding's norm_type) would enter each graph as symbols,
         # which inductor then specializes, restarting the trace from the top: every graph was traced twice.
-        # Constants from the first trace on: GPT-2 int8 on an AMD Zen 4, the compile went from 82 to 57 s with
+        # Constants from the first trace on: GPT-2 int8 on an AMD Zen 4, the compile went from 82 to 57-65 s with
         # an empty cache, 31 to 9 s with a warm one (dev/LOG.md). The flag is read while tracing, so it is set
         # around this model's calls alone (~5 us a step)
         config = torch._dynamo.config
