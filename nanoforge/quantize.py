@@ -144,8 +144,19 @@ def decoding_weights(model, quantize):
     # built now, not inside the first step (or a compiled graph)
     kernels = model.lm_head.weight.device.type == "cpu" and cpu_kernels.available()
     if quantize == "int8":
-        return quantize_int8(model)
-    if not (kernels and model.lm_head.weight.dtype == torch.float32):
-        return model
-    model.lm_head = CPULinear(model.lm_head, keep_weight=True)  # first: swap_linears then passes it by
-    return swap_linears(model, CPULinear)
+        quantize_int8(model)
+    elif kernels and model.lm_head.weight.dtype == torch.float32:
+        model.lm_head = CPULinear(model.lm_head, keep_weight=True)  # first: swap_linears then passes it by
+        swap_linears(model, CPULinear)
+    return packed_on_huge_pages(model)
+
+
+def packed_on_huge_pages(model):
+    """Moves the packed weights of model's CPULinear and Int8Linear layers into one block of 2 MiB pages
+    (cpu_kernels.huge_page_copies), in the order the layers run; returns model."""
+    layers = [m for m in model.modules() if isinstance(m, (CPULinear, Int8Linear)) and m.packed]
+    names = ["packed_weight" if isinstance(m, CPULinear) else "weight" for m in layers]
+    copies = cpu_kernels.huge_page_copies([getattr(m, name) for m, name in zip(layers, names)])
+    for m, name, c in zip(layers, names, copies):
+        setattr(m, name, c)  # a registered buffer: the module's buffer is replaced
+    return model

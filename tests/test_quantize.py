@@ -5,6 +5,7 @@ path, and a model trained here on Tiny Shakespeare's characters keeps its greedy
 held-out loss; the scripts' --quantize flag does what it says, and a wrong value is one line.
 """
 import copy
+import gc
 import json
 import os
 import queue
@@ -198,6 +199,60 @@ def test_float32_decoding_weights_keep_the_models_numbers(trained):
         for x in (prompt, prompt[:, :1], more):
             torch.testing.assert_close(k(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(k.generate(prompt, 48, temperature=0.0), model.generate(prompt, 48, temperature=0.0))
+
+
+def advised_huge_pages(address):
+    """Whether the mapping holding address was asked for 2 MiB pages (MADV_HUGEPAGE: 'hg' in smaps' VmFlags)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if span := re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line):
+                inside = int(span[1], 16) <= address < int(span[2], 16)
+            elif inside and line.startswith("VmFlags:"):
+                return "hg" in line.split()
+    return False
+
+
+THP = os.path.isdir("/sys/kernel/mm/transparent_hugepage")  # Linux built with transparent huge pages
+
+
+def test_huge_page_copies_are_the_tensors_and_outlive_them():
+    torch.manual_seed(0)
+    tensors = [torch.randn(37, 96), torch.randint(-127, 128, (3, 5), dtype=torch.int8), torch.randn(1000, 700)]
+    kept = [t.clone() for t in tensors]
+    copies = cpu_kernels.huge_page_copies(tensors)
+    del tensors
+    gc.collect()  # the block lives as long as its copies
+    for c, t in zip(copies, kept):
+        assert torch.equal(c, t) and c.dtype == t.dtype and c.is_contiguous() and c.data_ptr() % 64 == 0
+    addresses = [c.data_ptr() for c in copies]
+    assert [b - a for a, b in zip(addresses, addresses[1:])] == [37 * 96 * 4, 64]  # side by side, on 64-byte lines
+    assert advised_huge_pages(addresses[-1]) == THP
+    copies[1].fill_(7)  # copies, not views of the tensors; writable
+    assert torch.equal(kept[1], copies[1]) is False and cpu_kernels.huge_page_copies([]) == []
+
+
+@pytest.mark.parametrize("kind", ["int8", "none"])
+def test_decoding_weights_sit_in_one_block_of_huge_pages(trained, kind, monkeypatch):
+    """decoding_weights moves the weights the kernels stream every token onto 2 MiB pages, in the order the
+    layers run, and the model decodes as it does with them where they were packed."""
+    assert cpu_kernels.available(), cpu_kernels.status()
+    model, val, _ = trained
+    k = decoding_weights(copy.deepcopy(model), kind)
+    with monkeypatch.context() as m:
+        m.setattr(quantize, "packed_on_huge_pages", lambda model: model)
+        where_packed = decoding_weights(copy.deepcopy(model), kind)
+    layers = [m for m in k.modules() if isinstance(m, (CPULinear, Int8Linear))]
+    packed = [m.weight if kind == "int8" else m.packed_weight for m in layers]
+    assert len(packed) == 4 * 2 + 1 and len({p.untyped_storage().data_ptr() for p in packed}) == 1
+    assert [p.data_ptr() for p in packed] == sorted(p.data_ptr() for p in packed)
+    assert all(advised_huge_pages(p.data_ptr()) == THP for p in packed)
+    head = where_packed.lm_head
+    assert not advised_huge_pages((head.weight if kind == "int8" else head.packed_weight).data_ptr())
+    prompt = val[:16][None]
+    with torch.no_grad():
+        assert torch.equal(k(prompt)[0], where_packed(prompt)[0])
+    assert torch.equal(k.generate(prompt, 32, temperature=0.0), where_packed.generate(prompt, 32, temperature=0.0))
 
 
 @pytest.mark.slow  # a compile
