@@ -21,7 +21,6 @@ matmuls, the reference the tests hold these to.
 """
 import ctypes
 import hashlib
-import itertools
 import mmap
 import os
 import platform
@@ -161,33 +160,37 @@ def pack_q8(w):
 HUGE_PAGE = 2 << 20
 
 
-def huge_page_copies(tensors):
-    """Copies of tensors side by side in one block of memory that Linux is asked to back with 2 MiB pages
-    (madvise MADV_HUGEPAGE: with transparent huge pages set to 'madvise', most distributions' default, memory
-    gets them only when asked). Each copy is contiguous and starts on a 64-byte line. Where the system has no
-    such pages (THP 'never', another OS) the block is ordinary memory: the copies are the same either way."""
-    if not tensors:
-        return []
-    sizes = [t.numel() * t.element_size() for t in tensors]
-    ends = list(itertools.accumulate(-(-n // 64) * 64 for n in sizes))  # each rounded up to a 64-byte line
-    starts = [0] + ends[:-1]
-    total = -(-ends[-1] // HUGE_PAGE) * HUGE_PAGE  # whole large pages
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        # a page more than needed, so the copies can start on a large page's boundary
-        block = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        raw = torch.frombuffer(block, dtype=torch.uint8)  # the tensor keeps the mapping alive
-        first = -raw.data_ptr() % HUGE_PAGE
-        try:
-            block.madvise(mmap.MADV_HUGEPAGE, first, total)
-        except OSError:  # a kernel built without transparent huge pages
-            pass
-    else:
-        raw, first = torch.empty(total, dtype=torch.uint8), 0
-    copies = []
-    for t, start, n in zip(tensors, starts, sizes):
-        c = raw[first + start:first + start + n].view(t.dtype).view(t.shape)
-        copies.append(c.copy_(t))
-    return copies
+class HugePages:
+    """One block of memory, room for tensors of the given byte sizes side by side, that Linux is asked to back
+    with 2 MiB pages (madvise MADV_HUGEPAGE: with transparent huge pages set to 'madvise', most distributions'
+    default, memory gets them only when asked). copy(t) puts the next tensor in: contiguous, on a 64-byte
+    line, after the one before. One at a time, so a caller can let each original go before the next copy
+    (peak memory: the block and one matrix, not twice the weights). Where the system has no such pages (THP
+    'never', another OS) the block is ordinary memory: the copies are the same either way."""
+
+    def __init__(self, sizes):
+        self.used = 0
+        total = -(-sum(-(-n // 64) * 64 for n in sizes) // HUGE_PAGE) * HUGE_PAGE  # whole large pages
+        if total and hasattr(mmap, "MADV_HUGEPAGE"):
+            # a page more than needed, so the copies can start on a large page's boundary
+            block = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            raw = torch.frombuffer(block, dtype=torch.uint8)  # the tensor keeps the mapping alive
+            first = -raw.data_ptr() % HUGE_PAGE
+            try:
+                block.madvise(mmap.MADV_HUGEPAGE, first, total)
+            except OSError:  # a kernel built without transparent huge pages
+                pass
+            self.raw = raw[first:first + total]
+        else:
+            self.raw = torch.empty(total, dtype=torch.uint8)
+
+    def copy(self, t):
+        n = t.nbytes
+        if self.used + n > self.raw.numel():
+            raise ValueError(f"no room left for {n} bytes ({self.raw.numel() - self.used} of {self.raw.numel()} free)")
+        c = self.raw[self.used:self.used + n].view(t.dtype).view(t.shape).copy_(t)
+        self.used += -(-n // 64) * 64  # the next copy on a 64-byte line
+        return c
 
 
 def unpack(packed, N):

@@ -153,10 +153,10 @@ def decoding_weights(model, quantize):
 
 def packed_on_huge_pages(model):
     """Moves the packed weights of model's CPULinear and Int8Linear layers into one block of 2 MiB pages
-    (cpu_kernels.huge_page_copies), in the order the layers run; returns model."""
-    layers = [m for m in model.modules() if isinstance(m, (CPULinear, Int8Linear)) and m.packed]
-    names = ["packed_weight" if isinstance(m, CPULinear) else "weight" for m in layers]
-    copies = cpu_kernels.huge_page_copies([getattr(m, name) for m, name in zip(layers, names)])
-    for m, name, c in zip(layers, names, copies):
-        setattr(m, name, c)  # a registered buffer: the module's buffer is replaced
+    (cpu_kernels.HugePages), in the order the layers run; returns model."""
+    layers = [(m, "packed_weight" if isinstance(m, CPULinear) else "weight") for m in model.modules()
+              if isinstance(m, (CPULinear, Int8Linear)) and m.packed]
+    block = cpu_kernels.HugePages([getattr(m, name).nbytes for m, name in layers])
+    for m, name in layers:
+        setattr(m, name, block.copy(getattr(m, name)))  # the buffer replaced: the packed one is freed
     return model

@@ -220,16 +220,21 @@ def test_huge_page_copies_are_the_tensors_and_outlive_them():
     torch.manual_seed(0)
     tensors = [torch.randn(37, 96), torch.randint(-127, 128, (3, 5), dtype=torch.int8), torch.randn(1000, 700)]
     kept = [t.clone() for t in tensors]
-    copies = cpu_kernels.huge_page_copies(tensors)
-    del tensors
-    gc.collect()  # the block lives as long as its copies
+    block = cpu_kernels.HugePages([t.nbytes for t in tensors])
+    copies = [block.copy(t) for t in tensors]
+    del tensors, block
+    gc.collect()  # the memory lives as long as its copies
     for c, t in zip(copies, kept):
         assert torch.equal(c, t) and c.dtype == t.dtype and c.is_contiguous() and c.data_ptr() % 64 == 0
     addresses = [c.data_ptr() for c in copies]
     assert [b - a for a, b in zip(addresses, addresses[1:])] == [37 * 96 * 4, 64]  # side by side, on 64-byte lines
-    assert advised_huge_pages(addresses[-1]) == THP
+    assert addresses[0] % cpu_kernels.HUGE_PAGE == 0 and advised_huge_pages(addresses[-1]) == THP
     copies[1].fill_(7)  # copies, not views of the tensors; writable
-    assert torch.equal(kept[1], copies[1]) is False and cpu_kernels.huge_page_copies([]) == []
+    assert not torch.equal(kept[1], copies[1])
+    small = cpu_kernels.HugePages([8])
+    small.copy(torch.zeros(2))
+    with pytest.raises(ValueError, match="no room left"):  # never written past its end
+        small.copy(torch.zeros(cpu_kernels.HUGE_PAGE))
 
 
 @pytest.mark.parametrize("kind", ["int8", "none"])
