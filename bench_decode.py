@@ -1,9 +1,9 @@
 """
-Decoding speed of one set of weights in every engine at hand, in one run: nanoforge in float32 and with
-int8 weights (--quantize=none and int8 of sample.py and serve.py: on a CPU both multiply through
-nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference the kernels
-are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them exported
-to GGUF (f32 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN, and nanoforge-compiled and
+Decoding speed of one set of weights in every engine at hand, in one run: nanoforge in float32, with
+bfloat16 and with int8 weights (--quantize=none, bf16 and int8 of sample.py and serve.py: on a CPU all
+multiply through nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference
+the kernels are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them
+exported to GGUF (f32, f16 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN, and nanoforge-compiled and
 nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, ~10 s each with inductor's cache
 warm, ~1 min cold, not timed).
 Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as
@@ -44,8 +44,8 @@ init_from = ''  # '': random weights of that shape with GPT-2's tokenizer; or an
 gen_tokens = 128  # new tokens a run (the rate counts the gen_tokens - 1 after the first)
 prompt_len = 16
 repeats = 3  # timed runs of each engine: the median is reported
-engines = ('nanoforge,nanoforge-int8,nanoforge-compiled,nanoforge-int8-compiled,nanoforge-torch,transformers,'
-           'llama.cpp-f32,llama.cpp-q8_0')  # those to run, when present
+engines = ('nanoforge,nanoforge-bf16,nanoforge-int8,nanoforge-compiled,nanoforge-int8-compiled,nanoforge-torch,'
+           'transformers,llama.cpp-f32,llama.cpp-f16,llama.cpp-q8_0')  # those to run, when present
 seed = 1337
 json_out = ''
 # -----------------------------------------------------------------------------------------------------
@@ -54,8 +54,9 @@ globals().update(config)
 check_ranges(config, {**{k: POSITIVE_INT for k in ('prompt_len', 'repeats')},
                       'gen_tokens': (lambda v: v >= 2, "an int >= 2 (the rate counts the steps after the first)")})
 wanted = [e for e in engines.split(',') if e]
-known = ('nanoforge', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32', 'llama.cpp-q8_0',
-         'nanoforge-compiled', 'nanoforge-int8-compiled')  # the last two: sample.py --compile (~10 s to compile each; ~1 min cold)
+known = ('nanoforge', 'nanoforge-bf16', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32',
+         'llama.cpp-f16', 'llama.cpp-q8_0', 'nanoforge-compiled', 'nanoforge-bf16-compiled',
+         'nanoforge-int8-compiled')  # the last three: sample.py --compile (~10 s to compile each; ~1 min cold)
 if unknown := [e for e in wanted if e not in known]:
     raise errors.UserError(f"engines: {unknown[0]!r} is not one of {', '.join(known)}")
 
@@ -143,7 +144,8 @@ def transformers_engine():
 engines, results, tmp = {}, {}, tempfile.TemporaryDirectory()
 for engine in wanted:
     if engine.startswith('nanoforge'):
-        m = decoding_weights(copy.deepcopy(model), "int8" if 'int8' in engine else "none") if engine != 'nanoforge-torch' else model
+        kind = next((q for q in ('int8', 'bf16') if q in engine), 'none')  # --quantize
+        m = decoding_weights(copy.deepcopy(model), kind) if engine != 'nanoforge-torch' else model
         if engine.endswith('-compiled'):
             hardware.compile_decoding(m)  # compiled by the warm-up run below: the compile is not in the rate
         engines[engine], results[engine] = ours(m), {"weight_bytes": weight_bytes(m)}
@@ -175,7 +177,7 @@ for engine, r in results.items():
         if ids[engine] is not None and reference is not None and engine != 'nanoforge' else None
     if "weight_bytes" in r:
         r["weight_gb_s"] = r["tokens_per_s"] * r.pop("weight_bytes") / 1e9
-    peer = 'llama.cpp-q8_0' if 'int8' in engine else 'llama.cpp-f32'
+    peer = 'llama.cpp-q8_0' if 'int8' in engine else 'llama.cpp-f16' if 'bf16' in engine else 'llama.cpp-f32'
     if engine.startswith('nanoforge') and peer in rates:  # the median of the repeats' own ratios
         r["vs_llama_cpp"] = statistics.median_high([a / b for a, b in zip(rates[engine], rates[peer])])
         r["llama_cpp_peer"] = peer

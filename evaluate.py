@@ -58,7 +58,7 @@ compare_plot = ""  # --compare writes its plot here; '' = compare.png inside the
 record = True  # append the result to out_dir/eval.jsonl
 device = "auto"
 dtype = "auto"
-quantize = "none"  # 'int8': weight-only int8 Linear layers and head for decoding (nanoforge/quantize.py)
+quantize = "none"  # 'bf16' or 'int8': the Linear layers' and head's weights in 2 or 1 bytes (nanoforge/quantize.py)
 backend = "auto"
 # -----------------------------------------------------------------------------------------------------
 argv = sys.argv[1:]

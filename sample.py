@@ -43,7 +43,7 @@ samples_file = ""  # also write the samples here, one JSON line each ({"prompt",
 device = "auto"
 dtype = "auto"
 compile = False
-quantize = "none"  # 'int8': weight-only int8 Linear layers and head (nanoforge/quantize.py), ~4x fewer bytes a token
+quantize = "none"  # 'bf16' or 'int8': the Linear layers' and head's weights in 2 or 1 bytes (nanoforge/quantize.py)
 chat = False  # interactive multi-turn chat on stdin/stdout (a model from finetune.py)
 system = ""  # chat: an optional system message opening the conversation
 # -----------------------------------------------------------------------------------------------------

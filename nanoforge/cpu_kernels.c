@@ -26,19 +26,30 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* float32: y = x W^T + bias (bias NULL: none; added here, where a separate add took as long as the call),
- * W packed (cpu_kernels.pack_f32): rows in groups of four, and within a group the four rows' 16 floats of
- * block b side by side, 256 bytes, then block b + 1. A thread takes a contiguous run of groups (a static
- * schedule) and streams it front to back: each load of x feeds four rows' FMAs, and four separate rows read
- * in place were four streams (27.8-22.8 GB/s from memory on an AMD Zen 4 that way, 32.6-28.3 packed). The
- * last group is padded with zero rows, whose outputs are not written. K is a multiple of 16. */
-#define KC 1024  /* floats of each row a pass takes: four rows' 16 KB stay in the L1 while every row of x passes */
-void linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
-                int threads) {
+/* Eight weights from w + i as float32: w holds float32, or bfloat16 (bf16 nonzero), whose 16 bits are a
+ * float32's upper half, so widening is exact: a shift, on any AVX2 CPU (no bf16 instructions needed). */
+static inline __m256 load8(const void *w, int64_t i, int bf16) {
+    if (!bf16)
+        return _mm256_loadu_ps((const float *)w + i);
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+/* float32 activations: y = x W^T + bias (bias NULL: none; added here, where a separate add took as long as
+ * the call), W float32 or bfloat16 (bf16), packed (cpu_kernels.pack_f32, pack_bf16): rows in groups of four,
+ * and within a group the four rows' 16 weights of block b side by side, then block b + 1. A thread takes a
+ * contiguous run of groups (a static schedule) and streams it front to back: each load of x feeds four rows'
+ * FMAs, and four separate rows read in place were four streams (27.8-22.8 GB/s from memory on an AMD Zen 4
+ * that way, 32.6-28.3 packed). The last group is padded with zero rows, whose outputs are not written. K is
+ * a multiple of 16. Inlined into linear_f32 and linear_bf16 with bf16 a constant, so each has its own loop. */
+#define KC 1024  /* weights of a row a pass takes: four rows' 16 KB (float32) stay in the L1 while all of x passes */
+static inline __attribute__((always_inline)) void linear16(const float *x, const void *w, const float *bias,
+                                                           float *y, int64_t M, int64_t K, int64_t N, int threads,
+                                                           int bf16) {
     const int64_t G = (N + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < G; g++) {
-        const float *wg = w + g * 4 * K;
+        const int64_t wg = g * 4 * K;  /* the group's first weight */
         for (int64_t k0 = 0; k0 < K; k0 += KC) {  /* one pass for K <= KC; partial sums into y otherwise */
             const int64_t bend = (k0 + KC < K ? k0 + KC : K) / 16;
             for (int64_t m = 0; m < M; m++) {
@@ -47,16 +58,16 @@ void linear_f32(const float *x, const float *w, const float *bias, float *y, int
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
                 __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
                 for (int64_t b = k0 / 16; b < bend; b++) {
-                    const float *wb = wg + b * 64;  /* block b of the four rows */
+                    const int64_t wb = wg + b * 64;  /* block b of the four rows */
                     __m256 x0 = _mm256_loadu_ps(xm + b * 16), x1 = _mm256_loadu_ps(xm + b * 16 + 8);
-                    a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wb), a0);
-                    b0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wb + 8), b0);
-                    a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wb + 16), a1);
-                    b1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wb + 24), b1);
-                    a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wb + 32), a2);
-                    b2 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wb + 40), b2);
-                    a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wb + 48), a3);
-                    b3 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wb + 56), b3);
+                    a0 = _mm256_fmadd_ps(x0, load8(w, wb, bf16), a0);
+                    b0 = _mm256_fmadd_ps(x1, load8(w, wb + 8, bf16), b0);
+                    a1 = _mm256_fmadd_ps(x0, load8(w, wb + 16, bf16), a1);
+                    b1 = _mm256_fmadd_ps(x1, load8(w, wb + 24, bf16), b1);
+                    a2 = _mm256_fmadd_ps(x0, load8(w, wb + 32, bf16), a2);
+                    b2 = _mm256_fmadd_ps(x1, load8(w, wb + 40, bf16), b2);
+                    a3 = _mm256_fmadd_ps(x0, load8(w, wb + 48, bf16), a3);
+                    b3 = _mm256_fmadd_ps(x1, load8(w, wb + 56, bf16), b3);
                 }
                 const float out[4] = {sum8(_mm256_add_ps(a0, b0)), sum8(_mm256_add_ps(a1, b1)),
                                       sum8(_mm256_add_ps(a2, b2)), sum8(_mm256_add_ps(a3, b3))};
@@ -65,6 +76,16 @@ void linear_f32(const float *x, const float *w, const float *bias, float *y, int
             }
         }
     }
+}
+
+void linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                int threads) {
+    linear16(x, w, bias, y, M, K, N, threads, 0);
+}
+
+void linear_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                 int threads) {
+    linear16(x, w, bias, y, M, K, N, threads, 1);
 }
 
 /* Activations to int8, as llama.cpp's q8_0 holds them: each block of 32 values shares one scale d (its

@@ -5,7 +5,7 @@ Decoding multiplies one row of activations (a few, serving several sequences) by
 time is the time to read the weights. torch hands that shape to a library that runs it on one core here
 (~12 GB/s on a 2-core AMD EPYC, against the ~25-30 GB/s the machine can stream), and its int8-weight
 kernel reads ~8 GB/s. cpu_kernels.c reads each weight row once for all rows of activations, on all of
-torch's threads, in float32 and in int8 (dev/LOG.md has the measurements).
+torch's threads, in float32, bfloat16 and int8 (dev/LOG.md has the measurements).
 
 The C file is compiled on first use with the machine's compiler (`cc`, or $CC) for this CPU
 (-march=native), into ~/.cache/nanoforge (or $XDG_CACHE_HOME/nanoforge), named by a hash of the source,
@@ -16,6 +16,8 @@ matmuls, the reference the tests hold these to.
     if cpu_kernels.available():
         p = cpu_kernels.pack_f32(w)                 # w (N, K) float32 -> the order linear_f32 reads it in
         y = cpu_kernels.linear_f32(x, p, N, b)      # x (..., K) float32 -> x w^T + b, (..., N); b may be None
+        h = cpu_kernels.pack_bf16(w)                # w rounded to bfloat16, half the bytes, in that order
+        y = cpu_kernels.linear_bf16(x, h, N, b)     # the same product, each weight widened to float32
         q = cpu_kernels.pack_q8(w8)                 # w8 (N, K) int8 -> the order linear_q8 reads it in
         y = cpu_kernels.linear_q8(x, q, scales, b)  # with a float32 scale per row of w8, (N,)
 """
@@ -96,6 +98,7 @@ def available():
         return False
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.linear_f32.argtypes = [P, P, P, P, I, I, I, T]
+    lib.linear_bf16.argtypes = [P, P, P, P, I, I, I, T]
     lib.linear_q8.argtypes = [P, P, P, P, P, I, I, I, T]
     _lib = lib
     return True
@@ -147,6 +150,11 @@ def _pack(w, block):
 def pack_f32(w):
     """w (N, K) float32 -> the layout linear_f32 reads, in blocks of F32_BLOCK."""
     return _pack(w, F32_BLOCK)
+
+
+def pack_bf16(w):
+    """w (N, K) float32 -> rounded to bfloat16 (to nearest), in the layout linear_bf16 reads (pack_f32's)."""
+    return _pack(w.to(torch.bfloat16), F32_BLOCK)
 
 
 def pack_q8(w):
@@ -203,12 +211,21 @@ def linear_f32(x, w, N, bias=None):
     """x (..., K) float32 contiguous, w an (N, K) float32 weight packed by pack_f32, bias None or (N,) float32
     -> x w^T + bias, (..., N), as F.linear: x's leading dims are its M rows (no reshape on the way: decoding
     makes ~50 of these calls a token, and each of its small operations costs a microsecond or two)."""
+    return _linear16("linear_f32", torch.float32, x, w, N, bias)
+
+
+def linear_bf16(x, w, N, bias=None):
+    """linear_f32 with w bfloat16, packed by pack_bf16: each weight widened to float32 exactly, float32 sums."""
+    return _linear16("linear_bf16", torch.bfloat16, x, w, N, bias)
+
+
+def _linear16(name, wdtype, x, w, N, bias):
     K = x.size(-1)
     if K % F32_BLOCK:
-        raise ValueError(f"linear_f32 needs K a multiple of {F32_BLOCK}, got {K}")
-    b = _check(x, w, torch.float32, packed_shape(N, K, F32_BLOCK), bias, N)
+        raise ValueError(f"linear_f32 and linear_bf16 need K a multiple of {F32_BLOCK}, got {K}")
+    b = _check(x, w, wdtype, packed_shape(N, K, F32_BLOCK), bias, N)
     y = torch.empty(*x.shape[:-1], N)
-    _lib.linear_f32(x.data_ptr(), w.data_ptr(), b, y.data_ptr(), x.numel() // K, K, N, torch.get_num_threads())
+    getattr(_lib, name)(x.data_ptr(), w.data_ptr(), b, y.data_ptr(), x.numel() // K, K, N, torch.get_num_threads())
     return y
 
 
@@ -237,12 +254,15 @@ def linear_q8(x, w, scales, bias=None):
 # compiled int8 token of GPT-2, 49 calls; dev/LOG.md); they have no autograd: decoding needs none.
 _ops = torch.library.Library("nanoforge", "DEF")
 _ops.define("linear_f32(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
+_ops.define("linear_bf16(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
 _ops.define("linear_q8(Tensor x, Tensor w, Tensor scales, Tensor? bias=None) -> Tensor")
 _ops.impl("linear_f32", lambda x, w, N, bias=None: linear_f32(x.contiguous(), w, N, bias), "CPU")
+_ops.impl("linear_bf16", lambda x, w, N, bias=None: linear_bf16(x.contiguous(), w, N, bias), "CPU")
 _ops.impl("linear_q8", lambda x, w, scales, bias=None: linear_q8(x.contiguous(), w, scales, bias), "CPU")
 
 
 @torch.library.register_fake("nanoforge::linear_f32")
+@torch.library.register_fake("nanoforge::linear_bf16")
 def _(x, w, N, bias=None):
     return x.new_empty(*x.shape[:-1], N)
 
@@ -253,4 +273,5 @@ def _(x, w, scales, bias=None):
 
 
 linear_f32_op = torch.ops.nanoforge.linear_f32.default
+linear_bf16_op = torch.ops.nanoforge.linear_bf16.default
 linear_q8_op = torch.ops.nanoforge.linear_q8.default

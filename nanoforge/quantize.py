@@ -6,11 +6,14 @@ time is the time to read them. Two things shorten it, and decoding_weights(model
   cpu_kernels.c, which reads each weight row once on all threads (torch's matmul runs that shape on one
   core). CPULinear does it in float32, the same numbers up to the order of the additions, and hands more
   rows than FEW_ROWS (a long prompt's prefill) to torch's matmul as before.
+- quantize="bf16": the same CPULinear layers with their weights rounded to bfloat16, half float32's bytes,
+  ~3 significant digits kept, widened back to float32 in the kernel (exactly: any AVX2 CPU, no bf16
+  instructions needed). Without the kernels (a GPU) the model itself is cast to bfloat16.
 - quantize="int8": weight-only int8, four times fewer bytes than float32. Each Linear of the blocks and
   the LM head becomes an Int8Linear, weights rounded per output channel (a row of the matrix shares one
   scale, its largest magnitude over 127); norms, embeddings and the KV cache stay as they were.
 
-    model = decoding_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8
+    model = decoding_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8 (or bf16)
 
 Int8Linear.forward runs cpu_kernels.linear_q8 (activations rounded to int8 in blocks of 32, as llama.cpp's
 q8_0 does) on any number of rows: it reads int8 weights faster than torch's int8-weight matmul one row at a
@@ -20,6 +23,8 @@ the weight is widened in the matmul.
 Int8Linear.reference dequantizes and multiplies in plain float32, the simple path the tests hold every
 one of them to. The model is for decoding from then on (no gradients, nothing to save).
 """
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,7 +32,7 @@ from torch.nn import functional as F
 from nanoforge import cpu_kernels
 from nanoforge.errors import UserError
 
-QUANTIZE = ("none", "int8")  # the choices of --quantize
+QUANTIZE = ("none", "bf16", "int8")  # the choices of --quantize
 # up to this many rows the float32 kernel is as fast as torch's matmuls or faster, and a prefill of them spares
 # unpacking every weight (GPT-2's: ~25 ms); past them torch's blocked matmul pulls ahead (dev/LOG.md)
 FEW_ROWS = 128
@@ -42,32 +47,40 @@ def kernel_rows(x):
 
 class CPULinear(nn.Module):
     """y = x W^T + b, the weight and bias of the nn.Linear it replaces, the weight stored packed in the order
-    cpu_kernels.linear_f32 reads it (cpu_kernels.pack_f32). Up to FEW_ROWS rows go through that kernel; more (a
-    long prompt's prefill) and bf16 autocast through F.linear, the reference, on the weight unpacked (a copy: ~1 ms
-    for one of GPT-2's matrices, beside its products at a prefill's rows). keep_weight: the (N, K) weight is
-    kept too, shared as it was (GPT-2's head, tied to the token embedding, which needs it; the chunked loss
-    reads lm_head.weight). A width the kernel does not take (not a multiple of its blocks) stays unpacked, on
-    F.linear."""
+    cpu_kernels.linear_f32 reads it (cpu_kernels.pack_f32), or with bf16 rounded to bfloat16 for linear_bf16
+    (pack_bf16). Up to FEW_ROWS rows go through that kernel; more (a long prompt's prefill) and bf16 autocast
+    through F.linear, the reference, on the weight unpacked (a copy: ~1 ms for one of GPT-2's matrices, beside
+    its products at a prefill's rows). keep_weight: the (N, K) weight is kept too, shared as it was (GPT-2's
+    head, tied to the token embedding, which needs it; the chunked loss reads lm_head.weight). A width the
+    kernel does not take (not a multiple of its blocks) stays as it was, unpacked and unrounded, on F.linear."""
 
-    def __init__(self, linear, keep_weight=False):
+    def __init__(self, linear, keep_weight=False, bf16=False):
         super().__init__()
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = self.in_features % cpu_kernels.F32_BLOCK == 0
+        self.bf16 = bf16 and self.packed
         if self.packed:
-            self.register_buffer("packed_weight", cpu_kernels.pack_f32(linear.weight.detach()))  # (G, K/16, 4, 16)
+            pack = cpu_kernels.pack_bf16 if self.bf16 else cpu_kernels.pack_f32
+            self.register_buffer("packed_weight", pack(linear.weight.detach()))  # (G, K/16, 4, 16)
         if keep_weight or not self.packed:
             self.weight = linear.weight  # (N, K)
 
     def full_weight(self):
-        """The (N, K) weight: the one kept, or the packed one unpacked."""
+        """The (N, K) float32 weight the layer multiplies by: the one kept, or the packed one unpacked (and
+        widened from bfloat16: a kept weight is then the unrounded one, which the products do not use)."""
         kept = getattr(self, "weight", None)
-        return kept if kept is not None else cpu_kernels.unpack(self.packed_weight, self.out_features)
+        if kept is not None and not self.bf16:
+            return kept
+        return cpu_kernels.unpack(self.packed_weight, self.out_features).float()
 
     def forward(self, x):
         if not (self.packed and kernel_rows(x)):
             return F.linear(x, self.full_weight(), self.bias)
-        kernel = cpu_kernels.linear_f32_op if torch.compiler.is_compiling() else cpu_kernels.linear_f32
+        if torch.compiler.is_compiling():
+            kernel = cpu_kernels.linear_bf16_op if self.bf16 else cpu_kernels.linear_f32_op
+        else:
+            kernel = cpu_kernels.linear_bf16 if self.bf16 else cpu_kernels.linear_f32
         return kernel(x.contiguous(), self.packed_weight, self.out_features, self.bias)  # (..., N), the bias added
 
     def reference(self, x):
@@ -138,7 +151,8 @@ def quantize_int8(model):
 
 def decoding_weights(model, quantize):
     """--quantize's value applied to a model loaded for decoding, in place: 'int8' swaps in Int8Linear
-    layers; 'none' keeps the float weights and, on a CPU with cpu_kernels, multiplies them there."""
+    layers; 'none' keeps the float weights and, on a CPU with cpu_kernels, multiplies them there; 'bf16'
+    rounds them to bfloat16 there (without the kernels, the model is cast to bfloat16)."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize must be one of {', '.join(repr(q) for q in QUANTIZE)}, got {quantize!r}")
     # built now, not inside the first step (or a compiled graph)
@@ -146,8 +160,11 @@ def decoding_weights(model, quantize):
     if quantize == "int8":
         quantize_int8(model)
     elif kernels and model.lm_head.weight.dtype == torch.float32:
-        model.lm_head = CPULinear(model.lm_head, keep_weight=True)  # first: swap_linears then passes it by
-        swap_linears(model, CPULinear)
+        bf16 = quantize == "bf16"
+        model.lm_head = CPULinear(model.lm_head, keep_weight=True, bf16=bf16)  # first: swap_linears passes it by
+        swap_linears(model, functools.partial(CPULinear, bf16=bf16))
+    elif quantize == "bf16":
+        model.to(torch.bfloat16)
     return packed_on_huge_pages(model)
 
 

@@ -146,22 +146,22 @@ def test_synchronize_and_peak_memory_on_cpu():
 
 
 def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
-    """bench_decode.py on a tiny random model: nanoforge float32 and int8, float32 on torch's matmuls alone,
+    """bench_decode.py on a tiny random model: nanoforge float32, bf16 and int8, float32 on torch's matmuls alone,
     and transformers on the same weights, tokens/s and ratios as printed and in the JSON, and how many
     greedy tokens each shares with float32 (the reference and transformers compute our model in float32:
     all of them). llama.cpp's rows need llama-bench: left out."""
     out_json = tmp_path / "decode.json"
     r = run("bench_decode.py", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--gen_tokens=24",
-            "--repeats=1", "--engines=nanoforge,nanoforge-int8,nanoforge-torch,transformers", f"--json_out={out_json}",
-            check=False, timeout=600)  # conftest set TIKTOKEN_CACHE_DIR
+            "--repeats=1", "--engines=nanoforge,nanoforge-bf16,nanoforge-int8,nanoforge-torch,transformers",
+            f"--json_out={out_json}", check=False, timeout=600)  # conftest set TIKTOKEN_CACHE_DIR
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(out_json.read_text())
     assert machine_of(r.stdout, results)["memory_gb_s"] > 0
     rows = results["results"]
-    assert list(rows) == ["nanoforge", "nanoforge-int8", "nanoforge-torch", "transformers"]
+    assert list(rows) == ["nanoforge", "nanoforge-bf16", "nanoforge-int8", "nanoforge-torch", "transformers"]
     assert "nanoforge multiplies on nanoforge's CPU kernels" in r.stdout  # this machine has them: they are timed
     base = rows["nanoforge"]["tokens_per_s"]
-    for engine in ("nanoforge-int8", "nanoforge-torch", "transformers"):
+    for engine in ("nanoforge-bf16", "nanoforge-int8", "nanoforge-torch", "transformers"):
         assert rows[engine]["tokens_per_s"] > 0
         assert f"({rows[engine]['tokens_per_s'] / base:.2f}x nanoforge float32)" in r.stdout
         assert 0 <= rows[engine]["same_tokens"] <= 24
@@ -174,17 +174,18 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
 @pytest.mark.skipif(not gguf_format.llama_cpp_program("llama-bench"),
                     reason="llama.cpp's llama-bench is not on PATH or in $LLAMA_CPP_BIN")
 def test_bench_decode_sets_nanoforge_beside_llama_cpp_at_each_precision(tmp_path):
-    """With llama-bench at hand, its f32 and q8_0 rows run on our weights in GGUF, taking turns with ours, and
+    """With llama-bench at hand, its f32, f16 and q8_0 rows run on our weights in GGUF, taking turns with ours, and
     each nanoforge row gives its ratio to llama.cpp at its own precision."""
     out_json = tmp_path / "decode.json"
     r = run("bench_decode.py", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--gen_tokens=24",
-            "--repeats=2", "--engines=nanoforge,nanoforge-int8,llama.cpp-f32,llama.cpp-q8_0", f"--json_out={out_json}",
-            check=False, timeout=600)
+            "--repeats=2", "--engines=nanoforge,nanoforge-bf16,nanoforge-int8,llama.cpp-f32,llama.cpp-f16,"
+            "llama.cpp-q8_0", f"--json_out={out_json}", check=False, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out_json.read_text())["results"]
-    assert sorted(rows) == ["llama.cpp-f32", "llama.cpp-q8_0", "nanoforge", "nanoforge-int8"]
-    assert rows["llama.cpp-f32"]["tokens_per_s"] > 0 and rows["llama.cpp-q8_0"]["tokens_per_s"] > 0
-    for engine, peer in (("nanoforge", "f32"), ("nanoforge-int8", "q8_0")):
+    assert sorted(rows) == ["llama.cpp-f16", "llama.cpp-f32", "llama.cpp-q8_0", "nanoforge", "nanoforge-bf16",
+                            "nanoforge-int8"]
+    assert all(rows[f"llama.cpp-{t}"]["tokens_per_s"] > 0 for t in ("f32", "f16", "q8_0"))
+    for engine, peer in (("nanoforge", "f32"), ("nanoforge-bf16", "f16"), ("nanoforge-int8", "q8_0")):
         assert rows[engine]["vs_llama_cpp"] > 0
         assert f"{rows[engine]['vs_llama_cpp']:.2f}x llama.cpp's {peer}" in r.stdout
 

@@ -5,6 +5,7 @@ path, and a model trained here on Tiny Shakespeare's characters keeps its greedy
 held-out loss; the scripts' --quantize flag does what it says, and a wrong value is one line.
 """
 import copy
+import functools
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ from model import GPT, GPTConfig
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
 from nanoforge import cpu_kernels, quantize
-from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, quantize_int8
+from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, quantize_int8, swap_linears
 from nanoforge.tokenizer import load_tokenizer
 from nanoforge.tokens import open_tokens, split_path
 
@@ -127,6 +128,13 @@ def test_the_cpu_kernels_compute_what_torch_does(rows):
         got = cpu_kernels.linear_f32(x.view(1, rows, K), packed, 37, bias)
         assert got.shape == (1, rows, 37)
         torch.testing.assert_close(got, F.linear(x, w, bias)[None], rtol=1e-5, atol=1e-4)
+        # bfloat16 weights: rounded to nearest, the layout pack_f32's, each widened to float32 exactly
+        packed = cpu_kernels.pack_bf16(w)
+        assert packed.dtype == torch.bfloat16 and torch.equal(cpu_kernels.unpack(packed, 37), w.to(torch.bfloat16))
+        got = cpu_kernels.linear_bf16(x.view(1, rows, K), packed, 37, bias)
+        torch.testing.assert_close(got, F.linear(x, w.to(torch.bfloat16).float(), bias)[None], rtol=1e-5, atol=1e-4)
+        with pytest.raises(ValueError, match="contiguous torch.bfloat16"):  # float32 weights are not read as bf16
+            cpu_kernels.linear_bf16(x, cpu_kernels.pack_f32(w), 37)
     for K, N in ((96, 303), (768, 300)):  # 303: the last group of four padded with a zero row
         x = torch.randn(rows, K)
         x[0, 32:64] = 0  # a block of zeros has no scale to divide by
@@ -237,7 +245,7 @@ def test_huge_page_copies_are_the_tensors_and_outlive_them():
         small.copy(torch.zeros(cpu_kernels.HUGE_PAGE))
 
 
-@pytest.mark.parametrize("kind", ["int8", "none"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "none"])
 def test_decoding_weights_sit_in_one_block_of_huge_pages(trained, kind, monkeypatch):
     """decoding_weights moves the weights the kernels stream every token onto 2 MiB pages, in the order the
     layers run, and the model decodes as it does with them where they were packed."""
@@ -264,12 +272,15 @@ def test_decoding_weights_sit_in_one_block_of_huge_pages(trained, kind, monkeypa
 def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     """sample.py --compile: the forward each step calls, compiled with the CPU kernels inside the graph as
     torch operators (no graph break at each Linear), gives the eager model's greedy tokens and logits. One
-    compile covers both kernels: the blocks in float32 (CPULinear), the head in int8. Attention there is
-    attention_reference's operations (compile_decoding), held to the eager SDPA's numbers."""
+    compile covers the three kernels: the first block in float32, the second in bfloat16 (CPULinear), the
+    head in int8. Attention there is attention_reference's operations (compile_decoding), held to the eager
+    SDPA's numbers."""
     from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
     from nanoforge import hardware
     model, val, _ = trained
-    eager = decoding_weights(copy.deepcopy(model), "none")
+    eager = copy.deepcopy(model)
+    swap_linears(eager.transformer.h[0], CPULinear)
+    swap_linears(eager.transformer.h[1], functools.partial(CPULinear, bf16=True))
     eager.lm_head = Int8Linear(model.lm_head)
     compiled = hardware.compile_decoding(copy.deepcopy(eager))
     torch._dynamo.reset()
@@ -292,7 +303,11 @@ def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     assert torch.equal(compiled.generate(prompt, 4, temperature=0.0), eager.generate(prompt, 4, temperature=0.0))
 
 
-def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained):
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.01), ("bf16", 0.002)])
+def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained, kind, tolerance):
+    """--quantize=int8 and bf16 on a CPU with the kernels: the logits within a stated fraction of their range,
+    the same greedy choices wherever float32's are clear, the held-out loss within 0.5%."""
+    assert cpu_kernels.available(), cpu_kernels.status()
     model, val, _ = trained
     fp32_loss = val_loss(model, val)
     # ln(V) = 4.1 is a uniform guess: the model must have learned something for the comparison to mean anything
@@ -301,22 +316,26 @@ def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained):
     windows = torch.cat((greedy, val[:BLOCK][None]))  # (2, BLOCK): its greedy text, and held-out text
     with torch.no_grad():
         ref = model(windows, windows)[0]  # (2, T, V): targets make the model return every position
-        q = quantize_int8(copy.deepcopy(model))
+        q = decoding_weights(copy.deepcopy(model), kind)
         got = q(windows, windows)[0]
     assert not any(type(m) is nn.Linear for m in q.modules())
     assert q.transformer.wte.weight.dtype == torch.float32  # the embedding is looked up, not multiplied
-    # the stated tolerance: every logit within 1% of the logits' range (measured here: 0.3%)
-    tol = 0.01 * (ref.max() - ref.min())
+    if kind == "bf16":  # every product reads bfloat16 weights: two bytes each
+        layers = [m for m in q.modules() if isinstance(m, CPULinear)]
+        assert len(layers) == 9 and all(m.packed_weight.dtype == torch.bfloat16 for m in layers)
+    # the stated tolerance: every logit within 1% of the logits' range for int8 (measured here: 0.3%), 0.2% for
+    # bf16 (0.04%)
+    tol = tolerance * (ref.max() - ref.min())
     err = (got - ref).abs().max()
     assert err <= tol, (err, tol)
-    # greedy choices agree wherever float32's best two are further apart than int8 moved any logit (a near
-    # tie may go either way), and that is nearly everywhere
+    # greedy choices agree wherever float32's best two are further apart than rounding moved any logit (a
+    # near tie may go either way), and that is nearly everywhere
     top2 = ref.topk(2, dim=-1).values
     clear = top2[..., 0] - top2[..., 1] > 2 * err  # (2, T)
     assert clear.float().mean() > 0.8, (clear.float().mean(), err, tol)
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
     assert abs(val_loss(q, val) - fp32_loss) <= 0.005 * fp32_loss  # held-out loss within 0.5%
-    # the cached decoding path and the plain one give the same int8 tokens
+    # the cached decoding path and the plain one give the same tokens
     prompt = val[:16][None]
     assert torch.equal(q.generate(prompt, 48, temperature=0.0), q.generate(prompt, 48, temperature=0.0, use_kv_cache=False))
 
@@ -350,20 +369,34 @@ def test_sample_and_evaluate_take_quantize(trained, char_data):
     out_dir = trained[2]
     args = ("sample.py", f"--out_dir={out_dir}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40",
             "--temperature=0", "--device=cpu", "--dtype=float32")
-    # the flag gives what quantize_int8 gives in process, and leaves float32 alone without it
+    # the flag gives what decoding_weights gives in process, and leaves float32 alone without it
     model, tok_spec, _ = load_model(out_dir)
     tok = load_tokenizer(tok_spec)
     prompt = torch.tensor([tok.encode("ROMEO:")])
-    for flag, m in (((), model), (("--quantize=int8",), quantize_int8(load_model(out_dir)[0]))):
+    runs = [((), model)] + [((f"--quantize={q}",), decoding_weights(load_model(out_dir)[0], q)) for q in ("int8", "bf16")]
+    for flag, m in runs:
         expected = "ROMEO:" + tok.decode(m.generate(prompt, 40, temperature=0.0)[0, prompt.size(1):].tolist())
         assert run(*args, *flag).stdout == expected + "\n---------------\n"
     logs = [run("evaluate.py", f"--out_dir={out_dir}", f"--data_dir={char_data}", "--device=cpu", "--dtype=float32",
-                *q).stdout for q in ((), ("--quantize=int8",))]
+                *q).stdout for q in ((), ("--quantize=int8",), ("--quantize=bf16",))]
     # the same model, the same count: int8 keeps its weights as buffers, which the count once left out
     counts = [re.search(r"([\d.]+)M parameters", out).group(1) for out in logs]
-    assert counts == [f"{model.get_num_params() / 1e6:.2f}"] * 2
-    fp32, int8 = [json.loads(line) for line in open(os.path.join(out_dir, "eval.jsonl"))][-2:]
-    assert "quantize" not in fp32 and int8["quantize"] == "int8"  # the record says which model it scored
-    assert abs(int8["loss"] - fp32["loss"]) <= 0.005 * fp32["loss"] and int8["tokens"] == fp32["tokens"]
+    assert counts == [f"{model.get_num_params() / 1e6:.2f}"] * 3
+    fp32, *rounded = [json.loads(line) for line in open(os.path.join(out_dir, "eval.jsonl"))][-3:]
+    assert "quantize" not in fp32 and [r["quantize"] for r in rounded] == ["int8", "bf16"]  # which model it scored
+    for r in rounded:
+        assert abs(r["loss"] - fp32["loss"]) <= 0.005 * fp32["loss"] and r["tokens"] == fp32["tokens"]
     bad = run("sample.py", f"--out_dir={out_dir}", "--quantize=int4", check=False)
     assert_one_line_error(bad, "--quantize", "int8")
+
+
+def test_bf16_without_the_kernels_is_the_model_in_bfloat16(trained, monkeypatch):
+    """--quantize=bf16 where the CPU kernels are not (a GPU, an ARM CPU): the whole model cast to bfloat16, on
+    torch's matmuls, its held-out loss near float32's."""
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    model, val, _ = trained
+    b = decoding_weights(copy.deepcopy(model), "bf16")
+    assert {p.dtype for p in b.parameters()} == {torch.bfloat16} and type(b.lm_head) is nn.Linear
+    assert abs(val_loss(b, val) - val_loss(model, val)) <= 0.02 * val_loss(model, val)
+    tokens = b.generate(val[:16][None], 16, temperature=0.0)
+    assert tokens.shape == (1, 32) and torch.equal(tokens[:, :16], val[:16][None])
