@@ -24,7 +24,7 @@ from model import GPT, GPTConfig
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
 from nanoforge import cpu_kernels, quantize
-from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, quantize_int8, swap_linears
+from nanoforge.quantize import CPULinear, Int8Linear, decoding_weights, swap_linears
 from nanoforge.tokenizer import load_tokenizer
 from nanoforge.tokens import open_tokens, split_path
 
@@ -340,11 +340,12 @@ def test_a_trained_model_keeps_its_greedy_tokens_logits_and_loss(trained, kind, 
     assert torch.equal(q.generate(prompt, 48, temperature=0.0), q.generate(prompt, 48, temperature=0.0, use_kv_cache=False))
 
 
-def test_the_serving_engine_decodes_the_int8_model(trained):
-    """serve.py --quantize=int8 runs the engine on the int8 model: batched rows at their own positions give
-    each sequence the tokens the int8 model's generate gives it alone."""
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_the_serving_engine_decodes_the_quantized_model(trained, kind):
+    """serve.py --quantize=int8 (or bf16) runs the engine on that model: batched rows at their own positions
+    give each sequence the tokens the model's generate gives it alone."""
     model, val, out_dir = trained
-    q = quantize_int8(copy.deepcopy(model))
+    q = decoding_weights(copy.deepcopy(model), kind)
     tok = load_tokenizer(load_model(out_dir)[1])
     prompts = [val[i:i + n].tolist() for i, n in ((0, 5), (100, 17), (300, 9))]
     events = queue.Queue()
