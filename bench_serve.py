@@ -5,7 +5,7 @@ and their ratio, which is what continuous batching buys; and the time to first t
 clients that came together, which batched prefill keeps near one client's.
 
 With llama.cpp's llama-server in $LLAMA_CPP_BIN or on PATH, the same weights are also served by it (exported
-to GGUF: f32, or q8_0 beside --quantize=int8; as many slots as clients, each block_size long, continuous
+to GGUF: f32, f16 beside --quantize=bf16, q8_0 beside int8; as many slots as clients, each block_size long, continuous
 batching) and asked the same, the two servers taking turns at every level of clients; serve.py's rows then
 give their rate against llama-server's at the same level.
 
@@ -46,7 +46,7 @@ completion_tokens = 32  # greedy tokens per request
 prompt_len = 16  # tokens of each (random) prompt
 device = "auto"  # serve.py's: auto, cpu, cuda, cuda:N, mps
 dtype = "auto"  # serve.py's: auto, float32, bfloat16, float16
-quantize = "none"  # serve.py's: 'int8' serves int8 weights
+quantize = "none"  # serve.py's: 'bf16' or 'int8' serves weights in 2 or 1 bytes
 compile = False  # serve.py's: compile the decode step (its compile, before serving, is not timed)
 engines = "serve.py,llama-server"  # the servers to run, in turn; llama-server only when it is found
 seed = 1337
@@ -77,7 +77,7 @@ if "llama-server" in wanted and not llama_server:
                                "LLAMA_CPP_BIN at the folder that holds it, or leave it out of --engines")
     print("llama-server: not in $LLAMA_CPP_BIN or on PATH: skipped")
     wanted.remove("llama-server")
-gguf_type = "q8_0" if quantize == "int8" else "f32"  # llama.cpp's precision beside serve.py's
+gguf_type = {"int8": "q8_0", "bf16": "f16"}.get(quantize, "f32")  # llama.cpp's precision beside serve.py's
 machine = hardware.machine_line(hardware.resolve_device(device)[0])
 
 

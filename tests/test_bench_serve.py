@@ -42,11 +42,12 @@ def test_bench_serve_streams_from_concurrent_clients(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not gguf_format.llama_cpp_program("llama-server"),
                     reason="llama.cpp's llama-server is not on PATH or in $LLAMA_CPP_BIN")
-def test_bench_serve_sets_serve_py_beside_llama_server_on_the_same_weights(tmp_path):
-    """With llama-server at hand, the int8 serve.py and llama-server on the q8_0 GGUF of the same weights take
-    turns at each level, and serve.py's rows give their rates against llama-server's at that level."""
+@pytest.mark.parametrize("quantize, gguf_type", [("int8", "q8_0"), ("bf16", "f16")])
+def test_bench_serve_sets_serve_py_beside_llama_server_on_the_same_weights(tmp_path, quantize, gguf_type):
+    """With llama-server at hand, the int8 (bf16) serve.py and llama-server on the q8_0 (f16) GGUF of the same
+    weights take turns at each level, and serve.py's rows give their rates against llama-server's there."""
     out_json = tmp_path / "serve.json"
-    r = run_bench_serve(*TINY, "--quantize=int8", f"--json_out={out_json}")
+    r = run_bench_serve(*TINY, f"--quantize={quantize}", f"--json_out={out_json}")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out_json.read_text())["serve"]
     assert [(row["engine"], row["clients"]) for row in rows] == [("serve.py", 1), ("llama-server", 1),
@@ -57,7 +58,7 @@ def test_bench_serve_sets_serve_py_beside_llama_server_on_the_same_weights(tmp_p
         for key in ("one_at_a_time_tokens_per_s", "together_tokens_per_s"):
             assert ours["vs_llama_server"][key] == pytest.approx(ours[key] / theirs[key])
         assert "vs_llama_server" not in theirs
-    assert "llama-server on the same weights in GGUF q8_0" in r.stdout
+    assert f"llama-server on the same weights in GGUF {gguf_type}" in r.stdout
     vs = rows[2]["vs_llama_server"]
     assert (f"| serve.py | 1x2x32 | 2 | {rows[2]['one_at_a_time_tokens_per_s']:,.1f} |" in r.stdout
             and f"| {vs['one_at_a_time_tokens_per_s']:.2f}x / {vs['together_tokens_per_s']:.2f}x |" in r.stdout)
