@@ -35,6 +35,57 @@ static inline __m256 load8(const void *w, int64_t i, int bf16) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
+/* Row xm of x (K floats) times the four rows of a packed group, its blocks [b0, b1), the group's block b at
+ * w + wg + 64 b (float32, or bfloat16 if bf16): y's four sums, into out. Two accumulators a row of the group
+ * (the block's two halves): eight FMA chains in flight. */
+static inline __attribute__((always_inline)) void group_row(const float *xm, const void *w, int64_t wg, int64_t b0,
+                                                            int64_t b1, int bf16, float out[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t wb = wg + b * 64;  /* block b of the four rows */
+        __m256 x0 = _mm256_loadu_ps(xm + b * 16), x1 = _mm256_loadu_ps(xm + b * 16 + 8);
+        a0 = _mm256_fmadd_ps(x0, load8(w, wb, bf16), a0);
+        c0 = _mm256_fmadd_ps(x1, load8(w, wb + 8, bf16), c0);
+        a1 = _mm256_fmadd_ps(x0, load8(w, wb + 16, bf16), a1);
+        c1 = _mm256_fmadd_ps(x1, load8(w, wb + 24, bf16), c1);
+        a2 = _mm256_fmadd_ps(x0, load8(w, wb + 32, bf16), a2);
+        c2 = _mm256_fmadd_ps(x1, load8(w, wb + 40, bf16), c2);
+        a3 = _mm256_fmadd_ps(x0, load8(w, wb + 48, bf16), a3);
+        c3 = _mm256_fmadd_ps(x1, load8(w, wb + 56, bf16), c3);
+    }
+    out[0] = sum8(_mm256_add_ps(a0, c0));
+    out[1] = sum8(_mm256_add_ps(a1, c1));
+    out[2] = sum8(_mm256_add_ps(a2, c2));
+    out[3] = sum8(_mm256_add_ps(a3, c3));
+}
+
+/* Row m's four outputs of group g: the first pass over K adds the bias, a later one the sums so far. */
+static inline void put4(float *y, const float *bias, const float out[4], int64_t m, int64_t N, int64_t g, int64_t k0) {
+    for (int64_t r = 0; r < 4 && 4 * g + r < N; r++)
+        y[m * N + 4 * g + r] = out[r] + (k0 ? y[m * N + 4 * g + r] : bias ? bias[4 * g + r] : 0.0f);
+}
+
+#define KC 1024  /* weights of a row a pass takes: four rows' 16 KB (float32) stay in the L1 while all of x passes */
+
+/* bf16 with many rows of x: the pass's weights (group g, blocks [b0, b1)) widened once into float32 on the
+ * stack, then every row reads those, where widening them again for each row made 16 rows as slow as float32.
+ * Widening is exact and the sums run in the same order, so each row's output is what group_row gives it on
+ * the bf16 weights: alone or batched, a row gets the same numbers. A function of its own: the 16 KB stay out
+ * of the one-row path's frame. */
+static __attribute__((noinline)) void widened_pass(const float *x, const uint16_t *w, const float *bias, float *y,
+                                                   int64_t M, int64_t K, int64_t N, int64_t g, int64_t k0,
+                                                   int64_t b0, int64_t b1) {
+    float wide[4 * KC] __attribute__((aligned(32)));
+    for (int64_t i = 0; i < (b1 - b0) * 64; i += 8)
+        _mm256_store_ps(wide + i, load8(w, g * 4 * K + b0 * 64 + i, 1));
+    for (int64_t m = 0; m < M; m++) {
+        float out[4];
+        group_row(x + m * K, wide, -b0 * 64, b0, b1, 0, out);  /* wide holds block b0 at its start */
+        put4(y, bias, out, m, N, g, k0);
+    }
+}
+
 /* float32 activations: y = x W^T + bias (bias NULL: none; added here, where a separate add took as long as
  * the call), W float32 or bfloat16 (bf16), packed (cpu_kernels.pack_f32, pack_bf16): rows in groups of four,
  * and within a group the four rows' 16 weights of block b side by side, then block b + 1. A thread takes a
@@ -42,37 +93,23 @@ static inline __m256 load8(const void *w, int64_t i, int bf16) {
  * FMAs, and four separate rows read in place were four streams (27.8-22.8 GB/s from memory on an AMD Zen 4
  * that way, 32.6-28.3 packed). The last group is padded with zero rows, whose outputs are not written. K is
  * a multiple of 16. Inlined into linear_f32 and linear_bf16 with bf16 a constant, so each has its own loop. */
-#define KC 1024  /* weights of a row a pass takes: four rows' 16 KB (float32) stay in the L1 while all of x passes */
+#define WIDEN_ROWS 8  /* bf16 from this many rows on widens each pass once (widened_pass); fewer, in the loop */
 static inline __attribute__((always_inline)) void linear16(const float *x, const void *w, const float *bias,
                                                            float *y, int64_t M, int64_t K, int64_t N, int threads,
                                                            int bf16) {
     const int64_t G = (N + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < G; g++) {
-        const int64_t wg = g * 4 * K;  /* the group's first weight */
         for (int64_t k0 = 0; k0 < K; k0 += KC) {  /* one pass for K <= KC; partial sums into y otherwise */
-            const int64_t bend = (k0 + KC < K ? k0 + KC : K) / 16;
+            const int64_t b0 = k0 / 16, b1 = (k0 + KC < K ? k0 + KC : K) / 16;
+            if (bf16 && M >= WIDEN_ROWS) {
+                widened_pass(x, w, bias, y, M, K, N, g, k0, b0, b1);
+                continue;
+            }
             for (int64_t m = 0; m < M; m++) {
-                const float *xm = x + m * K;
-                /* two accumulators a row (the block's two halves): eight FMA chains in flight */
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-                __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-                for (int64_t b = k0 / 16; b < bend; b++) {
-                    const int64_t wb = wg + b * 64;  /* block b of the four rows */
-                    __m256 x0 = _mm256_loadu_ps(xm + b * 16), x1 = _mm256_loadu_ps(xm + b * 16 + 8);
-                    a0 = _mm256_fmadd_ps(x0, load8(w, wb, bf16), a0);
-                    b0 = _mm256_fmadd_ps(x1, load8(w, wb + 8, bf16), b0);
-                    a1 = _mm256_fmadd_ps(x0, load8(w, wb + 16, bf16), a1);
-                    b1 = _mm256_fmadd_ps(x1, load8(w, wb + 24, bf16), b1);
-                    a2 = _mm256_fmadd_ps(x0, load8(w, wb + 32, bf16), a2);
-                    b2 = _mm256_fmadd_ps(x1, load8(w, wb + 40, bf16), b2);
-                    a3 = _mm256_fmadd_ps(x0, load8(w, wb + 48, bf16), a3);
-                    b3 = _mm256_fmadd_ps(x1, load8(w, wb + 56, bf16), b3);
-                }
-                const float out[4] = {sum8(_mm256_add_ps(a0, b0)), sum8(_mm256_add_ps(a1, b1)),
-                                      sum8(_mm256_add_ps(a2, b2)), sum8(_mm256_add_ps(a3, b3))};
-                for (int64_t r = 0; r < 4 && 4 * g + r < N; r++)
-                    y[m * N + 4 * g + r] = out[r] + (k0 ? y[m * N + 4 * g + r] : bias ? bias[4 * g + r] : 0.0f);
+                float out[4];
+                group_row(x + m * K, w, g * 4 * K, b0, b1, bf16, out);
+                put4(y, bias, out, m, N, g, k0);
             }
         }
     }

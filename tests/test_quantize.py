@@ -165,6 +165,23 @@ def test_the_cpu_kernels_compute_what_torch_does(rows):
         cpu_kernels.linear_q8(torch.randn(1, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4))
 
 
+def test_a_rows_products_do_not_depend_on_the_rows_beside_it():
+    """serve.py decodes many sequences in one batch: every kernel gives a row the same numbers, bit for bit,
+    alone and among any number of others (bf16 widens its weights once from 8 rows on: the same sums, in the
+    same order; int8 takes rows 64 at a time)."""
+    torch.manual_seed(0)
+    K, N = 3072, 37  # K past a pass (1024): partial sums too
+    x, w = torch.randn(70, K), torch.randn(N, K)
+    w8, scales = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
+    products = [lambda x: cpu_kernels.linear_f32(x, cpu_kernels.pack_f32(w), N),
+                lambda x: cpu_kernels.linear_bf16(x, cpu_kernels.pack_bf16(w), N),
+                lambda x: cpu_kernels.linear_q8(x, cpu_kernels.pack_q8(w8), scales)]
+    for product in products:
+        alone = torch.cat([product(x[i:i + 1]) for i in range(len(x))])
+        for M in (2, 7, 8, 70):
+            assert torch.equal(product(x[:M]), alone[:M]), M
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: a prefill's, more than the float32 kernel takes
 @pytest.mark.parametrize("kernels", [True, False])  # False: torch's int8 kernel, where the CPU kernels are not
