@@ -404,16 +404,16 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # Generation
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_kv_cache=True, stop_token=None, generator=None):
-        """Yields (B, 1) next-token ids one at a time, continuing idx (B, T).
+        """Yields (B, 1) next-token ids one at a time, continuing idx (B, T). Inference mode, not just no_grad:
+        no version counters or view records for autograd, ~8% of a CPU token's time outside its products.
 
-        Without the cache each step runs the whole (cropped) context: the simple reference. With it,
-        the prompt is run once and each step runs one token against the cached keys and values. Once
-        the context passes block_size the model must see the last block_size tokens at shifted
-        positions, which a cache cannot give, so the cached path refills its cache from the cropped
-        context each step from then on, exactly as the reference does."""
+        Without the cache each step runs the whole (cropped) context: the simple reference. With it, the
+        prompt is run once and each step runs one token against the cached keys and values. Once the context
+        passes block_size the model must see the last block_size tokens at shifted positions, which a cache
+        cannot give, so the cached path refills its cache from the cropped context each step from then on."""
         cfg = self.config
         caches, seen = None, idx
         # one row times lm_head's (V, C) weight is a dot product per vocabulary token; a (C, V) copy, kept for

@@ -98,7 +98,7 @@ class SlotKVCache:
         return (keys[None, None, :] <= where[:, :, None])[:, None]  # (B, 1, T, L)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as model.generate_stream: no autograd records (the logits are inference tensors)
 def slot_step(model, idx, caches, rows, pos):
     """One step of many sequences at once: row b of idx (B, T) continues the sequence held in slot rows[b]
     of the SlotKVCaches (one per layer), its tokens at positions pos[b] .. pos[b] + T - 1. Returns each
@@ -318,7 +318,7 @@ class Engine:
         rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         # prompts run eagerly where the model is compiled (hardware.compile_decoding): the decode step is where a
         # compiled forward pays, and its few shapes compile once; a prompt's time is in its matrix products
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager"), torch.inference_mode():  # (logits[short] is written in place)
             logits = slot_step(self.model, padded, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long,
                                                                                   device=self.device))  # (B, V)
             short = [b for b, s in enumerate(seqs) if len(s.prompt) < longest]
