@@ -1,6 +1,6 @@
 """
 Weights for decoding. A token of decoding reads every weight once and does little arithmetic with it: its
-time is the time to read them. Two things shorten it, and decoding_weights(model, quantize) applies both:
+time is the time to read them. These shorten it, and decoding_weights(model, quantize) applies them:
 
 - On a CPU, the Linear layers and the LM head multiply their few rows of activations through
   cpu_kernels.c, which reads each weight row once on all threads (torch's matmul runs that shape on one
@@ -12,6 +12,8 @@ time is the time to read them. Two things shorten it, and decoding_weights(model
 - quantize="int8": weight-only int8, four times fewer bytes than float32. Each Linear of the blocks and
   the LM head becomes an Int8Linear, weights rounded per output channel (a row of the matrix shares one
   scale, its largest magnitude over 127); norms, embeddings and the KV cache stay as they were.
+- The packed weights move into one block of memory on 2 MiB pages, in the order the layers run
+  (packed_on_huge_pages): fewer TLB misses, and the prefetcher runs on past 4 KiB page ends.
 
     model = decoding_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8 (or bf16)
 
