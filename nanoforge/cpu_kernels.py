@@ -164,7 +164,7 @@ def pack_q8(w):
 
 # x86-64's large page: one TLB entry covers what 512 small (4 KiB) ones do, and the hardware prefetcher, which
 # stops at a page's end, runs on through it. Weights read front to back every token on such pages read faster:
-# 1.1-1.4x a token of GPT-2 on an AMD Zen 4 (dev/LOG.md)
+# a token of GPT-2 1.04-1.19x on an AMD Zen 4 (dev/LOG.md)
 HUGE_PAGE = 2 << 20
 
 
@@ -202,7 +202,7 @@ class HugePages:
 
 
 def unpack(packed, N):
-    """pack_f32's or pack_q8's inverse: the (N, K) weight (a copy)."""
+    """pack_f32's, pack_bf16's or pack_q8's inverse: the (N, K) weight (a copy)."""
     G, B, _, block = packed.shape
     return packed.transpose(1, 2).reshape(4 * G, B * block)[:N].contiguous()
 
