@@ -141,11 +141,15 @@ def transformers_engine():
     return generate, hf_format.HF_CLASS[kind]
 
 
+def quantize_of(engine):
+    """The --quantize a nanoforge engine's name stands for."""
+    return next((q for q in ('int8', 'bf16') if q in engine), 'none')
+
+
 engines, results, tmp = {}, {}, tempfile.TemporaryDirectory()
 for engine in wanted:
     if engine.startswith('nanoforge'):
-        kind = next((q for q in ('int8', 'bf16') if q in engine), 'none')  # --quantize
-        m = decoding_weights(copy.deepcopy(model), kind) if engine != 'nanoforge-torch' else model
+        m = decoding_weights(copy.deepcopy(model), quantize_of(engine)) if engine != 'nanoforge-torch' else model
         if engine.endswith('-compiled'):
             hardware.compile_decoding(m)  # compiled by the warm-up run below: the compile is not in the rate
         engines[engine], results[engine] = ours(m), {"weight_bytes": weight_bytes(m)}
@@ -177,7 +181,7 @@ for engine, r in results.items():
         if ids[engine] is not None and reference is not None and engine != 'nanoforge' else None
     if "weight_bytes" in r:
         r["weight_gb_s"] = r["tokens_per_s"] * r.pop("weight_bytes") / 1e9
-    peer = 'llama.cpp-q8_0' if 'int8' in engine else 'llama.cpp-f16' if 'bf16' in engine else 'llama.cpp-f32'
+    peer = f"llama.cpp-{gguf_format.AT_QUANTIZE[quantize_of(engine)]}"
     if engine.startswith('nanoforge') and peer in rates:  # the median of the repeats' own ratios
         r["vs_llama_cpp"] = statistics.median_high([a / b for a, b in zip(rates[engine], rates[peer])])
         r["llama_cpp_peer"] = peer

@@ -34,6 +34,8 @@ from nanoforge.errors import UserError
 from nanoforge.tokenizer import PATTERNS, CharTokenizer, UnigramTokenizer, _bytes_to_unicode
 
 TYPES = ("f32", "f16", "q8_0")
+# the GGUF type that holds weights at each --quantize's precision: the benchmarks set llama.cpp on it beside us
+AT_QUANTIZE = {"none": "f32", "bf16": "f16", "int8": "q8_0"}
 ARCH = dict(gpt2="gpt2", llama="llama", qwen3="qwen3", arcee="arcee", apertus="apertus")
 ROTATE_HALF = {"qwen3", "apertus"}  # llama.cpp's NEOX rotary layout
 PRE = {PATTERNS["gpt2"]: "gpt-2", PATTERNS["gpt4"]: "llama-bpe"}
