@@ -77,7 +77,7 @@ if "llama-server" in wanted and not llama_server:
                                "LLAMA_CPP_BIN at the folder that holds it, or leave it out of --engines")
     print("llama-server: not in $LLAMA_CPP_BIN or on PATH: skipped")
     wanted.remove("llama-server")
-gguf_type = gguf_format.AT_QUANTIZE.get(quantize, "f32")  # llama.cpp's precision beside serve.py's (serve.py refuses a bad one)
+gguf_type = gguf_format.AT_QUANTIZE.get(quantize, "f32")  # beside serve.py's (which refuses a bad one)
 machine = hardware.machine_line(hardware.resolve_device(device)[0])
 
 
