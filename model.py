@@ -93,9 +93,9 @@ def attention_reference(q, k, v, dropout_p=0.0, training=False, mask=None):
 class CausalSelfAttention(nn.Module):
 
     # Which path runs, set from outside: use_sdpa=False runs attention_reference everywhere; sdpa_backward=False
-    # only where a backward follows (training; hardware.sdpa_backward: the CPU kernel's bf16 backward is slow)
-    use_sdpa = True
-    sdpa_backward = True
+    # only where a backward follows (training; hardware.sdpa_backward: the CPU kernel's bf16 backward is slow).
+    # sdpa: the fused kernel, SDPA's signature (decoding on a CPU puts cpu_kernels.attention there, quantize.py)
+    use_sdpa, sdpa_backward, sdpa = True, True, staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, config):
         super().__init__()
@@ -137,8 +137,8 @@ class CausalSelfAttention(nn.Module):
         if self.use_sdpa and (self.sdpa_backward or not torch.is_grad_enabled()):
             # fused kernels (flash / memory-efficient on CUDA). is_causal (a plain bool: T is symbolic when compiled)
             # assumes an aligned square mask: cached keys before the queries bring their own; one query sees all
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=True if mask is None and T > 1 else False)
+            y = self.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                          is_causal=True if mask is None and T > 1 else False)
         else:
             y = attention_reference(q, k, v, dropout_p, self.training, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again

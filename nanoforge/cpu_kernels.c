@@ -213,3 +213,88 @@ int linear_q8(const float *x, const int8_t *w, const float *s, const float *bias
     free(dx);
     return 0;
 }
+
+/* e^x, eight at a time, for x <= 0 (a score minus the largest): x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+ * Taylor series to r^6 (relative error ~1e-7, float32's own), 2^n written into the exponent bits. Below -87,
+ * where e^x leaves float32's normal range, it gives 0 (a masked key's -inf too). */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lowest = _mm256_set1_ps(-87.0f);
+    const __m256 gone = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lowest);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* r = x - n ln2, with ln2 in two parts (the first exact in float32 times any n here): no cancellation */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(gone, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
+}
+
+/* Attention of one query per sequence and head, decoding's case: y = softmax(scale q k^T) v over the L keys of
+ * that sequence and head, leaving out keys whose mask byte is 0 (mask NULL: none). q (B, H, D), k and v
+ * (B, H, L, D) and mask (B, H, L) are read through their strides in elements (a cache's keys are a view of a
+ * longer buffer; a mask shared by the heads has stride 0 there); y is (B, H, D), contiguous. D a multiple of 8,
+ * at most ATTN_D. Each (sequence, head) is one item, on one thread: its scores, then their exponentials and sum,
+ * then the weighted sum of the values, in that order whatever else is batched. A sequence with no visible key
+ * gets zeros. Returns nonzero if there was no memory for the scores. */
+#define ATTN_D 256
+int attend_one(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B, int64_t H,
+               int64_t L, int64_t D, int64_t qb, int64_t qh, int64_t kb, int64_t kh, int64_t kt, int64_t vb,
+               int64_t vh, int64_t vt, int64_t mb, int64_t mh, int64_t mt, float scale, int threads) {
+    const int64_t L8 = (L + 7) / 8 * 8;  /* the scores padded to whole registers with -inf (weight 0) */
+    float *scores = malloc(B * H * L8 * sizeof(float));
+    if (!scores)
+        return 1;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < B * H; i++) {
+        const int64_t b = i / H, h = i % H;
+        const float *qi = q + b * qb + h * qh, *ki = k + b * kb + h * kh, *vi = v + b * vb + h * vh;
+        const uint8_t *mi = mask ? mask + b * mb + h * mh : NULL;
+        float *s = scores + i * L8, top = -INFINITY;
+        for (int64_t t = 0; t < L8; t++) {
+            if (t >= L || (mi && !mi[t * mt])) {
+                s[t] = -INFINITY;
+                continue;
+            }
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(ki + t * kt + d), a);
+            s[t] = sum8(a) * scale;
+            top = fmaxf(top, s[t]);
+        }
+        float *yi = y + i * D;
+        if (top == -INFINITY) {  /* nothing visible */
+            for (int64_t d = 0; d < D; d++)
+                yi[d] = 0.0f;
+            continue;
+        }
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t t = 0; t < L8; t += 8) {
+            __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(s + t, p);
+            total = _mm256_add_ps(total, p);
+        }
+        __m256 acc[ATTN_D / 8];
+        for (int64_t d = 0; d < D / 8; d++)
+            acc[d] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < L; t++) {
+            if (s[t] == 0.0f)  /* masked, or too small to count */
+                continue;
+            const __m256 p = _mm256_set1_ps(s[t]);
+            for (int64_t d = 0; d < D / 8; d++)
+                acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vi + t * vt + 8 * d), acc[d]);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum8(total));
+        for (int64_t d = 0; d < D / 8; d++)
+            _mm256_storeu_ps(yi + 8 * d, _mm256_mul_ps(acc[d], inv));
+    }
+    free(scores);
+    return 0;
+}

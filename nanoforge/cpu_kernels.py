@@ -23,6 +23,7 @@ matmuls, the reference the tests hold these to.
 """
 import ctypes
 import hashlib
+import math
 import mmap
 import os
 import platform
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 
 import torch
+from torch.nn import functional as F
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -100,6 +102,7 @@ def available():
     lib.linear_f32.argtypes = [P, P, P, P, I, I, I, T]
     lib.linear_bf16.argtypes = [P, P, P, P, I, I, I, T]
     lib.linear_q8.argtypes = [P, P, P, P, P, I, I, I, T]
+    lib.attend_one.argtypes = [P, P, P, P, P, *[I] * 15, ctypes.c_float, T]
     _lib = lib
     return True
 
@@ -247,6 +250,42 @@ def linear_q8(x, w, scales, bias=None):
     return y
 
 
+ATTN_D = 256  # attend_one takes heads up to this wide (and a multiple of 8)
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """F.scaled_dot_product_attention, with decoding's case, one query a sequence (q (B, H, 1, D) against k and v
+    (B, H, L, D), float32 on the CPU, a boolean mask or none), run by attend_one: SDPA's CPU kernel spends ~50 us
+    on such a call, mostly setting up for blocks of queries, where the arithmetic is a few microseconds and the
+    keys are read once. Every other case is SDPA's. The same numbers as SDPA's up to the order of the sums."""
+    B, H, T, D = q.shape
+    L = k.size(2)
+    if not (T == 1 and L > 0 and not is_causal and dropout_p == 0.0 and D % 8 == 0 and D <= ATTN_D
+            and q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cpu and k.is_cpu and v.is_cpu
+            and k.shape == v.shape == (B, H, L, D) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and (attn_mask is None or attn_mask.dtype == torch.bool and attn_mask.is_cpu) and available()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if torch.compiler.is_compiling():
+        return attend_one_op(q, k, v, attn_mask, scale)
+    return attend_one(q, k, v, attn_mask, scale)
+
+
+def attend_one(q, k, v, mask, scale):
+    """attention's kernel call, its promises checked by attention: q (B, H, 1, D), k, v (B, H, L, D), mask None or
+    boolean, broadcastable to (B, H, 1, L) -> (B, H, 1, D)."""
+    B, H, _, D = q.shape
+    L = k.size(2)
+    y = torch.empty(B, H, 1, D)
+    m = (0, 0, 0, 0) if mask is None else mask.expand(B, H, 1, L).stride()
+    if _lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
+                       y.data_ptr(), B, H, L, D, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
+                       m[0], m[1], m[3], scale, torch.get_num_threads()):
+        raise MemoryError(f"no memory for the attention scores of {B} x {H} x {L}")
+    return y
+
+
 # The same two products as torch operators, for torch.compile: a compiled graph calls these as opaque ops
 # (a ctypes call inside a traced function would break the graph at every layer). Eager code calls the
 # functions above directly: the operator's dispatch costs a few us a call. Defined on a torch.library.Library
@@ -256,9 +295,11 @@ _ops = torch.library.Library("nanoforge", "DEF")
 _ops.define("linear_f32(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
 _ops.define("linear_bf16(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
 _ops.define("linear_q8(Tensor x, Tensor w, Tensor scales, Tensor? bias=None) -> Tensor")
+_ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _ops.impl("linear_f32", lambda x, w, N, bias=None: linear_f32(x.contiguous(), w, N, bias), "CPU")
 _ops.impl("linear_bf16", lambda x, w, N, bias=None: linear_bf16(x.contiguous(), w, N, bias), "CPU")
 _ops.impl("linear_q8", lambda x, w, scales, bias=None: linear_q8(x.contiguous(), w, scales, bias), "CPU")
+_ops.impl("attend_one", attend_one, "CPU")
 
 
 @torch.library.register_fake("nanoforge::linear_f32")
@@ -272,6 +313,12 @@ def _(x, w, scales, bias=None):
     return x.new_empty(*x.shape[:-1], scales.size(0))
 
 
+@torch.library.register_fake("nanoforge::attend_one")
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape)
+
+
 linear_f32_op = torch.ops.nanoforge.linear_f32.default
 linear_bf16_op = torch.ops.nanoforge.linear_bf16.default
 linear_q8_op = torch.ops.nanoforge.linear_q8.default
+attend_one_op = torch.ops.nanoforge.attend_one.default

@@ -14,6 +14,8 @@ time is the time to read them. These shorten it, and decoding_weights(model, qua
   scale, its largest magnitude over 127); norms, embeddings and the KV cache stay as they were.
 - The packed weights move into one block of memory on 2 MiB pages, in the order the layers run
   (packed_on_huge_pages): fewer TLB misses, and the prefetcher runs on past 4 KiB page ends.
+- On a CPU with the kernels, attention with one query a sequence (every decoding step) runs
+  cpu_kernels.attention's kernel in place of SDPA's (the model's attention takes it as its sdpa).
 
     model = decoding_weights(model, "int8")   # sample.py, serve.py, evaluate.py: --quantize=int8 (or bf16)
 
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from model import CausalSelfAttention
 from nanoforge import cpu_kernels
 from nanoforge.errors import UserError
 
@@ -167,6 +170,10 @@ def decoding_weights(model, quantize):
         swap_linears(model, functools.partial(CPULinear, bf16=bf16))
     elif quantize == "bf16":
         model.to(torch.bfloat16)
+    if kernels:  # one query a sequence: cpu_kernels.attention's own kernel (SDPA's otherwise)
+        for m in model.modules():
+            if isinstance(m, CausalSelfAttention):
+                m.sdpa = cpu_kernels.attention
     return packed_on_huge_pages(model)
 
 

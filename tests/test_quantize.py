@@ -182,6 +182,40 @@ def test_a_rows_products_do_not_depend_on_the_rows_beside_it():
             assert torch.equal(product(x[:M]), alone[:M]), M
 
 
+@pytest.mark.skipif(not cpu_has_avx2(), reason="the kernels are written for AVX2 (checked on every x86 CI machine)")
+def test_one_query_attention_is_sdpas():
+    """cpu_kernels.attention, what decoding on a CPU attends with: one query a sequence through attend_one gives
+    SDPA's numbers, keys read in place from a longer cache, a boolean mask (a server's padded rows) or none;
+    a row gets the same bits alone and batched; every other call is SDPA's own."""
+    assert cpu_kernels.available(), cpu_kernels.status()
+    torch.manual_seed(0)
+    for B, H, L, D in ((1, 12, 1, 64), (3, 4, 37, 32), (2, 2, 300, 8)):
+        cache = torch.randn(2, B, H, L + 9, D)  # keys and values of a longer cache: views with its strides
+        k, v = cache[0, :, :, :L], cache[1, :, :, :L]
+        q = (30 * torch.randn(B, 1, H, D)).transpose(1, 2)  # (B, H, 1, D), not contiguous; large scores too
+        torch.testing.assert_close(cpu_kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+        lengths = torch.randint(1, L + 1, (B,))  # rows of their own length, the rest padding
+        masks = [torch.arange(L)[None, None, None, :] < lengths[:, None, None, None],  # (B, 1, 1, L)
+                 torch.rand(B, H, 1, L) > 0.5, torch.rand(1, L) > 0.5]  # holes anywhere, per head; one for all
+        for mask in masks:
+            mask[..., 0] = True  # every row sees a key
+            torch.testing.assert_close(cpu_kernels.attention(q, k, v, attn_mask=mask),
+                                       F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        torch.testing.assert_close(cpu_kernels.attention(q, k, v, scale=0.3),
+                                   F.scaled_dot_product_attention(q, k, v, scale=0.3))
+        together = cpu_kernels.attention(q, k, v, attn_mask=masks[0])
+        for b in range(B):
+            assert torch.equal(cpu_kernels.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], attn_mask=masks[0][b:b + 1]),
+                               together[b:b + 1])
+    # not one query, causal, dropout or float64: SDPA itself
+    q, k, v = torch.randn(3, 1, 2, 5, 16).unbind(0)
+    assert torch.equal(cpu_kernels.attention(q, k, v, is_causal=True),
+                       F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    q1 = q[:, :, :1].double()
+    assert torch.equal(cpu_kernels.attention(q1, k.double(), v.double()),
+                       F.scaled_dot_product_attention(q1, k.double(), v.double()))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: a prefill's, more than the float32 kernel takes
 @pytest.mark.parametrize("kernels", [True, False])  # False: torch's int8 kernel, where the CPU kernels are not
@@ -213,6 +247,7 @@ def test_float32_decoding_weights_keep_the_models_numbers(trained):
         c_fc = k.transformer.h[0].mlp.c_fc  # a block's weight is stored once, packed, and unpacks to itself
         assert c_fc.packed and getattr(c_fc, "weight", None) is None
         assert torch.equal(c_fc.full_weight(), model.transformer.h[0].mlp.c_fc.weight)
+        assert all(block.attn.sdpa is cpu_kernels.attention for block in k.transformer.h)  # and attend_one
     assert k.lm_head.weight is k.transformer.wte.weight
     odd = CPULinear(nn.Linear(100, 7))  # a width the kernel does not take stays as it is, on F.linear
     x = torch.randn(2, 100)
