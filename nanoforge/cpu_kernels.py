@@ -101,6 +101,7 @@ def available():
     P, I, T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.linear_f32.argtypes = [P, P, P, P, I, I, I, T]
     lib.linear_bf16.argtypes = [P, P, P, P, I, I, I, T]
+    lib.linear_f32.restype = lib.linear_bf16.restype = None  # void: nothing to read back
     lib.linear_q8.argtypes = [P, P, P, P, P, I, I, I, T]
     lib.attend_one.argtypes = [P, P, P, P, P, *[I] * 15, ctypes.c_float, T]
     _lib = lib
@@ -117,20 +118,17 @@ def _vector(v, N):
     return v.dtype == torch.float32 and v.shape == (N,) and v.is_cpu and v.is_contiguous()
 
 
-def _check(x, w, wdtype, wshape, bias, N):
-    """The pointer to bias's data (0 for None) once x, w and bias are what the C code expects."""
+def _check(w, wdtype, wshape, bias, N):
+    """Raises unless w and bias are what the C code expects (x is Bound's to check)."""
     # a wrong pointer or size is a crash, not an exception: every promise the C code relies on is checked
-    # (in one expression: decoding makes ~50 of these calls a token)
-    fits = (x.dtype == torch.float32 and w.dtype == wdtype and x.dim() >= 1 and w.shape == wshape and x.is_cpu
-            and w.is_cpu and x.is_contiguous() and w.is_contiguous() and (bias is None or _vector(bias, N)))
+    fits = (w.dtype == wdtype and w.shape == wshape and w.is_cpu and w.is_contiguous()
+            and (bias is None or _vector(bias, N)))
     if not available():  # the first call builds the library
         raise RuntimeError(f"the CPU kernels are not available ({_why}): check available() first")
-    if fits:
-        return 0 if bias is None else bias.data_ptr()
-    got = "" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)}"
-    raise ValueError(f"x must be a contiguous float32 tensor, w a contiguous {wdtype} one of shape "
-                     f"{tuple(wshape)} and bias None or {N} contiguous float32s, all on the CPU: got {x.dtype} "
-                     f"{tuple(x.shape)}, {w.dtype} {tuple(w.shape)}{got}")
+    if not fits:
+        got = "" if bias is None else f", bias {bias.dtype} {tuple(bias.shape)}"
+        raise ValueError(f"w must be a contiguous {wdtype} tensor of shape {tuple(wshape)} and bias None or {N} "
+                         f"contiguous float32s, all on the CPU: got {w.dtype} {tuple(w.shape)}{got}")
 
 
 def packed_shape(N, K, block):
@@ -214,40 +212,80 @@ def linear_f32(x, w, N, bias=None):
     """x (..., K) float32 contiguous, w an (N, K) float32 weight packed by pack_f32, bias None or (N,) float32
     -> x w^T + bias, (..., N), as F.linear: x's leading dims are its M rows (no reshape on the way: decoding
     makes ~50 of these calls a token, and each of its small operations costs a microsecond or two)."""
-    return _linear16("linear_f32", torch.float32, x, w, N, bias)
+    return bind_f32(w, N, x.size(-1), bias)(x)
 
 
 def linear_bf16(x, w, N, bias=None):
     """linear_f32 with w bfloat16, packed by pack_bf16: each weight widened to float32 exactly, float32 sums."""
-    return _linear16("linear_bf16", torch.bfloat16, x, w, N, bias)
-
-
-def _linear16(name, wdtype, x, w, N, bias):
-    K = x.size(-1)
-    if K % F32_BLOCK:
-        raise ValueError(f"linear_f32 and linear_bf16 need K a multiple of {F32_BLOCK}, got {K}")
-    b = _check(x, w, wdtype, packed_shape(N, K, F32_BLOCK), bias, N)
-    y = torch.empty(*x.shape[:-1], N)
-    getattr(_lib, name)(x.data_ptr(), w.data_ptr(), b, y.data_ptr(), x.numel() // K, K, N, torch.get_num_threads())
-    return y
+    return bind_bf16(w, N, x.size(-1), bias)(x)
 
 
 def linear_q8(x, w, scales, bias=None):
     """x (..., K) float32 contiguous, w an (N, K) int8 weight packed by pack_q8, scales (N,) float32, bias None
     or (N,) float32 -> x (w * scales[:, None])^T + bias, (..., N), with x rounded to int8 in blocks of 32 on
     the way (K a multiple of 32). Any number of rows: a prompt's prefill runs here too."""
-    K, N = x.size(-1), scales.size(0)
+    return bind_q8(w, scales, x.size(-1), bias)(x)
+
+
+# A layer multiplies by the same weight every step: bind_* check it (and its scales and bias) once and give a
+# Bound, which then checks x alone. The weight's checks were most of a call's Python (~7 us of ~9): without
+# them an eager int8 token of GPT-2 went 1.13x faster (dev/LOG.md).
+
+def bind_f32(w, N, K, bias=None):
+    """linear_f32 for inputs of width K, bound to w and bias."""
+    return _bind16("linear_f32", torch.float32, w, N, K, bias)
+
+
+def bind_bf16(w, N, K, bias=None):
+    """linear_bf16 for inputs of width K, bound to w and bias."""
+    return _bind16("linear_bf16", torch.bfloat16, w, N, K, bias)
+
+
+def _bind16(name, wdtype, w, N, K, bias):
+    if K % F32_BLOCK:
+        raise ValueError(f"linear_f32 and linear_bf16 need K a multiple of {F32_BLOCK}, got {K}")
+    _check(w, wdtype, packed_shape(N, K, F32_BLOCK), bias, N)
+    return Bound(name, (w, bias), K, N)
+
+
+def bind_q8(w, scales, K, bias=None):
+    """linear_q8 for inputs of width K, bound to w, scales and bias."""
+    N = scales.size(0)
     if K % BLOCK:
         raise ValueError(f"linear_q8 needs K a multiple of {BLOCK}, got {K}")
-    b = _check(x, w, torch.int8, packed_shape(N, K, BLOCK), bias, N)
-    M = x.numel() // K
+    _check(w, torch.int8, packed_shape(N, K, BLOCK), bias, N)
     if not _vector(scales, N):
         raise ValueError(f"linear_q8 needs {N} contiguous float32 scales, got {scales.dtype} {tuple(scales.shape)}")
-    y = torch.empty(*x.shape[:-1], N)
-    if _lib.linear_q8(x.data_ptr(), w.data_ptr(), scales.data_ptr(), b, y.data_ptr(), M, K, N,
-                      torch.get_num_threads()):
-        raise MemoryError(f"no memory for the int8 copy of a ({M}, {K}) input")
-    return y
+    return Bound("linear_q8", (w, scales, bias), K, N)
+
+
+class Bound:
+    """One of the C products with its weight tensors (w, then scales for linear_q8, then bias or None) checked:
+    bound(x) multiplies x (..., K). It holds the storages its pointers point into, so they stay valid whatever
+    becomes of the tensors; holds(*tensors) says whether those are still the ones bound (a layer binds again
+    when not: a buffer replaced, a parameter's .data swapped)."""
+
+    def __init__(self, name, tensors, K, N):
+        self.name, self.call, self.K, self.N = name, getattr(_lib, name), K, N
+        self.pointers = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        self.storages = [t.untyped_storage() for t in tensors if t is not None]
+
+    def holds(self, *tensors):
+        return self.pointers == tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+    def __call__(self, x):
+        if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and x.dim() >= 1
+                and x.size(-1) == self.K):
+            raise ValueError(f"{self.name}: x must be a contiguous float32 tensor on the CPU, (..., {self.K}): got "
+                             f"{x.dtype} {tuple(x.shape)}{'' if x.is_contiguous() else ', not contiguous'}")
+        y = torch.empty(*x.shape[:-1], self.N)
+        M = x.numel() // self.K
+        if self.call(x.data_ptr(), *self.pointers, y.data_ptr(), M, self.K, self.N, torch.get_num_threads()):
+            raise MemoryError(f"no memory for the int8 copy of a ({M}, {self.K}) input")  # only linear_q8 fails
+        return y
+
+    def __deepcopy__(self, memo):
+        return None  # a copy of a layer binds its own tensors, not a second copy of these storages
 
 
 ATTN_D = 256  # attend_one takes heads up to this wide (and a multiple of 8)

@@ -70,6 +70,7 @@ class CPULinear(nn.Module):
             self.register_buffer("packed_weight", pack(linear.weight.detach()))  # (G, K/16, 4, 16)
         if keep_weight or not self.packed:
             self.weight = linear.weight  # (N, K)
+        self.bound = None  # cpu_kernels' product bound to the weight and bias, made at the first call (product)
 
     def full_weight(self):
         """The (N, K) float32 weight the layer multiplies by: the one kept, or the packed one unpacked (and
@@ -84,9 +85,16 @@ class CPULinear(nn.Module):
             return F.linear(x, self.full_weight(), self.bias)
         if torch.compiler.is_compiling():
             kernel = cpu_kernels.linear_bf16_op if self.bf16 else cpu_kernels.linear_f32_op
-        else:
-            kernel = cpu_kernels.linear_bf16 if self.bf16 else cpu_kernels.linear_f32
-        return kernel(x.contiguous(), self.packed_weight, self.out_features, self.bias)  # (..., N), the bias added
+            return kernel(x.contiguous(), self.packed_weight, self.out_features, self.bias)  # (..., N), bias added
+        return self.product()(x.contiguous())
+
+    def product(self):
+        """The kernel bound to this layer's weight and bias (cpu_kernels.Bound: checked once, not every call),
+        bound again if either is another tensor now."""
+        if self.bound is None or not self.bound.holds(self.packed_weight, self.bias):
+            bind = cpu_kernels.bind_bf16 if self.bf16 else cpu_kernels.bind_f32
+            self.bound = bind(self.packed_weight, self.out_features, self.in_features, self.bias)
+        return self.bound
 
     def reference(self, x):
         return F.linear(x, self.full_weight(), self.bias)
@@ -110,6 +118,13 @@ class Int8Linear(nn.Module):
         if not self.packed:  # (N,): torch's int8 kernel's, in bf16 as its activations
             self.register_buffer("scales_bf16", scale.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bound = None  # as CPULinear's
+
+    def product(self):
+        """As CPULinear.product: the kernel bound to the weight, scales and bias."""
+        if self.bound is None or not self.bound.holds(self.weight, self.scales, self.bias):
+            self.bound = cpu_kernels.bind_q8(self.weight, self.scales, self.in_features, self.bias)
+        return self.bound
 
     def int8_weight(self):
         """The (N, K) int8 weight, unpacked if it is stored packed."""
@@ -117,8 +132,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         if self.packed and x.device.type == "cpu":  # the bias is added in the kernel: a call less a layer
-            kernel = cpu_kernels.linear_q8_op if torch.compiler.is_compiling() else cpu_kernels.linear_q8
-            return kernel(x.float().contiguous(), self.weight, self.scales, self.bias).to(x.dtype)  # (..., N)
+            if torch.compiler.is_compiling():
+                return cpu_kernels.linear_q8_op(x.float().contiguous(), self.weight, self.scales, self.bias).to(x.dtype)
+            return self.product()(x.float().contiguous()).to(x.dtype)  # (..., N)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K): torch's int8 kernel takes a matrix
         if x2.device.type == "cpu":

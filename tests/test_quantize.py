@@ -216,6 +216,39 @@ def test_one_query_attention_is_sdpas():
                        F.scaled_dot_product_attention(q1, k.double(), v.double()))
 
 
+@pytest.mark.skipif(not cpu_has_avx2(), reason="the kernels are written for AVX2 (checked on every x86 CI machine)")
+def test_a_layer_binds_its_kernel_once_and_again_when_its_tensors_change():
+    """CPULinear and Int8Linear check their weights once (cpu_kernels.Bound); a tensor replaced afterwards (a
+    buffer reassigned, a parameter's .data swapped) is multiplied by, never the memory it left, and a Bound
+    keeps the memory it points into alive by itself."""
+    assert cpu_kernels.available(), cpu_kernels.status()
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    def unbound(layer):  # the product with every check made again: what the layer's tensors give now
+        if isinstance(layer, Int8Linear):
+            return cpu_kernels.linear_q8(x, layer.weight, layer.scales, layer.bias)
+        product = cpu_kernels.linear_bf16 if layer.bf16 else cpu_kernels.linear_f32
+        return product(x, layer.packed_weight, 40, layer.bias)
+    for make in (CPULinear, functools.partial(CPULinear, bf16=True), Int8Linear):
+        layer = make(nn.Linear(64, 40))
+        first = layer.product()
+        assert layer.product() is first  # bound once
+        assert torch.equal(layer(x), unbound(layer))
+        layer.bias.data = torch.randn(40)  # the same Parameter, other memory
+        weight = "weight" if isinstance(layer, Int8Linear) else "packed_weight"
+        setattr(layer, weight, getattr(layer, weight).flip(0))  # another weight, a buffer replaced (a flip: a copy)
+        gc.collect()
+        assert torch.equal(layer(x), unbound(layer))
+        assert layer.product() is not first and copy.deepcopy(layer).bound is None  # a copy binds its own
+    w, bias = torch.randn(40, 64), torch.randn(40)
+    want = F.linear(x, w, bias)
+    bound = cpu_kernels.bind_f32(cpu_kernels.pack_f32(w), 40, 64, bias.clone())  # the only references
+    gc.collect()
+    torch.testing.assert_close(bound(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"contiguous float32 tensor on the CPU, \(\.\.\., 64\)"):
+        bound(torch.randn(2, 32))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 5, 40])  # 40 rows: a prefill's, more than the float32 kernel takes
 @pytest.mark.parametrize("kernels", [True, False])  # False: torch's int8 kernel, where the CPU kernels are not
