@@ -237,6 +237,47 @@ def test_top_p_and_top_k_sample_only_inside_the_kept_set():
     assert (hot == 3).sum() > (sampling.next_token(logits, 1.0, None, None, gen).flatten() == 3).sum()
 
 
+def test_draw_follows_the_probabilities_as_multinomial_does():
+    """sampling.draw (one uniform number a row, the inverse of the cumulative probabilities) against
+    torch.multinomial, its reference: the same frequencies, and a token of probability 0 never drawn."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    rows, n = probs.repeat(40000, 1), 40000
+    gen = torch.Generator().manual_seed(0)
+    sigma = (probs * (1 - probs) / n).sqrt()
+    for draw in (sampling.draw, sampling.draw_reference):
+        freq = torch.bincount(draw(rows, gen).flatten(), minlength=6) / n
+        assert freq[1] == freq[5] == 0 and ((freq - probs).abs() <= 5 * sigma).all(), (draw, freq)
+
+
+def test_draw_never_picks_a_token_ruled_out(monkeypatch):
+    """Whatever the uniform number, even where u * total rounds up to the total, the token drawn has a
+    probability above 0 (a constrained decoder's masked tokens have exactly 0)."""
+    for probs, first, last in (([0.0, 0.25, 0.0, 0.75, 0.0, 0.0], 1, 3), ([0.0, 1e-30, 0.3, 0.0], 1, 2),
+                               ([1 / 3, 0.0, 1 / 3, 1 / 3, 0.0], 0, 3)):
+        probs = torch.tensor([probs])
+        for u in (0.0, 0.5, 1 - 2 ** -40, 1 - 2 ** -53):
+            monkeypatch.setattr(sampling.torch, "rand", lambda *a, u=u, **k: torch.full((1, 1), u, dtype=torch.float64))
+            i = int(sampling.draw(probs))
+            assert probs[0, i] > 0 and (i == first if u == 0 else True) and (i == last if u > 0.9 else True)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1e-6, 0.3, 0.9, 0.999])
+def test_nucleus_keeps_what_sorting_the_whole_vocabulary_keeps(top_p):
+    """sampling.nucleus looks among the most likely tokens only; nucleus_reference sorts all V. The same tokens
+    kept, at their own logits, but for one token at the edge where the probabilities summed in their two orders
+    round to either side of top_p."""
+    torch.manual_seed(0)
+    for scale in (0.01, 1.0, 8.0):  # flat (the nucleus is most of the vocabulary: the search grows to V) to peaked
+        logits = torch.randn(4, 5000) * scale
+        got, want = sampling.nucleus(logits, top_p), sampling.nucleus_reference(logits, top_p)
+        kept, kept_ref = got > float("-inf"), want > float("-inf")
+        assert torch.equal(got[kept], logits[kept]) and kept.any(-1).all()
+        cum = torch.softmax(logits, -1).sort(descending=True).values.cumsum(-1)  # (4, V)
+        for r in range(4):
+            a, b = sorted((int(kept[r].sum()), int(kept_ref[r].sum())))
+            assert torch.equal(kept[r], kept_ref[r]) or (b == a + 1 and abs(float(cum[r, a - 1]) - top_p) < 1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Hugging Face GPT-2 weights
 
