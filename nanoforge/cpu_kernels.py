@@ -212,77 +212,91 @@ def linear_f32(x, w, N, bias=None):
     """x (..., K) float32 contiguous, w an (N, K) float32 weight packed by pack_f32, bias None or (N,) float32
     -> x w^T + bias, (..., N), as F.linear: x's leading dims are its M rows (no reshape on the way: decoding
     makes ~50 of these calls a token, and each of its small operations costs a microsecond or two)."""
-    return bind_f32(w, N, x.size(-1), bias)(x)
+    _check16(torch.float32, w, N, x.size(-1), bias)
+    return _product("linear_f32", (w, bias), x.size(-1), N, x)
 
 
 def linear_bf16(x, w, N, bias=None):
     """linear_f32 with w bfloat16, packed by pack_bf16: each weight widened to float32 exactly, float32 sums."""
-    return bind_bf16(w, N, x.size(-1), bias)(x)
+    _check16(torch.bfloat16, w, N, x.size(-1), bias)
+    return _product("linear_bf16", (w, bias), x.size(-1), N, x)
 
 
 def linear_q8(x, w, scales, bias=None):
     """x (..., K) float32 contiguous, w an (N, K) int8 weight packed by pack_q8, scales (N,) float32, bias None
     or (N,) float32 -> x (w * scales[:, None])^T + bias, (..., N), with x rounded to int8 in blocks of 32 on
     the way (K a multiple of 32). Any number of rows: a prompt's prefill runs here too."""
-    return bind_q8(w, scales, x.size(-1), bias)(x)
+    _check_q8(w, scales, x.size(-1), bias)
+    return _product("linear_q8", (w, scales, bias), x.size(-1), scales.size(0), x)
 
 
-# A layer multiplies by the same weight every step: bind_* check it (and its scales and bias) once and give a
-# Bound, which then checks x alone. The weight's checks were most of a call's Python (~7 us of ~9): without
-# them an eager int8 token of GPT-2 went 1.13x faster (dev/LOG.md).
-
-def bind_f32(w, N, K, bias=None):
-    """linear_f32 for inputs of width K, bound to w and bias."""
-    return _bind16("linear_f32", torch.float32, w, N, K, bias)
-
-
-def bind_bf16(w, N, K, bias=None):
-    """linear_bf16 for inputs of width K, bound to w and bias."""
-    return _bind16("linear_bf16", torch.bfloat16, w, N, K, bias)
-
-
-def _bind16(name, wdtype, w, N, K, bias):
+def _check16(wdtype, w, N, K, bias):
     if K % F32_BLOCK:
         raise ValueError(f"linear_f32 and linear_bf16 need K a multiple of {F32_BLOCK}, got {K}")
     _check(w, wdtype, packed_shape(N, K, F32_BLOCK), bias, N)
-    return Bound(name, (w, bias), K, N)
 
 
-def bind_q8(w, scales, K, bias=None):
-    """linear_q8 for inputs of width K, bound to w, scales and bias."""
+def _check_q8(w, scales, K, bias):
     N = scales.size(0)
     if K % BLOCK:
         raise ValueError(f"linear_q8 needs K a multiple of {BLOCK}, got {K}")
     _check(w, torch.int8, packed_shape(N, K, BLOCK), bias, N)
     if not _vector(scales, N):
         raise ValueError(f"linear_q8 needs {N} contiguous float32 scales, got {scales.dtype} {tuple(scales.shape)}")
-    return Bound("linear_q8", (w, scales, bias), K, N)
+
+
+def _pointers(tensors):
+    return tuple([0 if t is None else t.data_ptr() for t in tensors])
+
+
+def _product(name, tensors, K, N, x):
+    """The library's product `name` of x (..., K) and the checked weight tensors (w, then scales for linear_q8,
+    then bias or None), given as themselves or as their pointers (a Bound's): x checked, y (..., N) made."""
+    if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and x.dim() >= 1 and x.size(-1) == K):
+        raise ValueError(f"{name}: x must be a contiguous float32 tensor on the CPU, (..., {K}): got {x.dtype} "
+                         f"{tuple(x.shape)}{'' if x.is_contiguous() else ', not contiguous'}")
+    pointers = tensors if isinstance(tensors[0], int) else _pointers(tensors)
+    y = torch.empty(*x.shape[:-1], N)
+    M = x.numel() // K
+    if getattr(_lib, name)(x.data_ptr(), *pointers, y.data_ptr(), M, K, N, torch.get_num_threads()):
+        raise MemoryError(f"no memory for the int8 copy of a ({M}, {K}) input")  # only linear_q8 can fail
+    return y
+
+
+# A layer multiplies by the same weight every step: bind_* check it (and its scales and bias) once and give a
+# Bound, which then checks x alone. The weight's checks were most of a call's Python: without them an eager
+# int8 token of GPT-2 went 1.13x faster (dev/LOG.md).
+
+def bind_f32(w, N, K, bias=None):
+    """linear_f32 for inputs of width K, bound to w and bias."""
+    _check16(torch.float32, w, N, K, bias)
+    return Bound("linear_f32", (w, bias), K, N)
+
+
+def bind_bf16(w, N, K, bias=None):
+    """linear_bf16 for inputs of width K, bound to w and bias."""
+    _check16(torch.bfloat16, w, N, K, bias)
+    return Bound("linear_bf16", (w, bias), K, N)
+
+
+def bind_q8(w, scales, K, bias=None):
+    """linear_q8 for inputs of width K, bound to w, scales and bias."""
+    _check_q8(w, scales, K, bias)
+    return Bound("linear_q8", (w, scales, bias), K, N=scales.size(0))
 
 
 class Bound:
-    """One of the C products with its weight tensors (w, then scales for linear_q8, then bias or None) checked:
-    bound(x) multiplies x (..., K). It holds the storages its pointers point into, so they stay valid whatever
-    becomes of the tensors; holds(*tensors) says whether those are still the ones bound (a layer binds again
-    when not: a buffer replaced, a parameter's .data swapped)."""
+    """One of the library's products with its weight tensors (w, then scales for linear_q8, then bias or None)
+    checked: bound(x) multiplies x (..., K). It holds the storages its pointers point into, so they stay valid
+    whatever becomes of the tensors (the layer that holds it, quantize.BoundLayer, binds again when they change)."""
 
     def __init__(self, name, tensors, K, N):
-        self.name, self.call, self.K, self.N = name, getattr(_lib, name), K, N
-        self.pointers = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        self.name, self.K, self.N = name, K, N
+        self.pointers = _pointers(tensors)
         self.storages = [t.untyped_storage() for t in tensors if t is not None]
 
-    def holds(self, *tensors):
-        return self.pointers == tuple(0 if t is None else t.data_ptr() for t in tensors)
-
     def __call__(self, x):
-        if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and x.dim() >= 1
-                and x.size(-1) == self.K):
-            raise ValueError(f"{self.name}: x must be a contiguous float32 tensor on the CPU, (..., {self.K}): got "
-                             f"{x.dtype} {tuple(x.shape)}{'' if x.is_contiguous() else ', not contiguous'}")
-        y = torch.empty(*x.shape[:-1], self.N)
-        M = x.numel() // self.K
-        if self.call(x.data_ptr(), *self.pointers, y.data_ptr(), M, self.K, self.N, torch.get_num_threads()):
-            raise MemoryError(f"no memory for the int8 copy of a ({M}, {self.K}) input")  # only linear_q8 fails
-        return y
+        return _product(self.name, self.pointers, self.K, self.N, x)
 
     def __deepcopy__(self, memo):
         return None  # a copy of a layer binds its own tensors, not a second copy of these storages

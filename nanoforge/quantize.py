@@ -50,7 +50,27 @@ def kernel_rows(x):
             and not torch.is_autocast_enabled("cpu") and cpu_kernels.available())
 
 
-class CPULinear(nn.Module):
+class BoundLayer(nn.Module):
+    """A layer that multiplies through cpu_kernels with its weight checked once (a cpu_kernels.Bound, made at the
+    first call by product()): checking it every call took a third of the call's Python, and reading the module's
+    tensors to see whether they are still the bound ones ~2 us more (nn.Module's attribute lookup). The bound
+    product is dropped instead whenever an attribute is set (a weight replaced) or the module converted (to(),
+    half(): tensors swapped), and made again at the next call. What goes around nn.Module, a `.data` assigned by
+    hand, is not seen: the Bound keeps the old memory alive and reads it (set bound to None after such a swap)."""
+
+    bound = None
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name != "bound" and self.__dict__.get("bound") is not None:
+            self.bound = None
+
+    def _apply(self, fn, recurse=True):
+        self.bound = None
+        return super()._apply(fn, recurse)
+
+
+class CPULinear(BoundLayer):
     """y = x W^T + b, the weight and bias of the nn.Linear it replaces, the weight stored packed in the order
     cpu_kernels.linear_f32 reads it (cpu_kernels.pack_f32), or with bf16 rounded to bfloat16 for linear_bf16
     (pack_bf16). Up to FEW_ROWS rows go through that kernel; more (a long prompt's prefill) and bf16 autocast
@@ -70,7 +90,6 @@ class CPULinear(nn.Module):
             self.register_buffer("packed_weight", pack(linear.weight.detach()))  # (G, K/16, 4, 16)
         if keep_weight or not self.packed:
             self.weight = linear.weight  # (N, K)
-        self.bound = None  # cpu_kernels' product bound to the weight and bias, made at the first call (product)
 
     def full_weight(self):
         """The (N, K) float32 weight the layer multiplies by: the one kept, or the packed one unpacked (and
@@ -89,9 +108,8 @@ class CPULinear(nn.Module):
         return self.product()(x.contiguous())
 
     def product(self):
-        """The kernel bound to this layer's weight and bias (cpu_kernels.Bound: checked once, not every call),
-        bound again if either is another tensor now."""
-        if self.bound is None or not self.bound.holds(self.packed_weight, self.bias):
+        """The kernel bound to this layer's weight and bias (BoundLayer)."""
+        if self.bound is None:
             bind = cpu_kernels.bind_bf16 if self.bf16 else cpu_kernels.bind_f32
             self.bound = bind(self.packed_weight, self.out_features, self.in_features, self.bias)
         return self.bound
@@ -100,7 +118,7 @@ class CPULinear(nn.Module):
         return F.linear(x, self.full_weight(), self.bias)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(BoundLayer):
     """y = x W^T + b with W stored as int8 (out, in) and one float32 scale per output row. On a CPU with the
     kernels (and in_features a multiple of their blocks) the int8 weight is stored packed in the order
     cpu_kernels.linear_q8 reads it (cpu_kernels.pack_q8), and every product, a prompt's prefill too, runs
@@ -118,11 +136,10 @@ class Int8Linear(nn.Module):
         if not self.packed:  # (N,): torch's int8 kernel's, in bf16 as its activations
             self.register_buffer("scales_bf16", scale.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.bound = None  # as CPULinear's
 
     def product(self):
-        """As CPULinear.product: the kernel bound to the weight, scales and bias."""
-        if self.bound is None or not self.bound.holds(self.weight, self.scales, self.bias):
+        """The kernel bound to the weight, scales and bias (BoundLayer)."""
+        if self.bound is None:
             self.bound = cpu_kernels.bind_q8(self.weight, self.scales, self.in_features, self.bias)
         return self.bound
 
@@ -134,7 +151,8 @@ class Int8Linear(nn.Module):
         if self.packed and x.device.type == "cpu":  # the bias is added in the kernel: a call less a layer
             if torch.compiler.is_compiling():
                 return cpu_kernels.linear_q8_op(x.float().contiguous(), self.weight, self.scales, self.bias).to(x.dtype)
-            return self.product()(x.float().contiguous()).to(x.dtype)  # (..., N)
+            y = self.product()(x.float().contiguous())  # (..., N)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)  # a no-op .to still costs a microsecond
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K): torch's int8 kernel takes a matrix
         if x2.device.type == "cpu":

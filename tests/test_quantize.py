@@ -218,12 +218,13 @@ def test_one_query_attention_is_sdpas():
 
 @pytest.mark.skipif(not cpu_has_avx2(), reason="the kernels are written for AVX2 (checked on every x86 CI machine)")
 def test_a_layer_binds_its_kernel_once_and_again_when_its_tensors_change():
-    """CPULinear and Int8Linear check their weights once (cpu_kernels.Bound); a tensor replaced afterwards (a
-    buffer reassigned, a parameter's .data swapped) is multiplied by, never the memory it left, and a Bound
-    keeps the memory it points into alive by itself."""
+    """CPULinear and Int8Linear check their weights once (a cpu_kernels.Bound); a tensor replaced afterwards or
+    the layer converted is what the next call multiplies by, never the memory it left, and a Bound keeps the
+    memory it points into alive by itself."""
     assert cpu_kernels.available(), cpu_kernels.status()
     torch.manual_seed(0)
     x = torch.randn(2, 64)
+
     def unbound(layer):  # the product with every check made again: what the layer's tensors give now
         if isinstance(layer, Int8Linear):
             return cpu_kernels.linear_q8(x, layer.weight, layer.scales, layer.bias)
@@ -234,12 +235,18 @@ def test_a_layer_binds_its_kernel_once_and_again_when_its_tensors_change():
         first = layer.product()
         assert layer.product() is first  # bound once
         assert torch.equal(layer(x), unbound(layer))
-        layer.bias.data = torch.randn(40)  # the same Parameter, other memory
+        layer.bias = nn.Parameter(torch.randn(40), requires_grad=False)  # a tensor replaced
         weight = "weight" if isinstance(layer, Int8Linear) else "packed_weight"
-        setattr(layer, weight, getattr(layer, weight).flip(0))  # another weight, a buffer replaced (a flip: a copy)
+        setattr(layer, weight, getattr(layer, weight).flip(0))  # another weight (as packed_on_huge_pages does)
         gc.collect()
-        assert torch.equal(layer(x), unbound(layer))
-        assert layer.product() is not first and copy.deepcopy(layer).bound is None  # a copy binds its own
+        assert torch.equal(layer(x), unbound(layer)) and layer.product() is not first
+        pointer = layer.bias.data_ptr()
+        layer.share_memory()  # converted: every tensor moved to shared memory
+        assert layer.bias.data_ptr() != pointer and torch.equal(layer(x), unbound(layer))
+        assert copy.deepcopy(layer).bound is None  # a copy binds its own
+        layer.double()  # float64 bias (and scales) are refused, not read as float32
+        with pytest.raises(ValueError, match="float32"):
+            layer(x)
     w, bias = torch.randn(40, 64), torch.randn(40)
     want = F.linear(x, w, bias)
     bound = cpu_kernels.bind_f32(cpu_kernels.pack_f32(w), 40, 64, bias.clone())  # the only references
