@@ -46,7 +46,7 @@ FEW_ROWS = 128
 def kernel_rows(x):
     """Whether float32 activations x (..., K) go through cpu_kernels: a few rows on a CPU that has them,
     unless the caller asked for bf16 matmuls (--dtype=bfloat16 autocast), which are then torch's."""
-    return (x.dtype == torch.float32 and x.numel() <= FEW_ROWS * x.size(-1) and x.device.type == "cpu"
+    return (x.dtype == torch.float32 and x.numel() <= FEW_ROWS * x.size(-1) and x.is_cpu
             and not torch.is_autocast_enabled("cpu") and cpu_kernels.available())
 
 
@@ -148,7 +148,7 @@ class Int8Linear(BoundLayer):
         return cpu_kernels.unpack(self.weight, self.out_features) if self.packed else self.weight
 
     def forward(self, x):
-        if self.packed and x.device.type == "cpu":  # the bias is added in the kernel: a call less a layer
+        if self.packed and x.is_cpu:  # the bias is added in the kernel: a call less a layer
             if torch.compiler.is_compiling():
                 return cpu_kernels.linear_q8_op(x.float().contiguous(), self.weight, self.scales, self.bias).to(x.dtype)
             y = self.product()(x.float().contiguous())  # (..., N)
