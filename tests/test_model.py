@@ -237,6 +237,20 @@ def test_top_p_and_top_k_sample_only_inside_the_kept_set():
     assert (hot == 3).sum() > (sampling.next_token(logits, 1.0, None, None, gen).flatten() == 3).sum()
 
 
+def test_greedy_is_torchs_argmax():
+    """sampling.greedy (numpy's argmax for float32 on a CPU) picks what logits.argmax does: the first of tied
+    largest values, past -inf masks, on strided rows, and torch's own argmax elsewhere (bfloat16)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, 1000)[:, -1]  # (6, 1000), rows of a larger tensor: strided
+    logits[1, [7, 300]] = 50.0  # a tie: the first wins
+    logits[2, :500] = float("-inf")
+    logits[3] = float("-inf")  # all masked: index 0, as torch gives
+    for x in (logits, logits.to(torch.bfloat16)):
+        got = sampling.greedy(x)
+        assert got.shape == (6, 1) and got.dtype == torch.int64 and torch.equal(got, x.argmax(-1, keepdim=True))
+    assert int(sampling.greedy(logits)[1]) == 7
+
+
 def test_draw_follows_the_probabilities_as_multinomial_does():
     """sampling.draw (one uniform number a row, the inverse of the cumulative probabilities) against
     torch.multinomial, its reference: the same frequencies, and a token of probability 0 never drawn."""
