@@ -1,5 +1,6 @@
 """
-The CPU's decoding matmuls (cpu_kernels.c), built once for this machine and called through ctypes.
+The CPU's decoding matmuls and one-query attention (cpu_kernels.c), built once for this machine and called
+through ctypes.
 
 Decoding multiplies one row of activations (a few, serving several sequences) by each weight matrix: the
 time is the time to read the weights. torch hands that shape to a library that runs it on one core here
@@ -20,6 +21,8 @@ matmuls, the reference the tests hold these to.
         y = cpu_kernels.linear_bf16(x, h, N, b)     # the same product, each weight widened to float32
         q = cpu_kernels.pack_q8(w8)                 # w8 (N, K) int8 -> the order linear_q8 reads it in
         y = cpu_kernels.linear_q8(x, q, scales, b)  # with a float32 scale per row of w8, (N,)
+        f = cpu_kernels.bind_q8(q, scales, K, b)    # the same, its weights checked once: y = f(x) (a layer's)
+        y = cpu_kernels.attention(q, k, v, mask)    # F.scaled_dot_product_attention, one query a sequence here
 """
 import ctypes
 import hashlib
