@@ -3,7 +3,8 @@
  * = x W^T. Decoding one token reads every weight once and does two flops with each, so the time is the time
  * to stream W from memory: the loops below read each weight once, for all M rows of x, on all threads
  * (torch's own matmul runs this shape on one core here), in the order it is stored: W is packed beforehand
- * (cpu_kernels.py's pack_f32 and pack_q8) so that order is front to back.
+ * (cpu_kernels.py's pack_f32 and pack_q8) so that order is front to back. At the end, attend_one: attention
+ * of one query a sequence against its cached keys and values, every decoding step's.
  *
  * Built by cpu_kernels.py with the machine's C compiler (-O3 -march=native -fopenmp) on first use; needs
  * AVX2 and FMA (x86-64 CPUs since 2013-2015). Elsewhere cpu_kernels.py reports it unavailable and the
