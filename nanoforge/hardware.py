@@ -332,18 +332,46 @@ def load_average():
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
+def cores_in_use(seconds=0.25):
+    """How many cores other work keeps busy now: the machine's busy time in /proc/stat over the next `seconds`
+    less this process's own (it mostly sleeps meanwhile), over the time; None where there is no /proc/stat."""
+    def busy_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(ticks[:3]) + ticks[5] + ticks[6], sum(ticks)  # steal (a shared host's own) is no one's here
+    try:
+        (busy0, total0), own0 = busy_and_total(), sum(os.times()[:2])
+        time.sleep(seconds)
+        (busy1, total1), own1 = busy_and_total(), sum(os.times()[:2])
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    if total1 <= total0:
+        return None
+    return max(0.0, (busy1 - busy0) / (total1 - total0) * cores - (own1 - own0) / seconds)
+
+
 def busy_line(device, running=False):
     """A warning line when other work holds the CPU cores this process's threads need, else None. torch's
     threads wait for each other at every operation, so one thread on a busy core holds back the rest: with
-    another job on 2 cores, 2 threads ran 5x slower than 1 (sample.py 40.9 s against 8.2 s). The other work is
-    the 1-minute load average, less this process's own threads when it is `running` (computing flat out)."""
+    another job on 2 cores, 2 threads ran 5x slower than 1 (sample.py 40.9 s against 8.2 s). The 1-minute load
+    average, less this process's own threads when it is `running` (computing flat out), says when to look;
+    what the cores do now (cores_in_use) decides, since that average trails by a minute: a command run just
+    before (pip, the training before sampling) still counted as other work, and the warning told an idle
+    machine's user to halve their threads."""
     if not device.startswith("cpu") or load_average() is None:
         return None
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+
+    def crowded(other):  # more threads than the other work leaves cores
+        return threads >= 2 and other >= 0.75 and threads > max(1, round(cores - other))
     other = load_average() - (threads if running else 0)
-    free = max(1, round(cores - other))  # the cores the other work leaves
-    if threads < 2 or other < 0.75 or threads <= free:
+    if not crowded(other):
         return None
+    now = cores_in_use()
+    if now is not None and not crowded(other := now):
+        return None
+    free = max(1, round(cores - other))  # the cores the other work leaves
     return (f"warning: this machine is busy (other work keeps ~{other:.1f} of its {cores} cores loaded), and {threads} "
             f"threads that wait for each other run several times slower on it; stop the other work, or rerun with "
             f"OMP_NUM_THREADS={free}")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -317,15 +318,18 @@ def test_step_memory_check_for_a_context_no_machine_holds(monkeypatch):
     assert "lower batch_size or block_size" in line and "memory_check=False" in line
 
 
-@pytest.mark.parametrize("load,threads,running,fix", [
-    (0.2, 2, False, None),  # idle
-    (1.1, 2, False, "OMP_NUM_THREADS=1"),  # another job on one of the 2 cores
-    (3.0, 2, True, "OMP_NUM_THREADS=1"),  # the same, seen while this process's 2 threads run
-    (2.0, 2, True, None),  # only this process's own threads
-    (1.9, 1, False, None),  # one thread already: nothing to wait for
+@pytest.mark.parametrize("load,now,threads,running,fix", [
+    (0.2, 0.0, 2, False, None),  # idle
+    (1.1, 1.0, 2, False, "OMP_NUM_THREADS=1"),  # another job on one of the 2 cores
+    (3.0, 1.0, 2, True, "OMP_NUM_THREADS=1"),  # the same, seen while this process's 2 threads run
+    (2.0, 0.0, 2, True, None),  # only this process's own threads
+    (1.9, 1.0, 1, False, None),  # one thread already: nothing to wait for
+    (1.1, 0.1, 2, False, None),  # the load average still counting a command just finished: the cores are idle
+    (1.1, None, 2, False, "OMP_NUM_THREADS=1"),  # no /proc/stat to look at now: the load average decides
 ])
-def test_busy_machine_line_names_the_fix(monkeypatch, load, threads, running, fix):
+def test_busy_machine_line_names_the_fix(monkeypatch, load, now, threads, running, fix):
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(hardware, "cores_in_use", lambda: now)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     line = hardware.busy_line("cpu", running=running)
@@ -333,6 +337,19 @@ def test_busy_machine_line_names_the_fix(monkeypatch, load, threads, running, fi
     if fix:
         assert line.startswith("warning: this machine is busy") and line.endswith(fix)
     assert hardware.busy_line("cuda", running=running) is None
+
+
+def test_cores_in_use_sees_other_work_and_not_this_process():
+    """cores_in_use reads the machine's busy time over a short window, less this process's own: a process
+    spinning beside it counts about one core."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = hardware.cores_in_use(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.6, busy  # one core's worth, less what a shared host steals
 
 
 def test_out_of_memory_is_one_line():
