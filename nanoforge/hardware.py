@@ -332,7 +332,7 @@ def load_average():
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
-def cores_in_use(seconds=0.25):
+def cores_in_use(seconds=0.1):
     """How many cores other work keeps busy now: the machine's busy time in /proc/stat over the next `seconds`
     less this process's own (it mostly sleeps meanwhile), over the time; None where there is no /proc/stat."""
     def busy_and_total():
