@@ -355,10 +355,11 @@ def busy_line(device, running=False):
     """A warning line when other work holds the CPU cores this process's threads need, else None. torch's
     threads wait for each other at every operation, so one thread on a busy core holds back the rest: with
     another job on 2 cores, 2 threads ran 5x slower than 1 (sample.py 40.9 s against 8.2 s). The 1-minute load
-    average, less this process's own threads when it is `running` (computing flat out), says when to look;
-    what the cores do now (cores_in_use) decides, since that average trails by a minute: a command run just
-    before (pip, the training before sampling) still counted as other work, and the warning told an idle
-    machine's user to halve their threads."""
+    average, less this process's own threads when it is `running` (computing flat out), says when to look.
+    At a start (not running) what the cores do now (cores_in_use, 0.1 s) decides, since that average trails
+    by a minute: a command run just before (pip, the training before sampling) still counted as other work,
+    and the warning told an idle machine's user to halve their threads. Running, this process's own threads
+    have pushed the average up by then, so it tells on its own (and no time is taken from the run)."""
     if not device.startswith("cpu") or load_average() is None:
         return None
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
@@ -368,7 +369,7 @@ def busy_line(device, running=False):
     other = load_average() - (threads if running else 0)
     if not crowded(other):
         return None
-    now = cores_in_use()
+    now = None if running else cores_in_use()
     if now is not None and not crowded(other := now):
         return None
     free = max(1, round(cores - other))  # the cores the other work leaves

@@ -321,8 +321,8 @@ def test_step_memory_check_for_a_context_no_machine_holds(monkeypatch):
 @pytest.mark.parametrize("load,now,threads,running,fix", [
     (0.2, 0.0, 2, False, None),  # idle
     (1.1, 1.0, 2, False, "OMP_NUM_THREADS=1"),  # another job on one of the 2 cores
-    (3.0, 1.0, 2, True, "OMP_NUM_THREADS=1"),  # the same, seen while this process's 2 threads run
-    (2.0, 0.0, 2, True, None),  # only this process's own threads
+    (3.0, 0.0, 2, True, "OMP_NUM_THREADS=1"),  # the same, seen while this process's 2 threads run (now not read)
+    (2.0, 1.0, 2, True, None),  # only this process's own threads
     (1.9, 1.0, 1, False, None),  # one thread already: nothing to wait for
     (1.1, 0.1, 2, False, None),  # the load average still counting a command just finished: the cores are idle
     (1.1, None, 2, False, "OMP_NUM_THREADS=1"),  # no /proc/stat to look at now: the load average decides
