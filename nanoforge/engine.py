@@ -22,6 +22,8 @@ Events a sink receives, from the engine thread (serve.py hands them over to its 
     ("error", message)                    the engine failed on this step (a bug): the sequence is over
 """
 import collections
+import contextlib
+import sys
 import threading
 import time
 import traceback
@@ -317,8 +319,11 @@ class Engine:
         padded = torch.tensor([s.prompt + [0] * (longest - len(s.prompt)) for s in seqs], device=self.device)  # (B, T)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         # prompts run eagerly where the model is compiled (hardware.compile_decoding): the decode step is where a
-        # compiled forward pays, and its few shapes compile once; a prompt's time is in its matrix products
-        with torch.compiler.set_stance("force_eager"), torch.inference_mode():  # (logits[short] is written in place)
+        # compiled forward pays, and its few shapes compile once; a prompt's time is in its matrix products.
+        # set_stance's first call imports torch._dynamo (~1.2 s, which fell on a server's first prompt): where it
+        # was never imported, nothing is compiled to run around
+        eager = torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else contextlib.nullcontext()
+        with eager, torch.inference_mode():  # (logits[short] is written in place)
             logits = slot_step(self.model, padded, self.caches, rows, torch.zeros(len(seqs), dtype=torch.long,
                                                                                   device=self.device))  # (B, V)
             short = [b for b, s in enumerate(seqs) if len(s.prompt) < longest]

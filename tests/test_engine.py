@@ -3,12 +3,14 @@ nanoforge/engine.py in-process: the continuous-batching loop gives every sequenc
 are reused cleanly, and the text stream never splits a character or shows a stop string.
 """
 import queue
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
+from conftest import run
 from model import GPT, GPTConfig
 from nanoforge.engine import Engine, QueueFull, Sequence, TextStream
 from nanoforge.tokenizer import CharTokenizer, load_tokenizer
@@ -121,6 +123,28 @@ def test_prompts_that_arrive_together_are_prefilled_together_with_each_ones_own_
         ids = tok.encode(p)
         expected = tok.decode(model.generate(torch.tensor([ids]), 16, top_k=1)[0, len(ids):].tolist())
         assert results[i] == (expected, "length", 16)
+
+
+def test_a_first_prompt_does_not_import_the_compiler():
+    """The prefill steps around torch.compile only where something was compiled: set_stance's first call
+    imports torch._dynamo, ~1.2 s that fell on a server's first client (a fresh interpreter: the test
+    workers have imported it)."""
+    code = """
+import queue, sys
+import torch
+from model import GPT, GPTConfig
+from nanoforge.engine import Engine, Sequence, TextStream
+from nanoforge.tokenizer import CharTokenizer
+tok = CharTokenizer("abc")
+engine = Engine(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=3)).eval(), tok, max_batch=2)
+events = queue.Queue()
+engine.submit([Sequence([0, 1, 2], 4, events.put, temperature=0, text=TextStream(tok))])
+while (event := events.get(timeout=60))[0] == "text":
+    pass
+engine.close()
+print(event[0], "torch._dynamo" in sys.modules)
+"""
+    assert run("-c", code, launcher=[sys.executable]).stdout.split() == ["done", "False"]
 
 
 def test_engine_runs_on_the_callers_thread_until_closed():
