@@ -44,6 +44,17 @@ def ckpt_path(out_dir):
     return os.path.join(out_dir, "ckpt.pt")
 
 
+def runs_named_like(out_dir):
+    """The folders beside out_dir whose names start with its own and that hold a checkpoint: the run a missing
+    out_dir most likely meant (the quick start's sprint trains into out-shakespeare-char-cpu-sprint)."""
+    where, name = os.path.split(os.path.normpath(out_dir))
+    try:
+        found = [d for d in sorted(os.listdir(where or ".")) if d.startswith(name) and d != name]
+    except OSError:
+        return []
+    return [os.path.join(where, d) for d in found if os.path.isfile(ckpt_path(os.path.join(where, d)))]
+
+
 def sharded_path(out_dir):
     return os.path.join(out_dir, "ckpt_sharded")
 
@@ -154,8 +165,10 @@ def load_model(source, map_location="cpu", dropout=None):
         return model, {"kind": "gpt2"}, {"source": source}
     path = ckpt_path(source) if os.path.isdir(source) else source
     if not os.path.exists(source):
-        raise UserError(f"nothing at '{source}': give an out_dir holding ckpt.pt, a checkpoint file, a Hugging Face "
-                        f"GPT-2 folder, or a GPT-2 name ({', '.join(GPT2_NAMES)})")
+        near = runs_named_like(source)
+        hint = f" ({', '.join(near[:3])} holds one)" if near else ""
+        raise UserError(f"nothing at '{source}'{hint}: give an out_dir holding ckpt.pt, a checkpoint file, a Hugging "
+                        f"Face GPT-2 folder, or a GPT-2 name ({', '.join(GPT2_NAMES)})")
     state = load_checkpoint(path, map_location)
     return model_from_checkpoint(state, dropout), state["meta"]["tokenizer"], state["meta"]
 

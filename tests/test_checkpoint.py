@@ -192,6 +192,13 @@ def test_missing_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "ckpt.pt"))
     with pytest.raises(UserError, match="nothing at .*out_dir holding ckpt.pt"):
         load_model(str(tmp_path / "nothing_here"))
+    # a run whose name starts with the one given (the quick start's sprint folder) is named in the error
+    (tmp_path / "out-run-sprint").mkdir()
+    (tmp_path / "out-run-sprint" / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "out-run-empty").mkdir()  # no checkpoint: not named
+    with pytest.raises(UserError, match=r"nothing at '.*out-run' \(.*out-run-sprint holds one\): give") as e:
+        load_model(str(tmp_path / "out-run"))
+    assert "out-run-empty" not in str(e.value)
     with pytest.raises(UserError, match="no checkpoint at"):
         load_model(str(tmp_path))  # a folder with no ckpt.pt and no config.json
 
