@@ -122,7 +122,7 @@ def _vector(v, N):
 
 
 def _check(w, wdtype, wshape, bias, N):
-    """Raises unless w and bias are what the C code expects (x is Bound's to check)."""
+    """Raises unless w and bias are what the C code expects (x is _product's to check)."""
     # a wrong pointer or size is a crash, not an exception: every promise the C code relies on is checked
     fits = (w.dtype == wdtype and w.shape == wshape and w.is_cpu and w.is_contiguous()
             and (bias is None or _vector(bias, N)))
@@ -216,13 +216,13 @@ def linear_f32(x, w, N, bias=None):
     -> x w^T + bias, (..., N), as F.linear: x's leading dims are its M rows (no reshape on the way: decoding
     makes ~50 of these calls a token, and each of its small operations costs a microsecond or two)."""
     _check16(torch.float32, w, N, x.size(-1), bias)
-    return _product("linear_f32", (w, bias), x.size(-1), N, x)
+    return _product("linear_f32", _pointers((w, bias)), x.size(-1), N, x)
 
 
 def linear_bf16(x, w, N, bias=None):
     """linear_f32 with w bfloat16, packed by pack_bf16: each weight widened to float32 exactly, float32 sums."""
     _check16(torch.bfloat16, w, N, x.size(-1), bias)
-    return _product("linear_bf16", (w, bias), x.size(-1), N, x)
+    return _product("linear_bf16", _pointers((w, bias)), x.size(-1), N, x)
 
 
 def linear_q8(x, w, scales, bias=None):
@@ -230,7 +230,7 @@ def linear_q8(x, w, scales, bias=None):
     or (N,) float32 -> x (w * scales[:, None])^T + bias, (..., N), with x rounded to int8 in blocks of 32 on
     the way (K a multiple of 32). Any number of rows: a prompt's prefill runs here too."""
     _check_q8(w, scales, x.size(-1), bias)
-    return _product("linear_q8", (w, scales, bias), x.size(-1), scales.size(0), x)
+    return _product("linear_q8", _pointers((w, scales, bias)), x.size(-1), scales.size(0), x)
 
 
 def _check16(wdtype, w, N, K, bias):
@@ -252,13 +252,12 @@ def _pointers(tensors):
     return tuple([0 if t is None else t.data_ptr() for t in tensors])
 
 
-def _product(name, tensors, K, N, x):
-    """The library's product `name` of x (..., K) and the checked weight tensors (w, then scales for linear_q8,
-    then bias or None), given as themselves or as their pointers (a Bound's): x checked, y (..., N) made."""
+def _product(name, pointers, K, N, x):
+    """The library's product `name` of x (..., K) and the checked weight tensors, given by their pointers
+    (_pointers: w, then scales for linear_q8, then bias or 0): x checked, y (..., N) made."""
     if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and x.dim() >= 1 and x.size(-1) == K):
         raise ValueError(f"{name}: x must be a contiguous float32 tensor on the CPU, (..., {K}): got {x.dtype} "
                          f"{tuple(x.shape)}{'' if x.is_contiguous() else ', not contiguous'}")
-    pointers = tensors if isinstance(tensors[0], int) else _pointers(tensors)
     y = torch.empty(*x.shape[:-1], N)
     M = x.numel() // K
     if getattr(_lib, name)(x.data_ptr(), *pointers, y.data_ptr(), M, K, N, torch.get_num_threads()):
@@ -318,13 +317,11 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     if not (T == 1 and L > 0 and not is_causal and dropout_p == 0.0 and D % 8 == 0 and D <= ATTN_D
             and q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cpu and k.is_cpu and v.is_cpu
             and k.shape == v.shape == (B, H, L, D) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and (attn_mask is None or attn_mask.dtype == torch.bool and attn_mask.is_cpu) and available()):
+            and (attn_mask is None or attn_mask.dtype == torch.bool and attn_mask.is_cpu) and available()
+            and not torch.compiler.is_compiling()):  # compiled: inductor's own fusion (0.97x this, dev/LOG.md)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if torch.compiler.is_compiling():
-        return attend_one_op(q, k, v, attn_mask, scale)
-    return attend_one(q, k, v, attn_mask, scale)
+    return attend_one(q, k, v, attn_mask, 1.0 / math.sqrt(D) if scale is None else scale)
 
 
 def attend_one(q, k, v, mask, scale):
@@ -350,11 +347,9 @@ _ops = torch.library.Library("nanoforge", "DEF")
 _ops.define("linear_f32(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
 _ops.define("linear_bf16(Tensor x, Tensor w, int N, Tensor? bias=None) -> Tensor")
 _ops.define("linear_q8(Tensor x, Tensor w, Tensor scales, Tensor? bias=None) -> Tensor")
-_ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _ops.impl("linear_f32", lambda x, w, N, bias=None: linear_f32(x.contiguous(), w, N, bias), "CPU")
 _ops.impl("linear_bf16", lambda x, w, N, bias=None: linear_bf16(x.contiguous(), w, N, bias), "CPU")
 _ops.impl("linear_q8", lambda x, w, scales, bias=None: linear_q8(x.contiguous(), w, scales, bias), "CPU")
-_ops.impl("attend_one", attend_one, "CPU")
 
 
 @torch.library.register_fake("nanoforge::linear_f32")
@@ -368,12 +363,6 @@ def _(x, w, scales, bias=None):
     return x.new_empty(*x.shape[:-1], scales.size(0))
 
 
-@torch.library.register_fake("nanoforge::attend_one")
-def _(q, k, v, mask, scale):
-    return q.new_empty(q.shape)
-
-
 linear_f32_op = torch.ops.nanoforge.linear_f32.default
 linear_bf16_op = torch.ops.nanoforge.linear_bf16.default
 linear_q8_op = torch.ops.nanoforge.linear_q8.default
-attend_one_op = torch.ops.nanoforge.attend_one.default
