@@ -4,8 +4,8 @@ bfloat16 and with int8 weights (--quantize=none, bf16 and int8 of sample.py and 
 multiply through nanoforge/cpu_kernels.c), nanoforge-torch (float32 on torch's matmuls alone: the reference
 the kernels are held to), transformers' stock class on the same weights, and llama.cpp's llama-bench on them
 exported to GGUF (f32, f16 and q8_0) when llama-bench is on PATH or in $LLAMA_CPP_BIN, and nanoforge-compiled and
-nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, ~10 s each with inductor's cache
-warm, ~1 min cold, not timed).
+nanoforge-int8-compiled (sample.py --compile: the decoding step compiled, ~6 s each with inductor's cache
+warm, ~35 s cold, not timed).
 Batch 1, greedy, after a short prompt, counting the decoding steps after the prompt's prefill (as
 llama-bench's tg does); random weights unless init_from (speed does not depend on what a model learned).
 The engines take turns, repeat after repeat, so a machine whose speed drifts moves them all alike; each row
@@ -56,7 +56,7 @@ check_ranges(config, {**{k: POSITIVE_INT for k in ('prompt_len', 'repeats')},
 wanted = [e for e in engines.split(',') if e]
 known = ('nanoforge', 'nanoforge-bf16', 'nanoforge-int8', 'nanoforge-torch', 'transformers', 'llama.cpp-f32',
          'llama.cpp-f16', 'llama.cpp-q8_0', 'nanoforge-compiled', 'nanoforge-bf16-compiled',
-         'nanoforge-int8-compiled')  # the last three: sample.py --compile (~10 s to compile each; ~1 min cold)
+         'nanoforge-int8-compiled')  # the last three: sample.py --compile (~6 s to compile each; ~35 s cold)
 if unknown := [e for e in wanted if e not in known]:
     raise errors.UserError(f"engines: {unknown[0]!r} is not one of {', '.join(known)}")
 

@@ -60,7 +60,7 @@ model, tok_spec, meta = load_model(out_dir if init_from == "resume" else init_fr
 model = decoding_weights(model.eval().to(device), quantize)
 # decoding multiplies one row at a time: the precision is measured at that shape (bf16 rarely pays there)
 dtype, _ = hardware.resolve_dtype(dtype, device, (1, model.config.n_embd))
-if compile:  # pays for its compile (~10 s; ~1 min with inductor's cache cold) on long generations (dev/LOG.md)
+if compile:  # pays for its compile (~6 s; ~35 s with inductor's cache cold) on long generations (dev/LOG.md)
     hardware.compile_decoding(model)
 tok = load_tokenizer(tok_spec)
 

@@ -208,12 +208,16 @@ def compile_decoding(model):
       parameters and buffers before every step took ~0.5 ms;
     - no size asserts in the compiled code: its inputs are the ones the guards already checked;
     - on a CPU, attention as attention_reference's plain operations, which inductor fuses into its own loops:
-      SDPA's CPU kernel costs ~70 us a call at one query."""
+      SDPA's CPU kernel costs ~70 us a call at one query.
+    A prompt (a step of more than one token, or the first of a sequence) runs eagerly, with SDPA: it comes
+    once a generation and its time is in its matrix products, while its graph (another shape, from an empty
+    cache) took longer to compile than the step's (GPT-2 int8 on an AMD Zen 4, inductor's cache empty: 33 of
+    57 s; dev/LOG.md)."""
     prepare_to_compile(model)
-    if model.lm_head.weight.device.type == "cpu":
-        for m in model.modules():
-            if isinstance(m, model_module.CausalSelfAttention):
-                m.use_sdpa = False
+    attentions = [m for m in model.modules() if isinstance(m, model_module.CausalSelfAttention)]
+    plain = model.lm_head.weight.device.type == "cpu"
+    for m in attentions:
+        m.use_sdpa = not plain
     # torch keeps compiled code with the function's code object, which every GPT shares: without the module
     # guards another model's step would run this one's code (with the wrong weights). A copy of the code
     # object keeps this model's compiled step its own
@@ -222,7 +226,18 @@ def compile_decoding(model):
     compiled = torch.compile(types.MethodType(own, model), dynamic=True, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False})
 
-    def forward(*args, **kwargs):
+    def forward(idx, *args, **kwargs):
+        caches = kwargs.get("kv_caches", args[1] if len(args) > 1 else None)  # GPT.forward's third argument
+        if idx.size(1) > 1 or caches is None or (not torch.is_tensor(caches[0].length) and caches[0].length == 0):
+            # a prompt: the original forward, attention on SDPA's fused kernel for its many queries; the step's
+            # plain attention back after (a graph traced later, for a new shape, reads it)
+            for m in attentions:
+                m.use_sdpa = True
+            try:
+                return type(model).forward(model, idx, *args, **kwargs)
+            finally:
+                for m in attentions:
+                    m.use_sdpa = not plain
         # floats read off the modules (dropout's p, an embedding's norm_type) would enter each graph as symbols,
         # which inductor then specializes, restarting the trace from the top: every graph was traced twice.
         # Constants from the first trace on: GPT-2 int8 on an AMD Zen 4, the compile went from 82 to 57-65 s with
@@ -231,7 +246,7 @@ def compile_decoding(model):
         config = torch._dynamo.config
         before, config.specialize_float = config.specialize_float, True
         try:
-            return compiled(*args, **kwargs)
+            return compiled(idx, *args, **kwargs)
         finally:
             config.specialize_float = before
 

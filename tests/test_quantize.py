@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import assert_one_line_error, run
-from model import GPT, GPTConfig
+import model as model_module
+from model import GPT, GPTConfig, KVCache
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
 from nanoforge import cpu_kernels, quantize
@@ -361,12 +362,21 @@ def test_decoding_weights_sit_in_one_block_of_huge_pages(trained, kind, monkeypa
 
 
 @pytest.mark.slow  # a compile
+def cached_step_logits(model, prompt):
+    """The logits of a decode step: the prompt into fresh caches, then its last token again, one position on."""
+    cfg = model.config
+    caches = [KVCache(1, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+              for _ in range(cfg.n_layer)]
+    model(prompt, kv_caches=caches)
+    return model(prompt[:, -1:], kv_caches=caches)[0]  # (1, 1, V)
+
+
 def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     """sample.py --compile: the forward each step calls, compiled with the CPU kernels inside the graph as
     torch operators (no graph break at each Linear), gives the eager model's greedy tokens and logits. One
     compile covers the three kernels: the first block in float32, the second in bfloat16 (CPULinear), the
     head in int8. Attention there is attention_reference's operations (compile_decoding), held to the eager
-    SDPA's numbers."""
+    SDPA's numbers. A prompt compiles nothing: it runs eagerly, with SDPA."""
     from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
     from nanoforge import hardware
     model, val, _ = trained
@@ -381,6 +391,12 @@ def test_compiled_decoding_is_one_graph_with_the_eager_tokens(trained):
     prompt = val[:16][None]
     with torch.no_grad():
         torch.testing.assert_close(compiled(prompt)[0], eager(prompt)[0], rtol=1e-4, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] == 0, "a prompt compiled a graph"
+        attentions = [m for m in compiled.modules() if isinstance(m, model_module.CausalSelfAttention)]
+        assert not any(m.use_sdpa for m in attentions)  # the compiled step's attention, put back after the prompt
+        torch.testing.assert_close(cached_step_logits(compiled, prompt), cached_step_logits(eager, prompt),
+                                   rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(compiled.generate(prompt, 24, temperature=0.0), eager.generate(prompt, 24, temperature=0.0))
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     # each graph traced once: the modules' floats are constants from the start, no restart to specialize them
