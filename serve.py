@@ -62,7 +62,7 @@ header_timeout = 10.0  # seconds a connection may take to send a request's heade
 device = "auto"
 dtype = "auto"
 quantize = "none"  # 'bf16' or 'int8': the Linear layers' and head's weights in 2 or 1 bytes (nanoforge/quantize.py)
-compile = False  # compile the decode step (torch.compile): faster tokens, after ~30 s of compiling (1.5 min cold)
+compile = False  # compile the decode step (torch.compile): faster tokens, after ~15 s of compiling (1.5 min cold)
 log_level = "info"  # uvicorn's: 'warning' hides the per-request lines
 step_delay = 0.0  # seconds to pause after each decode step: a slow model on purpose, to watch queueing and Stop
 # -----------------------------------------------------------------------------------------------------
