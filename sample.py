@@ -1,7 +1,7 @@
 """
 Samples text from a trained model, streaming it to stdout as it is generated.
 
-$ python sample.py --out_dir=out-shakespeare-char
+$ python sample.py --out_dir=out-shakespeare-char-cpu   # the quick start's model (-sprint: the sprint's)
 $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --max_new_tokens=100
 $ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt --top_p=0.9
 

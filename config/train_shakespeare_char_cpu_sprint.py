@@ -1,6 +1,7 @@
 # train.py: the sprint. nanoGPT's CPU recipe reaches val 1.886 on Tiny Shakespeare (characters) after 2000
-# iterations, ~60-90 s on 2 cores; this passes it (val ~1.80) in 17 s of training on the same cores, 20 s
-# on a CPU without native bf16 (dev/LOG.md). `python bench_time_to_loss.py` runs the two side by side.
+# iterations, ~90 s on 2 Zen 4 cores (~160 s on Zen 3); this passes it (val ~1.85) in 17 s of training on the
+# same cores, 20 s on a CPU without native bf16 (dev/LOG.md). `python bench_time_to_loss.py` runs the two side
+# by side.
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu_sprint.py
 # It is the quick start's recipe (config/train_shakespeare_char_cpu.py: architecture, Muon, the time clock)
