@@ -10,8 +10,8 @@ Batch 1, greedy, after a short prompt, counting the decoding steps after the pro
 llama-bench's tg does); random weights unless init_from (speed does not depend on what a model learned).
 The engines take turns, repeat after repeat, so a machine whose speed drifts moves them all alike; each row
 gives its median. Ratios are against nanoforge float32 and, for nanoforge's rows, against llama.cpp at the
-same precision (the median of each repeat's own ratio), and nanoforge's rows give the rate its weights were
-read at beside the machine's measured copy bandwidth; the machine line comes first.
+same precision (the median of each repeat's own ratio, with their range), and nanoforge's rows give the rate
+its weights were read at beside the machine's measured copy bandwidth; the machine line comes first.
 
     python bench_decode.py                                # GPT-2-124M shape with GPT-2's vocabulary
     python bench_decode.py --init_from=out-shakespeare-char-cpu --gen_tokens=256
@@ -177,13 +177,15 @@ tmp.cleanup()
 reference = ids.get('nanoforge')
 for engine, r in results.items():
     r["tokens_per_s"] = statistics.median_high(rates[engine])
+    r["tokens_per_s_repeats"] = rates[engine]  # in the order run: a host whose speed jumps shows here
     r["same_tokens"] = hf_format.leading_agreement(ids[engine], reference) \
         if ids[engine] is not None and reference is not None and engine != 'nanoforge' else None
     if "weight_bytes" in r:
         r["weight_gb_s"] = r["tokens_per_s"] * r.pop("weight_bytes") / 1e9
     peer = f"llama.cpp-{gguf_format.AT_QUANTIZE[quantize_of(engine)]}"
     if engine.startswith('nanoforge') and peer in rates:  # the median of the repeats' own ratios
-        r["vs_llama_cpp"] = statistics.median_high([a / b for a, b in zip(rates[engine], rates[peer])])
+        own = [a / b for a, b in zip(rates[engine], rates[peer])]
+        r["vs_llama_cpp"], r["vs_llama_cpp_range"] = statistics.median_high(own), [min(own), max(own)]
         r["llama_cpp_peer"] = peer
 
 base = results.get('nanoforge', {}).get('tokens_per_s')
@@ -191,6 +193,8 @@ for engine, r in results.items():
     agree = "" if r["same_tokens"] is None else f", its first {r['same_tokens']} of {gen_tokens} greedy tokens equal to nanoforge's"
     ratio = f" ({r['tokens_per_s'] / base:.2f}x nanoforge float32)" if base and engine != 'nanoforge' else ""
     peer = f", {r['vs_llama_cpp']:.2f}x llama.cpp's {r['llama_cpp_peer'].split('-')[1]}" if "vs_llama_cpp" in r else ""
+    if peer and repeats > 1:  # the spread of the repeats' own ratios: how far one median can be trusted
+        peer += " ({:.2f}-{:.2f}x in {} repeats)".format(*r["vs_llama_cpp_range"], repeats)
     read = f", weights read at {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else ""
     print(f"{engine:>23}: {r['tokens_per_s']:7.1f} tokens/s{ratio}{peer}{read}{agree}")
 print(f"(the machine copies memory at {machine['memory_gb_s']:.1f} GB/s)")

@@ -165,6 +165,7 @@ def test_bench_decode_compares_the_engines_on_the_same_weights(tmp_path):
         assert rows[engine]["tokens_per_s"] > 0
         assert f"({rows[engine]['tokens_per_s'] / base:.2f}x nanoforge float32)" in r.stdout
         assert 0 <= rows[engine]["same_tokens"] <= 24
+    assert all(row["tokens_per_s_repeats"] == [row["tokens_per_s"]] for row in rows.values())  # one repeat each
     assert rows["transformers"]["same_tokens"] == 24 and rows["transformers"]["class"] == "GPT2LMHeadModel"
     assert rows["nanoforge-torch"]["same_tokens"] == 24
     # the rate counts the steps after the first token: one token has none to count
@@ -187,7 +188,9 @@ def test_bench_decode_sets_nanoforge_beside_llama_cpp_at_each_precision(tmp_path
     assert all(rows[f"llama.cpp-{t}"]["tokens_per_s"] > 0 for t in ("f32", "f16", "q8_0"))
     for engine, peer in (("nanoforge", "f32"), ("nanoforge-bf16", "f16"), ("nanoforge-int8", "q8_0")):
         assert rows[engine]["vs_llama_cpp"] > 0
-        assert f"{rows[engine]['vs_llama_cpp']:.2f}x llama.cpp's {peer}" in r.stdout
+        lo, hi = rows[engine]["vs_llama_cpp_range"]
+        assert lo <= rows[engine]["vs_llama_cpp"] <= hi and len(rows[engine]["tokens_per_s_repeats"]) == 2
+        assert f"{rows[engine]['vs_llama_cpp']:.2f}x llama.cpp's {peer} ({lo:.2f}-{hi:.2f}x in 2 repeats)" in r.stdout
 
 
 def test_bench_data_times_the_engines_on_one_corpus(tmp_path):
