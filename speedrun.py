@@ -318,19 +318,22 @@ if budget and todo:
           ", ".join(f"{s} ~{plan[s]:.0f}s" for s in ("pretrain", "finetune") if s in todo))
 if chat_data and "chat_data" in todo:
     check_chat_data()
-for stage in todo:
-    t0, commands = monotonic(), []
-    try:
-        globals()["stage_" + stage]()
-    except KeyboardInterrupt:
+stage = None
+try:  # around the whole loop: a Ctrl-C just after a stage is recorded, before the next begins, is one too
+    for stage in todo:
+        t0, commands = monotonic(), []
+        try:
+            globals()["stage_" + stage]()
+        except UserError:
+            write_record()
+            raise
+        record["stages"][stage] = {"seconds": round(monotonic() - t0, 1), "commands": commands}
+        done_here.add(stage)
         write_record()
-        print(f"\nstopped during {stage}; rerun the same command to go on from there")
-        sys.exit(130)
-    except UserError:
-        write_record()
-        raise
-    record["stages"][stage] = {"seconds": round(monotonic() - t0, 1), "commands": commands}
-    done_here.add(stage)
+except KeyboardInterrupt:
     write_record()
+    when = f"after {stage}" if stage in record["stages"] else f"during {stage}"
+    print(f"\nstopped {when}; rerun the same command to go on from there")
+    sys.exit(130)
 print(f"\nspeedrun: {', '.join(todo) or 'nothing to do'} done in {monotonic() - t_start:.0f}s "
       f"({sum(s['seconds'] for s in record['stages'].values()):.0f}s for the whole run)")

@@ -188,6 +188,34 @@ def test_chat_data_in_the_wrong_shape_is_refused_before_anything_runs(tmp_path):
     assert line.startswith("error: stage chat_data:") and "expect" in line
 
 
+def test_ctrl_c_just_after_a_stage_is_recorded_still_says_how_to_go_on(tmp_path):
+    """Ctrl-C in the moment between stages (stages.json written, the next stage not begun) stops with the same
+    hint and record as one during a stage: it had exited 130 in silence (a loaded machine's CI caught it). The
+    interrupt is made to land exactly there: os.replace raises it right after stages.json first holds a stage."""
+    corpus = tmp_path / "stories.jsonl"  # a small corpus: curation is all that runs, quickly
+    corpus.write_text("".join(json.dumps({"text": f"Story {i}. The cat sat on the mat and saw a dog number {i}. "
+                                                   f"Then the dog ran to the park, where {i % 7} birds sang in a tall "
+                                                   f"tree, and the cat went home for supper."}) + "\n"
+                              for i in range(300)))
+    wrapper = tmp_path / "interrupted.py"
+    wrapper.write_text(f"""import json, os, runpy, sys
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if dst.endswith("stages.json") and json.load(open(dst))["stages"] and not getattr(replace, "done", False):
+        replace.done = True
+        raise KeyboardInterrupt
+os.replace = replace
+sys.argv = [{os.path.join(ROOT, "speedrun.py")!r}, {MINI!r}, {"--run_dir=" + str(tmp_path / "run")!r},
+            {"--input=" + str(corpus)!r}]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    proc = subprocess.run([sys.executable, str(wrapper)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 130, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stopped after curate; rerun the same command to go on from there" in proc.stdout, proc.stdout[-2000:]
+    assert "=== tokenizer" not in proc.stdout and list(stages(tmp_path / "run")) == ["curate"]
+
+
 def test_missing_or_empty_corpus_stops_at_curation(tmp_path):
     line = one_line_error(speedrun(str(tmp_path / "run"), f"--input={tmp_path / 'nowhere'}", check=False))
     assert "nowhere not found" in line
