@@ -179,6 +179,15 @@ class ForkServer:
 _fork_server = []
 
 
+def new_caches(m, B):
+    """One float32 model.KVCache per layer of model m, for B rows, on the CPU: what generate_stream makes."""
+    import torch
+    from model import KVCache
+    cfg = m.config
+    return [KVCache(B, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+            for _ in range(cfg.n_layer)]
+
+
 def run(script, *args, check=True, env=None, timeout=300, launcher=None, cwd=ROOT):
     """Runs a script of the repo (or `-c CODE`) from a folder (the repo root unless told) as a user does, in a
     new process (a fork of the worker's fork server, above, where it can); with check, a non-zero exit fails

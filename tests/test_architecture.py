@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, ReLUSquared
+from conftest import new_caches
+from model import GPT, GPTConfig, ReLUSquared
 from nanoforge import hardware, training
 
 gelu_tanh_sigmoid = hardware.GELUTanhSigmoid()  # the form compiled runs take
@@ -83,9 +84,7 @@ def test_kv_cache_matches_full_forward_with_each_variant(variant):
     m = randomise(tiny(**VARIANTS[variant])).eval()
     idx = torch.randint(0, 64, (2, 11))
     full, _ = m(idx, targets=idx)  # (B, T, V)
-    cfg = m.config
-    caches = [KVCache(2, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
-              for _ in range(cfg.n_layer)]
+    caches = new_caches(m, 2)
     for a, b in [(0, 7), (7, 10), (10, 11)]:
         chunk, _ = m(idx[:, a:b], targets=idx[:, a:b], kv_caches=caches)
         torch.testing.assert_close(chunk, full[:, a:b], rtol=1e-5, atol=1e-5)

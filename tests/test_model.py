@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, CausalSelfAttention, GPTConfig, KVCache
+from conftest import new_caches
+from model import GPT, CausalSelfAttention, GPTConfig
 import model as model_module
 from nanoforge import sampling, training
 from nanoforge.errors import UserError
@@ -20,12 +21,6 @@ def tiny(pos_emb="learned", block_size=16, vocab_size=64, n_layer=2, n_head=2, n
     cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                     n_embd=n_embd, dropout=0.0, pos_emb=pos_emb)
     return GPT(cfg).eval()
-
-
-def new_caches(m, B):
-    cfg = m.config
-    return [KVCache(B, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
-            for _ in range(cfg.n_layer)]
 
 
 # ------------------------------------------------------------------------------------------------------

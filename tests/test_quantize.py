@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, new_caches, run
 import model as model_module
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 from nanoforge.checkpoint import load_model, save_checkpoint
 from nanoforge.engine import Engine, Sequence, TextStream
 from nanoforge import cpu_kernels, quantize
@@ -364,9 +364,7 @@ def test_decoding_weights_sit_in_one_block_of_huge_pages(trained, kind, monkeypa
 @pytest.mark.slow  # a compile
 def cached_step_logits(model, prompt):
     """The logits of a decode step: the prompt into fresh caches, then its last token again, one position on."""
-    cfg = model.config
-    caches = [KVCache(1, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
-              for _ in range(cfg.n_layer)]
+    caches = new_caches(model, 1)
     model(prompt, kv_caches=caches)
     return model(prompt[:, -1:], kv_caches=caches)[0]  # (1, 1, V)
 
